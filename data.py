@@ -1,0 +1,1143 @@
+"""data: the shapes world, its GenEval prompts and pixel scorer, and real-data sources (tar shards, folders).
+
+The toy pipeline cannot download images, so it draws them. The *shapes world* is a 32x32 canvas (any
+`image_size` works, sizes scale with it) on a flat grey BACKGROUND holding 1-4 flat shapes:
+
+    SHAPES = circle, square, triangle        COLORS = GenEval's ten colour names, one exact RGB each
+
+Every image comes from a `Scene` (its object list), so its caption, its questions and its GenEval score
+are exact. Drawing uses no anti-aliasing and keeps >= 2 px of background between objects and >= 1 px to
+the border, so a detector that groups pixels by colour into connected components finds every object
+again. That detector plus GenEval's rules is the scorer of section 3: GenEval's Mask2Former + CLIP
+detector is replaced by pixel arithmetic, its rules are kept.
+
+Prompts follow GenEval's six tags and phrasing (the official `evaluation_metadata.jsonl` records):
+
+    single_object  "a photo of a circle"                      two_object "a photo of a circle and a square"
+    counting       "a photo of three squares" (exclude four)  colors     "a photo of a red circle"
+    position       "a photo of a circle left of a square"     color_attr "a photo of a red circle and a blue square"
+
+Held-out compositions (the generalisation test). HELDOUT_PAIRS are (colour, shape) pairs that never
+appear in split "train"; every colour and every shape still appears there with other partners.
+HELDOUT_RELATIONS are spatial configurations, listed in both phrasings ("circle above triangle" is the
+same picture as "triangle below circle"); a train *image* never shows one under GenEval's position rule,
+so neither its prompt, its caption nor its questions can mention one. Rules of split "test":
+  * every scene holds at least one object with a held-out pair (all six tags);
+  * colors prompts name a held-out pair; color_attr prompts name at least one;
+  * position prompts use a held-out relation triple (and the scene also holds a held-out pair object);
+  * single_object, two_object and counting records name no colour, so their *prompts* are the same as in
+    training; only their test images differ (they contain a held-out pair).
+
+Sections, in the order data flows:
+  1. the world: constants, Scene, make_scene, draw, captions, VOCAB
+  2. understanding data: questions with one-word answers
+  3. GenEval: prompts, rendering any in-world record, the pixel detector and the scorer, folder layout
+  4. PyTorch datasets over the world
+  5. data at scale: WebDataset-style tar shards and image folders, robust to bad samples
+Nothing runs at import time.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import tarfile
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The world
+# ----------------------------------------------------------------------------------------------------
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")  # GenEval's
+# One exact RGB per colour, chosen far apart (>= 90 apart in RGB, and far from each other's blends with the
+# background) so that noisy or blurred pixels still map back to the right name.
+COLOR_RGB = {
+    "red": (220, 20, 20),
+    "orange": (255, 140, 0),
+    "yellow": (255, 230, 0),
+    "green": (0, 160, 40),
+    "blue": (30, 60, 230),
+    "purple": (130, 20, 210),
+    "pink": (255, 120, 200),
+    "brown": (120, 60, 0),
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+}
+BACKGROUND = (128, 128, 128)  # mid grey: not a GenEval colour, and as far from black as from white
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+RELATIONS = ("left of", "right of", "above", "below")
+MAX_OBJECTS = 4
+
+# Two held-out colours per shape, six different colours: every colour keeps all shapes but at most one.
+HELDOUT_PAIRS = frozenset({
+    ("red", "square"), ("white", "square"),
+    ("green", "circle"), ("yellow", "circle"),
+    ("blue", "triangle"), ("pink", "triangle"),
+})
+# Three spatial configurations, each in both phrasings (A rel B and B inverse-rel A draw the same picture).
+HELDOUT_RELATIONS = frozenset({
+    ("circle", "above", "triangle"), ("triangle", "below", "circle"),
+    ("square", "left of", "triangle"), ("triangle", "right of", "square"),
+    ("square", "above", "circle"), ("circle", "below", "square"),
+})
+
+# The paper's generation prompt template; its words are part of VOCAB.
+GENERATION_TEMPLATE = "Please generate an image based on the following caption: {}"
+
+# GenEval's position rule (evaluation/evaluate_images.py): the centre offset is shrunk by this fraction
+# of the summed box sizes before its direction is read.
+POSITION_THRESHOLD = 0.1
+# Our stricter "clearly" for drawing position scenes and asking position questions: the offset direction
+# points at least this much along one axis and at most CLEAR_OTHER along the other.
+CLEAR_MAIN, CLEAR_OTHER = 0.75, 0.35
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One flat shape: its class, colour name and box (x0, y0, x1, y1) in pixels, x1/y1 exclusive."""
+    shape: str
+    color: str
+    box: tuple
+
+
+@dataclass
+class Scene:
+    """Ground truth of one image: its objects, GenEval tag, prompt, free caption and GenEval record."""
+    objects: list
+    tag: str
+    prompt: str
+    caption: str
+    metadata: dict  # the GenEval record of `prompt`: {"tag", "include", "exclude"?, "prompt"}
+    image_size: int = 32
+
+
+def stable_seed(*parts) -> int:
+    """A 64-bit seed from any tuple of str/int parts, identical in every process.
+
+    Python's hash() of a str is salted per process, so it would make worker processes disagree."""
+    text = "/".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def article(word: str) -> str:
+    """GenEval's article rule: "an" before a vowel letter ("an orange circle"), else "a"."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def plural(word: str) -> str:
+    """GenEval's plural rule, kept verbatim for its prompts: +es after a final s, else +s ("benchs")."""
+    return word + ("es" if word.endswith("s") else "s")
+
+
+def _box_centre_size(box):
+    x0, y0, x1, y1 = box
+    return np.array([(x0 + x1) / 2, (y0 + y1) / 2]), np.array([x1 - x0, y1 - y0])
+
+
+def relation_direction(box_a, box_b) -> tuple[float, float]:
+    """GenEval's direction of A relative to B as (dx, dy), image y pointing down.
+
+    The centre offset A - B is shrunk towards zero by POSITION_THRESHOLD x (size A + size B) on each axis,
+    then divided by the length of the *unshrunk* offset; (0, 0) when the shrunk offset vanishes."""
+    centre_a, size_a = _box_centre_size(box_a)
+    centre_b, size_b = _box_centre_size(box_b)
+    offset = centre_a - centre_b
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (size_a + size_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return 0.0, 0.0
+    dx, dy = revised / np.linalg.norm(offset)
+    return float(dx), float(dy)
+
+
+def relative_position(box_a, box_b) -> set:
+    """The set of GenEval relations that hold for A relative to B (a diagonal offset gives two)."""
+    dx, dy = relation_direction(box_a, box_b)
+    relations = set()
+    if dx < -0.5:
+        relations.add("left of")
+    if dx > 0.5:
+        relations.add("right of")
+    if dy < -0.5:
+        relations.add("above")
+    if dy > 0.5:
+        relations.add("below")
+    return relations
+
+
+def clear_relation(box_a, box_b) -> str | None:
+    """The one relation of A to B when it is unmistakable (mostly along one axis), else None."""
+    dx, dy = relation_direction(box_a, box_b)
+    if abs(dx) >= CLEAR_MAIN and abs(dy) <= CLEAR_OTHER:
+        return "left of" if dx < 0 else "right of"
+    if abs(dy) >= CLEAR_MAIN and abs(dx) <= CLEAR_OTHER:
+        return "above" if dy < 0 else "below"
+    return None
+
+
+def _shows_heldout_relation(objects) -> bool:
+    """True when any two objects of different shapes satisfy a held-out relation under GenEval's rule."""
+    for a in objects:
+        for b in objects:
+            if a.shape != b.shape and any((a.shape, rel, b.shape) in HELDOUT_RELATIONS
+                                          for rel in relative_position(a.box, b.box)):
+                return True
+    return False
+
+
+# --- GenEval records: the prompt space of every tag -------------------------------------------------
+
+def geneval_prompt(record: dict) -> str:
+    """The prompt GenEval writes for a record (reproduces all 553 official prompts exactly)."""
+    tag, inc = record["tag"], record["include"]
+
+    def noun(req):  # "a circle" / "an orange circle"
+        words = f"{req['color']} {req['class']}" if "color" in req else req["class"]
+        return f"{article(words)} {words}"
+
+    if tag == "counting":
+        return f"a photo of {NUMBER_WORDS[inc[0]['count']]} {plural(inc[0]['class'])}"
+    if tag == "position":  # the reference object comes first in "include", the positioned one second
+        return f"a photo of {noun(inc[1])} {inc[1]['position'][0]} {noun(inc[0])}"
+    return "a photo of " + " and ".join(noun(req) for req in inc)
+
+
+def _record(tag: str, include: list, exclude: list | None = None) -> dict:
+    record = {"tag": tag, "include": include}
+    if exclude:
+        record["exclude"] = exclude
+    record["prompt"] = geneval_prompt(record)
+    return record
+
+
+def _check_split(split: str) -> None:
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _prompt_space(tag: str, split: str) -> tuple:
+    """Every GenEval record of `tag` allowed in `split` (as JSON strings, so the cache stays immutable)."""
+    _check_split(split)
+    test = split == "test"
+    pairs = [(c, s) for s in SHAPES for c in COLORS]
+    records = []
+    if tag == "single_object":
+        records = [_record(tag, [{"class": s, "count": 1}]) for s in SHAPES]
+    elif tag == "two_object":
+        records = [_record(tag, [{"class": a, "count": 1}, {"class": b, "count": 1}])
+                   for a in SHAPES for b in SHAPES if a != b]
+    elif tag == "counting":  # GenEval: include N, exclude N + 1
+        records = [_record(tag, [{"class": s, "count": n}], [{"class": s, "count": n + 1}])
+                   for s in SHAPES for n in (2, 3, 4)]
+    elif tag == "colors":
+        records = [_record(tag, [{"class": s, "count": 1, "color": c}])
+                   for c, s in pairs if ((c, s) in HELDOUT_PAIRS) == test]
+    elif tag == "position":
+        records = [_record(tag, [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}])
+                   for a in SHAPES for b in SHAPES for rel in RELATIONS
+                   if a != b and ((a, rel, b) in HELDOUT_RELATIONS) == test]
+    elif tag == "color_attr":
+        records = [_record(tag, [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}])
+                   for c1, s1 in pairs for c2, s2 in pairs
+                   if s1 != s2 and ((c1, s1) in HELDOUT_PAIRS or (c2, s2) in HELDOUT_PAIRS) == test]
+    else:
+        raise ValueError(f"unknown tag {tag!r}; expected one of {TAGS}")
+    return tuple(json.dumps(r) for r in records)
+
+
+# --- Turning a record into objects: colours, sizes, a layout ----------------------------------------
+
+def _check_in_world(record: dict) -> None:
+    """Raise ValueError unless the shapes world can draw an image that satisfies `record`."""
+    includes, excludes = record.get("include", []), record.get("exclude", [])
+    classes = [req["class"] for req in includes]
+    for req in includes + excludes:
+        if req["class"] not in SHAPES:
+            raise ValueError(f"class {req['class']!r} is not in the shapes world {SHAPES}")
+        if not isinstance(req.get("count"), int) or req["count"] < 1:
+            raise ValueError(f"bad count in {req}")
+    if not includes or len(set(classes)) != len(classes):
+        raise ValueError("the includes must name distinct classes (as every GenEval record does)")
+    for i, req in enumerate(includes):
+        if "color" in req and req["color"] not in COLORS:
+            raise ValueError(f"colour {req['color']!r} is not one of {COLORS}")
+        if "position" in req:
+            rel, target = req["position"]
+            if rel not in RELATIONS or not 0 <= target < i:
+                raise ValueError(f"bad position {req['position']} in include {i}")
+    if sum(req["count"] for req in includes) > MAX_OBJECTS:
+        raise ValueError(f"more than {MAX_OBJECTS} objects")
+    for req in excludes:
+        wanted = sum(inc["count"] for inc in includes if inc["class"] == req["class"])
+        if wanted >= req["count"]:
+            raise ValueError(f"include and exclude contradict each other for {req['class']!r}")
+
+
+def in_world(metadata: dict) -> bool:
+    """True when `metadata` (a GenEval record) can be drawn in the shapes world (False for "bench")."""
+    try:
+        _check_in_world(metadata)
+    except (ValueError, KeyError, TypeError, AttributeError):  # malformed records are not in the world
+        return False
+    return True
+
+
+def _choose_colors(includes: list, rng: random.Random, split: str | None) -> list:
+    """One (shape, colour, include index) per object: the record's colours, free ones drawn at random.
+
+    split "train": free colours avoid held-out pairs; "test": at least one object gets a held-out pair;
+    None (render): any colour."""
+    specs = [[req["class"], req.get("color"), i] for i, req in enumerate(includes) for _ in range(req["count"])]
+    if split == "test" and not any((c, s) in HELDOUT_PAIRS for s, c, _ in specs):
+        free = [spec for spec in specs if spec[1] is None]
+        if not free:
+            raise ValueError("a test scene needs a held-out pair, but every colour is fixed")
+        spec = rng.choice(free)
+        spec[1] = rng.choice(sorted(c for c, s in HELDOUT_PAIRS if s == spec[0]))
+    for spec in specs:
+        if spec[1] is None:
+            options = [c for c in COLORS if split != "train" or (c, spec[0]) not in HELDOUT_PAIRS]
+            spec[1] = rng.choice(options)
+        elif split == "train" and (spec[1], spec[0]) in HELDOUT_PAIRS:
+            raise ValueError(f"{spec[1]} {spec[0]} is a held-out pair; it cannot appear in split 'train'")
+    return specs
+
+
+def _layout_sizes(image_size: int) -> tuple[int, int, int, int]:
+    """(smallest object, largest object, gap between objects, border margin) in pixels for a canvas."""
+    scale = image_size / 32
+    return round(8 * scale), round(14 * scale), max(2, round(2 * scale)), max(1, round(scale))
+
+
+def _apart(a, b, gap: int) -> bool:
+    """True when boxes a and b have at least `gap` background pixels between them on some axis."""
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def _place(specs: list, rng: random.Random, image_size: int, accept, tries: int = 2000) -> list:
+    """Random sizes and positions for the objects, redrawn until none overlap and accept(objects) holds."""
+    lo, hi, gap, margin = _layout_sizes(image_size)
+    for attempt in range(tries):
+        # Four big squares rarely fit: lower the largest size a little every 100 failed layouts.
+        top = max(lo, hi - attempt // 100)
+        boxes = []
+        for _ in specs:
+            for _ in range(50):
+                s = rng.randint(lo, top)
+                x0 = rng.randint(margin, image_size - margin - s)
+                y0 = rng.randint(margin, image_size - margin - s)
+                box = (x0, y0, x0 + s, y0 + s)
+                if all(_apart(box, other, gap) for other in boxes):
+                    boxes.append(box)
+                    break
+            else:
+                break
+        if len(boxes) == len(specs):
+            objects = [Obj(shape, color, box) for (shape, color, _), box in zip(specs, boxes)]
+            if accept(objects):
+                return objects
+    raise ValueError(f"could not lay out {len(specs)} objects on a {image_size}px canvas")
+
+
+def _objects_for(record: dict, rng: random.Random, split: str | None, image_size: int) -> list:
+    """Objects whose image satisfies `record` under GenEval's rules (plus the split's held-out rules)."""
+    _check_in_world(record)
+    includes = record["include"]
+    specs = _choose_colors(includes, rng, split)
+    group = [i for _, _, i in specs]  # which include each object belongs to
+
+    def accept(objects):
+        for j, req in enumerate(includes):
+            if "position" in req:
+                rel, target = req["position"]
+                for a, ga in zip(objects, group):
+                    for b, gb in zip(objects, group):
+                        if ga == j and gb == target and clear_relation(a.box, b.box) != rel:
+                            return False
+        return split != "train" or not _shows_heldout_relation(objects)
+
+    return _place(specs, rng, image_size, accept)
+
+
+# --- Captions ---------------------------------------------------------------------------------------
+
+def _reading_order(objects):
+    return sorted(objects, key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))
+
+
+def caption_for(objects: list) -> str:
+    """A complete description naming every object's colour and shape, objects left to right.
+
+    one object:        "a red circle"
+    two objects:       "a red circle left of a blue square"  (or "... and ..." when no clear relation)
+    one shape, >= 2:   "three squares in red green and blue"
+    otherwise:         "a red circle and a blue square and a green triangle"
+    """
+    objects = _reading_order(objects)
+
+    def noun(o):
+        return f"{article(o.color)} {o.color} {o.shape}"
+
+    shapes = {o.shape for o in objects}
+    if len(objects) >= 2 and len(shapes) == 1:
+        colors = [o.color for o in objects]
+        color_list = " ".join(colors[:-1]) + " and " + colors[-1]
+        return f"{NUMBER_WORDS[len(objects)]} {plural(objects[0].shape)} in {color_list}"
+    if len(objects) == 2:
+        rel = clear_relation(objects[0].box, objects[1].box)
+        if rel is not None:
+            return f"{noun(objects[0])} {rel} {noun(objects[1])}"
+    return " and ".join(noun(o) for o in objects)
+
+
+# --- Scenes and drawing -----------------------------------------------------------------------------
+
+def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None = None,
+               image_size: int = 32) -> Scene:
+    """Scene number `index` of a split: a pure function of (seed, split, index, tag, image_size).
+
+    tag None cycles through TAGS (index % 6), so any run of six indices is balanced. The record is drawn
+    uniformly from the tag's prompt space for the split, then realised with random colours and layout."""
+    _check_split(split)
+    tag = TAGS[index % len(TAGS)] if tag is None else tag
+    rng = random.Random(stable_seed("scene", seed, split, index, tag))
+    record = json.loads(rng.choice(_prompt_space(tag, split)))
+    objects = _objects_for(record, rng, split, image_size)
+    return Scene(objects, tag, record["prompt"], caption_for(objects), record, image_size)
+
+
+@functools.lru_cache(maxsize=None)
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """Boolean (size, size) mask of a shape filling its box exactly: every edge row/column is touched.
+
+    A pixel belongs to the shape when its centre does (no anti-aliasing, so colours stay exact).
+    Circle fill ~0.785 of the box, triangle (apex up) ~0.5, square 1.0 -- what the detector reads back."""
+    centres = np.arange(size) + 0.5
+    u, v = np.meshgrid(centres, centres)  # (size, size): u = x, v = y, both measured from the box corner
+    half = size / 2
+    if shape == "square":
+        mask = np.ones((size, size), dtype=bool)
+    elif shape == "circle":
+        mask = (u - half) ** 2 + (v - half) ** 2 <= half ** 2
+    elif shape == "triangle":
+        # Half-width grows linearly from the apex; the extra pixel of width gives the apex row 2-3 pixels,
+        # so no pixel of the shape hangs on by a single neighbour (the detector prunes such spurs).
+        mask = np.abs(u - half) <= v / size * half + 1.0
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    mask.setflags(write=False)
+    return mask
+
+
+def draw_objects(objects: list, image_size: int = 32) -> np.ndarray:
+    """uint8 (H, W, 3) image of the objects on the background."""
+    img = np.empty((image_size, image_size, 3), dtype=np.uint8)
+    img[:] = BACKGROUND
+    for o in objects:
+        x0, y0, x1, y1 = o.box
+        img[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = COLOR_RGB[o.color]
+    return img
+
+
+def draw(scene: Scene, image_size: int | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) image of a scene (its boxes are in pixels, so the size must be the scene's own)."""
+    if image_size is not None and image_size != scene.image_size:
+        raise ValueError(f"scene was laid out for {scene.image_size}px, not {image_size}px")
+    return draw_objects(scene.objects, scene.image_size)
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1], the project's image convention."""
+    return torch.tensor(np.asarray(arr)).permute(2, 0, 1).float() / 255.0  # copy: arr may be read-only; (3, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Understanding data: questions with one-word answers
+# ----------------------------------------------------------------------------------------------------
+
+QTYPES = ("color", "shape", "count", "position")
+caption_question = "describe the image ."  # its answer is scene.caption
+
+
+def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every unambiguous (qtype, question, answer) about a scene, in an order shuffled by `rng`.
+
+    A question is asked only when its answer is certain: the colour of a shape present exactly once, the
+    shape of a colour present exactly once, the count (1-4) of each present shape and of all objects, and
+    the position of one unique shape relative to another when clear_relation() finds one."""
+    objs = scene.objects
+    by_shape = {s: [o for o in objs if o.shape == s] for s in SHAPES}
+    by_color = {c: [o for o in objs if o.color == c] for c in COLORS}
+    qa = []
+    for s, group in by_shape.items():
+        if len(group) == 1:
+            qa.append(("color", f"what color is the {s} ?", group[0].color))
+        if group:
+            qa.append(("count", f"how many {plural(s)} are there ?", NUMBER_WORDS[len(group)]))
+    qa.append(("count", "how many objects are there ?", NUMBER_WORDS[len(objs)]))
+    for c, group in by_color.items():
+        if len(group) == 1:
+            qa.append(("shape", f"what shape is the {c} object ?", group[0].shape))
+    for a in SHAPES:
+        for b in SHAPES:
+            if a != b and len(by_shape[a]) == 1 and len(by_shape[b]) == 1:
+                rel = clear_relation(by_shape[a][0].box, by_shape[b][0].box)
+                if rel is not None:
+                    qa.append(("position", f"where is the {a} relative to the {b} ?", rel.split()[0]))
+    rng.shuffle(qa)
+    return qa
+
+
+def _vocab() -> list:
+    words = {"a", "an", "and", "in", "photo", "of", "objects"}
+    words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
+    words |= {w for rel in RELATIONS for w in rel.split()}
+    words |= set("what color is the shape object how many are there where relative to ?".split())
+    words |= set(caption_question.split()) | set(GENERATION_TEMPLATE.format("").split())
+    return sorted(words)
+
+
+# Every word of every prompt, caption, question and answer (plus the generation template), exact case,
+# punctuation as separate words: a word-level tokenizer built from this list never meets an unknown word.
+VOCAB = _vocab()
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. GenEval: prompts, rendering, a pixel detector and the official scoring rules
+# ----------------------------------------------------------------------------------------------------
+
+def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int = 0) -> list[dict]:
+    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag.
+
+    split "test" gives the held-out compositions (see the module docstring); a tag whose prompt space is
+    smaller than n_per_tag contributes all of it (test: 3 single_object, 6 two_object, 9 counting,
+    6 colors, 6 position, 216 color_attr). n_per_tag None returns every prompt."""
+    records = []
+    for tag in TAGS:
+        space = [json.loads(r) for r in _prompt_space(tag, split)]
+        if n_per_tag is not None and n_per_tag < len(space):
+            space = random.Random(stable_seed("prompts", seed, split, tag)).sample(space, n_per_tag)
+        records.extend(space)
+    return records
+
+
+def render(metadata: dict, seed: int = 0, image_size: int = 32) -> np.ndarray:
+    """uint8 (H, W, 3) image that satisfies any in-world GenEval record (ValueError for e.g. "bench").
+
+    Free colours are drawn at random; position requirements are drawn clearly (see clear_relation)."""
+    rng = random.Random(stable_seed("render", seed, json.dumps(metadata, sort_keys=True)))
+    return draw_objects(_objects_for(metadata, rng, None, image_size), image_size)
+
+
+def load_geneval_metadata(path: str) -> list[dict]:
+    """Records of an official `evaluation_metadata.jsonl` (one JSON object a line; blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --- The detector: pixels -> palette colours -> connected components -> shapes ----------------------
+
+_PALETTE = np.array([COLOR_RGB[c] for c in COLORS], dtype=np.float32)  # (K, 3)
+_BG = np.array(BACKGROUND, dtype=np.float32)
+MAX_COLOR_DISTANCE = 60.0  # RGB distance beyond which a pixel matches no palette colour (and counts as bg)
+MIN_AREA_FRACTION = 0.01  # components smaller than this fraction of the image are noise
+
+
+def classify_pixels(img: np.ndarray) -> np.ndarray:
+    """(H, W) int map: index into COLORS of each pixel's colour, or -1 for background / no match.
+
+    Each colour c is matched together with its blends with the background -- the segment BACKGROUND -> c
+    in RGB -- because that is what blur does to an edge. A pixel takes the colour whose segment is
+    nearest, and counts as foreground when it lies at least half-way along it (alpha >= 0.5), so a
+    blurred shape keeps its size, and within MAX_COLOR_DISTANCE of it."""
+    p = img.astype(np.float32) - _BG  # (H, W, 3) offsets from the background
+    d = _PALETTE - _BG  # (K, 3) segment directions
+    alpha = np.clip(p @ d.T / (d * d).sum(1), 0.0, 1.0)  # (H, W, K) position along each segment
+    residual = np.linalg.norm(p[:, :, None, :] - alpha[..., None] * d, axis=-1)  # (H, W, K)
+    best = residual.argmin(-1)  # (H, W)
+    best_alpha = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
+    best_residual = np.take_along_axis(residual, best[..., None], -1)[..., 0]
+    foreground = (best_alpha >= 0.5) & (best_residual <= MAX_COLOR_DISTANCE)
+    return np.where(foreground, best, -1)
+
+
+def connected_components(labels: np.ndarray) -> np.ndarray:
+    """(H, W) component ids (-1 for background) of 4-connected pixels sharing the same label >= 0.
+
+    Min-label propagation: each pixel starts with its own flat index and repeatedly takes the smallest
+    id among same-label 4-neighbours until nothing changes; then every component holds its smallest
+    index. Plain numpy, as many sweeps as the longest path inside a component."""
+    h, w = labels.shape
+    big = h * w
+    ids = np.where(labels >= 0, np.arange(big).reshape(h, w), big)
+    while True:
+        new = ids.copy()
+        # Compare each pixel with its neighbour below / to the right, and propagate both ways.
+        same_v = (labels[1:, :] == labels[:-1, :]) & (labels[1:, :] >= 0)  # (H-1, W)
+        same_h = (labels[:, 1:] == labels[:, :-1]) & (labels[:, 1:] >= 0)  # (H, W-1)
+        low_v = np.minimum(new[1:, :], new[:-1, :])
+        new[1:, :] = np.where(same_v, low_v, new[1:, :])
+        new[:-1, :] = np.where(same_v, np.minimum(new[:-1, :], low_v), new[:-1, :])
+        low_h = np.minimum(new[:, 1:], new[:, :-1])
+        new[:, 1:] = np.where(same_h, low_h, new[:, 1:])
+        new[:, :-1] = np.where(same_h, np.minimum(new[:, :-1], low_h), new[:, :-1])
+        if np.array_equal(new, ids):
+            break
+        ids = new
+    return np.where(ids == big, -1, ids)
+
+
+def prune_spurs(labels: np.ndarray) -> np.ndarray:
+    """Drop foreground pixels with fewer than two 4-neighbours of their own colour.
+
+    Noise turns the odd background pixel next to a shape into foreground; left in, it would widen the
+    box by a pixel and lower the fill ratio that tells a square from a circle. Drawn shapes have no
+    such pixels (see shape_mask), so clean images are unchanged."""
+    padded = np.pad(labels, 1, constant_values=-1)  # (H + 2, W + 2)
+    neighbours = sum((padded[1 + dy:padded.shape[0] - 1 + dy, 1 + dx:padded.shape[1] - 1 + dx] == labels)
+                     for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))  # (H, W) same-colour neighbours
+    return np.where((labels >= 0) & (neighbours < 2), -1, labels)
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """Shape of a component from its (h, w) box mask.
+
+    A triangle (apex up) widens from top to bottom: its rows in the bottom half are on average about
+    half a box wider than those in the top half, while a circle or a square is symmetric. Otherwise the
+    fill ratio separates a square (~1.0) from a circle (~0.785; up to 0.85 for small odd sizes). Both
+    features survive noise and a slight blur."""
+    h, w = mask.shape
+    widths = mask.sum(1)  # (h,) pixels per row
+    half = max(1, h // 2)
+    widening = (widths[h - half:].mean() - widths[:half].mean()) / w
+    if widening > 0.2:
+        return "triangle"
+    return "square" if mask.mean() > 0.9 else "circle"
+
+
+def detect_objects(img: np.ndarray) -> list[dict]:
+    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}.
+
+    Sorted by area, largest first: the area stands in for the confidence GenEval sorts by, since only
+    the top `count` objects of a class are checked for colour and position."""
+    img = np.asarray(img)
+    labels = prune_spurs(classify_pixels(img))
+    comps = connected_components(labels)
+    min_area = max(3, MIN_AREA_FRACTION * labels.size)
+    objects = []
+    for comp_id in np.unique(comps[comps >= 0]):
+        ys, xs = np.nonzero(comps == comp_id)
+        if len(ys) < min_area:
+            continue
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        mask = comps[y0:y1, x0:x1] == comp_id  # (h, w)
+        color = COLORS[labels[ys[0], xs[0]]]
+        objects.append({"class": classify_shape(mask), "color": color, "box": (x0, y0, x1, y1),
+                        "area": int(len(ys))})
+    objects.sort(key=lambda o: -o["area"])
+    return objects
+
+
+# --- GenEval's rules ---------------------------------------------------------------------------------
+
+def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
+    """(correct, reason) of detected objects against a GenEval record, with the official semantics:
+
+    * include clauses are ANDed: the top `count` objects of the class (largest first) must exist;
+      with a colour, all of those `count` objects must have it; with a position [rel, i], each of them
+      must stand in relation `rel` to every object matched by include i (relative_position);
+    * exclude clauses are ORed: `count` or more objects of the class make the image wrong."""
+    by_class = {}
+    for obj in sorted(objects, key=lambda o: -o["area"]):
+        by_class.setdefault(obj["class"], []).append(obj)
+    correct, reasons, matched_groups = True, [], []
+    for req in metadata.get("include", []):
+        cls, count = req["class"], req["count"]
+        found = by_class.get(cls, [])[:count]
+        matched = True
+        if len(found) < count:
+            matched = False
+            reasons.append(f"expected {cls}>={count}, found {len(found)}")
+        else:
+            if "color" in req:
+                colors = [o["color"] for o in found]
+                if colors.count(req["color"]) < count:
+                    matched = False
+                    seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
+                    reasons.append(f"expected {req['color']} {cls}>={count}, found "
+                                   f"{colors.count(req['color'])} {req['color']}; and {seen}")
+            if "position" in req and matched:
+                rel, target = req["position"]
+                if matched_groups[target] is None:
+                    matched = False
+                    reasons.append(f"no target for {cls} to be {rel}")
+                else:
+                    for obj in found:
+                        for other in matched_groups[target]:
+                            true_rels = relative_position(obj["box"], other["box"])
+                            if rel not in true_rels:
+                                matched = False
+                                reasons.append(f"expected {cls} {rel} target, found "
+                                               f"{' and '.join(sorted(true_rels))} target")
+                                break
+                        if not matched:
+                            break
+        correct = correct and matched
+        matched_groups.append(found if matched else None)
+    for req in metadata.get("exclude", []):
+        n = len(by_class.get(req["class"], []))
+        if n >= req["count"]:
+            correct = False
+            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
+    return correct, "\n".join(reasons)
+
+
+# --- GenEval's folder layout --------------------------------------------------------------------------
+
+def _to_hwc_uint8(image) -> np.ndarray:
+    """uint8 (H, W, 3) from either a uint8 array (H, W, 3) or a float tensor/array (3, H, W) in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        if image.dtype != torch.uint8:
+            image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        image = image.numpy()
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
+        image = image.transpose(1, 2, 0)  # (H, W, 3)
+    if image.dtype != np.uint8:
+        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    return image
+
+
+def write_geneval_folder(outdir: str, records: list[dict], images_per_record: list) -> None:
+    """Write GenEval's layout: outdir/00000/metadata.jsonl (the record) + outdir/00000/samples/0000.png.
+
+    images_per_record[i] is the list of images for records[i]: uint8 (H, W, 3) arrays or float (3, H, W)
+    tensors in [0, 1]."""
+    if len(records) != len(images_per_record):
+        raise ValueError(f"{len(records)} records but {len(images_per_record)} image lists")
+    for i, (record, images) in enumerate(zip(records, images_per_record)):
+        folder = os.path.join(outdir, f"{i:05d}")
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        with open(os.path.join(folder, "metadata.jsonl"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for j, image in enumerate(images):
+            Image.fromarray(_to_hwc_uint8(image)).save(os.path.join(folder, "samples", f"{j:04d}.png"))
+
+
+def score_folder(outdir: str) -> tuple[list[dict], dict]:
+    """Score a GenEval folder with the pixel detector: (one result per image, summary).
+
+    Results carry the official keys (filename, tag, prompt, correct, reason, metadata, details);
+    summary = {"per_tag": {tag: accuracy}, "overall": mean over the tags present, "images": n}."""
+    results = []
+    for sub in sorted(os.listdir(outdir)):
+        folder = os.path.join(outdir, sub)
+        if not (sub.isdigit() and os.path.isdir(folder)):
+            continue
+        with open(os.path.join(folder, "metadata.jsonl"), encoding="utf-8") as f:
+            metadata = json.loads(f.readline())
+        samples = os.path.join(folder, "samples")
+        for name in sorted(os.listdir(samples)):
+            if not re.fullmatch(r"\d+\.png", name):
+                continue
+            path = os.path.join(samples, name)
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+            objects = detect_objects(img)
+            correct, reason = score_record(metadata, objects)
+            details = {}
+            for obj in objects:
+                details.setdefault(obj["class"], []).append(list(obj["box"]))
+            results.append({"filename": path, "tag": metadata["tag"], "prompt": metadata["prompt"],
+                            "correct": correct, "reason": reason, "metadata": json.dumps(metadata),
+                            "details": json.dumps(details)})
+    per_tag = {}
+    for tag in sorted({r["tag"] for r in results}):
+        hits = [r["correct"] for r in results if r["tag"] == tag]
+        per_tag[tag] = sum(hits) / len(hits)
+    overall = sum(per_tag.values()) / len(per_tag) if per_tag else 0.0
+    return results, {"per_tag": per_tag, "overall": overall, "images": len(results)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. PyTorch faces of the world
+# ----------------------------------------------------------------------------------------------------
+
+def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int = 32,
+                   tags: tuple | None = None) -> tuple[torch.Tensor, list]:
+    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
+
+    tags None cycles through all TAGS; a tuple cycles through those tags only (scene i gets
+    tags[i % len(tags)]). About 0.2 ms per image, so 20k images take a few seconds."""
+    scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
+              for i in range(n)]
+    images = np.stack([draw(s) for s in scenes]) if scenes else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes  # (n, 3, H, W)
+
+
+class _ShapesBase(torch.utils.data.Dataset):
+    """n deterministic scenes of a split; item i is always scene i (no state, safe in any worker)."""
+
+    def __init__(self, n: int, split: str = "train", seed: int = 0, image_size: int = 32,
+                 tags: tuple | None = None):
+        _check_split(split)
+        self.n, self.split, self.seed, self.image_size, self.tags = n, split, seed, image_size, tags
+
+    def __len__(self) -> int:
+        return self.n
+
+    def scene(self, index: int) -> Scene:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        tag = None if self.tags is None else self.tags[index % len(self.tags)]
+        return make_scene(index, self.split, self.seed, tag, self.image_size)
+
+
+class ShapesCaptions(_ShapesBase):
+    """(image float (3, H, W) in [0, 1], caption): for CLIP and caption training."""
+
+    def __getitem__(self, index: int):
+        scene = self.scene(index)
+        return to_tensor(draw(scene)), scene.caption
+
+
+class ShapesGeneration(_ShapesBase):
+    """(image float (3, H, W) in [0, 1], GenEval-style prompt): for text-to-image training.
+
+    The prompt is bare ("a photo of a red circle"); wrap it with GENERATION_TEMPLATE.format(prompt)."""
+
+    def __getitem__(self, index: int):
+        scene = self.scene(index)
+        return to_tensor(draw(scene)), scene.prompt
+
+
+class ShapesQA(_ShapesBase):
+    """(image float (3, H, W), question, answer, qtype): one question per scene for understanding.
+
+    The question type is drawn uniformly among those the scene can answer, then one question of that
+    type, so counts (always answerable) do not crowd out the rarer position questions."""
+
+    def __getitem__(self, index: int):
+        scene = self.scene(index)
+        rng = random.Random(stable_seed("qa", self.seed, self.split, index))
+        qa = make_qa(scene, rng)
+        qtype = rng.choice(sorted({q[0] for q in qa}))
+        _, question, answer = next(q for q in qa if q[0] == qtype)
+        return to_tensor(draw(scene)), question, answer, qtype
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples
+# ----------------------------------------------------------------------------------------------------
+# Real caption data is messy: corrupt or truncated files, missing or undecodable captions, odd image
+# modes, decompression bombs. A bad sample must never stop a multi-day run, so the readers below skip
+# it and count why; only a pass that finds nothing readable at all is an error (a wrong path, say).
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused from their header, before any decoding
+MAX_MEMBER_BYTES = 64 * 2 ** 20  # larger tar members are not even read into memory
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # first one present is the sample's image
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)  # how a damaged tar stream fails
+
+
+def encode_image(arr: np.ndarray, format: str = "PNG") -> bytes:
+    """Bytes of a uint8 (H, W, 3) image in a file format (PNG, JPEG, ...), for writing shards."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=format)
+    return buf.getvalue()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: 16-bit/float grey rescaled to 8 bits, transparency composited on white."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.max(initial=0) > 255:  # 16-bit range
+            arr = arr / 257
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Encoded image bytes -> (float (3, S, S) in [0, 1], None), or (None, reason) when unreadable.
+
+    The shorter side is resized to image_size and the centre cropped square (ImageOps.fit). Reasons:
+    "empty_image", "too_large" (refused from the header size), "bad_image" (corrupt, truncated,
+    unsupported)."""
+    if not data:
+        return None, "empty_image"
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between its own limit and twice that; make it an error like the rest.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))  # reads the header only
+            if im.width * im.height > max_pixels:
+                return None, "too_large"
+            im = ImageOps.exif_transpose(im)  # decodes; honours camera rotation as GenEval does
+            im = ImageOps.fit(_to_rgb(im), (image_size, image_size), method=Image.Resampling.BICUBIC)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return None, "too_large"
+    except Exception:  # noqa: BLE001 -- a decoder can fail in many ways; any failure means "bad image"
+        return None, "bad_image"
+    return to_tensor(np.asarray(im)), None
+
+
+def _decode_caption(caption):
+    """Caption bytes or str -> (text, None) or (None, reason)."""
+    if caption is None:
+        return None, "missing_caption"
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "bad_caption"
+    if not isinstance(caption, str):
+        return None, "bad_caption"
+    caption = caption.strip()
+    return (caption, None) if caption else (None, "empty_caption")
+
+
+class _CaptionStream(torch.utils.data.IterableDataset):
+    """Shared machinery of the readers: splitting, decoding, skipping with counts, resume.
+
+    Splitting: there are world_size x num_workers readers ("slots"); reader `slot` owns sample i of
+    the stream when i % slots == slot (every reader parses all the input but decodes only its own
+    samples), or, for tar shards when split_by="shard" (the default once there are at least as many
+    shards as slots), whole shards k % slots == slot (no reader touches another's files). Either way
+    every sample is seen by exactly one reader.
+
+    Resume: `position` counts the samples (good or bad) this reader has handed out or skipped in the
+    current pass; state_dict() saves it and load_state_dict() / `start` make the next pass skip that
+    many. Each reader keeps its own `position` and `stats`: exact when the dataset is iterated in the
+    training process (num_workers=0, the toy's setting); with DataLoader workers they live in the
+    worker processes."""
+
+    def __init__(self, image_size: int, rank: int, world_size: int, start: int, max_pixels: int):
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.image_size, self.rank, self.world_size = image_size, rank, world_size
+        self.start, self.position, self.max_pixels = start, start, max_pixels
+        self.stats = {"ok": 0, "skipped": {}}
+
+    def _slot(self) -> tuple[int, int]:
+        """(this reader's slot, number of slots) from the rank and the DataLoader worker."""
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def _raw(self, slot: int, slots: int):
+        """Yield (is_sample, image bytes | None, caption | None, reason | None) in order: this slot's
+        samples, and (False, None, None, reason) for an input that holds no sample (a bad shard)."""
+        raise NotImplementedError
+
+    def _skip(self, reason: str) -> None:
+        self.stats["skipped"][reason] = self.stats["skipped"].get(reason, 0) + 1
+
+    def __iter__(self):
+        slot, slots = self._slot()
+        self.stats = {"ok": 0, "skipped": {}}
+        index = 0  # this slot's sample index in the pass
+        for is_sample, image_bytes, caption, reason in self._raw(slot, slots):
+            if not is_sample:
+                self._skip(reason)  # a whole unreadable input: counted, but not a position
+                continue
+            index += 1
+            if index <= self.start:
+                continue
+            self.position = index
+            if reason is None:
+                caption, reason = _decode_caption(caption)
+            if reason is None:
+                if image_bytes is None:
+                    reason = "missing_image"
+                else:
+                    image, reason = decode_image(image_bytes, self.image_size, self.max_pixels)
+            if reason is not None:
+                self._skip(reason)
+                continue
+            self.stats["ok"] += 1
+            yield image, caption
+        if self.stats["ok"] == 0 and self.stats["skipped"]:
+            raise RuntimeError(f"no readable samples in {self._describe()} (reader {slot} of {slots}): "
+                               f"skipped {self.stats['skipped']}")
+        self.start, self.position = 0, 0  # a finished pass: the next one starts from the beginning
+
+    def _describe(self) -> str:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """{"position": samples of this reader's current pass already consumed or skipped}."""
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next pass skips the first state["position"] samples of this reader."""
+        self.start = self.position = int(state["position"])
+
+
+def _split_name(name: str):
+    """WebDataset naming: "dir/0001.jpg" -> key "dir/0001", extension "jpg" (None if no extension)."""
+    folder, base = os.path.split(name)
+    if "." not in base or base.startswith("."):
+        return None, None
+    stem, ext = base.split(".", 1)
+    return os.path.join(folder, stem), ext.lower()
+
+
+def _tar_groups(path: str, max_member_bytes: int):
+    """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order.
+
+    A member larger than max_member_bytes is not read (its value is None). When
+    the stream breaks, the sample being assembled is yielded with reason "truncated_shard" (or, if no
+    sample was started, key None with "bad_shard") and the shard ends there."""
+    key, members, reason = None, {}, None
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                member_key, ext = _split_name(info.name)
+                if member_key is None:
+                    continue
+                if member_key != key:
+                    if key is not None:
+                        yield key, members, reason
+                    key, members, reason = member_key, {}, None
+                if info.size > max_member_bytes:
+                    members[ext] = None
+                    continue
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError("unexpected end of data")
+                members[ext] = data
+    except _READ_ERRORS:
+        yield key, members, "truncated_shard" if key is not None else "bad_shard"
+        return
+    if key is not None:
+        yield key, members, reason
+
+
+class TarShards(_CaptionStream):
+    """WebDataset-style .tar shards -> (image float (3, S, S) in [0, 1], caption str), bad samples skipped.
+
+    A sample is the run of consecutive members sharing a key: KEY.jpg / .jpeg / .png / .webp (image) and
+    KEY.txt (UTF-8 caption); other members are ignored. Shards are read with the stdlib tarfile as a
+    stream (no index, no seeking), one after another. `stats` = {"ok": n, "skipped": {reason: n}} with
+    reasons empty_image, bad_image, too_large, missing_image, missing_caption, bad_caption,
+    empty_caption, truncated_shard (the sample cut by a broken stream), bad_shard (no sample at all).
+    See _CaptionStream for how ranks and workers split the work and how to resume.
+
+        ds = TarShards(sorted(glob.glob("shards/*.tar")), image_size=32, rank=rank, world_size=world)
+        loader = DataLoader(ds, batch_size=64, num_workers=2)
+    """
+
+    def __init__(self, shards: list, image_size: int = 32, rank: int = 0, world_size: int = 1,
+                 start: int = 0, split_by: str = "auto", max_pixels: int = MAX_IMAGE_PIXELS,
+                 max_member_bytes: int = MAX_MEMBER_BYTES):
+        super().__init__(image_size, rank, world_size, start, max_pixels)
+        if isinstance(shards, str):
+            shards = [shards]
+        if not shards:
+            raise ValueError("no shards given")
+        if split_by not in ("auto", "shard", "sample"):
+            raise ValueError(f"split_by must be auto, shard or sample, got {split_by!r}")
+        self.shards, self.split_by, self.max_member_bytes = list(shards), split_by, max_member_bytes
+
+    def _describe(self) -> str:
+        return f"{len(self.shards)} shard(s) starting {self.shards[0]}"
+
+    def _raw(self, slot: int, slots: int):
+        by_shard = self.split_by == "shard" or (self.split_by == "auto" and len(self.shards) >= slots)
+        i = 0  # sample index in the whole stream (sample split)
+        for k, path in enumerate(self.shards):
+            if by_shard and k % slots != slot:
+                continue
+            for key, members, reason in _tar_groups(path, self.max_member_bytes):
+                if key is None:  # an unreadable shard: counted once, by the reader that owns shard k
+                    if by_shard or k % slots == slot:
+                        yield False, None, None, reason
+                    continue
+                mine = by_shard or i % slots == slot
+                i += 1
+                if not mine:
+                    continue
+                image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+                image, caption = members.get(image_ext), members.get("txt")
+                if reason is None and ((image_ext and image is None) or ("txt" in members and caption is None)):
+                    reason = "too_large"  # a member over max_member_bytes was left unread
+                yield True, image, caption, reason
+
+
+class ImageFolderCaptions(_CaptionStream):
+    """An image folder plus a JSONL file of {"file": path relative to root, "caption": str} lines ->
+    (image float (3, S, S), caption), with the same skipping, counting, splitting and resume as
+    TarShards (split by line). Unparseable lines are skipped as "bad_record", unreadable files as
+    "missing_image"."""
+
+    def __init__(self, root: str, captions: str, image_size: int = 32, rank: int = 0, world_size: int = 1,
+                 start: int = 0, max_pixels: int = MAX_IMAGE_PIXELS):
+        super().__init__(image_size, rank, world_size, start, max_pixels)
+        self.root, self.captions = root, captions
+
+    def _describe(self) -> str:
+        return f"{self.captions} (images under {self.root})"
+
+    def _raw(self, slot: int, slots: int):
+        with open(self.captions, "rb") as f:
+            lines = (line for line in f if line.strip())
+            for i, line in enumerate(lines):
+                if i % slots != slot:
+                    continue
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                    name, caption = record["file"], record.get("caption")
+                    if not isinstance(name, str):
+                        raise TypeError(name)
+                except (ValueError, KeyError, TypeError):
+                    yield True, None, None, "bad_record"
+                    continue
+                try:
+                    with open(os.path.join(self.root, name), "rb") as img:
+                        data = img.read()
+                except OSError:
+                    data = None
+                yield True, data, caption, None
+
+
+def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -> list[str]:
+    """Write WebDataset-style shards out_dir/{prefix}-00000.tar, ... and return their paths.
+
+    samples: an iterable of dicts {"__key__": key, ext: bytes | str, ...}, e.g.
+    {"__key__": "000001", "png": encode_image(img), "txt": "a red circle"}; str values are stored UTF-8."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths, tar = [], None
+    for n, sample in enumerate(samples):
+        if n % per_shard == 0:
+            if tar is not None:
+                tar.close()
+            paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.tar"))
+            tar = tarfile.open(paths[-1], "w")
+        for ext, value in sample.items():
+            if ext == "__key__":
+                continue
+            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    if tar is not None:
+        tar.close()
+    return paths

@@ -1,0 +1,190 @@
+"""The shapes world: determinism, the held-out split, captions, questions, vocabulary, torch datasets."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+
+def test_make_scene_is_a_pure_function_of_its_arguments():
+    a = data.make_scene(17, "train", seed=3)
+    b = data.make_scene(17, "train", seed=3)
+    assert a == b
+    assert np.array_equal(data.draw(a), data.draw(b))
+    # tag None cycles through TAGS and equals asking for that tag explicitly
+    assert a == data.make_scene(17, "train", seed=3, tag=data.TAGS[17 % len(data.TAGS)])
+    assert a != data.make_scene(17, "train", seed=4)
+
+
+def test_same_index_differs_between_splits():
+    for i in range(50):
+        assert data.make_scene(i, "train").objects != data.make_scene(i, "test").objects
+
+
+def test_scene_geometry_follows_the_rules():
+    for i in range(600):
+        scene = data.make_scene(i, "train" if i % 2 else "test")
+        assert 1 <= len(scene.objects) <= 4
+        for o in scene.objects:
+            x0, y0, x1, y1 = o.box
+            assert x1 - x0 == y1 - y0 and 8 <= x1 - x0 <= 14
+            assert x0 >= 1 and y0 >= 1 and x1 <= 31 and y1 <= 31
+        for a in scene.objects:
+            for b in scene.objects:
+                if a is not b:
+                    assert data._apart(a.box, b.box, 2)
+
+
+def test_drawing_has_exact_colours_only():
+    img = data.draw(data.make_scene(5))
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    palette = {tuple(rgb) for rgb in data.COLOR_RGB.values()} | {data.BACKGROUND}
+    assert {tuple(p) for p in img.reshape(-1, 3)} <= palette
+    t = data.to_tensor(img)
+    assert t.shape == (3, 32, 32) and t.dtype == torch.float32 and 0 <= t.min() and t.max() <= 1
+
+
+def test_image_size_scales_the_world():
+    scene = data.make_scene(3, image_size=64)
+    assert data.draw(scene).shape == (64, 64, 3)
+    assert all(16 <= o.box[2] - o.box[0] <= 28 for o in scene.objects)
+    with pytest.raises(ValueError):
+        data.draw(scene, image_size=32)
+
+
+def test_heldout_choices_leave_every_colour_and_shape_in_training():
+    assert 4 <= len(data.HELDOUT_PAIRS) <= 6
+    for c in data.COLORS:
+        assert any((c, s) not in data.HELDOUT_PAIRS for s in data.SHAPES)
+    for s in data.SHAPES:
+        assert any((c, s) not in data.HELDOUT_PAIRS for c in data.COLORS)
+    for a, rel, b in data.HELDOUT_RELATIONS:
+        assert a != b and rel in data.RELATIONS
+
+
+def _shown_relations(scene):
+    return {(a.shape, rel, b.shape) for a in scene.objects for b in scene.objects
+            if a.shape != b.shape for rel in data.relative_position(a.box, b.box)}
+
+
+def test_train_stream_never_shows_a_heldout_composition():
+    images, scenes = data.make_image_set(20000, "train")
+    assert images.shape == (20000, 3, 32, 32)
+    for scene in scenes:
+        assert not any((o.color, o.shape) in data.HELDOUT_PAIRS for o in scene.objects)
+        assert not _shown_relations(scene) & data.HELDOUT_RELATIONS
+        if scene.tag == "position":
+            inc = scene.metadata["include"]
+            assert (inc[1]["class"], inc[1]["position"][0], inc[0]["class"]) not in data.HELDOUT_RELATIONS
+
+
+def test_test_split_always_holds_a_heldout_pair():
+    for i in range(1200):
+        scene = data.make_scene(i, "test")
+        assert any((o.color, o.shape) in data.HELDOUT_PAIRS for o in scene.objects)
+        if scene.tag == "position":
+            inc = scene.metadata["include"]
+            assert (inc[1]["class"], inc[1]["position"][0], inc[0]["class"]) in data.HELDOUT_RELATIONS
+        if scene.tag == "colors":
+            req = scene.metadata["include"][0]
+            assert (req["color"], req["class"]) in data.HELDOUT_PAIRS
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_every_scene_satisfies_its_prompt(split):
+    for i in range(600):
+        scene = data.make_scene(i, split)
+        ok, reason = data.score_record(scene.metadata, data.detect_objects(data.draw(scene)))
+        assert ok, (scene.prompt, reason)
+
+
+def test_prompts_follow_geneval_phrasing():
+    prompts = {data.make_scene(i, "train", tag=tag).prompt for i in range(200) for tag in data.TAGS}
+    assert "a photo of a circle" in prompts
+    assert "a photo of three squares" in prompts
+    assert "a photo of an orange circle" in prompts
+    assert any(" left of " in p for p in prompts)
+    assert not any(" a orange" in p for p in prompts)
+
+
+def test_caption_names_every_object():
+    for i in range(300):
+        scene = data.make_scene(i)
+        words = scene.caption.split()
+        for o in scene.objects:
+            assert o.color in words
+            assert o.shape in words or data.plural(o.shape) in words
+    two = [data.Obj("circle", "red", (2, 10, 10, 18)), data.Obj("square", "blue", (20, 10, 28, 18))]
+    assert data.caption_for(two) == "a red circle left of a blue square"
+
+
+def _all_text(n=1500):
+    rng = random.Random(0)
+    for split in ("train", "test"):
+        for i in range(n):
+            scene = data.make_scene(i, split)
+            yield scene.prompt
+            yield scene.caption
+            for _, q, a in data.make_qa(scene, rng):
+                yield q
+                yield a
+    yield data.caption_question
+    yield data.GENERATION_TEMPLATE.format("a red circle")
+
+
+def test_vocab_covers_every_word():
+    vocab = set(data.VOCAB)
+    assert data.VOCAB == sorted(vocab)
+    assert "caption:" in vocab and "?" in vocab and "Please" in vocab
+    for text in _all_text():
+        assert set(text.split()) <= vocab, text
+        assert "," not in text
+
+
+def test_questions_are_unambiguous_and_correct():
+    rng = random.Random(0)
+    seen = set()
+    for i in range(600):
+        scene = data.make_scene(i)
+        for qtype, q, a in data.make_qa(scene, rng):
+            seen.add(qtype)
+            assert qtype in data.QTYPES and len(a.split()) == 1
+            words = q.split()
+            if qtype == "color":
+                (obj,) = [o for o in scene.objects if o.shape == words[4]]
+                assert a == obj.color
+            elif qtype == "shape":
+                (obj,) = [o for o in scene.objects if o.color == words[4]]
+                assert a == obj.shape
+            elif qtype == "count" and words[2] != "objects":
+                assert a == data.NUMBER_WORDS[sum(data.plural(o.shape) == words[2] for o in scene.objects)]
+            elif qtype == "position":
+                (oa,) = [o for o in scene.objects if o.shape == words[3]]
+                (ob,) = [o for o in scene.objects if o.shape == words[7]]
+                assert data.relative_position(oa.box, ob.box) == {data.clear_relation(oa.box, ob.box)}
+                assert data.clear_relation(oa.box, ob.box).split()[0] == a
+    assert seen == set(data.QTYPES)
+
+
+def test_torch_datasets_are_deterministic_per_index():
+    caps = data.ShapesCaptions(10, seed=1)
+    img, cap = caps[4]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
+    assert torch.equal(img, caps[4][0]) and cap == data.make_scene(4, seed=1).caption
+    _, prompt = data.ShapesGeneration(10, "test")[2]
+    assert prompt == data.make_scene(2, "test").prompt
+    img, q, a, qtype = data.ShapesQA(10)[7]
+    assert (q, a, qtype) == data.ShapesQA(10)[7][1:]
+    with pytest.raises(IndexError):
+        caps[10]
+    batch = next(iter(torch.utils.data.DataLoader(caps, batch_size=4)))
+    assert batch[0].shape == (4, 3, 32, 32) and len(batch[1]) == 4
+
+
+def test_make_image_set_matches_scenes_and_tags():
+    images, scenes = data.make_image_set(12, "test", seed=2, tags=("counting", "colors"))
+    assert images.dtype == torch.uint8 and images.shape == (12, 3, 32, 32)
+    assert [s.tag for s in scenes] == ["counting", "colors"] * 6
+    assert torch.equal(images[5], torch.from_numpy(data.draw(scenes[5])).permute(2, 0, 1))

@@ -1,0 +1,123 @@
+"""Properties of the Next-DiT: shapes, how the condition enters, grouped-query attention, spatial_cond."""
+import pytest
+import torch
+
+import blip3o
+
+
+def tiny(**kw):
+    cfg = dict(in_channels=12, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, cond_dim=20)
+    cfg.update(kw)
+    return blip3o.DiTConfig(**cfg)
+
+
+def randomized(cfg, seed=0, gates=True):
+    """A model with every weight random (a fresh one starts at v = 0, which proves nothing)."""
+    torch.manual_seed(seed)
+    model = blip3o.NextDiT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate"):
+                p.copy_(torch.randn_like(p) if gates else torch.zeros_like(p))
+            else:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_config_rules():
+    cfg = blip3o.DiTConfig()
+    assert (cfg.ffn_dim, cfg.time_embed_dim, cfg.head_dim, cfg.num_tokens) == (4864, 1024, 64, 64)
+    assert tiny(hidden_size=128).ffn_dim == 512 and tiny(hidden_size=128).time_embed_dim == 128
+    with pytest.raises(ValueError):
+        tiny(num_heads=5)
+    with pytest.raises(ValueError):
+        tiny(num_kv_heads=3)
+
+
+def test_shapes_and_zero_init():
+    model = blip3o.NextDiT(tiny())
+    x, t, cond = torch.randn(3, 64, 12), torch.rand(3), torch.randn(3, 5, 20)
+    v = model(x, t, cond)
+    assert v.shape == (3, 64, 12)
+    # adaLN-zero blocks and a zero final layer: a fresh model is the identity map and predicts v = 0.
+    assert torch.all(v == 0)
+    with pytest.raises(ValueError, match="tokens"):
+        model(torch.randn(3, 16, 12), t, cond)
+
+
+def with_projected_condition(model, projected):
+    """Make the model see `projected` as the output of its condition MLP."""
+    return model.caption_projection.register_forward_hook(lambda module, args, out: projected)
+
+
+@torch.no_grad()
+def test_zero_gates_condition_enters_only_through_its_mean():
+    x, t, cond = torch.randn(2, 64, 12), torch.rand(2), torch.randn(2, 6, 20)
+    p = torch.randn(2, 6, 32)
+    delta = torch.randn(2, 6, 32)
+    same_mean = p + delta - delta.mean(dim=1, keepdim=True)  # different tokens, same pooled mean
+    shifted = p + torch.randn(1, 1, 32)  # different mean (not a constant: LayerNorm would absorb it)
+
+    def run(model, projected):
+        handle = with_projected_condition(model, projected)
+        try:
+            return model(x, t, cond)
+        finally:
+            handle.remove()
+
+    closed = randomized(tiny(), gates=False)
+    torch.testing.assert_close(run(closed, same_mean), run(closed, p), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(run(closed, shifted), run(closed, p), atol=1e-2)
+    # With open gates the cross-attention sees the tokens themselves.
+    opened = randomized(tiny(), gates=True)
+    assert not torch.allclose(run(opened, same_mean), run(opened, p), atol=1e-2)
+
+
+@torch.no_grad()
+def test_padded_condition_tokens_are_ignored():
+    model = randomized(tiny())
+    x, t, cond = torch.randn(2, 64, 12), torch.rand(2), torch.randn(2, 6, 20)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    other = cond.clone()
+    other[~mask] = 100.0
+    torch.testing.assert_close(model(x, t, other, mask), model(x, t, cond, mask))
+    assert not torch.allclose(model(x, t, other), model(x, t, cond), atol=1e-2)
+
+
+@torch.no_grad()
+def test_condition_is_a_set_unless_spatial():
+    x, t = torch.randn(2, 64, 12), torch.rand(2)
+    cond = torch.randn(2, 64, 20)
+    perm = torch.randperm(64)
+    # Cross-attention keys carry no position: permuting the condition tokens changes nothing...
+    model = randomized(tiny())
+    torch.testing.assert_close(model(x, t, cond[:, perm]), model(x, t, cond), atol=1e-4, rtol=1e-4)
+    # ...while spatial_cond adds token i of the condition to grid position i.
+    spatial = randomized(tiny(spatial_cond=True))
+    assert not torch.allclose(spatial(x, t, cond[:, perm]), spatial(x, t, cond), atol=1e-2)
+    with pytest.raises(ValueError, match="spatial_cond"):
+        spatial(x, t, cond[:, :5])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_attention_is_multi_head_with_shared_kv(kv_heads):
+    """A GQA model equals the multi-head model whose K/V heads are copied within each group."""
+    gqa = randomized(tiny(num_kv_heads=kv_heads))
+    assert gqa.layers[0].attn1.to_k.weight.shape == (kv_heads * 8, 32)
+    mha = blip3o.NextDiT(tiny())
+    state = gqa.state_dict()
+    rep = 4 // kv_heads
+    for name, value in list(state.items()):
+        if any(s in name for s in ("to_k.", "to_v.", "norm_k.")):
+            state[name] = value.unflatten(0, (kv_heads, 8)).repeat_interleave(rep, dim=0).flatten(0, 1)
+    mha.load_state_dict(state)
+    x, t, cond = torch.randn(2, 64, 12), torch.rand(2), torch.randn(2, 5, 20)
+    torch.testing.assert_close(gqa(x, t, cond), mha(x, t, cond), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_every_parameter():
+    model = randomized(tiny(spatial_cond=True))
+    v = model(torch.randn(2, 64, 12), torch.rand(2), torch.randn(2, 64, 20))
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
