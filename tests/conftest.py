@@ -5,3 +5,31 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+import pytest
+
+
+TINY = ["--steps", "2", "--batch-size", "4", "--images", "48", "--quiet", "--ckpt-every", "0"]
+
+
+def train_tiny(out, *stage_args):
+    """Run train.py in-process with tiny sizes (seconds): the real code path, a few steps."""
+    import train
+
+    rc = train.main([*stage_args, "--out", str(out), *TINY])
+    assert rc == 0, f"train.py {' '.join(stage_args)} exited {rc}"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A complete toy run (every stage, 2 steps each): checkpoints for sample.py / eval.py tests.
+
+    Not trained to any quality: it checks that pieces fit together, not what they learned.
+    """
+    out = tmp_path_factory.mktemp("run")
+    for stage in ("clip", "understand", "decoder", "vae"):
+        train_tiny(out, "--stage", stage)
+    train_tiny(out, "--stage", "generate", "--loss", "flow", "--target", "clip")
+    train_tiny(out, "--stage", "generate", "--loss", "mse", "--target", "clip")
+    train_tiny(out, "--stage", "generate", "--loss", "flow", "--target", "vae")
+    return out

@@ -164,6 +164,15 @@ def test_load_reports_problems_by_name(tmp_path):
     assert torch.all(dit.layers[1].gate == 0)  # left at its init
 
 
+def test_load_single_file(tmp_path):
+    _, ours, _ = make_pair(*TINY[2])
+    tensors = {f"model.dit.model.{k}": v for k, v in ours.state_dict().items()}
+    save_file(tensors, str(tmp_path / "dit.safetensors"))
+    queries, dit, report = blip3o.load_official_generation_weights(tmp_path / "dit.safetensors")
+    assert queries is None and report.missing == ["model.latent_queries"] and report.skipped == {}
+    assert dit.cfg.num_kv_heads == 1 and all(torch.equal(dit.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
 def test_load_rejects_checkpoint_without_dit(tmp_path):
     save_file({"model.embed_tokens.weight": torch.randn(4, 4)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="model.dit.model"):

@@ -1,0 +1,313 @@
+"""Speed and memory of the blip3o Next-DiT, against diffusers and against the machine (issue 9).
+
+    python bench.py                        # everything, about 2-3 minutes on a 2-core laptop CPU
+    python bench.py --only matmul,dit_toy  # a subset (names: see --help)
+    python bench.py --threads 1            # pin torch's threads: on a machine shared with other jobs,
+                                           # 2 OpenMP threads on 2 busy cores can run 10x slower
+    python bench.py --compile              # torch.compile both DiTs (adds ~30 s of compilation each)
+
+What it measures:
+- matmul:   the dense fp32 matmul FLOP/s torch reaches here (the machine's practical limit).
+- dit_toy / dit_mid: one Next-DiT training step (flow-matching loss, backward, AdamW) at the toy size
+  (width 128, 4 layers, batch 64) and a mid size (width 512, 8 layers, batch 32), 64 tokens each:
+  samples/s, FLOP/s from the FLOP count derived from the config (printed), the fraction of the matmul
+  peak, and the same step with diffusers' LuminaNextDiT2DModel (+ the BLIP3-o condition MLP) at the same
+  config, interleaved with ours; the speed ratio ours/theirs is the median over rounds.
+- memory:   peak resident memory of this process, and the memory of the real presets (blip3o-8b/-4b
+  DiT head): parameters, bf16 weights, fp32 master weights + grads + AdamW states, and the activations
+  saved for backward per sample, measured on one and two real-width layers and extrapolated.
+Each benchmark prints a small table; the last line of stdout is one JSON object with every figure.
+
+Benchmarks are plain functions registered with @benchmark("name"); they take the parsed arguments and
+return a dict of figures. Pipeline benchmarks (e.g. text -> image sampling) plug in the same way.
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from blip3o import DiTConfig, NextDiT, flow_matching_loss
+
+BENCHMARKS = {}
+
+
+def benchmark(name):
+    """Register fn(args) -> dict under `name` for --only and the final JSON line."""
+
+    def register(fn):
+        BENCHMARKS[name] = fn
+        return fn
+
+    return register
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------------
+
+
+def dit_forward_flops(cfg: DiTConfig, cond_tokens: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one NextDiT forward for one sample.
+
+    Elementwise work (norms, RoPE, modulation) is left out, as is usual for MFU figures; a training step
+    counts 3x the forward (backward = 2 matmuls per forward matmul).
+    """
+    D, N, L, T = cfg.hidden_size, cfg.num_tokens, cond_tokens, cfg.time_embed_dim
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = (
+        2 * T * 4 * D  # adaLN modulation
+        + 2 * N * D * (D + 2 * kv)  # self-attention q, k, v
+        + 2 * N * D * D + 2 * L * D * 2 * kv  # cross-attention q; k, v from the condition
+        + 4 * N * N * D + 4 * N * L * D  # scores and weighted values, self and cross
+        + 2 * N * D * D  # shared output projection
+        + 2 * N * D * cfg.ffn_dim * 3  # SwiGLU
+    )
+    outside = (
+        2 * L * (cfg.cond_dim * D + D * D)  # condition MLP
+        + 2 * N * cfg.in_channels * D  # patch embedding
+        + 2 * (256 * T + T * T + D * T)  # timestep MLP and pooled-condition projection
+        + 2 * T * D + 2 * N * D * cfg.in_channels  # final layer
+    )
+    return cfg.num_layers * per_layer + outside
+
+
+# ---- the machine's limit ------------------------------------------------------------------------------
+
+_PEAK = {}
+
+
+@benchmark("matmul")
+def bench_matmul(args):
+    """Best dense matmul FLOP/s over a few shapes, including the DiT's own (tokens x width x FFN)."""
+    device, dtype = args.device, torch.float32
+    shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (2048, 512, 1536), (4096, 128, 512)]
+    results = {}
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        timed(lambda: a @ b, device)
+        reps = max(3, int(2e10 // (2 * m * k * n)) // 4)  # ~ a few seconds per shape on 2 cores at most
+        seconds = statistics.median(timed(lambda: [a @ b for _ in range(4)], device) / 4 for _ in range(reps))
+        results[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds
+    peak = max(results.values())
+    _PEAK["fp32"] = peak
+    print(f"matmul fp32 ({torch.get_num_threads()} threads):")
+    for shape, flops in results.items():
+        print(f"  {shape:>16}: {flops / 1e9:8.1f} GFLOP/s")
+    print(f"  peak            : {peak / 1e9:8.1f} GFLOP/s")
+    return {"peak_flops": peak, "by_shape": results}
+
+
+# ---- Next-DiT training step, ours vs diffusers --------------------------------------------------------
+
+
+class DiffusersDiT(nn.Module):
+    """diffusers' LuminaNextDiT2DModel behind NextDiT's interface, as the official BLIP3-o code runs it:
+    the condition MLP first, image layout (B, C, H, W), timestep 1000 * (1 - t), output negated."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        from diffusers import LuminaNextDiT2DModel
+        from diffusers.models.embeddings import PixArtAlphaTextProjection, get_2d_rotary_pos_embed_lumina
+
+        self.grid = cfg.grid_size
+        self.caption_projection = PixArtAlphaTextProjection(cfg.cond_dim, cfg.hidden_size, act_fn="gelu_tanh")
+        self.model = LuminaNextDiT2DModel(
+            sample_size=cfg.grid_size, patch_size=1, in_channels=cfg.in_channels, hidden_size=cfg.hidden_size,
+            num_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            cross_attention_dim=cfg.hidden_size, learn_sigma=False,
+        )
+        self.rope = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)  # built once, as a pipeline would
+
+    def forward(self, x, t, cond, cond_mask=None):
+        B, N, C = x.shape
+        if cond_mask is None:  # diffusers requires a mask
+            cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+        out = self.model(
+            hidden_states=x.transpose(1, 2).reshape(B, C, self.grid, self.grid),
+            timestep=1000 * (1 - t),
+            encoder_hidden_states=self.caption_projection(cond),
+            encoder_mask=cond_mask,
+            image_rotary_emb=self.rope,
+            cross_attention_kwargs={},
+        ).sample  # (B, C, H, W)
+        return -out.flatten(2).transpose(1, 2)  # (B, N, C)
+
+
+def make_train_step(model, x1, cond):
+    """One full training step: flow-matching loss, backward, AdamW (the training loop's inner body)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def step():
+        loss, _, _ = flow_matching_loss(model, x1, cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_dit_step(args, name, cfg, batch, cond_tokens, rounds):
+    device = args.device
+    torch.manual_seed(0)
+    x1 = torch.randn(batch, cfg.num_tokens, cfg.in_channels, device=device)
+    cond = torch.randn(batch, cond_tokens, cfg.cond_dim, device=device)
+    models = {"ours": NextDiT(cfg).to(device)}
+    try:
+        models["diffusers"] = DiffusersDiT(cfg).to(device)
+    except ImportError:
+        print("  diffusers not importable: peer comparison skipped")
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    shapes = {k: tuple(m(x1[:2], torch.rand(2, device=device), cond[:2]).shape) for k, m in models.items()}
+    steps, compile_s = {}, {}
+    for k, m in models.items():
+        if args.compile:
+            m = torch.compile(m)
+        steps[k] = make_train_step(m, x1, cond)
+        compile_s[k] = timed(steps[k], device)  # warm-up (and compilation) step
+        timed(steps[k], device)
+    times = {k: [] for k in steps}
+    for _ in range(rounds):  # interleaved, so both see the same machine load
+        for k, step in steps.items():
+            times[k].append(timed(step, device))
+    flops_step = 3 * dit_forward_flops(cfg, cond_tokens) * batch
+    peak = _PEAK.get("fp32")
+    result = {"config": {**cfg.__dict__, "batch": batch, "cond_tokens": cond_tokens}, "params": params,
+              "flops_per_step": flops_step, "compile": args.compile}
+    print(f"{name}: width {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, ffn {cfg.ffn_dim}, "
+          f"{cfg.num_tokens} tokens x {cfg.in_channels}, condition {cond_tokens} x {cfg.cond_dim}, batch {batch}")
+    print(f"  FLOPs per training step = 3 x {dit_forward_flops(cfg, cond_tokens) / 1e6:.1f} MFLOP x {batch} "
+          f"= {flops_step / 1e9:.1f} GFLOP")
+    for k in steps:
+        sec = statistics.median(times[k])
+        line = (f"  {k:>9}: {sec * 1e3:8.1f} ms/step  {batch / sec:7.1f} samples/s  {flops_step / sec / 1e9:7.1f} GFLOP/s"
+                f"  params {params[k]:,}  out {shapes[k]}  first step {compile_s[k]:.1f} s")
+        result[k] = {"s_per_step": sec, "samples_per_s": batch / sec, "flops_per_s": flops_step / sec,
+                     "first_step_s": compile_s[k], "all_s": times[k]}
+        if peak:
+            result[k]["fraction_of_matmul_peak"] = flops_step / sec / peak
+            line += f"  {100 * flops_step / sec / peak:.0f}% of matmul peak"
+        print(line)
+    if "diffusers" in steps:
+        ratio = statistics.median(b / a for a, b in zip(times["ours"], times["diffusers"]))
+        result["speed_ratio_ours_over_diffusers"] = ratio
+        result["param_ratio"] = params["ours"] / params["diffusers"]
+        print(f"  speed ours / diffusers: {ratio:.2f}x (median of {rounds} interleaved rounds)")
+    return result
+
+
+@benchmark("dit_toy")
+def bench_dit_toy(args):
+    cfg = DiTConfig(in_channels=64, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, cond_dim=128)
+    return bench_dit_step(args, "dit_toy", cfg, batch=64, cond_tokens=64, rounds=args.rounds)
+
+
+@benchmark("dit_mid")
+def bench_dit_mid(args):
+    cfg = DiTConfig(in_channels=64, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, cond_dim=512)
+    return bench_dit_step(args, "dit_mid", cfg, batch=32, cond_tokens=64, rounds=max(3, args.rounds // 2))
+
+
+# ---- memory -------------------------------------------------------------------------------------------
+
+
+def saved_activation_bytes(model, x, t, cond) -> int:
+    """Bytes of the tensors autograd keeps for backward in one forward (parameters excluded)."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x, t, cond)
+    return sum(seen.values())
+
+
+@benchmark("memory")
+def bench_memory(args):
+    result = {}
+    # The real heads: parameters from a meta-device build (no memory), activations measured at full width
+    # on one and two layers (B = 1, 64 tokens, 64 condition tokens, fp32), extrapolated to 24 layers.
+    for preset, cond_dim in (("blip3o-8b", 3584), ("blip3o-4b", 2048)):
+        cfg = DiTConfig(cond_dim=cond_dim)
+        with torch.device("meta"):
+            n = NextDiT(cfg).num_params()
+        acts = []
+        for layers in (1, 2):
+            small = DiTConfig(cond_dim=cond_dim, num_layers=layers)
+            with torch.device("meta"):
+                model = NextDiT(small)
+            model = model.to_empty(device="cpu")  # real storage, no initialization cost
+            x, cond = torch.randn(1, 64, small.in_channels), torch.randn(1, 64, cond_dim)
+            acts.append(saved_activation_bytes(model, x, torch.rand(1), cond))
+            del model
+        per_layer = acts[1] - acts[0]
+        act_fp32 = acts[0] - per_layer + cfg.num_layers * per_layer
+        gib = 2**30
+        result[preset] = {
+            "params": n, "weights_bf16_gib": 2 * n / gib, "master_fp32_plus_grads_gib": 8 * n / gib,
+            "adamw_states_fp32_gib": 8 * n / gib, "activations_per_sample_fp32_mib": act_fp32 / 2**20,
+            "activations_per_sample_bf16_mib_approx": act_fp32 / 2 / 2**20,
+        }
+        r = result[preset]
+        print(f"{preset} DiT head: {n:,} params; bf16 weights {r['weights_bf16_gib']:.2f} GiB; fp32 master "
+              f"weights + grads {r['master_fp32_plus_grads_gib']:.1f} GiB; AdamW states {r['adamw_states_fp32_gib']:.1f} GiB; "
+              f"activations {r['activations_per_sample_fp32_mib']:.0f} MiB/sample fp32 "
+              f"(~{r['activations_per_sample_bf16_mib_approx']:.0f} MiB bf16)")
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory of this process so far: {result['peak_rss_mib']:.0f} MiB")
+    return result
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiTs before timing")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=8, help="timed interleaved rounds (mid size: half)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    args.device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.exit(2, f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}\n")
+    if any(n.startswith("dit_") for n in names) and "matmul" not in names:
+        names.insert(0, "matmul")  # the DiT figures are reported as a fraction of it
+    machine = {"device": str(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "cpu": platform.processor() or platform.machine()}
+    print(f"machine: {machine}")
+    results = {}
+    for name in names:
+        start = time.perf_counter()
+        results[name] = BENCHMARKS[name](args)
+        print(f"  ({name}: {time.perf_counter() - start:.0f} s)\n")
+    print(json.dumps({"machine": machine, **results}, default=float))
+
+
+if __name__ == "__main__":
+    main()

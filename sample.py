@@ -1,0 +1,424 @@
+"""Use a trained BLIP3-o run: text -> image, image -> text, reconstructions, and GenEval folders.
+
+Every model is rebuilt from the checkpoints in --run (default out/toy, what `python train.py` writes);
+there are no model flags. Examples:
+
+    python sample.py --prompt "a photo of a red circle" --prompt "a photo of two squares"
+        -> out/samples.png: one row per prompt, 4 samples each, the prompt written beside its row
+    python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --cfg 3.0 --steps 30
+    python sample.py --prompt "a photo of a red circle" --variant mse-clip      # the CLIP + MSE ablation
+    python sample.py --reconstruct img.png        # image -> 64 CLIP tokens -> pixel decoder, side by side
+    python sample.py --image img.png --question "what color is the circle ?"
+    python sample.py --image img.png --caption --temperature 0.7 --seed 3      # sampled, not greedy
+    python sample.py --geneval ../shared/geneval/evaluation_metadata.jsonl --outdir out/geneval
+        -> GenEval's layout (out/geneval/00000/metadata.jsonl, samples/0000.png ...); score it with
+           python eval.py geneval out/geneval
+
+Released BLIP3-o weights (stage 2: the 64 queries and the Next-DiT) on our code, CLIP features out:
+
+    python sample.py --official-checkpoint BLIP3o-Model-8B --backbone Qwen/Qwen2.5-VL-7B-Instruct \\
+        --prompt "a photo of a red circle" --out out/features.safetensors
+
+Sampling is deterministic: sample j of every prompt uses the noise of seed + j.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import blip3o
+import data
+
+
+class UserError(Exception):
+    """A mistake in the command line or the inputs: reported in one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pictures: tensors -> PIL, and a grid with a text label beside each row
+# ----------------------------------------------------------------------------------------------------
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images (..., 3, H, W) in [0, 1] -> uint8 (..., H, W, 3), the layout files and detectors use."""
+    return (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
+
+
+def to_pil(image) -> Image.Image:
+    """A float (3, H, W) tensor in [0, 1] or a uint8 (H, W, 3) array -> PIL RGB image."""
+    if isinstance(image, torch.Tensor):
+        image = to_uint8(image).numpy()
+    return Image.fromarray(image)
+
+
+def image_grid(rows, labels=None, scale: int = 4, pad: int = 2) -> Image.Image:
+    """Rows of images -> one PIL image; each row's label is written at its left (PIL's default font).
+
+    rows: list of lists of images (float (3, H, W) tensors or uint8 (H, W, 3) arrays), all one size.
+    The 32x32 toy images are upscaled `scale` times with nearest neighbour, so pixels stay crisp.
+    """
+    font = ImageFont.load_default()
+    tiles = [[to_pil(im) for im in row] for row in rows]
+    h, w = tiles[0][0].height * scale, tiles[0][0].width * scale
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = 0
+    if labels:
+        text_w = max(probe.textbbox((0, 0), label, font=font)[2] for label in labels) + 3 * pad
+    cols = max(len(row) for row in tiles)
+    grid = Image.new("RGB", (text_w + cols * (w + pad) + pad, len(tiles) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(tiles):
+        y = pad + r * (h + pad)
+        if labels:
+            box = probe.textbbox((0, 0), labels[r], font=font)
+            draw.text((pad, y + (h - (box[3] - box[1])) // 2), labels[r], fill="black", font=font)
+        for c, tile in enumerate(row):
+            grid.paste(tile.resize((w, h), Image.Resampling.NEAREST), (text_w + pad + c * (w + pad), y))
+    return grid
+
+
+def save_png(image: Image.Image, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation helpers (shared with eval.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> blip3o.Pipeline:
+    """blip3o.load_run, with a one-line error for a run folder that does not exist at all."""
+    if not Path(run).is_dir():
+        raise UserError(f"no run folder {run} (train one: python train.py --out {run})")
+    return blip3o.load_run(run, variant=variant, device=device, need=need)
+
+
+def generate_grid(pipe: blip3o.Pipeline, prompts, num_samples: int = 4, seed: int = 0, steps: int = 30,
+                  cfg: float = 3.0, decoder_steps: int = 20, decoder_cfg: float = 1.0, batch: int = 64,
+                  quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)).
+
+    Two diffusion stages per sample: text -> CLIP tokens (or VAE latents) -> pixels. Column j draws all
+    its noise from a generator seeded with seed + j, prompts batched `batch` at a time, so the result is
+    reproducible for the same prompts, seed and batch size.
+    """
+    from tqdm import tqdm
+
+    if not prompts:
+        raise UserError("no prompts to generate")
+    image_cols, token_cols = [], []
+    with tqdm(total=len(prompts) * num_samples, desc="generating", unit="image", disable=quiet,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        for j in range(num_samples):
+            gen = torch.Generator(pipe.device).manual_seed(seed + j)
+            images, tokens = [], []
+            for i in range(0, len(prompts), batch):
+                tok = pipe.generate_tokens(prompts[i:i + batch], steps=steps, cfg=cfg, generator=gen)
+                images.append(pipe.tokens_to_images(tok, decoder_steps, decoder_cfg, gen).cpu())
+                tokens.append(tok.cpu())
+                bar.update(len(prompts[i:i + batch]))
+            image_cols.append(torch.cat(images))  # (P, 3, H, W)
+            token_cols.append(torch.cat(tokens))  # (P, 64, D)
+    return torch.stack(image_cols, 1), torch.stack(token_cols, 1)  # (P, S, 3, H, W), (P, S, 64, D)
+
+
+def write_geneval(outdir, records, images: torch.Tensor, grid: bool = False) -> int:
+    """Write generated images (P, S, 3, H, W) for P GenEval records in GenEval's folder layout.
+
+    outdir/00000/metadata.jsonl holds the record as one JSON line (json.dumps, which gives back every
+    line of the official file exactly), outdir/00000/samples/0000.png ... the S images
+    (data.write_geneval_folder); grid=True adds outdir/00000/grid.png, the samples in a row.
+    Returns the number of images written.
+    """
+    data.write_geneval_folder(str(outdir), records, [list(row) for row in images])
+    if grid:
+        for i, row in enumerate(images):
+            save_png(image_grid([list(row)], scale=1), Path(outdir) / f"{i:05d}" / "grid.png")
+    return images.shape[0] * images.shape[1]
+
+
+def read_geneval_metadata(path) -> list[dict]:
+    """Records of an evaluation_metadata.jsonl, one JSON object a line, with a line number on error."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record:
+            raise UserError(f"{path}:{n}: not a GenEval record (needs 'tag' and 'prompt')")
+        records.append(record)
+    if not records:
+        raise UserError(f"{path}: no records")
+    return records
+
+
+def read_image(path, image_size: int) -> torch.Tensor:
+    """An image file -> float (3, S, S) in [0, 1], resized and centre-cropped exactly as training data."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e.strerror or e}") from None
+    image, reason = data.decode_image(raw, image_size)
+    if image is None:
+        raise UserError(f"cannot decode image {path}: {reason} (PIL could not read it as an image)")
+    return image
+
+
+# ----------------------------------------------------------------------------------------------------
+# Released BLIP3-o weights: queries + Next-DiT from the checkpoint, the backbone from its own path
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_official(checkpoint, backbone, device: torch.device):
+    """-> (generator with the released queries and DiT, frozen LM, tokenizer).
+
+    The DiT and queries come from blip3o.load_official_generation_weights (its report is printed; an
+    incomplete load is refused). The backbone (Qwen2.5-VL at real scale) loads from its own path with
+    its tokenizer; the LM runs in bf16 on CUDA, fp32 elsewhere, the DiT in fp32 (under autocast on CUDA).
+    """
+    try:
+        queries, dit, report = blip3o.load_official_generation_weights(checkpoint, device=device,
+                                                                       dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {checkpoint}: {e}") from None
+    print(report)
+    if queries is None or report.missing or report.mismatched:
+        raise UserError(f"{checkpoint} is incomplete: {len(report.missing)} missing, "
+                        f"{len(report.mismatched)} mis-shaped tensors (listed above)")
+    try:
+        lm = blip3o.build_backbone(blip3o.LMConfig(name=str(backbone)), device=device,
+                                   dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        tok = blip3o.load_tokenizer(str(backbone))
+    except (OSError, ValueError) as e:  # no such folder / hub id, or no config / tokenizer in it
+        raise UserError(f"cannot load the backbone {backbone}: {str(e).splitlines()[0]}") from None
+    lm.requires_grad_(False).eval()
+    if tok.pad_token is None:  # right padding is never attended to (causal LM), any id will do
+        tok.pad_token = tok.eos_token
+    lm_dim = lm.config.get_text_config().hidden_size
+    if queries.shape[1] != lm_dim:
+        raise UserError(f"the checkpoint's queries are {queries.shape[1]} wide, the backbone {lm_dim}: "
+                        "use the backbone the checkpoint was trained on (4B: Qwen2.5-VL-3B, 8B: 7B)")
+    cfg = blip3o.Config(preset="official", dit=report.config, decoder=None, num_queries=queries.shape[0])
+    with torch.device("meta"):  # placeholders only: the loaded queries and DiT replace them below
+        gen = blip3o.Generator(cfg, loss="flow", target_dim=report.config.in_channels, lm_dim=lm_dim)
+    gen.queries = torch.nn.Parameter(queries.to(device), requires_grad=False)
+    gen.dit = dit.to(device).eval()
+    gen.target_scale = torch.ones((), device=device)  # the released model's targets are not normalized
+    return gen, lm, tok
+
+
+@torch.no_grad()
+def official_features(gen, lm, tok, prompts, num_samples: int, seed: int, steps: int, cfg: float,
+                      device: torch.device) -> torch.Tensor:
+    """Prompts -> CLIP features (P, S, 64, D) from the released model; sample j uses seed + j."""
+    texts = gen.prompts(prompts)
+    bos = tok.bos_token_id is not None  # Qwen's tokenizer has no <bos>
+    length = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) + bos
+    ids, lens = blip3o.encode_texts(tok, texts, length, bos=bos, eos=False)
+    with blip3o.autocast(device):
+        cond = gen.condition(lm, ids.to(device), lens.to(device))  # (P, 64, D_lm)
+        columns = [gen.sample(cond, steps=steps, cfg=cfg,
+                              generator=torch.Generator(device).manual_seed(seed + j)).float().cpu()
+                   for j in range(num_samples)]
+    return torch.stack(columns, 1)  # (P, S, 64, D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", default="out/toy", help="run folder written by train.py (default: out/toy)")
+    p.add_argument("--variant", default="flow-clip", help="generation checkpoint under RUN/generate/: "
+                   "flow-clip (BLIP3-o), mse-clip or flow-vae (ablations)")
+    p.add_argument("--device", default="auto", help="auto (CUDA -> MPS -> CPU), cpu, cuda, ...")
+    mode = p.add_argument_group("what to do (text -> image when only --prompt is given)")
+    mode.add_argument("--prompt", action="append", default=[], help="a caption; repeat for several rows")
+    mode.add_argument("--reconstruct", metavar="IMAGE", help="image -> CLIP tokens -> pixels, side by side")
+    mode.add_argument("--image", metavar="PATH", help="an image to ask about (with --question or --caption)")
+    mode.add_argument("--question", help="a question about --image, e.g. 'what color is the circle ?'")
+    mode.add_argument("--caption", action="store_true", help=f"caption --image ('{data.caption_question}')")
+    mode.add_argument("--geneval", metavar="METADATA.jsonl", help="GenEval prompts -> GenEval folder layout")
+    mode.add_argument("--official-checkpoint", metavar="DIR", help="released BLIP3-o weights (with --backbone)")
+    opts = p.add_argument_group("options")
+    opts.add_argument("--num-samples", type=int, default=4, help="images per prompt (default 4)")
+    opts.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
+    opts.add_argument("--steps", type=int, default=30, help="Euler steps, text -> CLIP tokens (paper: 30)")
+    opts.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (paper: 3.0)")
+    opts.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, CLIP tokens -> pixels")
+    opts.add_argument("--decoder-cfg", type=float, default=1.0, help="guidance of the pixel decoder")
+    opts.add_argument("--temperature", type=float, default=0.0, help="answer sampling (0: greedy)")
+    opts.add_argument("--outdir", help="--geneval: output folder")
+    opts.add_argument("--per-prompt", type=int, default=4, help="--geneval: images per prompt (default 4)")
+    opts.add_argument("--grid", action="store_true", help="--geneval: also write a grid.png per prompt")
+    opts.add_argument("--batch-size", type=int, default=64, help="prompts generated at once")
+    opts.add_argument("--backbone", metavar="PATH", help="--official-checkpoint: the LM (hub id or folder)")
+    opts.add_argument("--decode", action="store_true",
+                      help="--official-checkpoint: also decode the features with RUN's pixel decoder")
+    opts.add_argument("--out", help="output file (default out/samples.png, out/reconstruction.png, "
+                      "out/features.safetensors)")
+    args = p.parse_args(argv)
+
+    modes = [m for m in ("reconstruct", "image", "geneval", "official_checkpoint") if getattr(args, m)]
+    if len(modes) > 1:
+        p.error(f"choose one of --reconstruct, --image, --geneval, --official-checkpoint (got {len(modes)})")
+    if args.image and bool(args.question) == args.caption:
+        p.error("--image needs exactly one of --question TEXT or --caption")
+    if (args.question or args.caption) and not args.image:
+        p.error("--question / --caption need --image PATH")
+    if not modes and not args.prompt:
+        p.error("nothing to do: give --prompt, --reconstruct, --image, --geneval or --official-checkpoint")
+    if args.geneval and not args.outdir:
+        p.error("--geneval needs --outdir DIR")
+    if args.official_checkpoint and not args.backbone:
+        p.error("--official-checkpoint needs --backbone PATH")
+    if args.prompt and modes and not args.official_checkpoint:
+        p.error(f"--prompt does not go with --{modes[0].replace('_', '-')}")
+    if args.official_checkpoint and not args.prompt:
+        p.error("--official-checkpoint needs at least one --prompt")
+    for text in args.prompt:
+        if not text.strip():
+            p.error("empty prompt")
+    if args.question is not None and not args.question.strip():
+        p.error("empty question")
+    for name in ("steps", "decoder_steps", "num_samples", "per_prompt", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("cfg", "decoder_cfg", "temperature"):
+        if not getattr(args, name) >= 0:  # also refuses nan
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        device = blip3o.pick_device(args.device)
+        if args.official_checkpoint:
+            run_official(args, device)
+        elif args.geneval:
+            run_geneval(args, device)
+        elif args.image:
+            run_answer(args, device)
+        elif args.reconstruct:
+            run_reconstruct(args, device)
+        else:
+            run_text_to_image(args, device)
+    except (UserError, blip3o.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def check_pixels(pipe: blip3o.Pipeline, run) -> None:
+    """Text -> image needs the second stage too: the pixel decoder (or the VAE, for flow-vae)."""
+    stage = "vae" if pipe.target == "vae" else "decoder"
+    if (pipe.vae if stage == "vae" else pipe.decoder) is None:
+        raise UserError(f"no {stage} checkpoint in {run} (train it: python train.py --stage {stage} "
+                        f"--out {run})")
+
+
+def run_text_to_image(args, device):
+    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
+    check_pixels(pipe, args.run)
+    try:
+        images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.cfg,
+                                  args.decoder_steps, args.decoder_cfg, args.batch_size, quiet=False)
+    except ValueError as e:  # e.g. a prompt longer than the backbone's context
+        raise UserError(str(e)) from None
+    out = save_png(image_grid([list(row) for row in images], args.prompt), args.out or "out/samples.png")
+    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples ({args.variant}, seed {args.seed}, "
+          f"cfg {args.cfg}, {args.steps} + {args.decoder_steps} steps) -> {out}")
+
+
+def run_reconstruct(args, device):
+    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
+    image = read_image(args.reconstruct, pipe.config.clip.image_size)
+    gen = torch.Generator(pipe.device).manual_seed(args.seed)
+    recon = pipe.reconstruct(image[None], steps=args.decoder_steps, cfg=args.decoder_cfg, generator=gen)
+    grid = image_grid([[image, recon[0].cpu()]], [f"{Path(args.reconstruct).name}: original | reconstruction"])
+    out = save_png(grid, args.out or "out/reconstruction.png")
+    print(f"{args.reconstruct} -> 64 CLIP tokens -> pixel decoder ({args.decoder_steps} steps) -> {out}")
+
+
+def run_answer(args, device):
+    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand"))
+    image = read_image(args.image, pipe.config.clip.image_size)
+    question = data.caption_question if args.caption else args.question
+    gen = torch.Generator(pipe.device).manual_seed(args.seed)
+    answer = pipe.answer(image[None], [question], temperature=args.temperature, generator=gen)[0]
+    print(f"Q: {question}")
+    print(f"A: {answer}")
+
+
+def run_geneval(args, device):
+    records = read_geneval_metadata(args.geneval)
+    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
+    check_pixels(pipe, args.run)
+    outside = sum(not data.in_world(r) for r in records)
+    print(f"{len(records)} prompts from {args.geneval}; {outside} are outside the shapes world "
+          "(they still generate: the toy model simply does not know those words)")
+    try:
+        images, _ = generate_grid(pipe, [r["prompt"] for r in records], args.per_prompt, args.seed,
+                                  args.steps, args.cfg, args.decoder_steps, args.decoder_cfg, args.batch_size,
+                                  quiet=False)
+    except ValueError as e:  # e.g. a prompt longer than the backbone's context
+        raise UserError(str(e)) from None
+    n = write_geneval(args.outdir, records, images, grid=args.grid)
+    print(f"{n} images -> {args.outdir} (GenEval layout); score: python eval.py geneval {args.outdir}")
+
+
+def run_official(args, device):
+    from safetensors.torch import save_file
+
+    gen, lm, tok = load_official(args.official_checkpoint, args.backbone, device)
+    feats = official_features(gen, lm, tok, args.prompt, args.num_samples, args.seed, args.steps, args.cfg,
+                              device)  # (P, S, 64, D)
+    out = Path(args.out or "out/features.safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": feats.contiguous()}, os.fspath(out), metadata={"prompts": json.dumps(args.prompt)})
+    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples -> CLIP features "
+          f"{tuple(feats.shape)} -> {out}")
+    if args.decode:
+        pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
+        width = pipe.decoder.dit.cfg.cond_dim
+        if width != feats.shape[-1]:
+            raise UserError(f"the pixel decoder in {args.run} reads {width}-wide CLIP tokens, the released "
+                            f"model makes {feats.shape[-1]}-wide ones (the real decoder is Emu2-Gen's SDXL UNet)")
+        P, S = feats.shape[:2]
+        gen_noise = torch.Generator(pipe.device).manual_seed(args.seed)
+        images = pipe.tokens_to_images(feats.flatten(0, 1).to(pipe.device), args.decoder_steps,
+                                       args.decoder_cfg, gen_noise).cpu()  # (P * S, 3, H, W)
+        images = images.unflatten(0, (P, S))  # (P, S, 3, H, W)
+        png = save_png(image_grid([list(row) for row in images], args.prompt), out.with_suffix(".png"))
+        print(f"decoded with {args.run}/decoder -> {png}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
