@@ -341,8 +341,9 @@ class ImageEncoder(nn.Module):
                 self.model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained,
                                                     force_image_size=cfg.image_size,
                                                     device=device or "cpu")
-        self.register_buffer("mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
+        # On the model's device from the start (the meta device too: a CPU buffer would not mix with it).
+        self.register_buffer("mean", torch.tensor(cfg.image_mean, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.image_std, device=device).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
@@ -427,9 +428,10 @@ def build_backbone(cfg: LMConfig, device=None, dtype=None):
             raise ValueError(f"no architecture numbers for {cfg.name!r}: cannot build it on the meta device")
         hf_cfg = AutoConfig.for_model(**cfg.arch)
         with torch.device("meta"):
-            return _auto_class(hf_cfg)._from_config(hf_cfg, torch_dtype=dtype or torch.bfloat16)
+            return _auto_class(hf_cfg).from_config(hf_cfg, dtype=dtype or torch.bfloat16)
+    # Never trust_remote_code: Qwen2.5-VL is built into transformers, so no code from the hub runs here.
     hf_cfg = AutoConfig.from_pretrained(cfg.name)
-    model = _auto_class(hf_cfg).from_pretrained(cfg.name, torch_dtype=dtype or torch.bfloat16)
+    model = _auto_class(hf_cfg).from_pretrained(cfg.name, dtype=dtype or torch.bfloat16)
     return model.to(device or "cpu")
 
 
@@ -447,6 +449,18 @@ def lm_decoder(lm) -> nn.Module:
     For Qwen2.5-VL this is the language model inside the multimodal wrapper.
     """
     return lm.get_decoder()
+
+
+def text_positions(embeds: torch.Tensor) -> torch.Tensor:
+    """Position ids 0 .. T-1 for a text-only sequence of embeddings (B, T, D) -> (B, T).
+
+    Given explicitly, so the LM never has to infer them from `inputs_embeds`. Qwen2.5-VL's multimodal
+    RoPE (mrope) has three position axes (time, height, width); for text all three equal the token
+    index, and its language model expands (B, T) ids to (3, B, T) that way. Its multimodal wrapper would
+    otherwise reuse `rope_deltas` cached by an earlier image call and shift every position.
+    """
+    B, T = embeds.shape[:2]
+    return torch.arange(T, device=embeds.device).expand(B, T)
 
 
 class Projector(nn.Module):
@@ -480,14 +494,16 @@ class VisionLanguageModel(nn.Module):
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, D_lm)
         slots = (input_ids == self.image_token_id).unsqueeze(-1)  # (B, T, 1)
         image = self.projector(clip_tokens).to(embeds.dtype)  # (B, 64, D_lm)
-        if int(slots.sum()) != image.shape[0] * image.shape[1]:
+        # (Counting needs real values: the meta device, used for size checks, has none.)
+        if not embeds.is_meta and int(slots.sum()) != image.shape[0] * image.shape[1]:
             raise ValueError(f"{int(slots.sum())} image placeholders for {image.shape[0] * image.shape[1]} "
                              "image tokens")
         return embeds.masked_scatter(slots, image)
 
     def forward(self, input_ids, clip_tokens, labels=None):
         """Returns (loss or None, logits (B, T, V)). The loss is the mean over labelled tokens."""
-        logits = self.lm(inputs_embeds=self.embed(input_ids, clip_tokens)).logits
+        embeds = self.embed(input_ids, clip_tokens)  # (B, T, D_lm)
+        logits = self.lm(inputs_embeds=embeds, position_ids=text_positions(embeds)).logits
         loss = None
         if labels is not None:
             # Next-token prediction: position i predicts token i+1.
@@ -614,7 +630,8 @@ class Generator(nn.Module):
         index = slots[..., None].expand(B, Q, D)
         queries = self.queries.to(seq.dtype)[None].expand(B, Q, D)
         seq = seq.scatter(1, index, queries)  # (B, T + Q, D), differentiable w.r.t. the queries
-        hidden = lm_decoder(lm)(inputs_embeds=seq).last_hidden_state  # (B, T + Q, D), post final norm
+        out = lm_decoder(lm)(inputs_embeds=seq, position_ids=text_positions(seq))
+        hidden = out.last_hidden_state  # (B, T + Q, D), post final norm
         return hidden.gather(1, index).float()  # (B, Q, D)
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor, cond_drop: float = 0.1,

@@ -258,6 +258,8 @@ def parse_args(argv=None):
     p.add_argument("--variant", default="flow-clip", help="generation checkpoint under RUN/generate/: "
                    "flow-clip (BLIP3-o), mse-clip or flow-vae (ablations)")
     p.add_argument("--device", default="auto", help="auto (CUDA -> MPS -> CPU), cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is "
+                   "often faster on a CPU that other processes keep busy)")
     mode = p.add_argument_group("what to do (text -> image when only --prompt is given)")
     mode.add_argument("--prompt", action="append", default=[], help="a caption; repeat for several rows")
     mode.add_argument("--reconstruct", metavar="IMAGE", help="image -> CLIP tokens -> pixels, side by side")
@@ -318,6 +320,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         device = blip3o.pick_device(args.device)
         if args.official_checkpoint:

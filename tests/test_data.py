@@ -54,12 +54,21 @@ def test_image_size_scales_the_world():
         data.draw(scene, image_size=32)
 
 
-def test_heldout_choices_leave_every_colour_and_shape_in_training():
-    assert 4 <= len(data.HELDOUT_PAIRS) <= 6
+def _combos(scene):
+    return {data._combo((a.color, a.shape), (b.color, b.shape))
+            for a in scene.objects for b in scene.objects if a.shape != b.shape}
+
+
+def test_heldout_choices_leave_every_pair_and_most_compositions_in_training():
+    all_combos = {data._combo((c1, s1), (c2, s2)) for s1 in data.SHAPES for s2 in data.SHAPES if s1 < s2
+                  for c1 in data.COLORS for c2 in data.COLORS}
+    assert len(all_combos) == 300
+    assert data.HELDOUT_COMBOS < all_combos and 30 <= len(data.HELDOUT_COMBOS) <= 75
+    # every (colour, shape) pair still meets most partners in training
     for c in data.COLORS:
-        assert any((c, s) not in data.HELDOUT_PAIRS for s in data.SHAPES)
-    for s in data.SHAPES:
-        assert any((c, s) not in data.HELDOUT_PAIRS for c in data.COLORS)
+        for s in data.SHAPES:
+            partners = [x for x in all_combos if (c, s) in x]
+            assert sum(x not in data.HELDOUT_COMBOS for x in partners) >= len(partners) // 2
     for a, rel, b in data.HELDOUT_RELATIONS:
         assert a != b and rel in data.RELATIONS
 
@@ -73,23 +82,24 @@ def test_train_stream_never_shows_a_heldout_composition():
     images, scenes = data.make_image_set(20000, "train")
     assert images.shape == (20000, 3, 32, 32)
     for scene in scenes:
-        assert not any((o.color, o.shape) in data.HELDOUT_PAIRS for o in scene.objects)
+        assert not _combos(scene) & data.HELDOUT_COMBOS
         assert not _shown_relations(scene) & data.HELDOUT_RELATIONS
         if scene.tag == "position":
             inc = scene.metadata["include"]
             assert (inc[1]["class"], inc[1]["position"][0], inc[0]["class"]) not in data.HELDOUT_RELATIONS
 
 
-def test_test_split_always_holds_a_heldout_pair():
+def test_test_split_holds_heldout_compositions():
     for i in range(1200):
         scene = data.make_scene(i, "test")
-        assert any((o.color, o.shape) in data.HELDOUT_PAIRS for o in scene.objects)
+        if len({o.shape for o in scene.objects}) > 1:
+            assert _combos(scene) & data.HELDOUT_COMBOS
         if scene.tag == "position":
             inc = scene.metadata["include"]
             assert (inc[1]["class"], inc[1]["position"][0], inc[0]["class"]) in data.HELDOUT_RELATIONS
-        if scene.tag == "colors":
-            req = scene.metadata["include"][0]
-            assert (req["color"], req["class"]) in data.HELDOUT_PAIRS
+        if scene.tag == "color_attr":
+            a, b = scene.metadata["include"]
+            assert data._combo((a["color"], a["class"]), (b["color"], b["class"])) in data.HELDOUT_COMBOS
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
