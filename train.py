@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -44,13 +46,14 @@ PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` t
 # Toy defaults per stage: steps, micro-batch, learning rate. Sized so each stage takes a few minutes on
 # 2 CPU cores (DESIGN section 6) and reaches the README's numbers.
 TOY = {
-    "clip": dict(steps=300, batch=256, lr=2e-3),
+    "clip": dict(steps=1500, batch=128, lr=2e-3),
     "understand": dict(steps=600, batch=64, lr=2e-3),
     "decoder": dict(steps=800, batch=64, lr=1e-3),
     "vae": dict(steps=600, batch=64, lr=2e-3),
-    "generate": dict(steps=1000, batch=64, lr=1e-3),
+    "generate": dict(steps=1200, batch=32, lr=1e-3),
     "joint": dict(steps=1000, batch=64, lr=1e-3),
 }
+UNDERSTAND_TURNS = 4  # question/answer turns packed after each image in stage-1 training
 TOY_IMAGES = 16384  # training images drawn from the shapes world (split "train"), shared by all stages
 
 
@@ -74,11 +77,15 @@ def print0(*a, **k):
 def setup(args) -> torch.device:
     rank, local_rank, world = dist_info()
     device = blip3o.pick_device(args.device)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or args.fsdp) and not dist.is_initialized():
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # torchrun
+            dist.init_process_group(backend)
+        else:  # --fsdp under plain `python`: a group of one process, so the same code path runs
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
 
 
@@ -90,8 +97,43 @@ def all_mean(x: float, device) -> float:
     return x
 
 
+def mean_logs(logs: dict) -> dict:
+    """Each logged value averaged over the ranks that logged it (a t-bin may be empty on some rank, so
+    ranks can hold different keys: one gather, never a collective per key)."""
+    per_rank = gather_objects(logs)
+    keys = sorted({k for d in per_rank for k in d})
+    return {k: round(sum(d[k] for d in per_rank if k in d) / sum(k in d for d in per_rank), 5) for k in keys}
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (any picklable value), in rank order, on every rank: [obj] when alone."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded by FSDP2 (a DTensor) gathered whole; plain tensors pass through. Collective."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def frozen_dtype(device) -> torch.dtype:
+    """Frozen encoders (CLIP, the backbone) run in bf16 on CUDA: half the memory, no gradients to lose."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class UserError(Exception):
     """A mistake in the command line or the run folder: reported in one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,6 +172,11 @@ class Plan:
     # Keep an EMA of the trainable weights; its tensors are saved as "ema." + ema_prefix + name, so that
     # "ema.<key>" shadows the checkpoint key "<key>" (see blip3o.load_module(..., ema=True)).
     ema_prefix: str | None = None
+    # --fsdp: (inner module) -> the modules fully_shard made FSDP roots (only stages that support it).
+    shard_fn: object = None
+    # A streamed dataset (StreamBatches) whose read position is checkpointed per rank; None: the toy's
+    # indexed data, which needs no position (chunk c of step s is a pure function of (seed, s, c)).
+    stream: object = None
 
 
 def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
@@ -152,28 +199,22 @@ def fit(plan: Plan, args, device) -> dict:
     accum = args.grad_accum
     global_batch = plan.batch * accum * world
     model = plan.model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=plan.lr, betas=(0.9, 0.95))
-
     trainable, frozen = blip3o.count_params(model)
     print0(f"[{plan.name}] parameters: {trainable:,} trainable, {frozen:,} frozen | global batch "
            f"{global_batch} = {plan.batch} micro x {accum} accum x {world} ranks | {plan.steps} steps")
 
-    # EMA of the generator's weights (sampling uses it), as is standard for diffusion models.
-    ema = None
-    if plan.ema_prefix is not None and args.ema > 0:
-        ema = {n: p.detach().clone() for n, p in model.inner.named_parameters() if p.requires_grad}
-
-    # Resume from the stage's own checkpoint if there is one.
-    start, history = 0, []
+    # Resume from the stage's own checkpoint if there is one: weights go into the plain model, before
+    # any sharding; optimizer and EMA state follow once the model is wrapped.
+    start, history, tensors, opt_state = 0, [], None, None
     if blip3o.checkpoint_path(folder) is not None and not args.restart:
         meta, tensors, opt_state = blip3o.load_checkpoint(folder, stage=plan.name, with_optimizer=True)
         if meta["state"]["done"] and meta["state"]["step"] >= plan.steps:
             print0(f"[{plan.name}] already trained ({meta['state']['step']} steps): skipping")
             return meta
+        check_same_config(folder, meta, args)
+        if opt_state is not None and meta["state"].get("optimizer_format", "torch") != optimizer_format(args):
+            raise UserError(f"{folder} was trained {'without' if args.fsdp else 'with'} --fsdp: "
+                            "resume it the same way, or --restart")
         own = plan.save_fn(model.inner)
         missing = [k for k in own if k not in tensors]
         if missing:
@@ -184,31 +225,55 @@ def fit(plan: Plan, args, device) -> dict:
                     raise blip3o.CheckpointError(f"{folder}: {k} is {tuple(tensors[k].shape)} in the "
                                                  f"checkpoint, {tuple(v.shape)} in the model")
                 v.copy_(tensors[k])
-        if ema is not None:
-            for n in ema:
-                ema[n].copy_(tensors[f"ema.{plan.ema_prefix}{n}"])
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
         start, history = meta["state"]["step"], meta["state"]["history"]
+        if plan.stream is not None:
+            plan.stream.load_state(meta["state"].get("data"), rank, world)
         print0(f"[{plan.name}] resuming at step {start} from {folder}")
     elif args.resume:
         raise UserError(f"--resume: no checkpoint in {folder}")
 
-    ddp = model
-    if world > 1:
+    # Several processes: DDP keeps a whole copy of the model per rank and all-reduces gradients; FSDP2
+    # (--fsdp) shards the trainable part's weights, gradients and Adam state across the ranks.
+    ddp, fsdp_roots = model, []
+    if args.fsdp:
+        fsdp_roots = shard(plan, model, device)
+    elif world > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                   else None, find_unused_parameters=False)
 
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: this rank's shards
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=plan.lr, betas=(0.9, 0.95))
+    if opt_state is not None:
+        load_optimizer_state(model, opt, opt_state, args)
+
+    # EMA of the generator's weights (sampling uses it), as is standard for diffusion models.
+    ema = None
+    if plan.ema_prefix is not None and args.ema > 0:
+        ema = {n: p.detach().clone() for n, p in model.inner.named_parameters() if p.requires_grad}
+        if tensors is not None:
+            with torch.no_grad():
+                for n in ema:
+                    copy_into(ema[n], tensors[f"ema.{plan.ema_prefix}{n}"])
+
     def save(step: int, done: bool):
+        # Every rank takes part: FSDP gathers the sharded tensors, and each rank reports its data position.
+        tensors = {k: full_tensor(v) for k, v in plan.save_fn(model.inner).items()}
+        if ema is not None:
+            tensors.update({f"ema.{plan.ema_prefix}{n}": full_tensor(v) for n, v in ema.items()})
+        opt_state = optimizer_state(model, opt, args)
+        state = {"step": step, "done": done, "history": history, "data_position": step * global_batch,
+                 "optimizer_format": optimizer_format(args)}
+        if plan.stream is not None:
+            state["data"] = plan.stream.state(world)
+            print0(f"[{plan.name}] data: {plan.stream.summary(state['data'])}")
         if rank != 0:
             return
-        tensors = plan.save_fn(model.inner)
-        if ema is not None:
-            tensors.update({f"ema.{plan.ema_prefix}{n}": v for n, v in ema.items()})
-        state = {"step": step, "done": done, "history": history, "data_position": step * global_batch}
         meta = {"stage": plan.name, "config": args.config.to_dict(), "state": state, **plan.meta,
                 "args": {k: v for k, v in vars(args).items() if k != "config"}}
-        blip3o.save_checkpoint(folder, tensors, meta, opt.state_dict(), plan.tokenizer)
+        blip3o.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer)
 
     warmup = max(1, int(args.warmup * plan.steps))
     model.train()
@@ -224,22 +289,30 @@ def fit(plan: Plan, args, device) -> dict:
         agg = {}
         for micro in range(accum):
             chunk = rank * accum + micro
-            gen = torch.Generator().manual_seed(data.stable_seed("batch", args.seed, step, chunk) % 2 ** 63)
+            seed = data.stable_seed("batch", args.seed, step, chunk) % 2 ** 63
+            gen = torch.Generator().manual_seed(seed)
             batch = plan.chunk_fn(step, chunk, plan.batch, gen)
-            # Gradients are all-reduced only on the last micro-step (DDP's no_sync for the others).
-            sync = contextlib.nullcontext() if (world == 1 or micro == accum - 1) else ddp.no_sync()
+            # The model draws its noise on its own device; on the CPU that is the same generator.
+            noise = gen if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+            # Gradients are reduced only on the last micro-step (DDP's no_sync, FSDP's gradient sync off).
+            last_micro = micro == accum - 1
+            for root in fsdp_roots:
+                root.set_requires_gradient_sync(last_micro)
+            sync = contextlib.nullcontext() if (ddp is model or last_micro) else ddp.no_sync()
             with sync, blip3o.autocast(device):
-                loss, extra = ddp(*batch, gen=gen)
+                loss, extra = ddp(*batch, gen=noise)
                 (loss / accum).backward()
             total += float(loss.detach()) / accum
             for k, v in extra.items():
                 agg[k] = agg.get(k, 0.0) + v / accum
         total = all_mean(total, device)
-        if not math.isfinite(total):
-            last = blip3o.checkpoint_path(folder)
-            raise FloatingPointError(f"[{plan.name}] loss is {total} at step {step}; last good checkpoint: "
-                                     f"{last if last else 'none'} (not overwritten)")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.grad_clip))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip)))
+        # Never step on (or later save) a non-finite value: stop, naming the step and the last good checkpoint.
+        for what, value in (("loss", total), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                last = blip3o.checkpoint_path(folder)
+                raise FloatingPointError(f"[{plan.name}] {what} is {value} at step {step + 1}; last good "
+                                         f"checkpoint: {last if last else 'none'} (not overwritten)")
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema is not None:
@@ -249,7 +322,7 @@ def fit(plan: Plan, args, device) -> dict:
                     if n in ema:
                         ema[n].lerp_(p.detach(), 1 - d)
         logs = {"step": step + 1, "loss": round(total, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                **{k: round(all_mean(v, device), 5) for k, v in agg.items()}}
+                **mean_logs(agg)}
         history.append(logs)
         bar.set_postfix(loss=f"{total:.4f}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < plan.steps:
@@ -262,6 +335,68 @@ def fit(plan: Plan, args, device) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return {"stage": plan.name, "seconds": seconds, "history": history}
+
+
+def check_same_config(folder, meta: dict, args) -> None:
+    """Resume only into the model the checkpoint was trained as: name the config fields that differ."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    saved, now = flat(meta["config"]), flat(json.loads(json.dumps(args.config.to_dict())))  # tuples -> lists
+    diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise blip3o.CheckpointError(f"{folder} was trained with another config ({'; '.join(diff[:4])}"
+                                     f"{'; ...' if len(diff) > 4 else ''}): use the same --preset, or --restart")
+
+
+def shard(plan: Plan, model: Objective, device) -> list:
+    """--fsdp: FSDP2's fully_shard on the stage's trainable modules, over all ranks; returns the roots."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if plan.shard_fn is None:
+        raise UserError(f"--fsdp shards the generation head (--stage generate); {plan.name} uses DDP")
+    # fully_shard keeps each rank's own values, unlike DDP, which copies rank 0's: broadcast them first.
+    with torch.no_grad():
+        for t in [p for p in model.parameters() if p.requires_grad] + list(model.buffers()):
+            dist.broadcast(t.data, 0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return plan.shard_fn(model.inner, mesh)
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for a whole tensor src, where dst may be this rank's FSDP2 shard (a DTensor)."""
+    if hasattr(dst, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
+def optimizer_format(args) -> str:
+    """How the optimizer state is stored: torch's own (per-parameter index), or FSDP's full state."""
+    return "fsdp-full" if args.fsdp else "torch"
+
+
+def optimizer_state(model: nn.Module, opt, args) -> dict:
+    """The optimizer state to checkpoint. Under FSDP gathered whole (keyed by parameter name) on rank 0."""
+    if not args.fsdp:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, opt, state: dict, args) -> None:
+    if not args.fsdp:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,8 +422,9 @@ def as_float(images_u8: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def encode_all(fn, images_u8: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
     """Run a frozen encoder once over the whole image set (cached outputs: DESIGN section 6)."""
-    outs = [fn(as_float(images_u8[i:i + batch]).to(device)).float().cpu()
-            for i in range(0, len(images_u8), batch)]
+    with blip3o.autocast(device):  # the frozen encoder may be in bf16 (CUDA), its input is fp32
+        outs = [fn(as_float(images_u8[i:i + batch]).to(device)).float().cpu()
+                for i in range(0, len(images_u8), batch)]
     return torch.cat(outs)
 
 
@@ -296,7 +432,7 @@ def load_clip(args, device) -> tuple:
     """The trained CLIP (frozen) and the run's tokenizer, from RUN/clip."""
     folder = Path(args.out) / "clip"
     if args.config.clip.name is not None:  # a real, pretrained open_clip model
-        enc = blip3o.ImageEncoder(args.config.clip).to(device)
+        enc = blip3o.ImageEncoder(args.config.clip, device=device)  # built in place: 4 B parameters
         tok = blip3o.load_tokenizer(args.config.lm.name)
     else:
         meta, tensors, _ = blip3o.load_checkpoint(folder, stage="clip")
@@ -307,7 +443,7 @@ def load_clip(args, device) -> tuple:
         enc = blip3o.ImageEncoder(args.config.clip)
         blip3o.load_module(enc, tensors, "clip", str(folder))
         enc = enc.to(device)
-    enc.requires_grad_(False).eval()
+    enc.to(frozen_dtype(device)).requires_grad_(False).eval()
     return enc, tok
 
 
@@ -325,6 +461,8 @@ def load_lm(args, tok, device):
         vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"))
         blip3o.load_module(vlm, tensors, "vlm", str(folder))
     vlm = vlm.to(device)
+    if device.type == "cuda":  # frozen: bf16 (a real backbone is built in bf16 already)
+        vlm.to(torch.bfloat16)
     vlm.requires_grad_(False).eval()
     return vlm
 
@@ -343,6 +481,11 @@ def plan_clip(args, device) -> Plan:
     tok = blip3o.build_toy_tokenizer(data.VOCAB)
     cfg.clip.vocab_size = len(tok)
     images, scenes = toy_images(args)
+    # Plus as many single-object images again: shape is what a tiny CLIP learns slowest (colour comes
+    # first), and a lone object is where a caption pins its shape down.
+    extra, extra_scenes = data.make_image_set(len(images), split="train", seed=args.seed + 1,
+                                              image_size=cfg.clip.image_size, tags=["colors", "single_object"])
+    images, scenes = torch.cat([images, extra]), scenes + extra_scenes
     # Each image has two texts: the free caption (every object) and its GenEval-style prompt.
     cap_ids, _ = blip3o.encode_texts(tok, [s.caption for s in scenes], cfg.clip.context_length)
     prm_ids, _ = blip3o.encode_texts(tok, [s.prompt for s in scenes], cfg.clip.context_length)
@@ -382,13 +525,21 @@ def plan_understand(args, device) -> Plan:
     clip_tokens = encode_all(enc.tokens, images, device)  # (N, 64, D_clip)
     rows = qa_table(scenes, args.seed)
     lm = blip3o.build_backbone(cfg.lm)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(lm)
     vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"))
 
+    per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns
+    for i, q, a in rows:
+        per_image[i].append((q, a))
+
     def chunk_fn(step, chunk, size, gen):
-        pick = torch.randint(len(rows), (size,), generator=gen).tolist()
-        img = torch.tensor([rows[j][0] for j in pick])
-        ids, labels, _ = blip3o.build_qa_batch(tok, clip_tokens.shape[1], [rows[j][1] for j in pick],
-                                               [rows[j][2] for j in pick])
+        img = torch.randint(len(images), (size,), generator=gen)
+        conversations = []
+        for i in img.tolist():  # up to UNDERSTAND_TURNS random turns about each image
+            order = torch.randperm(len(per_image[i]), generator=gen)[:UNDERSTAND_TURNS].tolist()
+            conversations.append([per_image[i][j] for j in order])
+        ids, labels, _ = blip3o.build_conversation_batch(tok, clip_tokens.shape[1], conversations)
         return ids.to(device), clip_tokens[img].to(device), labels.to(device)
 
     def loss(vlm, ids, ctok, labels, gen):
@@ -493,8 +644,14 @@ def generation_variant(loss: str, target: str) -> str:
 def plan_generate(args, device) -> Plan:
     """Stage 2: queries + Next-DiT (flow) or W (MSE), on the frozen stage-1 LM."""
     cfg = args.config
+    if args.data:
+        return plan_generate_stream(args, device)
+    if cfg.clip.name is not None:
+        raise UserError(f"preset {cfg.preset} trains on real images: give them with --data SHARDS")
     tok, enc, targets, (p_ids, p_len, c_ids, c_len) = generation_data(args, device, args.target)
     vlm = load_lm(args, tok, device)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(vlm.lm)
     gen_model = blip3o.Generator(cfg, loss=args.loss, target_dim=targets.shape[-1])
     gen_model.target_scale.fill_(float(targets.std()))
     step_module = Objective(GenerationStep(gen_model, vlm), lambda m, *b: m(*b[:-1], gen=b[-1]))
@@ -509,20 +666,264 @@ def plan_generate(args, device) -> Plan:
     meta = {"loss": args.loss, "target": args.target, "target_dim": int(targets.shape[-1])}
     return Plan(generation_variant(args.loss, args.target), step_module, chunk_fn,
                 lambda m: blip3o.module_tensors("generator", m.generator), meta,
-                ema_prefix="", **stage_hparams(args, "generate"))
+                ema_prefix="", shard_fn=shard_generation, **stage_hparams(args, "generate"))
+
+
+def plan_joint(args, device) -> Plan:
+    """The ablation the paper argues against: one model trained on both tasks at once, LM unfrozen.
+
+    It starts where the sequential recipe's stage 2 starts (RUN/understand, a fresh generator) and runs
+    as many steps, but every chunk is half stage-1 rows (question -> answer, next-token loss) and half
+    stage-2 rows (prompt -> CLIP tokens, flow loss), and the gradient of the sum L_und + L_gen reaches
+    the LM and projector as well as the queries and the DiT. The checkpoint RUN/joint holds both the
+    VLM and the generator (`blip3o.load_run(run, "joint")` rebuilds them), since the LM it conditions
+    on is no longer the stage-1 one.
+    """
+    cfg = args.config
+    if cfg.lm.name is not None or args.data:
+        raise UserError("--stage joint is a toy ablation (shapes world, toy backbone)")
+    if args.loss != "flow" or args.target != "clip":
+        raise UserError("--stage joint trains the paper's choice, CLIP + Flow (--loss flow --target clip)")
+    tok, enc, targets, (p_ids, p_len, c_ids, c_len) = generation_data(args, device, "clip")
+    clip_tokens = targets  # the same frozen CLIP features feed the understanding rows (N, 64, D_clip)
+    _, scenes = toy_images(args)
+    rows = qa_table(scenes, args.seed)
+    # The stage-1 VLM, unfrozen: trainable in fp32 (load_lm hands it over frozen, bf16 on CUDA).
+    vlm = load_lm(args, tok, device).float().requires_grad_(True).train()
+    gen_model = blip3o.Generator(cfg, loss="flow", target_dim=targets.shape[-1])
+    gen_model.target_scale.fill_(float(targets.std()))
+    hparams = stage_hparams(args, "joint")
+    if hparams["batch"] < 2:
+        raise UserError("--stage joint splits each micro-batch between the two tasks: --batch-size >= 2")
+
+    def chunk_fn(step, chunk, size, gen):
+        n_und = size // 2  # understanding rows; the rest of the chunk is generation rows
+        pick = torch.randint(len(rows), (n_und,), generator=gen).tolist()
+        img = torch.tensor([rows[j][0] for j in pick])
+        qa_ids, labels, _ = blip3o.build_qa_batch(tok, clip_tokens.shape[1], [rows[j][1] for j in pick],
+                                                  [rows[j][2] for j in pick])
+        idx = torch.randint(len(targets), (size - n_und,), generator=gen)
+        use_prompt = torch.rand(size - n_und, generator=gen) < 0.5
+        ids = torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx])
+        lens = torch.where(use_prompt, p_len[idx], c_len[idx])
+        return (qa_ids.to(device), clip_tokens[img].to(device), labels.to(device),
+                ids.to(device), lens.to(device), targets[idx].to(device))
+
+    def loss(step_module, qa_ids, ctok, labels, ids, lens, target, gen):
+        und = step_module.vlm(qa_ids, ctok, labels)[0]
+        gen_loss, logs = step_module(ids, lens, target, gen=gen)
+        return und + gen_loss, {"loss_und": float(und.detach()), "loss_gen": float(gen_loss.detach()), **logs}
+
+    meta = {"loss": "flow", "target": "clip", "target_dim": int(targets.shape[-1])}
+    # The EMA covers every trainable weight, the LM's too, so evaluation sees one consistent average.
+    def save_fn(m):
+        return {**blip3o.module_tensors("vlm", m.vlm), **blip3o.module_tensors("generator", m.generator)}
+
+    return Plan("joint", Objective(GenerationStep(gen_model, vlm), loss), chunk_fn, save_fn, meta,
+                ema_prefix="", **hparams)
+
+
+def shard_generation(step: GenerationStep, mesh) -> list:
+    """FSDP2 units of stage 2: each DiT block, then the generator (queries and the DiT's other layers).
+
+    The frozen backbone is left whole on every rank. The generator is entered through condition() and
+    loss() rather than forward(), so FSDP is told to gather its weights around those calls as well.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    g = step.generator
+    if g.loss_type == "flow":
+        for block in g.dit.layers:
+            fully_shard(block, mesh=mesh)
+    fully_shard(g, mesh=mesh)
+    for method in ("condition", "loss"):
+        register_fsdp_forward_method(g, method)
+    return [g]
+
+
+def enable_grad_checkpointing(lm) -> None:
+    """--grad-checkpointing: the backbone recomputes its activations during backward instead of keeping
+    them (transformers' implementation): about a third more compute for much less memory. transformers
+    does this only in train mode; fit() sets it, and the frozen backbone has no dropout to switch on."""
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data at scale (--data): WebDataset shards or an image folder, streamed, encoded by CLIP as they come
+# ----------------------------------------------------------------------------------------------------
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's brace notation: 'a/{000..002}.tar' -> a/000.tar a/001.tar a/002.tar; '{x,y}' too."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    if ".." in body:
+        lo, hi = body.split("..", 1)
+        if not (lo.isdigit() and hi.isdigit()):
+            raise UserError(f"--data: cannot expand {{{body}}} (numbers expected, as in {{00000..00099}})")
+        items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [name for item in items for name in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def open_stream(args, image_size: int, rank: int, world: int):
+    """This rank's reader of --data: tar shards (glob / brace list), or a folder with --captions JSONL."""
+    if args.captions:
+        if not Path(args.data).is_dir() or not Path(args.captions).is_file():
+            raise UserError(f"--data {args.data} must be a folder and --captions {args.captions} a JSONL file")
+        return data.ImageFolderCaptions(args.data, args.captions, image_size, rank=rank, world_size=world)
+    shards = []
+    for name in expand_braces(args.data):
+        if glob.has_magic(name):
+            shards += sorted(glob.glob(name))
+        elif Path(name).is_file():
+            shards.append(name)
+        else:
+            raise UserError(f"--data: no shard {name}")
+    if not shards:
+        raise UserError(f"--data {args.data!r} matches no files")
+    return data.TarShards(shards, image_size, rank=rank, world_size=world)
+
+
+class StreamBatches:
+    """This rank's endless stream of (images, captions) batches, pass after pass, resumable.
+
+    Samples are read in the training process (no DataLoader workers), so the position saved with a
+    checkpoint is exactly what the finished steps consumed. The reader skips bad samples and counts
+    them per pass; the counts here add up over passes and resumes, and go into the checkpoint.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.epoch = 0  # passes completed over this rank's share
+        self.counts = {"ok": 0, "skipped": {}}  # finished passes (and the part of this one before a resume)
+        self.truncated = 0  # prompts cut to the backbone's length limit
+        self._it, self._yielded, self._fresh = None, 0, True
+
+    def take(self, n: int) -> tuple[torch.Tensor, list]:
+        """The next n good samples -> images (n, 3, S, S) in [0, 1] and n captions."""
+        images, captions = [], []
+        while len(images) < n:
+            if self._it is None:
+                self._it, self._yielded, self._fresh = iter(self.dataset), 0, self.dataset.start == 0
+            try:
+                image, caption = next(self._it)
+            except StopIteration:
+                if self._yielded == 0 and self._fresh:  # a whole pass without one sample: would spin forever
+                    raise UserError(f"--data: no samples for rank {self.dataset.rank} of "
+                                    f"{self.dataset.world_size}") from None
+                self._merge()
+                self._it, self.epoch = None, self.epoch + 1
+                continue
+            except RuntimeError as e:  # the reader's "no readable samples" (every sample was bad)
+                raise UserError(f"--data: {e}") from None
+            self._yielded += 1
+            images.append(image)
+            captions.append(caption)
+        return torch.stack(images), captions
+
+    def _merge(self) -> None:
+        """Add the reader's per-pass counts to the running totals (and zero them, so none count twice)."""
+        self.counts = self.totals()
+        self.dataset.stats = {"ok": 0, "skipped": {}}
+
+    def totals(self) -> dict:
+        skipped = dict(self.counts["skipped"])
+        for reason, k in self.dataset.stats["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + k
+        return {"ok": self.counts["ok"] + self.dataset.stats["ok"], "skipped": skipped}
+
+    def state(self, world: int) -> dict:
+        """Every rank's position and counts (a collective), as saved in the checkpoint."""
+        mine = {"epoch": self.epoch, "position": self.dataset.state_dict()["position"],
+                "truncated": self.truncated, **self.totals()}
+        return {"world": world, "ranks": gather_objects(mine)}
+
+    def load_state(self, saved: dict | None, rank: int, world: int) -> None:
+        """Continue where the checkpoint's steps stopped reading (needs the same number of ranks)."""
+        if saved is None:
+            return
+        if saved["world"] != world:
+            print0(f"warning: the data position was saved by {saved['world']} ranks, this run has {world}: "
+                   "the data stream starts again from the beginning")
+            return
+        mine = saved["ranks"][rank]
+        self.epoch, self.truncated = mine["epoch"], mine["truncated"]
+        self.counts = {"ok": mine["ok"], "skipped": dict(mine["skipped"])}
+        self.dataset.load_state_dict({"position": mine["position"]})
+
+    @staticmethod
+    def summary(state: dict) -> str:
+        """One line for the log: samples read and skipped (with reasons), summed over the ranks."""
+        ok, skipped, truncated = 0, {}, 0
+        for r in state["ranks"]:
+            ok, truncated = ok + r["ok"], truncated + r["truncated"]
+            for reason, k in r["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + k
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
+        passes = max(r["epoch"] for r in state["ranks"])
+        return (f"{ok} samples read, {sum(skipped.values())} skipped ({reasons}), {truncated} prompts "
+                f"truncated; {passes} full passes, {state['world']} rank(s)")
+
+
+def plan_generate_stream(args, device) -> Plan:
+    """Stage 2 on streamed image-caption data (--data): each rank reads its share of the samples, the
+    frozen CLIP encodes the images as they arrive, and captions become prompts with the paper's template."""
+    cfg = args.config
+    if args.target != "clip":
+        raise UserError("--data trains the paper's target, CLIP features (--target clip)")
+    rank, _, world = dist_info()
+    enc, tok = load_clip(args, device)
+    vlm = load_lm(args, tok, device)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(vlm.lm)
+    stream = StreamBatches(open_stream(args, cfg.clip.image_size, rank, world))
+    gen_model = blip3o.Generator(cfg, loss=args.loss, target_dim=cfg.clip.width)
+    if cfg.clip.name is None:
+        # The toy normalizes its targets (Generator.target_scale): the std of the first samples, read by
+        # a reader of its own so every rank computes the same number. The paper does not normalize.
+        first = StreamBatches(open_stream(args, cfg.clip.image_size, 0, 1))
+        images, _ = first.take(64)
+        with torch.no_grad(), blip3o.autocast(device):
+            gen_model.target_scale.fill_(float(enc.tokens(images.to(device)).float().std()))
+    step_module = Objective(GenerationStep(gen_model, vlm), lambda m, *b: m(*b[:-1], gen=b[-1]))
+    bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
+    limit = cfg.lm.max_length - cfg.num_queries  # the prompt and the 64 queries share the context
+
+    def chunk_fn(step, chunk, size, gen):
+        images, captions = stream.take(size)
+        with torch.no_grad(), blip3o.autocast(device):
+            targets = enc.tokens(images.to(device)).float()  # (B, 64, D_clip)
+        texts = [cfg.prompt_template.format(c) for c in captions]
+        lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) + bos for t in texts]
+        stream.truncated += sum(n > limit for n in lengths)
+        ids, lens = blip3o.encode_texts(tok, texts, min(max(lengths), limit), bos=bos, eos=False)
+        return ids.to(device), lens.to(device), targets
+
+    meta = {"loss": args.loss, "target": "clip", "target_dim": cfg.clip.width}
+    return Plan(generation_variant(args.loss, "clip"), step_module, chunk_fn,
+                lambda m: blip3o.module_tensors("generator", m.generator), meta, ema_prefix="",
+                shard_fn=shard_generation, stream=stream, **stage_hparams(args, "generate"))
 
 
 def stage_hparams(args, stage: str) -> dict:
     base = TOY[stage] if args.config.preset == "toy" else dict(steps=100000, batch=64, lr=1e-4)
-    return dict(steps=args.steps or base["steps"], batch=args.batch_size or base["batch"],
-                lr=args.lr or base["lr"])
+    batch = args.batch_size or base["batch"]
+    if args.global_batch:  # divisible: checked in check_args
+        batch = args.global_batch // (args.grad_accum * dist_info()[2])
+    return dict(steps=args.steps or base["steps"], batch=batch, lr=args.lr or base["lr"])
 
 
 PLANS = {"clip": plan_clip, "understand": plan_understand, "decoder": plan_decoder, "vae": plan_vae,
-         "generate": plan_generate}
+         "generate": plan_generate, "joint": plan_joint}
 
 
 def run_stage(stage: str, args, device) -> dict:
+    if stage not in PLANS:
+        raise UserError(f"--stage {stage} is not implemented in this version")
     plan = PLANS[stage](args, device)
     return fit(plan, args, device)
 
@@ -540,12 +941,14 @@ def positive_int(s: str) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="what to train (default: all)")
     p.add_argument("--out", default="out/toy", help="run folder; each stage checkpoints to OUT/<stage>/")
     p.add_argument("--preset", default="toy", help=f"model sizes: {', '.join(blip3o.PRESETS)}")
     p.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (default: per stage)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="micro-batch per process")
+    p.add_argument("--global-batch", type=positive_int, default=None,
+                   help="global batch instead of --batch-size (paper: 512); micro = global / (accum x world)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per stage)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (paper: 0)")
@@ -563,12 +966,42 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA -> MPS -> CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    scale = p.add_argument_group("scale (real presets, several GPUs)")
+    scale.add_argument("--data", metavar="SHARDS", help="--stage generate on streamed data: WebDataset .tar "
+                       "shards ('shards/*.tar', 'shards/{00000..00999}.tar') or, with --captions, a folder")
+    scale.add_argument("--captions", metavar="JSONL", help="with --data FOLDER: {\"file\", \"caption\"} lines")
+    scale.add_argument("--fsdp", action="store_true", help="shard the generation head with FSDP2 "
+                       "(fully_shard) instead of replicating it with DDP")
+    scale.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute the backbone's activations in backward (less memory)")
     args = p.parse_args(argv)
     if args.resume and args.restart:
         p.error("--resume and --restart contradict each other")
-    if args.lr is not None and not args.lr > 0:
-        p.error("--lr must be positive")
+    if args.batch_size and args.global_batch:
+        p.error("give --batch-size (per process) or --global-batch, not both")
+    if args.captions and not args.data:
+        p.error("--captions goes with --data FOLDER")
+    # Each rule is written so that nan fails it too.
+    for name, ok, rule in (("lr", args.lr is None or args.lr > 0, "> 0"),
+                           ("grad_clip", args.grad_clip > 0, "> 0"),
+                           ("weight_decay", args.weight_decay >= 0, ">= 0"),
+                           ("warmup", 0 <= args.warmup < 1, "in [0, 1)"),
+                           ("ema", 0 <= args.ema < 1, "in [0, 1)"),
+                           ("ckpt_every", args.ckpt_every >= 0, ">= 0"),
+                           ("threads", args.threads >= 0, ">= 0")):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     return args
+
+
+def check_args(args, world: int) -> None:
+    """Checks that need the preset or the world size; every rank fails alike, before any collective."""
+    if args.global_batch and args.global_batch % (args.grad_accum * world):
+        raise UserError(f"--global-batch {args.global_batch} is not divisible by grad-accum x world size "
+                        f"({args.grad_accum} x {world})")
+    for flag, given in (("--data", args.data), ("--fsdp", args.fsdp)):
+        if given and args.stage != "generate":
+            raise UserError(f"{flag} is for --stage generate (got --stage {args.stage})")
 
 
 def main(argv=None) -> int:
@@ -583,17 +1016,24 @@ def main(argv=None) -> int:
     rank, _, world = dist_info()
     torch.manual_seed(args.seed + rank)  # per-rank seed for anything not drawn from the batch generators
     try:
+        check_args(args, world)
         check_writable(Path(args.out))
         device = setup(args)
         stages = PIPELINE if args.stage == "all" else (args.stage,)
         t0 = time.time()
         timings = {}
         for stage in stages:
-            timings[stage] = run_stage(stage, args, device).get("seconds", 0.0)
+            result = run_stage(stage, args, device)
+            if "seconds" in result:  # a stage skipped as already trained keeps its recorded time
+                timings[result["stage"]] = result["seconds"]
         if args.stage == "all" and not args.no_eval and rank == 0:
             import eval as evaluation
+            import sample
 
-            evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
+            try:
+                evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
+            except sample.UserError as e:
+                raise UserError(str(e)) from None
     except (UserError, blip3o.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

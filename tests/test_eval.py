@@ -1,0 +1,181 @@
+"""eval.py: each command's metrics are the last stdout line as JSON, errors are one line with exit 2,
+the GenEval writer + scorer agree with ground truth, and full_report writes its files and caches.
+
+The models come from the session's `tiny_run` (2 training steps per stage), so the numbers are those of
+an untrained model: these tests check the plumbing and the scoring logic, with tiny evaluation sizes.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import eval as evaluation
+import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one torch thread is kinder to neighbours (and faster when they are busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def last_json(stdout: str) -> dict:
+    lines = stdout.rstrip("\n").split("\n")
+    assert len(lines) > 1, "a table is printed above the JSON line"
+    return json.loads(lines[-1])
+
+
+# --- scoring logic, no model ------------------------------------------------------------------------
+
+
+def test_meaning_ignores_word_order():
+    by_prompt = {r["prompt"]: r for split in ("train", "test") for r in data.geneval_prompts(split, None)}
+    same = [("a photo of a circle and a square", "a photo of a square and a circle"),
+            ("a photo of a circle left of a square", "a photo of a square right of a circle"),
+            ("a photo of a triangle above a circle", "a photo of a circle below a triangle")]
+    for a, b in same:
+        assert evaluation.meaning(by_prompt[a]) == evaluation.meaning(by_prompt[b])
+    a, b = "a photo of a circle left of a square", "a photo of a circle right of a square"
+    assert evaluation.meaning(by_prompt[a]) != evaluation.meaning(by_prompt[b])
+    for tag in data.TAGS:  # within a tag, prompts that mean the same come at most in pairs
+        keys = [evaluation.meaning(r) for r in evaluation.tag_records(tag)]
+        assert all(keys.count(k) <= 2 for k in keys)
+
+
+def test_ground_truth_folder_scores_high_and_writes_results(tmp_path):
+    """sample.py's writer + eval.py's scorer on renders that satisfy each record: near-perfect."""
+    records = data.geneval_prompts("test", n_per_tag=4)
+    images = torch.stack([torch.stack([data.to_tensor(data.render(r, seed=s)) for s in range(2)])
+                          for r in records])  # (P, 2, 3, 32, 32)
+    assert sample.write_geneval(tmp_path, records, images) == 2 * len(records)
+    m = evaluation.eval_geneval(tmp_path)
+    assert m["overall"] >= 0.98 and set(m["per_tag"]) == set(data.TAGS)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(lines) == m["images"] == 2 * len(records)
+    assert set(json.loads(lines[0])) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
+
+
+def test_recon_scores_of_perfect_reconstructions():
+    """Originals passed as their own reconstructions score 1.0: the tensor -> pixels path is right."""
+    images, scenes = data.make_image_set(12, split="test", seed=9)
+    m = evaluation.recon_scores(images, images.float() / 255, scenes)
+    assert m["recon"] == 1.0 and m["originals"] == 1.0 and m["images"] == 12
+
+
+def test_question_set_one_of_each_type_per_scene():
+    images, rows = evaluation.question_set(60, seed=4)
+    assert len(rows) == 60 and images.dtype == torch.uint8
+    per_image = {}
+    for i, qtype, question, answer in rows:
+        per_image.setdefault(i, []).append(qtype)
+        assert " " not in answer  # one-word answers
+    assert all(len(q) == len(set(q)) for q in per_image.values())
+    assert {q for qs in per_image.values() for q in qs} == set(data.QTYPES)
+
+
+# --- every command through the real CLI --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["clip", "understand", "clipgen", "recon", "toygeneval"])
+def test_command_prints_json_last(command, tiny_run):
+    args = {
+        "clip": ["--n", "20"],
+        "understand": ["--n", "12", "--captions", "4"],
+        "clipgen": ["--per-tag", "1", "--samples", "2", "--steps", "2"],
+        "recon": ["--n", "6", "--decoder-steps", "2"],
+        "toygeneval": ["--per-tag", "1", "--per-prompt", "1", "--steps", "2", "--decoder-steps", "2"],
+    }[command]
+    res = run_cli(command, "--run", tiny_run, *args)
+    assert res.returncode == 0, res.stderr
+    m = last_json(res.stdout)
+    key = {"clip": "zero_shot", "understand": "per_type", "clipgen": "single_object+colors",
+           "recon": "recon", "toygeneval": "overall"}[command]
+    assert key in m
+    if command == "understand":
+        assert set(m["per_type"]) == set(data.QTYPES) and "caption_exact" in m
+    if command in ("clipgen", "toygeneval"):
+        assert set(m["per_tag"]) == set(data.TAGS)
+    if command == "toygeneval":  # the folder it wrote is in GenEval's layout, and `geneval` rescores it
+        folder = Path(tiny_run) / "geneval-flow-clip"
+        assert len(list(folder.glob("0*/samples/0000.png"))) == len(data.TAGS)
+        res = run_cli("geneval", folder)
+        assert res.returncode == 0, res.stderr
+        assert last_json(res.stdout)["overall"] == m["overall"]
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "missing run", "bad flag", "bad number",
+                                  "negative cfg", "geneval missing dir", "no command"])
+def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {
+        "missing checkpoint": ["understand", "--run", empty],
+        "missing run": ["clip", "--run", tmp_path / "nope"],
+        "bad flag": ["clip", "--run", tiny_run, "--no-such-flag"],
+        "bad number": ["clip", "--run", tiny_run, "--n", "0"],
+        "negative cfg": ["clipgen", "--run", tiny_run, "--cfg", "-2"],
+        "geneval missing dir": ["geneval", tmp_path / "nope"],
+        "no command": [],
+    }[case]
+    res = run_cli(*args)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def test_full_report_writes_files_and_caches(tiny_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("geneval-*", "REPORT.md", "metrics.json"))
+    small = dict(clip_images=20, questions=12, captions=4, recon_images=8, geneval_per_tag=1, per_prompt=2,
+                 ablation_per_tag=1, ablation_samples=1, steps=2, decoder_steps=2)
+    for k, v in small.items():
+        monkeypatch.setitem(evaluation.REPORT, k, v)
+
+    first = evaluation.full_report(run, timings={"clip": 12.5, "understand": 30.0, "generate": 20.0},
+                                   train_seconds=70.0, device="cpu")
+    assert not first["cached"]
+    for name in ("REPORT.md", "metrics.json", "samples.png", "reconstructions.png", "loss_clip.png",
+                 "loss_understand.png", "loss_decoder.png", "loss_generate-flow-clip.png"):
+        assert (run / name).is_file(), name
+    m = first["metrics"]
+    assert {"clip", "understand", "recon", "toygeneval", "clipgen"} <= set(m)
+    assert {"flow-clip", "mse-clip", "flow-vae"} <= set(m["clipgen"])  # ablations, when trained
+    report = (run / "REPORT.md").read_text()
+    for section in ("Toy GenEval", "Understanding", "CLIP", "Reconstruction", "Timings", "Commands"):
+        assert section in report
+    assert "held-out metric" in capsys.readouterr().out  # the compact summary table
+
+    start = time.time()
+    second = evaluation.full_report(run, timings={"clip": 0.0, "understand": 0.0}, train_seconds=3.0,
+                                    device="cpu")
+    assert second["cached"] and time.time() - start < 10
+    assert second["metrics"] == json.loads(json.dumps(m))  # the same numbers
+    assert second["train_seconds_per_stage"] == {"clip": 12.5, "understand": 30.0, "generate/flow-clip": 20.0}
+    assert second["last_train_run_seconds"] == 70.0  # nothing was trained the second time
+    assert json.loads((run / "metrics.json").read_text())["metrics"] == second["metrics"]
+
+    # Any checkpoint that changes (a resumed or retrained stage) invalidates the cache.
+    meta = run / "decoder" / "meta.json"
+    os.utime(meta, ns=(meta.stat().st_atime_ns, meta.stat().st_mtime_ns + 10 ** 9))
+    assert evaluation.fingerprint(run) != second["fingerprint"]

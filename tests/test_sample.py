@@ -1,0 +1,219 @@
+"""sample.py: GenEval's folder layout written exactly, the real GenEval prompt file accepted unchanged,
+text -> image grids, answers, reconstructions, released-style weights, and one-line CLI errors.
+
+The models come from the session's `tiny_run` (2 training steps per stage): these tests check that the
+pieces fit and the files are right, not what the model learned. Few sampler steps keep them fast.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import blip3o
+import data
+import sample
+
+ROOT = Path(__file__).resolve().parent.parent
+REAL_GENEVAL = ROOT.parent / "shared" / "geneval" / "evaluation_metadata.jsonl"
+FAST = ["--steps", "2", "--decoder-steps", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one torch thread is kinder to neighbours (and faster when they are busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_cli(*args):
+    """Run sample.py as a user would; returns the CompletedProcess (stdout, stderr, returncode)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def cli(*args) -> int:
+    """sample.main in-process (no interpreter start-up), arguments as the shell would pass them."""
+    return sample.main([str(a) for a in args])
+
+
+def write_image(path, split="test", index=0):
+    Image.fromarray(data.draw(data.make_scene(index, split))).save(path)
+    return path
+
+
+def test_geneval_layout_is_exact(tiny_run, tmp_path, capsys):
+    records = data.geneval_prompts("test", n_per_tag=1)[:3]
+    lines = [json.dumps(r) for r in records]
+    meta = tmp_path / "prompts.jsonl"
+    meta.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "gen"
+    rc = cli("--run", tiny_run, "--geneval", meta, "--outdir", out, "--per-prompt", "2", "--grid", *FAST)
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000", "00001", "00002"]
+    for i, line in enumerate(lines):
+        folder = out / f"{i:05d}"
+        assert (folder / "metadata.jsonl").read_text() == line + "\n"  # the input line, unchanged
+        pngs = sorted(p.name for p in (folder / "samples").iterdir())
+        assert pngs == ["0000.png", "0001.png"]
+        with Image.open(folder / "samples" / "0000.png") as im:
+            assert im.mode == "RGB" and im.size == (32, 32)
+        assert (folder / "grid.png").is_file()
+    assert "0 are outside the shapes world" in capsys.readouterr().out
+
+
+def test_real_geneval_file_goes_through(tiny_run, tmp_path, capsys):
+    """The official prompt file, unchanged (its first 12 lines: all outside the shapes world)."""
+    head = REAL_GENEVAL.read_text().splitlines(keepends=True)[:12]
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    meta.write_text("".join(head))
+    out = tmp_path / "geneval"
+    assert cli("--run", tiny_run, "--geneval", meta, "--outdir", out, "--per-prompt", "1", *FAST) == 0
+    folders = sorted(out.iterdir())
+    assert len(folders) == 12
+    for line, folder in zip(head, folders):
+        assert (folder / "metadata.jsonl").read_text() == line
+        assert [p.name for p in (folder / "samples").iterdir()] == ["0000.png"]
+        assert not (folder / "grid.png").exists()  # optional, off by default
+    assert "12 are outside the shapes world" in capsys.readouterr().out
+
+
+def test_text_to_image_grid_is_deterministic(tiny_run, tmp_path):
+    prompts = ["a photo of a red circle", "a photo of two squares"]
+    args = ["--run", tiny_run, "--num-samples", "3", "--seed", "5", *FAST]
+    for p in prompts:
+        args += ["--prompt", p]
+    assert cli(*args, "--out", tmp_path / "a.png") == 0
+    assert cli(*args, "--out", tmp_path / "b.png") == 0
+    with Image.open(tmp_path / "a.png") as a, Image.open(tmp_path / "b.png") as b:
+        assert a.size == b.size and a.height == 2 * (4 * 32 + 2) + 2  # two rows of x4 images
+        assert a.tobytes() == b.tobytes()
+
+
+def test_generate_grid_columns_follow_seeds(tiny_run):
+    """Sample j of every prompt uses seed + j: seed 0 with 2 samples and seed 1 with 1 share a column."""
+    pipe = blip3o.load_run(tiny_run)
+    prompts = ["a photo of a circle", "a photo of a blue square"]
+    two, tokens = sample.generate_grid(pipe, prompts, 2, seed=0, steps=2, decoder_steps=2)
+    one, _ = sample.generate_grid(pipe, prompts, 1, seed=1, steps=2, decoder_steps=2)
+    assert two.shape == (2, 2, 3, 32, 32) and tokens.shape == (2, 2, 64, pipe.config.clip.width)
+    assert torch.equal(two[:, 1], one[:, 0])
+    assert not torch.equal(two[:, 0], two[:, 1])
+
+
+def test_answer_caption_and_reconstruct(tiny_run, tmp_path, capsys):
+    img = write_image(tmp_path / "scene.png")
+    assert cli("--run", tiny_run, "--image", img, "--question", "what color is the circle ?") == 0
+    assert "Q: what color is the circle ?" in capsys.readouterr().out
+    sampled = []
+    for _ in range(2):
+        assert cli("--run", tiny_run, "--image", img, "--caption", "--temperature", "1.0",
+                            "--seed", "3") == 0
+        sampled.append(capsys.readouterr().out)
+    assert sampled[0] == sampled[1] and f"Q: {data.caption_question}" in sampled[0]
+    out = tmp_path / "recon.png"
+    assert cli("--run", tiny_run, "--reconstruct", img, "--decoder-steps", "2", "--out", out) == 0
+    with Image.open(out) as im:
+        assert im.height == 4 * 32 + 4  # one row: original and reconstruction side by side
+
+
+@pytest.mark.parametrize("case", ["missing run", "missing checkpoint", "corrupt image", "empty prompt",
+                                  "zero steps", "negative cfg", "no samples", "bad flag"])
+def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a PNG")
+    args = {
+        "missing run": ["--run", tmp_path / "nope", "--prompt", "a photo of a circle"],
+        "missing checkpoint": ["--run", empty, "--prompt", "a photo of a circle"],
+        "corrupt image": ["--run", tiny_run, "--image", bad, "--caption"],
+        "empty prompt": ["--run", tiny_run, "--prompt", "  "],
+        "zero steps": ["--run", tiny_run, "--prompt", "a photo of a circle", "--steps", "0"],
+        "negative cfg": ["--run", tiny_run, "--prompt", "a photo of a circle", "--cfg", "-1"],
+        "no samples": ["--run", tiny_run, "--prompt", "a photo of a circle", "--num-samples", "0"],
+        "bad flag": ["--run", tiny_run, "--prompt", "a photo of a circle", "--no-such-flag"],
+    }[case]
+    res = run_cli(*args)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: "), res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_help_shows_examples():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    assert "python sample.py --prompt" in res.stdout and "--geneval" in res.stdout
+
+
+# --- released BLIP3-o weights: a synthetic checkpoint laid out like the release ----------------------
+
+
+def make_release(tmp_path, clip_width: int, drop: str | None = None):
+    """A tiny released-style checkpoint (queries + DiT under official names, a backbone tensor to skip,
+    two shards) and a tiny Qwen2 backbone folder with the toy tokenizer."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    tok = blip3o.build_toy_tokenizer(data.VOCAB)
+    backbone = tmp_path / "backbone"
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                      max_position_embeddings=256, pad_token_id=0, bos_token_id=3,
+                                      eos_token_id=2))
+    lm.save_pretrained(backbone)
+    tok.save_pretrained(backbone)
+    dit = blip3o.NextDiT(blip3o.DiTConfig(in_channels=clip_width, hidden_size=32, num_layers=2, num_heads=2,
+                                          num_kv_heads=2, cond_dim=32))
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if name.endswith("gate"):
+                p.normal_()  # open the cross-attention, so the prompt matters
+    state = {"model.dit.model." + k: v.contiguous() for k, v in dit.state_dict().items()}
+    state["model.latent_queries"] = torch.randn(1, 64, 32)
+    state["model.embed_tokens.weight"] = torch.randn(len(tok), 32)  # the backbone: skipped by the loader
+    if drop is not None:
+        state.pop(drop)
+    ckpt = tmp_path / "release"
+    ckpt.mkdir()
+    keys = sorted(state)
+    save_file({k: state[k] for k in keys[::2]}, ckpt / "model-00001-of-00002.safetensors")
+    save_file({k: state[k] for k in keys[1::2]}, ckpt / "model-00002-of-00002.safetensors")
+    return ckpt, backbone
+
+
+def test_official_checkpoint_features_and_decode(tiny_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    width = blip3o.load_run(tiny_run).config.clip.width  # so the toy pixel decoder can read them
+    ckpt, backbone = make_release(tmp_path, width)
+    out = tmp_path / "feats.safetensors"
+    args = ["--run", tiny_run, "--official-checkpoint", ckpt, "--backbone", backbone, "--prompt",
+            "a photo of a red circle", "--prompt", "a photo of two squares", "--num-samples", "2",
+            "--steps", "3", "--out", out]
+    assert cli(*args, "--decode", "--decoder-steps", "2") == 0
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "model.embed_tokens" in printed  # the loader's report
+    feats = load_file(out)["features"]
+    assert feats.shape == (2, 2, 64, width) and torch.isfinite(feats).all()
+    assert not torch.equal(feats[:, 0], feats[:, 1])  # two seeds, two samples
+    assert not torch.equal(feats[0], feats[1])  # the prompt reaches the features
+    assert out.with_suffix(".png").is_file()
+    assert cli(*args) == 0  # deterministic
+    assert torch.equal(load_file(out)["features"], feats)
+
+
+def test_official_checkpoint_incomplete_is_refused(tmp_path, capsys):
+    ckpt, backbone = make_release(tmp_path, 16, drop="model.dit.model.layers.1.gate")
+    rc = cli("--official-checkpoint", ckpt, "--backbone", backbone, "--prompt", "a photo of a circle")
+    assert rc == 2
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # (above it: save_pretrained's progress)
+    assert err.startswith("error: ") and "1 missing" in err
