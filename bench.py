@@ -1,37 +1,57 @@
-"""Speed and memory of the blip3o Next-DiT, against diffusers and against the machine (issue 9).
+"""Speed and memory of blip3o: the Next-DiT against diffusers and the machine, sampling, memory (issue 9).
 
-    python bench.py                        # everything, about 2-3 minutes on a 2-core laptop CPU
-    python bench.py --only matmul,dit_toy  # a subset (names: see --help)
-    python bench.py --threads 1            # pin torch's threads: on a machine shared with other jobs,
-                                           # 2 OpenMP threads on 2 busy cores can run 10x slower
-    python bench.py --compile              # torch.compile both DiTs (adds ~30 s of compilation each)
+    python bench.py                              # everything, about 5-6 minutes on a 2-core laptop CPU
+    python bench.py --only matmul,dit_toy        # a subset (names: see --help)
+    python bench.py --only sampling --run out/toy  # text -> image speed of a trained run (default out/toy)
+    python bench.py --only train_memory          # peak RAM of each toy training stage (~2.5 minutes)
+    python bench.py --threads 1                  # pin torch's threads: on a machine shared with other jobs,
+                                                 # 2 OpenMP threads on 2 busy cores can run 10x slower
+    python bench.py --compile                    # torch.compile both DiTs (adds ~30 s of compilation each)
 
-What it measures:
+What it measures, in the order it runs:
 - matmul:   the dense fp32 matmul FLOP/s torch reaches here (the machine's practical limit).
 - dit_toy / dit_mid: one Next-DiT training step (flow-matching loss, backward, AdamW) at the toy size
   (width 128, 4 layers, batch 64) and a mid size (width 512, 8 layers, batch 32), 64 tokens each:
   samples/s, FLOP/s from the FLOP count derived from the config (printed), the fraction of the matmul
   peak, and the same step with diffusers' LuminaNextDiT2DModel (+ the BLIP3-o condition MLP) at the same
   config, interleaved with ours; the speed ratio ours/theirs is the median over rounds.
+- sampling: a trained run (--run, rebuilt with blip3o.load_run): text -> image images/s through both
+  diffusion stages at their default steps (Pipeline.generate_images: 30 Euler steps with CFG 3.0 for the
+  CLIP features, then the pixel decoder's default steps), and text -> CLIP features alone
+  (Pipeline.generate_tokens), at batch 1 and 16 (--sample-batches); median of 3 repetitions. A run
+  without its generation checkpoints is reported as skipped, with the command that trains it.
 - memory:   peak resident memory of this process, and the memory of the real presets (blip3o-8b/-4b
   DiT head): parameters, bf16 weights, fp32 master weights + grads + AdamW states, and the activations
   saved for backward per sample, measured on one and two real-width layers and extrapolated.
+- train_memory: peak resident memory (RSS) of each toy training stage (clip, understand, decoder,
+  generate), each run as `python train.py --stage S --steps 5 --quiet --ckpt-every 0` into a temporary
+  run folder, in pipeline order so each stage finds the checkpoints it builds on. Default toy batch sizes
+  and image set: memory depends on both; only the step count is cut (the peak is reached in step 1).
 Each benchmark prints a small table; the last line of stdout is one JSON object with every figure.
 
 Benchmarks are plain functions registered with @benchmark("name"); they take the parsed arguments and
-return a dict of figures. Pipeline benchmarks (e.g. text -> image sampling) plug in the same way.
+return a dict of figures.
 """
 import argparse
+import inspect
 import json
+import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from blip3o import DiTConfig, NextDiT, flow_matching_loss
+import data
+from blip3o import CheckpointError, DiTConfig, NextDiT, Pipeline, flow_matching_loss, load_run
+
+ROOT = Path(__file__).resolve().parent
 
 BENCHMARKS = {}
 
@@ -223,6 +243,55 @@ def bench_dit_mid(args):
     return bench_dit_step(args, "dit_mid", cfg, batch=32, cond_tokens=64, rounds=max(3, args.rounds // 2))
 
 
+# ---- text -> image sampling of a trained run -----------------------------------------------------------
+
+
+def pipeline_defaults() -> dict:
+    """The sampler settings Pipeline.generate_images uses when called plainly (what a user gets)."""
+    params = inspect.signature(Pipeline.generate_images).parameters
+    return {k: params[k].default for k in ("steps", "cfg", "decoder_steps", "decoder_cfg")}
+
+
+@benchmark("sampling")
+def bench_sampling(args):
+    """Images/s of text -> CLIP features -> pixels, and of text -> CLIP features alone, per batch size."""
+    device = args.device
+    try:
+        pipe = load_run(args.run, device=device, need=("clip", "understand", "decoder", "generate"))
+    except CheckpointError as e:  # no trained run yet: say so and go on with the other benchmarks
+        print(f"sampling: skipped ({e})")
+        return {"run": str(args.run), "skipped": str(e)}
+    defaults = pipeline_defaults()
+    reps = min(3, args.rounds)  # --rounds below 3: a quick check, not a figure to publish
+    # GenEval-style prompts of the held-out split, all different, so a batch pads like a real one does.
+    prompts = [data.make_scene(i, "test").prompt for i in range(max(args.sample_batches))]
+    print(f"sampling: run {args.run}; CLIP features: {defaults['steps']} Euler steps, CFG {defaults['cfg']} "
+          f"(2 DiT passes per step); pixels: {defaults['decoder_steps']} steps, CFG {defaults['decoder_cfg']}; "
+          f"median of {reps}")
+    result = {"run": str(args.run), "defaults": defaults, "repetitions": reps}
+    for batch in args.sample_batches:
+        captions = prompts[:batch]
+        # Both calls use Pipeline's defaults; a fixed seed makes every repetition the same work.
+        calls = {
+            "text_to_clip": lambda: pipe.generate_tokens(captions, generator=torch.Generator(device).manual_seed(0)),
+            "text_to_image": lambda: pipe.generate_images(captions, generator=torch.Generator(device).manual_seed(0)),
+        }
+        calls["text_to_image"]()  # warm-up (runs both stages): first-call allocations stay out of the figures
+        times = {k: [] for k in calls}
+        for _ in range(reps):  # interleaved, so both see the same machine load
+            for k, call in calls.items():
+                times[k].append(timed(call, device))
+        row = {}
+        for k, ts in times.items():
+            sec = statistics.median(ts)
+            row[k] = {"s_per_batch": sec, "images_per_s": batch / sec, "all_s": ts}
+        result[f"batch_{batch}"] = row
+        print(f"  batch {batch:>3}: text -> image {row['text_to_image']['images_per_s']:7.2f} images/s "
+              f"({row['text_to_image']['s_per_batch']:.2f} s)   text -> CLIP features "
+              f"{row['text_to_clip']['images_per_s']:7.2f} /s ({row['text_to_clip']['s_per_batch']:.2f} s)")
+    return result
+
+
 # ---- memory -------------------------------------------------------------------------------------------
 
 
@@ -278,6 +347,56 @@ def bench_memory(args):
     return result
 
 
+# Peak RSS of a command, measured from a small intermediate process. Why not simply getrusage or wait4 on
+# a child of this process: on Linux a child's ru_maxrss starts at the high-water mark of the memory it had
+# *before* exec, and a child forked (or vforked) from this process had this process's memory, which after
+# the DiT benchmarks is larger than a toy stage. So this tiny interpreter runs the command as its own child
+# and reports that child's own peak from os.wait4: the pre-exec image is then just the tiny interpreter
+# (~10 MiB), which every Python process holds anyway. (GNU `/usr/bin/time -v` works the same way, but is
+# not on every machine.) ru_maxrss is in KiB on Linux and in bytes on macOS.
+PEAK_RSS_WRAPPER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(child.pid, 0)
+print("peak_rss_bytes", usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024), flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_with_peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int | None]:
+    """Run cmd (from the repository root) -> (finished process, its peak resident memory in bytes)."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *cmd], cwd=ROOT, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    peak = int(lines[-1].split()[1]) if lines and lines[-1].startswith("peak_rss_bytes") else None
+    return proc, peak
+
+
+TRAIN_MEMORY_STEPS = 5  # enough to allocate everything a step needs (AdamW states appear at step 1)
+
+
+@benchmark("train_memory")
+def bench_train_memory(args):
+    """Peak RSS of each toy stage, trained in order into a temporary run folder (5 steps, default sizes)."""
+    result = {"steps": TRAIN_MEMORY_STEPS}
+    print(f"train_memory: peak resident memory of train.py --stage S --steps {TRAIN_MEMORY_STEPS} (toy batch sizes "
+          f"and image set; time includes start-up and data preparation)")
+    with tempfile.TemporaryDirectory(prefix="blip3o-bench-") as out:
+        for stage in ("clip", "understand", "decoder", "generate"):  # each builds on the ones before
+            cmd = [sys.executable, "train.py", "--stage", stage, "--out", out, "--steps", str(TRAIN_MEMORY_STEPS),
+                   "--quiet", "--ckpt-every", "0", "--device", str(args.device), "--threads", str(args.threads)]
+            start = time.perf_counter()
+            proc, peak = run_with_peak_rss(cmd)
+            seconds = time.perf_counter() - start
+            if proc.returncode != 0 or peak is None:
+                error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                result[stage] = {"error": f"exit status {proc.returncode}: {error}"}
+                print(f"  {stage:>10}: failed ({result[stage]['error']}); later stages need it: stopping")
+                break
+            result[stage] = {"peak_rss_mib": peak / 2**20, "wall_s": seconds}
+            print(f"  {stage:>10}: {peak / 2**20:7.0f} MiB peak RSS   ({seconds:.0f} s)")
+    return result
+
+
 # ---- main ---------------------------------------------------------------------------------------------
 
 
@@ -286,10 +405,16 @@ def main():
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     parser.add_argument("--compile", action="store_true", help="torch.compile the DiTs before timing")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--rounds", type=int, default=8, help="timed interleaved rounds (mid size: half)")
+    parser.add_argument("--rounds", type=int, default=8,
+                        help="timed interleaved rounds (dit_mid: half; sampling: at most 3)")
+    parser.add_argument("--run", default="out/toy", help="trained run folder for the sampling benchmark")
+    parser.add_argument("--sample-batches", default="1,16", help="comma-separated batch sizes for sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.device = torch.device(args.device)
+    args.sample_batches = [int(b) for b in args.sample_batches.split(",") if b.strip()]
+    if not args.sample_batches or min(args.sample_batches) < 1 or args.rounds < 1:
+        parser.exit(2, "--sample-batches needs positive batch sizes and --rounds at least 1\n")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)

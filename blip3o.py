@@ -935,11 +935,10 @@ class NextDiT(nn.Module):
     noise level sigma = 1 - t, timestep = 1000 * sigma fed to the sinusoidal embedding, and the network
     predicts noise - data, so its output is negated. Released weights therefore run unchanged.
 
-    Initialization follows Lumina-Next's NextDiT (the authors' code) for training from scratch: xavier-
-    uniform linear layers with zero bias, N(0, 0.02) timestep MLP, and zeros for the adaLN modulation
-    (so every block starts as the identity, DiT's adaLN-zero), the pooled-condition projection, the
-    cross-attention gates, and the whole final layer (the model starts by predicting v = 0). diffusers'
-    port and BLIP3-o (which trained with it) leave PyTorch's default init except the zero gates.
+    Initialization for training from scratch: xavier-uniform linear layers with zero bias, N(0, 0.02)
+    timestep MLP, zeros for the cross-attention gates (BLIP3-o's code) and for the whole final layer (the
+    model starts by predicting v = 0). Unlike Lumina-Next's adaLN-zero, the modulation layers start
+    non-zero, as in diffusers' port that BLIP3-o trained with (see `reset_parameters`).
     """
 
     def __init__(self, cfg: DiTConfig):
@@ -964,8 +963,11 @@ class NextDiT(nn.Module):
                     nn.init.zeros_(module.bias)
         for lin in (self.time_caption_embed.timestep_embedder.linear_1, self.time_caption_embed.timestep_embedder.linear_2):
             nn.init.normal_(lin.weight, std=0.02)
-        zero = [self.time_caption_embed.caption_embedder[1], self.norm_out.linear_1, self.norm_out.linear_2]
-        zero += [layer.norm1.linear for layer in self.layers]
+        # Zero: the final layer (the model starts by predicting v = 0) and the gates. The adaLN modulation
+        # and the pooled-condition projection keep their xavier init, as in diffusers' port that BLIP3-o
+        # trained with: zeroing them too (Lumina-Next's adaLN-zero) makes every conditional path a product
+        # of zeros, and the toy generator had not begun to follow its prompt after 200 steps (measured).
+        zero = [self.norm_out.linear_1, self.norm_out.linear_2]
         for lin in zero:
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)

@@ -11,11 +11,18 @@ One stage (each later stage finds the earlier ones under --out):
     python train.py --stage vae && python train.py --stage generate --target vae   # ablation: VAE + Flow
     python train.py --stage joint                     # ablation: LM unfrozen, both tasks mixed
 Several processes (same code path; gloo on CPU, NCCL on GPUs):
+    torchrun --standalone --nproc_per_node=2 train.py --stage generate   # the toy stage 2 on 2 CPU ranks:
+                                                # the same losses as one process with --grad-accum 2
     torchrun --standalone --nproc_per_node=8 train.py --stage generate --preset blip3o-8b \
-        --data 'shards/{00000..00999}.tar' --batch-size 64 --grad-accum 1 --out out/8b
+        --data 'shards/{00000..00999}.tar' --global-batch 512 --fsdp --grad-checkpointing --out out/8b
+        # WebDataset shards (jpg/png + txt per key) streamed and split over the ranks, each image encoded
+        # by the frozen CLIP as it arrives; or --data FOLDER --captions captions.jsonl
+        # --fsdp shards the DiT's weights, gradients and Adam state (FSDP2) instead of replicating them
 
-A stage that finished is skipped, a half-finished one resumes from its last checkpoint (`--restart`
-starts it over). Global batch = batch-size x grad-accum x world size, printed at start.
+A stage that finished is skipped, a half-finished one resumes from its last checkpoint, data position
+included (`--restart` starts it over). Global batch = batch-size x grad-accum x world size, printed at
+start. Mistakes in the command line or the run folder stop with one line and exit status 2; a NaN loss
+stops with exit status 1, naming the step and the last good checkpoint.
 """
 from __future__ import annotations
 
@@ -188,11 +195,13 @@ def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float 
 
 
 def fit(plan: Plan, args, device) -> dict:
-    """Train `plan.model` for `plan.steps` optimizer steps, with checkpoints, resume and DDP.
+    """Train `plan.model` for `plan.steps` optimizer steps, with checkpoints, resume and DDP or FSDP2.
 
     Step s consumes the chunks 0 .. world*accum-1 of the global batch; rank r takes chunks
     r*accum .. r*accum+accum-1. Chunk c of step s is drawn from a generator seeded by (seed, s, c), so
     one process with accum = k*world sees exactly the batches and noise that k-accum ranks see together.
+    (A streamed plan reads its batches in order from each rank's share of the data instead, and saves
+    every rank's read position with the checkpoint.)
     """
     rank, _, world = dist_info()
     folder = Path(args.out) / plan.name
@@ -256,7 +265,11 @@ def fit(plan: Plan, args, device) -> dict:
         if tensors is not None:
             with torch.no_grad():
                 for n in ema:
-                    copy_into(ema[n], tensors[f"ema.{plan.ema_prefix}{n}"])
+                    key = f"ema.{plan.ema_prefix}{n}"
+                    if key not in tensors:
+                        raise UserError(f"{folder} holds no EMA weights (trained with --ema 0?): resume with "
+                                        "--ema 0, or --restart")
+                    copy_into(ema[n], tensors[key])
 
     def save(step: int, done: bool):
         # Every rank takes part: FSDP gathers the sharded tensors, and each rank reports its data position.
@@ -654,6 +667,13 @@ def plan_generate(args, device) -> Plan:
         enable_grad_checkpointing(vlm.lm)
     gen_model = blip3o.Generator(cfg, loss=args.loss, target_dim=targets.shape[-1])
     gen_model.target_scale.fill_(float(targets.std()))
+    if cfg.preset == "toy":
+        # The official queries start at N(0, 1), which suits Qwen2.5's large hidden states. The toy LM's
+        # token embeddings have std ~0.09, so unit-scale queries drown the prompt: measured, only ~6% of
+        # the query states' variation came from the prompt, and the DiT learned to follow it slowly.
+        # Starting the queries at the embeddings' scale lets the prompt through from the first step.
+        with torch.no_grad():
+            gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
     step_module = Objective(GenerationStep(gen_model, vlm), lambda m, *b: m(*b[:-1], gen=b[-1]))
 
     def chunk_fn(step, chunk, size, gen):
@@ -684,17 +704,20 @@ def plan_joint(args, device) -> Plan:
         raise UserError("--stage joint is a toy ablation (shapes world, toy backbone)")
     if args.loss != "flow" or args.target != "clip":
         raise UserError("--stage joint trains the paper's choice, CLIP + Flow (--loss flow --target clip)")
-    tok, enc, targets, (p_ids, p_len, c_ids, c_len) = generation_data(args, device, "clip")
-    clip_tokens = targets  # the same frozen CLIP features feed the understanding rows (N, 64, D_clip)
-    _, scenes = toy_images(args)
-    rows = qa_table(scenes, args.seed)
-    # The stage-1 VLM, unfrozen: trainable in fp32 (load_lm hands it over frozen, bf16 on CUDA).
-    vlm = load_lm(args, tok, device).float().requires_grad_(True).train()
-    gen_model = blip3o.Generator(cfg, loss="flow", target_dim=targets.shape[-1])
-    gen_model.target_scale.fill_(float(targets.std()))
     hparams = stage_hparams(args, "joint")
     if hparams["batch"] < 2:
         raise UserError("--stage joint splits each micro-batch between the two tasks: --batch-size >= 2")
+    tok, _, targets, (p_ids, p_len, c_ids, c_len) = generation_data(args, device, "clip")
+    clip_tokens = targets  # the same frozen CLIP features feed the understanding rows (N, 64, D_clip)
+    _, scenes = toy_images(args)
+    rows = qa_table(scenes, args.seed)
+    # The stage-1 VLM, unfrozen and trained in fp32: loaded on the CPU, since on CUDA load_lm hands over
+    # a bf16 copy for frozen use, and rounding the stage-1 weights would change the starting point.
+    vlm = load_lm(args, tok, torch.device("cpu")).to(device).requires_grad_(True).train()
+    gen_model = blip3o.Generator(cfg, loss="flow", target_dim=targets.shape[-1])
+    gen_model.target_scale.fill_(float(targets.std()))
+    with torch.no_grad():  # the toy queries' starting scale, as in plan_generate (see there why)
+        gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
 
     def chunk_fn(step, chunk, size, gen):
         n_und = size // 2  # understanding rows; the rest of the chunk is generation rows
@@ -714,11 +737,11 @@ def plan_joint(args, device) -> Plan:
         gen_loss, logs = step_module(ids, lens, target, gen=gen)
         return und + gen_loss, {"loss_und": float(und.detach()), "loss_gen": float(gen_loss.detach()), **logs}
 
-    meta = {"loss": "flow", "target": "clip", "target_dim": int(targets.shape[-1])}
-    # The EMA covers every trainable weight, the LM's too, so evaluation sees one consistent average.
-    def save_fn(m):
+    def save_fn(m):  # both halves: the LM the generator conditions on is no longer stage 1's
         return {**blip3o.module_tensors("vlm", m.vlm), **blip3o.module_tensors("generator", m.generator)}
 
+    meta = {"loss": "flow", "target": "clip", "target_dim": int(targets.shape[-1])}
+    # ema_prefix "": the EMA covers every trainable weight, the LM's too, so evaluation sees one average.
     return Plan("joint", Objective(GenerationStep(gen_model, vlm), loss), chunk_fn, save_fn, meta,
                 ema_prefix="", **hparams)
 
@@ -745,7 +768,11 @@ def enable_grad_checkpointing(lm) -> None:
     """--grad-checkpointing: the backbone recomputes its activations during backward instead of keeping
     them (transformers' implementation): about a third more compute for much less memory. transformers
     does this only in train mode; fit() sets it, and the frozen backbone has no dropout to switch on."""
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -882,6 +909,9 @@ def plan_generate_stream(args, device) -> Plan:
         enable_grad_checkpointing(vlm.lm)
     stream = StreamBatches(open_stream(args, cfg.clip.image_size, rank, world))
     gen_model = blip3o.Generator(cfg, loss=args.loss, target_dim=cfg.clip.width)
+    if cfg.preset == "toy":  # queries at the toy embeddings' scale, as in plan_generate (see there)
+        with torch.no_grad():
+            gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
     if cfg.clip.name is None:
         # The toy normalizes its targets (Generator.target_scale): the std of the first samples, read by
         # a reader of its own so every rank computes the same number. The paper does not normalize.
@@ -891,6 +921,8 @@ def plan_generate_stream(args, device) -> Plan:
             gen_model.target_scale.fill_(float(enc.tokens(images.to(device)).float().std()))
     step_module = Objective(GenerationStep(gen_model, vlm), lambda m, *b: m(*b[:-1], gen=b[-1]))
     bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
+    if tok.pad_token is None:  # right padding is never attended to (causal LM): any id will do
+        tok.pad_token = tok.eos_token
     limit = cfg.lm.max_length - cfg.num_queries  # the prompt and the 64 queries share the context
 
     def chunk_fn(step, chunk, size, gen):
@@ -1048,16 +1080,18 @@ def main(argv=None) -> int:
 
 def check_writable(out: Path) -> None:
     """Fail before training, not at the first checkpoint, if the run folder cannot be written."""
+    probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
         with open(probe, "wb") as f:
             f.write(b"\0" * 1024 * 1024)  # 1 MiB: also catches a disk that is already full
             f.flush()
             os.fsync(f.fileno())
-        probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to {out}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 if __name__ == "__main__":
