@@ -617,14 +617,17 @@ def plan_vae(args, device) -> Plan:
 class GenerationStep(nn.Module):
     """Queries + head with the LM attached: frozen in stage 2, trainable in joint training."""
 
-    def __init__(self, generator: blip3o.Generator, vlm: blip3o.VisionLanguageModel):
+    def __init__(self, generator: blip3o.Generator, vlm: blip3o.VisionLanguageModel,
+                 time_sampling: str = "uniform"):
         super().__init__()
         self.generator = generator
         self.vlm = vlm
+        self.time_sampling = time_sampling
 
     def forward(self, prompt_ids, prompt_lens, target, gen=None):
         cond = self.generator.condition(self.vlm.lm, prompt_ids, prompt_lens)
-        value, t, per = self.generator.loss(cond, target, cond_drop=0.1, generator=gen)
+        value, t, per = self.generator.loss(cond, target, cond_drop=0.1, time_sampling=self.time_sampling,
+                                            generator=gen)
         return value, t_bin_logs(t, per)
 
 
@@ -674,7 +677,7 @@ def plan_generate(args, device) -> Plan:
         # Starting the queries at the embeddings' scale lets the prompt through from the first step.
         with torch.no_grad():
             gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
-    step_module = Objective(GenerationStep(gen_model, vlm), lambda m, *b: m(*b[:-1], gen=b[-1]))
+    step_module = Objective(GenerationStep(gen_model, vlm, args.time_sampling), lambda m, *b: m(*b[:-1], gen=b[-1]))
 
     def chunk_fn(step, chunk, size, gen):
         idx = torch.randint(len(targets), (size,), generator=gen)
@@ -919,7 +922,7 @@ def plan_generate_stream(args, device) -> Plan:
         images, _ = first.take(64)
         with torch.no_grad(), blip3o.autocast(device):
             gen_model.target_scale.fill_(float(enc.tokens(images.to(device)).float().std()))
-    step_module = Objective(GenerationStep(gen_model, vlm), lambda m, *b: m(*b[:-1], gen=b[-1]))
+    step_module = Objective(GenerationStep(gen_model, vlm, args.time_sampling), lambda m, *b: m(*b[:-1], gen=b[-1]))
     bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
     if tok.pad_token is None:  # right padding is never attended to (causal LM): any id will do
         tok.pad_token = tok.eos_token
@@ -988,6 +991,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (paper: 1.0)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the DiT weights (0: off)")
     p.add_argument("--loss", default="flow", choices=("flow", "mse"), help="generation objective")
+    p.add_argument("--time-sampling", default="uniform", choices=("uniform", "logit_normal"),
+                   help="flow matching's t distribution (paper: uniform)")
     p.add_argument("--target", default="clip", choices=("clip", "vae"), help="generation target space")
     p.add_argument("--images", type=positive_int, default=TOY_IMAGES, help="toy training images")
     p.add_argument("--seed", type=int, default=0)
