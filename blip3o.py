@@ -18,6 +18,7 @@ Read this file top to bottom; the pieces come in the order the data flows throug
 7. Pixels: a pixel decoder (the same Next-DiT over 4x4 image patches, conditioned on CLIP tokens) and a
    small VAE for the "VAE + Flow" ablation.
 8. Checkpoints: safetensors weights + JSON config, written atomically.
+9. `load_run`: every trained piece of a run rebuilt from its checkpoints, as one `Pipeline`.
 
 Flow-matching convention (the paper's, used everywhere in this file):
     x_t = t * x_1 + (1 - t) * x_0,  x_0 ~ N(0, I) noise, x_1 data, t ~ U(0, 1),

@@ -57,7 +57,7 @@ TOY = {
     "understand": dict(steps=600, batch=64, lr=2e-3),
     "decoder": dict(steps=800, batch=64, lr=1e-3),
     "vae": dict(steps=600, batch=64, lr=2e-3),
-    "generate": dict(steps=1200, batch=32, lr=1e-3),
+    "generate": dict(steps=2000, batch=32, lr=2e-3),
     "joint": dict(steps=1000, batch=64, lr=1e-3),
 }
 UNDERSTAND_TURNS = 4  # question/answer turns packed after each image in stage-1 training
@@ -677,7 +677,11 @@ def plan_generate(args, device) -> Plan:
         # Starting the queries at the embeddings' scale lets the prompt through from the first step.
         with torch.no_grad():
             gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
-    step_module = Objective(GenerationStep(gen_model, vlm, args.time_sampling), lambda m, *b: m(*b[:-1], gen=b[-1]))
+    # The toy samples t logit-normally (SD3's choice): it trains the middle of the path, where layout and
+    # colour are decided, more often; in a 200-step probe the prompt's colours showed up in the samples
+    # with it and not yet without it. Real presets keep the paper's uniform t.
+    time_sampling = args.time_sampling or ("logit_normal" if cfg.preset == "toy" else "uniform")
+    step_module = Objective(GenerationStep(gen_model, vlm, time_sampling), lambda m, *b: m(*b[:-1], gen=b[-1]))
 
     def chunk_fn(step, chunk, size, gen):
         idx = torch.randint(len(targets), (size,), generator=gen)
@@ -745,7 +749,8 @@ def plan_joint(args, device) -> Plan:
 
     meta = {"loss": "flow", "target": "clip", "target_dim": int(targets.shape[-1])}
     # ema_prefix "": the EMA covers every trainable weight, the LM's too, so evaluation sees one average.
-    return Plan("joint", Objective(GenerationStep(gen_model, vlm), loss), chunk_fn, save_fn, meta,
+    time_sampling = args.time_sampling or ("logit_normal" if cfg.preset == "toy" else "uniform")
+    return Plan("joint", Objective(GenerationStep(gen_model, vlm, time_sampling), loss), chunk_fn, save_fn, meta,
                 ema_prefix="", **hparams)
 
 
@@ -922,7 +927,11 @@ def plan_generate_stream(args, device) -> Plan:
         images, _ = first.take(64)
         with torch.no_grad(), blip3o.autocast(device):
             gen_model.target_scale.fill_(float(enc.tokens(images.to(device)).float().std()))
-    step_module = Objective(GenerationStep(gen_model, vlm, args.time_sampling), lambda m, *b: m(*b[:-1], gen=b[-1]))
+    # The toy samples t logit-normally (SD3's choice): it trains the middle of the path, where layout and
+    # colour are decided, more often; in a 200-step probe the prompt's colours showed up in the samples
+    # with it and not yet without it. Real presets keep the paper's uniform t.
+    time_sampling = args.time_sampling or ("logit_normal" if cfg.preset == "toy" else "uniform")
+    step_module = Objective(GenerationStep(gen_model, vlm, time_sampling), lambda m, *b: m(*b[:-1], gen=b[-1]))
     bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
     if tok.pad_token is None:  # right padding is never attended to (causal LM): any id will do
         tok.pad_token = tok.eos_token
@@ -991,8 +1000,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (paper: 1.0)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the DiT weights (0: off)")
     p.add_argument("--loss", default="flow", choices=("flow", "mse"), help="generation objective")
-    p.add_argument("--time-sampling", default="uniform", choices=("uniform", "logit_normal"),
-                   help="flow matching's t distribution (paper: uniform)")
+    p.add_argument("--time-sampling", default=None, choices=("uniform", "logit_normal"),
+                   help="flow matching's t distribution (default: logit_normal for the toy, uniform "
+                        "(the paper's) for real presets)")
     p.add_argument("--target", default="clip", choices=("clip", "vae"), help="generation target space")
     p.add_argument("--images", type=positive_int, default=TOY_IMAGES, help="toy training images")
     p.add_argument("--seed", type=int, default=0)
