@@ -1,0 +1,119 @@
+"""The model pieces of blip3o.py on tiny configs: shapes, where gradients go, masks, checkpoint round trips."""
+import dataclasses
+
+import pytest
+import torch
+
+import blip3o
+import data
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """A tiny toy model: tokenizer, frozen CLIP, a VLM and both generator heads."""
+    torch.manual_seed(0)
+    tok = blip3o.build_toy_tokenizer(data.VOCAB)
+    cfg = blip3o.get_config("toy")
+    cfg.clip = dataclasses.replace(cfg.clip, vocab_size=len(tok), width=32, heads=1, layers=1, text_width=32,
+                                   text_heads=1, text_layers=1, embed_dim=32)
+    cfg.lm = dataclasses.replace(cfg.lm, vocab_size=len(tok), hidden_size=32, num_layers=2, num_heads=2,
+                                 num_kv_heads=1, intermediate_size=64)
+    cfg.dit = dataclasses.replace(cfg.dit, in_channels=32, hidden_size=32, num_layers=2, num_heads=2,
+                                  num_kv_heads=2, ffn_dim=64, cond_dim=32)
+    clip = blip3o.ImageEncoder(cfg.clip).eval().requires_grad_(False)
+    vlm = blip3o.VisionLanguageModel(blip3o.build_backbone(cfg.lm), cfg.clip.width,
+                                     tok.convert_tokens_to_ids("<image>"))
+    images = torch.rand(3, 3, 32, 32)
+    return tok, cfg, clip, vlm, images
+
+
+def test_toy_clip_gives_64_tokens_and_their_embedding(parts):
+    tok, cfg, clip, _, images = parts
+    tokens = clip.tokens(images)
+    assert tokens.shape == (3, 64, cfg.clip.width)
+    # the embedding of the 64 tokens alone is the image embedding (what lets generated tokens be scored)
+    torch.testing.assert_close(clip.embed_tokens(tokens), clip.encode_image(images))
+
+
+def test_understanding_loss_masks_everything_but_the_answers(parts):
+    tok, cfg, clip, vlm, images = parts
+    turns = [[("what color is the circle ?", "red"), ("how many objects are there ?", "two")],
+             [("describe the image .", "a red circle and a blue square")]]
+    ids, labels, lens = blip3o.build_conversation_batch(tok, 64, turns)
+    kept = [tok.convert_ids_to_tokens(int(i)) for i in labels[0][labels[0] != -100]]
+    assert kept == ["red", "<eos>", "two", "<eos>"]
+    assert (labels[:, :65] == -100).all()  # <bos> and the 64 image slots
+    assert (labels[1, lens[1]:] == -100).all()  # padding
+    # The loss only sees labelled positions: its gradient w.r.t. the logits vanishes everywhere else
+    # (position i predicts token i + 1).
+    logits = torch.randn(*ids.shape, len(tok), requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+    loss.backward()
+    used = logits.grad.abs().sum(-1)[:, :-1] > 0
+    assert torch.equal(used, labels[:, 1:] != -100)
+
+
+def test_stage1_gradients_reach_projector_and_lm_never_clip(parts):
+    tok, cfg, clip, vlm, images = parts
+    ids, labels, _ = blip3o.build_qa_batch(tok, 64, ["what color is the circle ?"] * 3, ["red", "blue", "pink"])
+    loss, _ = vlm(ids, clip.tokens(images), labels)
+    loss.backward()
+    assert all(p.grad is not None for p in vlm.projector.parameters())
+    assert sum(p.grad is not None for p in vlm.lm.parameters()) >= len(list(vlm.lm.parameters())) - 1
+    assert all(p.grad is None for p in clip.parameters())
+    vlm.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("loss", ["flow", "mse"])
+def test_stage2_gradients_reach_exactly_queries_and_head(parts, loss):
+    tok, cfg, clip, vlm, images = parts
+    vlm.requires_grad_(False).eval()
+    gen = blip3o.Generator(cfg, loss=loss, target_dim=cfg.clip.width)
+    if loss == "flow":  # a fresh DiT's final layer is zero, which blocks every gradient upstream of it
+        torch.nn.init.normal_(gen.dit.norm_out.linear_2.weight, std=0.02)
+    captions = ["a red circle", "two squares", "a blue triangle above a red circle"]
+    texts = gen.prompts(captions)
+    ids, lens = blip3o.encode_texts(tok, texts, 24, bos=True, eos=False)
+    cond = gen.condition(vlm.lm, ids, lens)
+    assert cond.shape == (3, 64, cfg.lm.hidden_size)
+    value, _, _ = gen.loss(cond, clip.tokens(images))
+    value.backward()
+    assert gen.queries.grad is not None and gen.queries.grad.abs().sum() > 0  # through the frozen LM
+    head = gen.dit if loss == "flow" else gen.mse
+    assert all(p.grad is not None for p in head.parameters())
+    assert all(p.grad is None for p in vlm.parameters())
+    assert all(p.grad is None for p in clip.parameters())
+    vlm.requires_grad_(True)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(parts, tmp_path):
+    tok, cfg, clip, vlm, images = parts
+    gen = blip3o.Generator(cfg, loss="flow", target_dim=cfg.clip.width).eval()
+    tensors = {**blip3o.module_tensors("clip", clip), **blip3o.module_tensors("vlm", vlm),
+               **blip3o.module_tensors("generator", gen)}
+    blip3o.save_checkpoint(tmp_path / "ckpt", tensors, {"stage": "test", "config": cfg.to_dict()})
+    meta, loaded, _ = blip3o.load_checkpoint(tmp_path / "ckpt", stage="test")
+    cfg2 = blip3o.Config.from_dict(meta["config"])
+    assert cfg2 == cfg
+    clip2 = blip3o.ImageEncoder(cfg2.clip).eval()
+    vlm2 = blip3o.VisionLanguageModel(blip3o.build_backbone(cfg2.lm), cfg2.clip.width, vlm.image_token_id).eval()
+    gen2 = blip3o.Generator(cfg2, loss="flow", target_dim=cfg2.clip.width).eval()
+    for module, prefix in ((clip2, "clip"), (vlm2, "vlm"), (gen2, "generator")):
+        blip3o.load_module(module, loaded, prefix)
+    vlm.eval()
+    with torch.no_grad():
+        assert torch.equal(clip.tokens(images), clip2.tokens(images))
+        ids, _, _ = blip3o.build_qa_batch(tok, 64, ["what color is the circle ?"] * 3)
+        assert torch.equal(vlm(ids, clip.tokens(images))[1], vlm2(ids, clip2.tokens(images))[1])
+        x, t, c = torch.randn(3, 64, cfg.clip.width), torch.rand(3), torch.randn(3, 64, cfg.lm.hidden_size)
+        assert torch.equal(gen.dit(x, t, c), gen2.dit(x, t, c))
+
+
+def test_wrong_checkpoint_names_what_differs(parts):
+    tok, cfg, clip, vlm, images = parts
+    tensors = blip3o.module_tensors("clip", clip)
+    key = next(iter(tensors))
+    tensors[key] = torch.zeros(7)
+    with pytest.raises(blip3o.CheckpointError, match="shape mismatch"):
+        blip3o.load_module(blip3o.ImageEncoder(cfg.clip), tensors, "clip")
