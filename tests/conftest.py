@@ -6,6 +6,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# The real GenEval prompt set lies beside the checkout (../shared/geneval/, as in DESIGN.md and CI).
+GENEVAL_METADATA = os.path.join(os.path.dirname(ROOT), "shared", "geneval", "evaluation_metadata.jsonl")
+
 import pytest
 
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageFilter
 
 import data
 
-OFFICIAL = "/work/shared/geneval/evaluation_metadata.jsonl"
+from conftest import GENEVAL_METADATA as OFFICIAL
 
 
 def obj(cls, color, box):

@@ -17,9 +17,10 @@ from PIL import Image
 import blip3o
 import data
 import sample
+from conftest import GENEVAL_METADATA
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_GENEVAL = ROOT.parent / "shared" / "geneval" / "evaluation_metadata.jsonl"
+REAL_GENEVAL = Path(GENEVAL_METADATA)
 FAST = ["--steps", "2", "--decoder-steps", "2"]
 
 
