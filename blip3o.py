@@ -1068,7 +1068,7 @@ def euler_sample(model, cond, num_tokens, channels, *, steps=30, cfg=3.0, cond_m
 
 
 # ----------------------------------------------------------------------------------------------------
-# Released BLIP3-o generation weights (BLIP3o/BLIP3o-Model-8B, -4B): see /work/shared/OFFICIAL_WEIGHTS.md
+# Released BLIP3-o generation weights (BLIP3o/BLIP3o-Model-8B, -4B): see ../shared/OFFICIAL_WEIGHTS.md
 # ----------------------------------------------------------------------------------------------------
 
 OFFICIAL_DIT_PREFIX = "model.dit.model."
