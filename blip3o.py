@@ -560,13 +560,19 @@ def build_qa_batch(tokenizer, clip_grid_tokens: int, questions, answers=None, le
         rows.append(prompt + target)
         labels.append([-100] * len(prompt) + target)
         lens.append(len(prompt) + len(target))
-    T = length or max(lens)
-    if max(lens) > T:
-        raise ValueError(f"sequence of {max(lens)} tokens exceeds the backbone's limit {T}")
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
+    ids, lab = _pad_right(rows, labels, tokenizer.pad_token_id, length)
     return ids, (lab if answers is not None else None), torch.tensor(lens)
+
+
+def _pad_right(rows, labels, pad_id: int, length: int | None = None):
+    """Token rows and their label rows -> (ids, labels) tensors (B, T), right-padded (labels with -100)."""
+    longest = max(len(r) for r in rows)
+    T = length or longest
+    if longest > T:
+        raise ValueError(f"sequence of {longest} tokens exceeds the backbone's limit {T}")
+    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
+    return ids, lab
 
 
 def build_conversation_batch(tokenizer, clip_grid_tokens: int, conversations, length: int | None = None):
@@ -588,14 +594,8 @@ def build_conversation_batch(tokenizer, clip_grid_tokens: int, conversations, le
             lab += [-100] * len(q_ids) + a_ids
         rows.append(row)
         labels.append(lab)
-    lens = [len(r) for r in rows]
-    T = length or max(lens)
-    if max(lens) > T:
-        raise ValueError(f"sequence of {max(lens)} tokens exceeds the backbone's limit {T}")
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
-    return ids, lab, torch.tensor(lens)
+    ids, lab = _pad_right(rows, labels, tokenizer.pad_token_id, length)
+    return ids, lab, torch.tensor([len(r) for r in rows])
 
 
 # ----------------------------------------------------------------------------------------------------
