@@ -123,6 +123,10 @@ def generate_grid(pipe: blip3o.Pipeline, prompts, num_samples: int = 4, seed: in
 
     if not prompts:
         raise UserError("no prompts to generate")
+    if pipe.generator is not None:  # refuse empty or over-long prompts before any progress bar is drawn
+        if any(not p.strip() for p in prompts):
+            raise ValueError("empty prompt")
+        pipe.encode_prompts(prompts)
     image_cols, token_cols = [], []
     with tqdm(total=len(prompts) * num_samples, desc="generating", unit="image", disable=quiet,
               file=sys.stderr, dynamic_ncols=True) as bar:
