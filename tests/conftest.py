@@ -9,7 +9,10 @@ if ROOT not in sys.path:
 # The real GenEval prompt set lies beside the checkout (../shared/geneval/, as in DESIGN.md and CI).
 GENEVAL_METADATA = os.path.join(os.path.dirname(ROOT), "shared", "geneval", "evaluation_metadata.jsonl")
 
+import subprocess
+
 import pytest
+import torch
 
 
 TINY = ["--steps", "2", "--batch-size", "4", "--images", "48", "--quiet", "--ckpt-every", "0"]
@@ -36,3 +39,19 @@ def tiny_run(tmp_path_factory):
     train_tiny(out, "--stage", "generate", "--loss", "mse", "--target", "clip")
     train_tiny(out, "--stage", "generate", "--loss", "flow", "--target", "vae")
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Two shared cores: one torch thread is kinder to neighbours (and faster when they are busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_script(script: str, *args, timeout: int = 300):
+    """Run one of the repository's scripts as a user would (one OpenMP thread); the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=timeout)

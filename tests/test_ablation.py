@@ -23,13 +23,7 @@ DATA = {"images": 48, "seed": 0}  # what conftest's train_tiny trains on
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one torch thread is kinder to neighbours (and faster when they are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_run(tiny_run, folder: Path) -> Path:

@@ -7,8 +7,6 @@ an untrained model: these tests check the plumbing and the scoring logic, with t
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,23 +16,16 @@ import torch
 import data
 import eval as evaluation
 import sample
+from conftest import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one torch thread is kinder to neighbours (and faster when they are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "eval.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=300)
+    return run_script("eval.py", *args)
 
 
 def last_json(stdout: str) -> dict:

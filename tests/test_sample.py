@@ -5,9 +5,6 @@ The models come from the session's `tiny_run` (2 training steps per stage): thes
 pieces fit and the files are right, not what the model learned. Few sampler steps keep them fast.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,27 +14,18 @@ from PIL import Image
 import blip3o
 import data
 import sample
-from conftest import GENEVAL_METADATA
+from conftest import GENEVAL_METADATA, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_GENEVAL = Path(GENEVAL_METADATA)
 FAST = ["--steps", "2", "--decoder-steps", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one torch thread is kinder to neighbours (and faster when they are busy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args):
-    """Run sample.py as a user would; returns the CompletedProcess (stdout, stderr, returncode)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=300)
+    return run_script("sample.py", *args)
 
 
 def cli(*args) -> int:
