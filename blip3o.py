@@ -10,7 +10,8 @@ Read this file top to bottom; the pieces come in the order the data flows throug
 2. Tokenizer: a word-level tokenizer built offline for the toy; `AutoTokenizer` for real backbones.
 3. Image encoder: an open_clip CLIP; its last block's patch tokens, average-pooled to an 8x8 grid, are what
    the LM reads *and* what the generator learns to produce (paper section 3: "CLIP + Flow Matching").
-4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only.
+4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only
+   (the toy also trains on text-only rows, so its LM can read a caption as a real backbone can).
 5. Generation (stage 2): 64 learnable queries appended to the prompt; the frozen LM's last hidden states
    at those positions condition a Next-DiT (Lumina-Next) trained by flow matching, or, for the ablation,
    a linear map trained with MSE.
@@ -490,10 +491,16 @@ class VisionLanguageModel(nn.Module):
         self.projector = Projector(clip_dim, lm.config.get_text_config().hidden_size)
         self.image_token_id = image_token_id
 
-    def embed(self, input_ids: torch.Tensor, clip_tokens: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with the projected image tokens scattered into the placeholder slots."""
+    def embed(self, input_ids: torch.Tensor, clip_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the projected image tokens scattered into the placeholder slots.
+
+        clip_tokens None: a text-only sequence (no placeholders allowed)."""
         embeds = self.lm.get_input_embeddings()(input_ids)  # (B, T, D_lm)
         slots = (input_ids == self.image_token_id).unsqueeze(-1)  # (B, T, 1)
+        if clip_tokens is None:
+            if not embeds.is_meta and bool(slots.any()):
+                raise ValueError("image placeholders in a sequence given no image tokens")
+            return embeds
         image = self.projector(clip_tokens).to(embeds.dtype)  # (B, 64, D_lm)
         # (Counting needs real values: the meta device, used for size checks, has none.)
         if not embeds.is_meta and int(slots.sum()) != image.shape[0] * image.shape[1]:
@@ -502,7 +509,9 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(slots, image)
 
     def forward(self, input_ids, clip_tokens, labels=None):
-        """Returns (loss or None, logits (B, T, V)). The loss is the mean over labelled tokens."""
+        """Returns (loss or None, logits (B, T, V)). The loss is the mean over labelled tokens.
+
+        clip_tokens None runs a text-only sequence (the toy's text rows, see train.plan_understand)."""
         embeds = self.embed(input_ids, clip_tokens)  # (B, T, D_lm)
         # use_cache=False: every call runs the whole sequence, so a KV cache would only cost memory.
         logits = self.lm(inputs_embeds=embeds, position_ids=text_positions(embeds), use_cache=False).logits

@@ -198,3 +198,28 @@ def test_make_image_set_matches_scenes_and_tags():
     assert images.dtype == torch.uint8 and images.shape == (12, 3, 32, 32)
     assert [s.tag for s in scenes] == ["counting", "colors"] * 6
     assert torch.equal(images[5], torch.from_numpy(data.draw(scenes[5])).permute(2, 0, 1))
+
+
+def test_text_rows_ask_only_what_their_text_states():
+    """Stage 1's text-only conversations (train.text_qa_table): every answer can be read off the prompt."""
+    import train
+    scenes = [data.make_scene(i) for i in range(240)]
+    rows = train.text_qa_table(scenes, 0, data.GENERATION_TEMPLATE)
+    assert len(rows) == 2 * len(scenes)
+    relations = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    for k, turns in enumerate(rows):
+        scene = scenes[k // 2]
+        text = (scene.caption, scene.prompt)[k % 2]
+        assert turns[0][0].startswith(data.GENERATION_TEMPLATE.format(text) + " . ")
+        words = text.split()
+        for q, a in turns:
+            q = q.split(" . ")[-1].split()
+            if q[:2] == ["what", "color"]:  # what color is the <shape> ?
+                assert a in words and q[4] in words
+            elif q[:2] == ["what", "shape"]:  # what shape is the <color> object ?
+                assert q[4] in words and (a in words or data.plural(a) in words)
+            elif q[0] == "where":  # where is the <a> relative to the <b> ?
+                assert q[3] in words and q[7] in words
+                assert a in words or relations[a] in words
+            else:
+                assert q[:2] == ["how", "many"]

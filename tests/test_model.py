@@ -65,6 +65,24 @@ def test_stage1_gradients_reach_projector_and_lm_never_clip(parts):
     vlm.zero_grad(set_to_none=True)
 
 
+def test_text_rows_run_without_an_image_and_label_only_the_answers(parts):
+    tok, cfg, clip, vlm, images = parts
+    turns = [[("Please generate an image based on the following caption: a red circle . what color is the "
+               "circle ?", "red")]]
+    ids, labels, _ = blip3o.build_conversation_batch(tok, 0, turns)
+    assert tok.convert_tokens_to_ids("<image>") not in ids.tolist()[0]
+    kept = [tok.convert_ids_to_tokens(int(i)) for i in labels[0][labels[0] != -100]]
+    assert kept == ["red", "<eos>"]
+    loss, logits = vlm(ids, None, labels)
+    assert logits.shape[:2] == ids.shape and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None or not p.grad.any() for p in vlm.projector.parameters())  # no image, no projector
+    vlm.zero_grad(set_to_none=True)
+    img_ids, _, _ = blip3o.build_qa_batch(tok, 64, ["what color is the circle ?"], ["red"])
+    with pytest.raises(ValueError, match="placeholders"):
+        vlm(img_ids, None)  # image slots but no image tokens: refused, not silently left as <image> embeddings
+
+
 @pytest.mark.parametrize("loss", ["flow", "mse"])
 def test_stage2_gradients_reach_exactly_queries_and_head(parts, loss):
     tok, cfg, clip, vlm, images = parts
