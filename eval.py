@@ -852,6 +852,8 @@ def train_segment(out, stage_argv: list, steps, batch, data_args: dict, device, 
     argv += ["--steps", str(steps)] if steps else []
     argv += ["--batch-size", str(batch)] if batch else []
     argv += ["--restart"] if restart else []
+    if "generate" in stage_argv:  # one noise draw per prompt: every design sees the same samples per step
+        argv += ["--noise-repeats", "1"]
     args = train.parse_args(argv)
     args.config = blip3o.get_config(args.preset)
     torch.manual_seed(args.seed)  # as train.main does: the new modules' initial weights

@@ -57,7 +57,7 @@ TOY = {
     "understand": dict(steps=600, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
     "decoder": dict(steps=1600, batch=64, lr=1e-3),
     "vae": dict(steps=600, batch=64, lr=2e-3),
-    "generate": dict(steps=1400, batch=32, lr=2e-3),
+    "generate": dict(steps=1600, batch=16, lr=2e-3),  # prompts; x2 noise draws each
     "joint": dict(steps=1000, batch=64, lr=1e-3),
 }
 UNDERSTAND_TURNS = 4  # question/answer turns packed after each image in stage-1 training
@@ -667,14 +667,20 @@ class GenerationStep(nn.Module):
     """Queries + head with the LM attached: frozen in stage 2, trainable in joint training."""
 
     def __init__(self, generator: blip3o.Generator, vlm: blip3o.VisionLanguageModel,
-                 time_sampling: str = "uniform"):
+                 time_sampling: str = "uniform", noise_repeats: int = 1):
         super().__init__()
         self.generator = generator
         self.vlm = vlm
         self.time_sampling = time_sampling
+        self.noise_repeats = noise_repeats
 
     def forward(self, prompt_ids, prompt_lens, target, gen=None):
         cond = self.generator.condition(self.vlm.lm, prompt_ids, prompt_lens)
+        if self.noise_repeats > 1:
+            # Each prompt's condition is computed once and its target noised `noise_repeats` times (own t,
+            # own noise), as MAR does for its diffusion head: the LM pass is shared by several DiT samples.
+            cond = cond.repeat_interleave(self.noise_repeats, 0)
+            target = target.repeat_interleave(self.noise_repeats, 0)
         value, t, per = self.generator.loss(cond, target, cond_drop=0.1, time_sampling=self.time_sampling,
                                             generator=gen)
         return value, t_bin_logs(t, per)
@@ -730,7 +736,13 @@ def plan_generate(args, device) -> Plan:
     # colour are decided, more often; in a 200-step probe the prompt's colours showed up in the samples
     # with it and not yet without it. Real presets keep the paper's uniform t.
     time_sampling = args.time_sampling or ("logit_normal" if cfg.preset == "toy" else "uniform")
-    step_module = Objective(GenerationStep(gen_model, vlm, time_sampling), lambda m, *b: m(*b[:-1], gen=b[-1]))
+    # Toy: 16 prompts x 2 noise draws per step instead of 32 prompts x 1. The frozen LM's forward and
+    # backward (for the queries' gradient) is 40 % of a toy step; sharing it between two DiT samples made
+    # steps ~25 % cheaper, and at an equal time budget (1600 vs 1400 steps, ~5.3 min) single_object+colors
+    # retrieval was 0.95 and 0.80 in two runs vs 0.76 (measured, 8 samples per prompt). Real presets and MSE: 1.
+    repeats = args.noise_repeats or (2 if cfg.preset == "toy" and args.loss == "flow" else 1)
+    step_module = Objective(GenerationStep(gen_model, vlm, time_sampling, repeats),
+                            lambda m, *b: m(*b[:-1], gen=b[-1]))
 
     def chunk_fn(step, chunk, size, gen):
         idx = torch.randint(len(targets), (size,), generator=gen)
@@ -1052,6 +1064,9 @@ def parse_args(argv=None):
     p.add_argument("--time-sampling", default=None, choices=("uniform", "logit_normal"),
                    help="flow matching's t distribution (default: logit_normal for the toy, uniform "
                         "(the paper's) for real presets)")
+    p.add_argument("--noise-repeats", type=positive_int, default=None,
+                   help="--stage generate: noise draws per prompt and step (default: 2 for the toy, 1 for "
+                        "real presets); the DiT batch is the batch size times this")
     p.add_argument("--target", default="clip", choices=("clip", "vae"), help="generation target space")
     p.add_argument("--images", type=positive_int, default=TOY_IMAGES, help="toy training images")
     p.add_argument("--seed", type=int, default=0)

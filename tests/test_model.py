@@ -105,6 +105,33 @@ def test_stage2_gradients_reach_exactly_queries_and_head(parts, loss):
     vlm.requires_grad_(True)
 
 
+def test_noise_repeats_share_one_lm_pass_between_several_dit_samples(parts, monkeypatch):
+    import train
+    tok, cfg, clip, vlm, images = parts
+    vlm.requires_grad_(False).eval()
+    gen = blip3o.Generator(cfg, loss="flow", target_dim=cfg.clip.width)
+    step = train.GenerationStep(gen, vlm, noise_repeats=2)
+    ids, lens = blip3o.encode_texts(tok, gen.prompts(["a red circle", "two squares", "a blue triangle"]), 16,
+                                    bos=True, eos=False)
+    calls, seen = [], {}
+    monkeypatch.setattr(gen, "condition", lambda *a: calls.append(1) or blip3o.Generator.condition(gen, *a))
+    flow = blip3o.flow_matching_loss
+
+    def spy(model, x1, cond, *a, **k):
+        seen.update(x1=x1, cond=cond)
+        return flow(model, x1, cond, *a, **k)
+
+    monkeypatch.setattr(blip3o, "flow_matching_loss", spy)
+    target = clip.tokens(images)
+    value, _ = step(ids, lens, target, gen=torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and seen["cond"].shape[0] == 6  # one LM pass, six DiT samples
+    torch.testing.assert_close(seen["x1"][0::2], seen["x1"][1::2])  # each target twice, in place
+    torch.testing.assert_close(seen["x1"][0::2], target / gen.target_scale)
+    torch.testing.assert_close(seen["cond"][0::2], seen["cond"][1::2])
+    assert torch.isfinite(value)
+    vlm.requires_grad_(True)
+
+
 def test_checkpoint_round_trip_gives_identical_outputs(parts, tmp_path):
     tok, cfg, clip, vlm, images = parts
     gen = blip3o.Generator(cfg, loss="flow", target_dim=cfg.clip.width).eval()
