@@ -539,21 +539,14 @@ def text_qa_table(scenes, seed: int, template: str) -> list[list[tuple[str, str]
     out = []
     for i, s in enumerate(scenes):
         qa = data.make_qa(s, random.Random(data.stable_seed("text-qa", seed, i)))
-        named = {inc["class"]: inc.get("color") for inc in s.metadata["include"]}
-
-        def stated_by_prompt(qtype, q):
-            if qtype == "count":
-                return True
-            if qtype == "position":
-                return s.tag == "position"
-            words = q.split()
-            if qtype == "color":  # "what color is the <shape> ?"
-                return named.get(words[-2]) is not None
-            return words[4] in named.values()  # "what shape is the <color> object ?"
-
-        for text, keep in ((s.caption, lambda qtype, q: qtype != "position" or len(s.objects) == 2),
-                           (s.prompt, stated_by_prompt)):
-            turns = [(q, a) for qtype, q, a in qa if keep(qtype, q)]
+        # The caption states everything but the relations of three or more objects; a GenEval-style prompt
+        # states every object and count, colours only when it names them all (colors, color_attr), and a
+        # relation only for the position tag.
+        by_caption = {"color", "shape", "count"} | ({"position"} if len(s.objects) == 2 else set())
+        by_prompt = {"count"} | ({"color", "shape"} if all("color" in inc for inc in s.metadata["include"])
+                                 else set()) | ({"position"} if s.tag == "position" else set())
+        for text, stated in ((s.caption, by_caption), (s.prompt, by_prompt)):
+            turns = [(q, a) for qtype, q, a in qa if qtype in stated]
             out.append([(template.format(text) + " . " + turns[0][0], turns[0][1])] + turns[1:])
     return out
 

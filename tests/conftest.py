@@ -42,6 +42,17 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture
+def run(tiny_run, tmp_path):
+    """A fresh run folder holding only tiny_run's CLIP and stage-1 LM: a generation stage starts from scratch."""
+    import shutil
+
+    out = tmp_path / "run"
+    for stage in ("clip", "understand"):
+        shutil.copytree(tiny_run / stage, out / stage)
+    return out
+
+
+@pytest.fixture
 def one_thread():
     """Two shared cores: one torch thread is kinder to neighbours (and faster when they are busy)."""
     before = torch.get_num_threads()

@@ -23,15 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATE = ["--stage", "generate", "--images", "48", "--quiet", "--threads", "1"]
 
 
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    """A run folder holding only the trained CLIP and stage-1 LM: the generation stage starts fresh."""
-    out = tmp_path / "run"
-    for stage in ("clip", "understand"):
-        shutil.copytree(tiny_run / stage, out / stage)
-    return out
-
-
 def history(out, variant="flow-clip") -> list[dict]:
     meta = json.loads((blip3o.checkpoint_path(Path(out) / "generate" / variant) / "meta.json").read_text())
     return meta["state"]["history"]

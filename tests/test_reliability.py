@@ -28,17 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATE = ["--stage", "generate", "--images", "48", "--batch-size", "4", "--quiet", "--threads", "1"]
 
 
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    """A run folder with the session's trained CLIP and stage-1 LM; no generation checkpoint yet."""
-    import shutil
-
-    out = tmp_path / "run"
-    for stage in ("clip", "understand"):
-        shutil.copytree(tiny_run / stage, out / stage)
-    return out
-
-
 def cli(script, *args, env=None):
     """Run a script as a user would: a fresh interpreter, its exit status, stdout and stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
