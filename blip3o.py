@@ -11,7 +11,8 @@ Read this file top to bottom; the pieces come in the order the data flows throug
 3. Image encoder: an open_clip CLIP; its last block's patch tokens, average-pooled to an 8x8 grid, are what
    the LM reads *and* what the generator learns to produce (paper section 3: "CLIP + Flow Matching").
 4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only
-   (the toy also trains on text-only rows, so its LM can read a caption as a real backbone can).
+   (the toy merges each 2x2 block of CLIP tokens into one LM token as Qwen2-VL does, and also trains on
+   text-only rows, so its LM can read a caption as a real backbone can).
 5. Generation (stage 2): 64 learnable queries appended to the prompt; the frozen LM's last hidden states
    at those positions condition a Next-DiT (Lumina-Next) trained by flow matching, or, for the ablation,
    a linear map trained with MSE.
@@ -136,6 +137,9 @@ class LMConfig:
     max_length: int = 160  # longest sequence the toy model is built for (positions)
     vocab_size: int = 0  # toy: set from the tokenizer
     image_token: str = "<image>"  # placeholder replaced by projected CLIP tokens (Qwen: "<|image_pad|>")
+    # Image tokens the projector merges into one LM token, per side (Qwen2-VL's 2x2 patch merger): the
+    # toy's 8x8 CLIP grid reaches its LM as 4x4 = 16 tokens. 1: one LM token per CLIP token (LLaVA).
+    image_merge: int = 1
     # The published config.json of the real backbone, used to build it on the `meta` device without a
     # download (sizes only; weights always come from `name`).
     arch: dict | None = None
@@ -199,7 +203,9 @@ QWEN25_VL_7B = dict(model_type="qwen2_5_vl", hidden_size=3584, num_hidden_layers
 
 def _toy() -> Config:
     clip = CLIPConfig()
-    lm = LMConfig()
+    # 2x2 merging: the same stage-1 accuracy as 64 image tokens at equal steps (0.751 vs 0.745 on training
+    # images after 300 steps), each step 1.45x faster, as the image is most of every sequence.
+    lm = LMConfig(image_merge=2)
     # Generation head: a small Next-DiT over the 64 CLIP tokens, conditioned on the 64 query states.
     dit = DiTConfig(in_channels=clip.width, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
                     ffn_dim=256, cond_dim=lm.hidden_size, grid_size=clip.grid)
@@ -466,14 +472,27 @@ def text_positions(embeds: torch.Tensor) -> torch.Tensor:
 
 
 class Projector(nn.Module):
-    """LLaVA-1.5's two-layer MLP from CLIP tokens into the LM's embedding space."""
+    """LLaVA-1.5's two-layer MLP from CLIP tokens into the LM's embedding space.
 
-    def __init__(self, clip_dim: int, lm_dim: int):
+    merge > 1: each merge x merge block of neighbouring tokens on the square grid is concatenated first and
+    becomes one LM token (Qwen2-VL's patch merger), so the LM reads grid^2 / merge^2 image tokens.
+    """
+
+    def __init__(self, clip_dim: int, lm_dim: int, merge: int = 1):
         super().__init__()
-        self.linear_1 = nn.Linear(clip_dim, lm_dim)
+        self.merge = merge
+        self.linear_1 = nn.Linear(clip_dim * merge * merge, lm_dim)
         self.linear_2 = nn.Linear(lm_dim, lm_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, C) row-major on a square grid -> (B, N / merge^2, D_lm)."""
+        m = self.merge
+        if m > 1:
+            B, N, C = x.shape
+            g = math.isqrt(N)
+            if g * g != N or g % m:
+                raise ValueError(f"{N} image tokens are not a square grid divisible into {m}x{m} blocks")
+            x = x.reshape(B, g // m, m, g // m, m, C).permute(0, 1, 3, 2, 4, 5).reshape(B, N // (m * m), m * m * C)
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 
@@ -482,14 +501,19 @@ class VisionLanguageModel(nn.Module):
 
     Training sequence (right-padded; causal attention means padding after a sample never affects it):
         <bos> <image> x 64  question  answer <eos> <pad> ...
-    with labels = -100 everywhere but the answer and its <eos> (prompt and image masked out).
+    with labels = -100 everywhere but the answer and its <eos> (prompt and image masked out). With
+    `merge` (the toy: 2) the projector merges 2x2 CLIP tokens, and 16 placeholders stand for the image.
     """
 
-    def __init__(self, lm, clip_dim: int, image_token_id: int):
+    def __init__(self, lm, clip_dim: int, image_token_id: int, merge: int = 1):
         super().__init__()
         self.lm = lm
-        self.projector = Projector(clip_dim, lm.config.get_text_config().hidden_size)
+        self.projector = Projector(clip_dim, lm.config.get_text_config().hidden_size, merge)
         self.image_token_id = image_token_id
+
+    def image_tokens(self, clip_tokens: int) -> int:
+        """How many <image> placeholders an image of `clip_tokens` CLIP tokens needs in the sequence."""
+        return clip_tokens // self.projector.merge ** 2
 
     def embed(self, input_ids: torch.Tensor, clip_tokens: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the projected image tokens scattered into the placeholder slots.
@@ -501,7 +525,7 @@ class VisionLanguageModel(nn.Module):
             if not embeds.is_meta and bool(slots.any()):
                 raise ValueError("image placeholders in a sequence given no image tokens")
             return embeds
-        image = self.projector(clip_tokens).to(embeds.dtype)  # (B, 64, D_lm)
+        image = self.projector(clip_tokens).to(embeds.dtype)  # (B, 64 / merge^2, D_lm)
         # (Counting needs real values: the meta device, used for size checks, has none.)
         if not embeds.is_meta and int(slots.sum()) != image.shape[0] * image.shape[1]:
             raise ValueError(f"{int(slots.sum())} image placeholders for {image.shape[0] * image.shape[1]} "
@@ -554,12 +578,12 @@ class VisionLanguageModel(nn.Module):
         return out
 
 
-def build_qa_batch(tokenizer, clip_grid_tokens: int, questions, answers=None, length: int | None = None):
+def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length: int | None = None):
     """Questions (+ answers) -> (input_ids, labels or None, lengths). Image placeholders first.
 
     Layout: <bos> <image>*64 question [answer <eos>]; labels keep only the answer and <eos>.
     """
-    img = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[4])] * clip_grid_tokens
+    img = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[4])] * image_tokens
     rows, labels, lens = [], [], []
     for i, q in enumerate(questions):
         prompt = [tokenizer.bos_token_id] + img + tokenizer(q, add_special_tokens=False)["input_ids"]
@@ -584,14 +608,14 @@ def _pad_right(rows, labels, pad_id: int, length: int | None = None):
     return ids, lab
 
 
-def build_conversation_batch(tokenizer, clip_grid_tokens: int, conversations, length: int | None = None):
+def build_conversation_batch(tokenizer, image_tokens: int, conversations, length: int | None = None):
     """Several question/answer turns about one image per row -> (input_ids, labels, lengths).
 
     Layout: <bos> <image>*64 q1 a1 <eos> q2 a2 <eos> ... (LLaVA's multi-turn format). The 64 image
     tokens are the bulk of every sequence, so packing a few turns per image gives several times the
     supervision for little more compute. Labels keep only the answers and their <eos>.
     """
-    img = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[4])] * clip_grid_tokens
+    img = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[4])] * image_tokens
     rows, labels = [], []
     for turns in conversations:
         row = [tokenizer.bos_token_id] + img
@@ -1502,7 +1526,7 @@ class Pipeline:
         if self.vlm is None:
             raise CheckpointError("this run has no understanding checkpoint (RUN/understand)")
         ctok = self.clip.tokens(images.to(self.device))
-        ids, _, lens = build_qa_batch(self.tokenizer, ctok.shape[1], questions)
+        ids, _, lens = build_qa_batch(self.tokenizer, self.vlm.image_tokens(ctok.shape[1]), questions)
         outs = self.vlm.generate(ids.to(self.device), lens.to(self.device), ctok, max_new_tokens,
                                  self.tokenizer.eos_token_id, temperature, generator)
         return [decode_ids(self.tokenizer, o) for o in outs]
@@ -1578,8 +1602,9 @@ def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> P
     pipe = Pipeline(cfg, tokenizer, clip.to(device).eval(), device=device)
 
     if (got := ckpt("understand")) is not None:
-        lm = build_backbone(Config.from_dict(got[0]["config"]).lm)
-        pipe.vlm = VisionLanguageModel(lm, cfg.clip.width, tokenizer.convert_tokens_to_ids("<image>"))
+        lm_cfg = Config.from_dict(got[0]["config"]).lm
+        pipe.vlm = VisionLanguageModel(build_backbone(lm_cfg), cfg.clip.width,
+                                       tokenizer.convert_tokens_to_ids("<image>"), lm_cfg.image_merge)
         load_module(pipe.vlm, got[1], "vlm", str(run / "understand"))
         pipe.vlm.to(device).eval()
     if (got := ckpt("decoder")) is not None:

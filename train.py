@@ -475,7 +475,8 @@ def load_lm(args, tok, device):
         meta, tensors, _ = blip3o.load_checkpoint(folder, stage="understand")
         cfg = blip3o.Config.from_dict(meta["config"])
         lm = blip3o.build_backbone(cfg.lm)
-        vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"))
+        vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"),
+                                         cfg.lm.image_merge)
         blip3o.load_module(vlm, tensors, "vlm", str(folder))
     vlm = vlm.to(device)
     if device.type == "cuda":  # frozen: bf16 (a real backbone is built in bf16 already)
@@ -570,7 +571,7 @@ def plan_understand(args, device) -> Plan:
     lm = blip3o.build_backbone(cfg.lm)
     if args.grad_checkpointing:
         enable_grad_checkpointing(lm)
-    vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"))
+    vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"), cfg.lm.image_merge)
 
     per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns
     for i, q, a in rows:
@@ -585,7 +586,7 @@ def plan_understand(args, device) -> Plan:
         for i in img.tolist():  # up to UNDERSTAND_TURNS random turns about each image
             order = torch.randperm(len(per_image[i]), generator=gen)[:UNDERSTAND_TURNS].tolist()
             conversations.append([per_image[i][j] for j in order])
-        ids, labels, _ = blip3o.build_conversation_batch(tok, clip_tokens.shape[1], conversations)
+        ids, labels, _ = blip3o.build_conversation_batch(tok, vlm.image_tokens(clip_tokens.shape[1]), conversations)
         # Text rows: the prompt turn and up to UNDERSTAND_TURNS - 1 more, no image placeholders.
         pick = torch.randint(len(text_rows), (n_text,), generator=gen).tolist()
         t_ids, t_labels, _ = blip3o.build_conversation_batch(tok, 0, [text_rows[j][:UNDERSTAND_TURNS] for j in pick])
@@ -784,8 +785,8 @@ def plan_joint(args, device) -> Plan:
         n_und = size // 2  # understanding rows; the rest of the chunk is generation rows
         pick = torch.randint(len(rows), (n_und,), generator=gen).tolist()
         img = torch.tensor([rows[j][0] for j in pick])
-        qa_ids, labels, _ = blip3o.build_qa_batch(tok, clip_tokens.shape[1], [rows[j][1] for j in pick],
-                                                  [rows[j][2] for j in pick])
+        qa_ids, labels, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(clip_tokens.shape[1]),
+                                                  [rows[j][1] for j in pick], [rows[j][2] for j in pick])
         idx = torch.randint(len(targets), (size - n_und,), generator=gen)
         use_prompt = torch.rand(size - n_und, generator=gen) < 0.5
         ids = torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx])

@@ -72,8 +72,9 @@ def test_recon_scores_of_perfect_reconstructions():
 
 
 def test_question_set_one_of_each_type_per_scene():
-    images, rows = evaluation.question_set(60, seed=4)
-    assert len(rows) == 60 and images.dtype == torch.uint8
+    images, rows, n_objects = evaluation.question_set(60, seed=4)
+    assert len(rows) == 60 and images.dtype == torch.uint8 and len(n_objects) == len(images)
+    assert set(n_objects) <= {1, 2, 3, 4} and {1, 2} <= set(n_objects)
     per_image = {}
     for i, qtype, question, answer in rows:
         per_image.setdefault(i, []).append(qtype)
@@ -102,6 +103,10 @@ def test_command_prints_json_last(command, tiny_run):
     assert key in m
     if command == "understand":
         assert set(m["per_type"]) == set(data.QTYPES) and "caption_exact" in m
+        for qtype, sizes in m["by_scene_size"].items():  # a split of the same questions, nothing lost
+            assert sum(v["questions"] for v in sizes.values()) == m["per_type"][qtype]["questions"]
+            hits = sum(v["accuracy"] * v["questions"] for v in sizes.values())
+            assert hits == pytest.approx(m["per_type"][qtype]["accuracy"] * m["per_type"][qtype]["questions"])
     if command in ("clipgen", "toygeneval"):
         assert set(m["per_tag"]) == set(data.TAGS)
     if command == "toygeneval":  # the folder it wrote is in GenEval's layout, and `geneval` rescores it

@@ -22,7 +22,7 @@ def parts():
                                   num_kv_heads=2, ffn_dim=64, cond_dim=32)
     clip = blip3o.ImageEncoder(cfg.clip).eval().requires_grad_(False)
     vlm = blip3o.VisionLanguageModel(blip3o.build_backbone(cfg.lm), cfg.clip.width,
-                                     tok.convert_tokens_to_ids("<image>"))
+                                     tok.convert_tokens_to_ids("<image>"), cfg.lm.image_merge)
     images = torch.rand(3, 3, 32, 32)
     return tok, cfg, clip, vlm, images
 
@@ -54,9 +54,37 @@ def test_understanding_loss_masks_everything_but_the_answers(parts):
     assert torch.equal(used, labels[:, 1:] != -100)
 
 
+def test_patch_merger_joins_each_2x2_block_of_the_grid():
+    proj = blip3o.Projector(4, 8, merge=2)
+    x = torch.randn(1, 64, 4)  # an 8x8 grid, row-major
+    out = proj(x)
+    assert out.shape == (1, 16, 8)
+    # CLIP token (row 1, col 1) = index 9 belongs to merged token (0, 0); (row 1, col 2) = 10 to (0, 1);
+    # (row 2, col 0) = 16 to (1, 0) = merged index 4. Changing one changes exactly its merged token.
+    for clip_index, merged_index in ((9, 0), (10, 1), (16, 4), (63, 15)):
+        y = x.clone()
+        y[0, clip_index] += 1.0
+        changed = (proj(y) - out).abs().sum(-1)[0] > 0
+        assert changed.nonzero().flatten().tolist() == [merged_index]
+    with pytest.raises(ValueError, match="square grid"):
+        proj(torch.randn(1, 60, 4))
+
+
+def test_toy_lm_reads_16_merged_image_tokens(parts):
+    tok, cfg, clip, vlm, images = parts
+    assert vlm.image_tokens(64) == 16
+    ids, _, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(64), ["what color is the circle ?"] * 3)
+    assert int((ids == vlm.image_token_id).sum()) == 3 * 16
+    _, logits = vlm(ids, clip.tokens(images))
+    assert logits.shape[:2] == ids.shape
+    with pytest.raises(ValueError, match="placeholders"):  # an image needs its 16 slots, not 64
+        vlm(blip3o.build_qa_batch(tok, 64, ["what color is the circle ?"] * 3)[0], clip.tokens(images))
+
+
 def test_stage1_gradients_reach_projector_and_lm_never_clip(parts):
     tok, cfg, clip, vlm, images = parts
-    ids, labels, _ = blip3o.build_qa_batch(tok, 64, ["what color is the circle ?"] * 3, ["red", "blue", "pink"])
+    ids, labels, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(64), ["what color is the circle ?"] * 3,
+                                           ["red", "blue", "pink"])
     loss, _ = vlm(ids, clip.tokens(images), labels)
     loss.backward()
     assert all(p.grad is not None for p in vlm.projector.parameters())
@@ -78,7 +106,7 @@ def test_text_rows_run_without_an_image_and_label_only_the_answers(parts):
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in vlm.projector.parameters())  # no image, no projector
     vlm.zero_grad(set_to_none=True)
-    img_ids, _, _ = blip3o.build_qa_batch(tok, 64, ["what color is the circle ?"], ["red"])
+    img_ids, _, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(64), ["what color is the circle ?"], ["red"])
     with pytest.raises(ValueError, match="placeholders"):
         vlm(img_ids, None)  # image slots but no image tokens: refused, not silently left as <image> embeddings
 
@@ -142,14 +170,15 @@ def test_checkpoint_round_trip_gives_identical_outputs(parts, tmp_path):
     cfg2 = blip3o.Config.from_dict(meta["config"])
     assert cfg2 == cfg
     clip2 = blip3o.ImageEncoder(cfg2.clip).eval()
-    vlm2 = blip3o.VisionLanguageModel(blip3o.build_backbone(cfg2.lm), cfg2.clip.width, vlm.image_token_id).eval()
+    vlm2 = blip3o.VisionLanguageModel(blip3o.build_backbone(cfg2.lm), cfg2.clip.width, vlm.image_token_id,
+                                      cfg2.lm.image_merge).eval()
     gen2 = blip3o.Generator(cfg2, loss="flow", target_dim=cfg2.clip.width).eval()
     for module, prefix in ((clip2, "clip"), (vlm2, "vlm"), (gen2, "generator")):
         blip3o.load_module(module, loaded, prefix)
     vlm.eval()
     with torch.no_grad():
         assert torch.equal(clip.tokens(images), clip2.tokens(images))
-        ids, _, _ = blip3o.build_qa_batch(tok, 64, ["what color is the circle ?"] * 3)
+        ids, _, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(64), ["what color is the circle ?"] * 3)
         assert torch.equal(vlm(ids, clip.tokens(images))[1], vlm2(ids, clip2.tokens(images))[1])
         x, t, c = torch.randn(3, 64, cfg.clip.width), torch.rand(3), torch.randn(3, 64, cfg.lm.hidden_size)
         assert torch.equal(gen.dit(x, t, c), gen2.dit(x, t, c))
