@@ -581,7 +581,8 @@ class VisionLanguageModel(nn.Module):
 def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length: int | None = None):
     """Questions (+ answers) -> (input_ids, labels or None, lengths). Image placeholders first.
 
-    Layout: <bos> <image>*64 question [answer <eos>]; labels keep only the answer and <eos>.
+    Layout: <bos> <image>*image_tokens question [answer <eos>]; labels keep only the answer and <eos>.
+    image_tokens: VisionLanguageModel.image_tokens (64 CLIP tokens -> 64, or 16 with the toy's merger).
     """
     img = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[4])] * image_tokens
     rows, labels, lens = [], [], []
@@ -611,9 +612,10 @@ def _pad_right(rows, labels, pad_id: int, length: int | None = None):
 def build_conversation_batch(tokenizer, image_tokens: int, conversations, length: int | None = None):
     """Several question/answer turns about one image per row -> (input_ids, labels, lengths).
 
-    Layout: <bos> <image>*64 q1 a1 <eos> q2 a2 <eos> ... (LLaVA's multi-turn format). The 64 image
+    Layout: <bos> <image>*image_tokens q1 a1 <eos> q2 a2 <eos> ... (LLaVA's multi-turn format). The image
     tokens are the bulk of every sequence, so packing a few turns per image gives several times the
-    supervision for little more compute. Labels keep only the answers and their <eos>.
+    supervision for little more compute. Labels keep only the answers and their <eos>; image_tokens 0
+    builds text-only rows.
     """
     img = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[4])] * image_tokens
     rows, labels = [], []

@@ -224,8 +224,11 @@ def question_set(n: int, seed: int) -> tuple[torch.Tensor, list, list]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), rows[:n], n_objects  # (M, 3, H, W)
 
 
+SCENE_SIZES = ("1 object", "2 objects", "3-4 objects")  # how eval_understand splits its answers
+
+
 def scene_size(n_objects: int) -> str:
-    return {1: "1 object", 2: "2 objects"}.get(n_objects, "3-4 objects")
+    return SCENE_SIZES[min(n_objects, 3) - 1]
 
 
 def answer_all(pipe, images: torch.Tensor, questions, answers, batch: int = 250) -> list[str]:
@@ -244,16 +247,17 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
     images, rows, n_objects = question_set(n, SEED_QA)
     preds = answer_all(pipe, images[[r[0] for r in rows]], [r[2] for r in rows], [r[3] for r in rows])
     hits = [p.strip() == r[3] for p, r in zip(preds, rows)]
-    per_type, by_size = {}, {}
+    per_type = {}
     for qtype in data.QTYPES:
         h = [ok for ok, r in zip(hits, rows) if r[1] == qtype]
         per_type[qtype] = {"accuracy": sum(h) / len(h) if h else None, "questions": len(h)}
-        # The same split by how many objects the image holds: with two, a colour or shape question names
-        # one object and asks about it, so 0.5 is what answering about either object at random gives.
-        for size in ("1 object", "2 objects", "3-4 objects"):
-            h = [ok for ok, r in zip(hits, rows) if r[1] == qtype and scene_size(n_objects[r[0]]) == size]
-            if h:
-                by_size.setdefault(qtype, {})[size] = {"accuracy": sum(h) / len(h), "questions": len(h)}
+    # The same split by how many objects the image holds: with two, a colour or shape question names one
+    # object and asks about the other attribute, so 0.5 is what answering about either at random gives.
+    groups = {}
+    for ok, r in zip(hits, rows):
+        groups.setdefault(r[1], {}).setdefault(scene_size(n_objects[r[0]]), []).append(ok)
+    by_size = {q: {z: {"accuracy": sum(groups[q][z]) / len(groups[q][z]), "questions": len(groups[q][z])}
+                   for z in SCENE_SIZES if z in groups[q]} for q in data.QTYPES if q in groups}
     cap_images, scenes = data.make_image_set(n_captions, split="test", seed=SEED_CAPTIONS)
     truth = [s.caption for s in scenes]
     cap_preds = answer_all(pipe, cap_images, [data.caption_question] * n_captions, truth)
@@ -261,8 +265,8 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
     examples = [{"question": r[2], "answer": r[3], "predicted": p} for r, p in zip(rows[:show], preds)]
     examples += [{"question": data.caption_question, "answer": t, "predicted": p}
                  for t, p in zip(truth[:2], cap_preds)]
-    return {"overall": sum(hits) / len(hits), "per_type": per_type, "by_scene_size": by_size, "questions": len(rows),
-            "caption_exact": sum(cap_hits) / n_captions, "captions": n_captions, "examples": examples}
+    return {"overall": sum(hits) / len(hits), "per_type": per_type, "by_scene_size": by_size,
+            "questions": len(rows), "caption_exact": sum(cap_hits) / n_captions, "captions": n_captions, "examples": examples}
 
 
 def print_understand(m: dict) -> None:
@@ -272,10 +276,9 @@ def print_understand(m: dict) -> None:
                                                         m["caption_exact"]]]
     print(format_table(["question type", "n", "accuracy"], rows))
     print("\nthe same by objects in the image (n, accuracy):")
-    sizes = ("1 object", "2 objects", "3-4 objects")
-    rows = [[q] + [f"{v[z]['questions']}, {v[z]['accuracy']:.3f}" if z in v else "-" for z in sizes]
+    rows = [[q] + [f"{v[z]['questions']}, {v[z]['accuracy']:.3f}" if z in v else "-" for z in SCENE_SIZES]
             for q, v in m["by_scene_size"].items()]
-    print(format_table(["question type", *sizes], rows))
+    print(format_table(["question type", *SCENE_SIZES], rows))
     print("\nexamples:")
     for ex in m["examples"]:
         mark = "ok" if ex["predicted"].strip() == ex["answer"] else "WRONG"
@@ -708,12 +711,11 @@ def report_markdown(run: Path, record: dict) -> str:
         md += [f"| **overall** | {u['questions']} | **{u['overall']:.3f}** |",
                f"| whole caption | {u['captions']} | {u['caption_exact']:.3f} |", ""]
         if "by_scene_size" in u:  # reports cached before this breakdown existed lack it
-            sizes = ("1 object", "2 objects", "3-4 objects")
             md += ["By objects in the image (questions, accuracy). With two objects a colour or shape question "
                    "picks one by the other attribute: 0.5 is answering about either at random.", "",
-                   "| question type | " + " | ".join(sizes) + " |", "| --- |" + " --- |" * len(sizes)]
+                   "| question type | " + " | ".join(SCENE_SIZES) + " |", "| --- |" + " --- |" * len(SCENE_SIZES)]
             md += [f"| {q} | " + " | ".join(f"{v[z]['questions']}, {v[z]['accuracy']:.2f}" if z in v else "-"
-                                            for z in sizes) + " |" for q, v in u["by_scene_size"].items()]
+                                            for z in SCENE_SIZES) + " |" for q, v in u["by_scene_size"].items()]
             md += [""]
         md += ["Examples:", ""]
         md += [f"- `{e['question']}` -> `{e['predicted']}` (truth `{e['answer']}`)" for e in u["examples"]]
