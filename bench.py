@@ -6,15 +6,24 @@
     python bench.py --only train_memory          # peak RAM of each toy training stage (~2.5 minutes)
     python bench.py --threads 1                  # pin torch's threads: on a machine shared with other jobs,
                                                  # 2 OpenMP threads on 2 busy cores can run 10x slower
-    python bench.py --compile                    # torch.compile both DiTs (adds ~30 s of compilation each)
+    python bench.py --compile                    # torch.compile each block of both DiTs (regional)
+    python bench.py --device cuda --dtype bf16 --only dit_8b --batch-8b 128 --no-peer --fused-adamw
+                                                 # GPU: the blip3o-8b head's training step and its MFU
 
 What it measures, in the order it runs:
-- matmul:   the dense fp32 matmul FLOP/s torch reaches here (the machine's practical limit).
+- matmul:   the dense matmul FLOP/s torch reaches here at --dtype (fp32 by default): the machine's
+  practical limit (on a GPU also at 8192^3 and at the 8B head's own shape).
 - dit_toy / dit_mid: one Next-DiT training step (flow-matching loss, backward, AdamW) at the toy size
   (width 128, 4 layers, batch 64) and a mid size (width 512, 8 layers, batch 32), 64 tokens each:
   samples/s, FLOP/s from the FLOP count derived from the config (printed), the fraction of the matmul
   peak, and the same step with diffusers' LuminaNextDiT2DModel (+ the BLIP3-o condition MLP) at the same
-  config, interleaved with ours; the speed ratio ours/theirs is the median over rounds.
+  config, interleaved with ours; the speed ratio ours/theirs is the median over rounds. --dtype bf16
+  runs the steps under bf16 autocast over fp32 weights, as train.py trains on CUDA.
+- dit_8b:   (CUDA only; skipped elsewhere) the same step for the released blip3o-8b head (1.37B
+  parameters, condition 64 x 3584) at --batch-8b; with --dtype bf16 its share of the bf16 matmul peak
+  is the MFU. --no-peer leaves diffusers out (both 8B heads and their AdamW states need ~67 GB at
+  batch 64); --fused-adamw and --compile are what train.py uses on a GPU (fused AdamW always on CUDA,
+  --compile when asked).
 - sampling: a trained run (--run, rebuilt with blip3o.load_run): text -> image images/s through both
   diffusion stages at their default steps (Pipeline.generate_images: 30 Euler steps with CFG 3.0 for the
   CLIP features, then the pixel decoder's default steps), and text -> CLIP features alone
@@ -109,27 +118,36 @@ def dit_forward_flops(cfg: DiTConfig, cond_tokens: int) -> int:
 # ---- the machine's limit ------------------------------------------------------------------------------
 
 _PEAK = {}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+AMP = {"fp32": None, "bf16": torch.bfloat16}  # bf16: autocast over fp32 weights, as train.py does on CUDA
 
 
 @benchmark("matmul")
 def bench_matmul(args):
-    """Best dense matmul FLOP/s over a few shapes, including the DiT's own (tokens x width x FFN)."""
-    device, dtype = args.device, torch.float32
+    """Best dense matmul FLOP/s at --dtype over a few shapes, including the DiTs' own (tokens x width x FFN)."""
+    device, dtype = args.device, DTYPES[args.dtype]
     shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (2048, 512, 1536), (4096, 128, 512)]
+    per_call = 4  # products per timed call
+    if device.type == "cuda":  # a GPU needs big products to reach its peak: the 8B head's own, and 8192^3
+        shapes += [(8192, 1792, 4864), (8192, 8192, 8192)]
+        per_call = 20
     results = {}
     for m, k, n in shapes:
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         timed(lambda: a @ b, device)
         reps = max(3, int(2e10 // (2 * m * k * n)) // 4)  # ~ a few seconds per shape on 2 cores at most
-        seconds = statistics.median(timed(lambda: [a @ b for _ in range(4)], device) / 4 for _ in range(reps))
+        reps = max(reps, 10) if device.type == "cuda" else reps
+        seconds = statistics.median(timed(lambda: [a @ b for _ in range(per_call)], device) / per_call
+                                    for _ in range(reps))
         results[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds
     peak = max(results.values())
-    _PEAK["fp32"] = peak
-    print(f"matmul fp32 ({torch.get_num_threads()} threads):")
+    _PEAK[args.dtype] = peak
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    print(f"matmul {args.dtype} ({where}):")
     for shape, flops in results.items():
         print(f"  {shape:>16}: {flops / 1e9:8.1f} GFLOP/s")
     print(f"  peak            : {peak / 1e9:8.1f} GFLOP/s")
-    return {"peak_flops": peak, "by_shape": results}
+    return {"dtype": args.dtype, "peak_flops": peak, "by_shape": results}
 
 
 # ---- Next-DiT training step, ours vs diffusers --------------------------------------------------------
@@ -168,12 +186,16 @@ class DiffusersDiT(nn.Module):
         return -out.flatten(2).transpose(1, 2)  # (B, N, C)
 
 
-def make_train_step(model, x1, cond):
-    """One full training step: flow-matching loss, backward, AdamW (the training loop's inner body)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+def make_train_step(model, x1, cond, amp_dtype=None, fused_adamw=False):
+    """One full training step: flow-matching loss, backward, AdamW (the training loop's inner body).
+
+    amp_dtype=torch.bfloat16 runs the forward under autocast with fp32 weights, as train.py does on CUDA."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw or None)
+    device_type = x1.device.type
 
     def step():
-        loss, _, _ = flow_matching_loss(model, x1, cond)
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss, _, _ = flow_matching_loss(model, x1, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -184,20 +206,28 @@ def make_train_step(model, x1, cond):
 def bench_dit_step(args, name, cfg, batch, cond_tokens, rounds):
     device = args.device
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     x1 = torch.randn(batch, cfg.num_tokens, cfg.in_channels, device=device)
     cond = torch.randn(batch, cond_tokens, cfg.cond_dim, device=device)
-    models = {"ours": NextDiT(cfg).to(device)}
-    try:
-        models["diffusers"] = DiffusersDiT(cfg).to(device)
-    except ImportError:
-        print("  diffusers not importable: peer comparison skipped")
+    with device:  # built in place: a real-size head is 5.5 GB in fp32
+        models = {"ours": NextDiT(cfg)}
+        if args.no_peer:
+            print("  --no-peer: diffusers not run")
+        else:
+            try:
+                models["diffusers"] = DiffusersDiT(cfg)
+            except ImportError:
+                print("  diffusers not importable: peer comparison skipped")
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     shapes = {k: tuple(m(x1[:2], torch.rand(2, device=device), cond[:2]).shape) for k, m in models.items()}
     steps, compile_s = {}, {}
     for k, m in models.items():
-        if args.compile:
-            m = torch.compile(m)
-        steps[k] = make_train_step(m, x1, cond)
+        if args.compile:  # regional: each transformer block, ours and theirs alike
+            for block in (m.layers if k == "ours" else m.model.layers):
+                block.compile()
+        steps[k] = make_train_step(m, x1, cond, amp_dtype=AMP[args.dtype], fused_adamw=args.fused_adamw)
         compile_s[k] = timed(steps[k], device)  # warm-up (and compilation) step
         timed(steps[k], device)
     times = {k: [] for k in steps}
@@ -205,11 +235,14 @@ def bench_dit_step(args, name, cfg, batch, cond_tokens, rounds):
         for k, step in steps.items():
             times[k].append(timed(step, device))
     flops_step = 3 * dit_forward_flops(cfg, cond_tokens) * batch
-    peak = _PEAK.get("fp32")
+    peak = _PEAK.get(args.dtype)
     result = {"config": {**cfg.__dict__, "batch": batch, "cond_tokens": cond_tokens}, "params": params,
-              "flops_per_step": flops_step, "compile": args.compile}
+              "flops_per_step": flops_step, "compile": args.compile, "dtype": args.dtype,
+              "fused_adamw": args.fused_adamw}
+    precision = "fp32" if args.dtype == "fp32" else "bf16 autocast, fp32 weights and AdamW"
     print(f"{name}: width {cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} heads, ffn {cfg.ffn_dim}, "
-          f"{cfg.num_tokens} tokens x {cfg.in_channels}, condition {cond_tokens} x {cfg.cond_dim}, batch {batch}")
+          f"{cfg.num_tokens} tokens x {cfg.in_channels}, condition {cond_tokens} x {cfg.cond_dim}, batch {batch}, "
+          f"{precision}{', fused AdamW' if args.fused_adamw else ''}{', compiled' if args.compile else ''}")
     print(f"  FLOPs per training step = 3 x {dit_forward_flops(cfg, cond_tokens) / 1e6:.1f} MFLOP x {batch} "
           f"= {flops_step / 1e9:.1f} GFLOP")
     for k in steps:
@@ -220,8 +253,11 @@ def bench_dit_step(args, name, cfg, batch, cond_tokens, rounds):
                      "first_step_s": compile_s[k], "all_s": times[k]}
         if peak:
             result[k]["fraction_of_matmul_peak"] = flops_step / sec / peak
-            line += f"  {100 * flops_step / sec / peak:.0f}% of matmul peak"
+            line += f"  {100 * flops_step / sec / peak:.0f}% of {args.dtype} matmul peak"
         print(line)
+    if device.type == "cuda":
+        result["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"  GPU memory: {result['max_memory_allocated_gib']:.1f} GiB at most (both models, if both ran)")
     if "diffusers" in steps:
         ratio = statistics.median(b / a for a, b in zip(times["ours"], times["diffusers"]))
         result["speed_ratio_ours_over_diffusers"] = ratio
@@ -240,6 +276,19 @@ def bench_dit_toy(args):
 def bench_dit_mid(args):
     cfg = DiTConfig(in_channels=64, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=8, cond_dim=512)
     return bench_dit_step(args, "dit_mid", cfg, batch=32, cond_tokens=64, rounds=max(3, args.rounds // 2))
+
+
+@benchmark("dit_8b")
+def bench_dit_8b(args):
+    """The released blip3o-8b DiT head (1.37B parameters; condition: 64 query states of the 7B LM's width
+    3584), one training step: a GPU benchmark. Its MFU is the step's model FLOPs over the measured matmul
+    peak at --dtype (run it with --dtype bf16: the peak is then the bf16 one)."""
+    if args.device.type != "cuda":
+        print(f"dit_8b: needs a CUDA GPU (fp32 weights + AdamW of 1.37B parameters are 22 GB): skipped on "
+              f"{args.device}")
+        return {"skipped": f"needs a CUDA GPU, device was {args.device}"}
+    cfg = DiTConfig(cond_dim=3584)  # the defaults are the released 8B head
+    return bench_dit_step(args, "dit_8b", cfg, batch=args.batch_8b, cond_tokens=64, rounds=args.rounds)
 
 
 # ---- text -> image sampling of a trained run -----------------------------------------------------------
@@ -406,13 +455,18 @@ def bench_train_memory(args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the DiTs before timing")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each DiT block before timing")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=8,
                         help="timed interleaved rounds (dit_mid: half; sampling: at most 3)")
     parser.add_argument("--run", default="out/toy", help="trained run folder for the sampling benchmark")
     parser.add_argument("--sample-batches", default="1,16", help="comma-separated batch sizes for sampling")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                        help="matmul peak dtype; bf16 also runs the DiT steps under bf16 autocast (GPU)")
+    parser.add_argument("--batch-8b", type=int, default=64, help="batch of the dit_8b step (GPU)")
+    parser.add_argument("--no-peer", action="store_true", help="time our Next-DiT alone (no diffusers)")
+    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in the DiT steps")
     args = parser.parse_args()
     args.device = torch.device(args.device)
     args.sample_batches = [int(b) for b in args.sample_batches.split(",") if b.strip()]
