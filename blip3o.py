@@ -772,7 +772,9 @@ def rope_2d(grid_size: int, head_dim: int, theta: float, device=None) -> torch.T
     rows = angle[:, None, :].expand(grid_size, grid_size, -1)  # (G, G, head_dim/4): varies with the row
     cols = angle[None, :, :].expand(grid_size, grid_size, -1)  # (G, G, head_dim/4): varies with the column
     angle = torch.stack([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim // 2)  # (N, head_dim/2)
-    return torch.stack([angle.cos(), angle.sin()], dim=-1)  # (N, head_dim/2, 2): e^(i angle) as (re, im)
+    # polar, not stack([cos, sin]): its sincos differs in the last bit, and training would drift from runs
+    # made before the table became real pairs.
+    return torch.view_as_real(torch.polar(torch.ones_like(angle), angle))  # (N, head_dim/2, 2): e^(i angle)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
