@@ -118,8 +118,7 @@ def dit_forward_flops(cfg: DiTConfig, cond_tokens: int) -> int:
 # ---- the machine's limit ------------------------------------------------------------------------------
 
 _PEAK = {}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-AMP = {"fp32": None, "bf16": torch.bfloat16}  # bf16: autocast over fp32 weights, as train.py does on CUDA
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # bf16: the DiT steps autocast over fp32 weights
 
 
 @benchmark("matmul")
@@ -227,7 +226,8 @@ def bench_dit_step(args, name, cfg, batch, cond_tokens, rounds):
         if args.compile:  # regional: each transformer block, ours and theirs alike
             for block in (m.layers if k == "ours" else m.model.layers):
                 block.compile()
-        steps[k] = make_train_step(m, x1, cond, amp_dtype=AMP[args.dtype], fused_adamw=args.fused_adamw)
+        amp_dtype = None if args.dtype == "fp32" else DTYPES[args.dtype]
+        steps[k] = make_train_step(m, x1, cond, amp_dtype=amp_dtype, fused_adamw=args.fused_adamw)
         compile_s[k] = timed(steps[k], device)  # warm-up (and compilation) step
         timed(steps[k], device)
     times = {k: [] for k in steps}
