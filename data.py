@@ -533,7 +533,7 @@ def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int =
 
     split "test" gives the held-out compositions (see the module docstring); a tag whose prompt space is
     smaller than n_per_tag contributes all of it (test: 3 single_object, 6 two_object, 9 counting,
-    6 colors, 6 position, 216 color_attr). n_per_tag None returns every prompt."""
+    30 colors, 6 position, 90 color_attr). n_per_tag None returns every prompt."""
     records = []
     for tag in TAGS:
         space = [json.loads(r) for r in _prompt_space(tag, split)]

@@ -13,6 +13,7 @@ deterministic: fixed seeds, greedy decoding, seeded diffusion noise.
     python eval.py geneval DIR   # score any folder in GenEval's layout (e.g. from sample.py --geneval)
     python eval.py report        # all of the above -> RUN/REPORT.md, metrics.json, pictures (cached)
     python eval.py clipgen --variant mse-clip --run out/toy      # an ablation's generator
+    python eval.py clipgen --tags single_object,colors --per-tag 100 --samples 8   # all 33 such prompts
     python eval.py diversity     # one prompt, 8 seeds: spread of the samples per design (Finding 2)
     python eval.py ablation      # the paper's design study -> out/ablation/ablation.md, .png, .json
     python eval.py ablation --quick --out /tmp/ablation              # the same in seconds (tiny sizes)
@@ -328,10 +329,16 @@ def clipgen_scores(pipe, records, tokens: torch.Tensor) -> dict:
             "overall": sum(per_tag.values()) / len(per_tag), "prompts": P, "samples_per_prompt": S}
 
 
-def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, cfg: float = 3.0,
-                 seed: int = 0) -> dict:
-    """Held-out prompts (n_per_tag per GenEval tag) -> `samples` generated targets each -> scores."""
+def heldout_prompts(n_per_tag: int, tags=None) -> list[dict]:
+    """The toy GenEval set's held-out records: up to n_per_tag per tag, only `tags` (default every tag)."""
     records = data.geneval_prompts("test", n_per_tag=n_per_tag)
+    return records if tags is None else [r for r in records if r["tag"] in tags]
+
+
+def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, cfg: float = 3.0,
+                 seed: int = 0, tags=None) -> dict:
+    """Held-out prompts (n_per_tag per GenEval tag, of `tags`) -> `samples` generated targets each -> scores."""
+    records = heldout_prompts(n_per_tag, tags)
     prompts = [r["prompt"] for r in records]
     columns = []
     for j in range(samples):
@@ -345,8 +352,9 @@ def print_clipgen(m: dict, variant: str) -> None:
     print(f"Generated features ({variant}): top-1 retrieval of the right prompt among its tag's prompts "
           f"({m['prompts']} held-out prompts x {m['samples_per_prompt']} samples)")
     rows = [[tag, len(tag_records(tag)), acc] for tag, acc in m["per_tag"].items()]
-    rows += [["single_object+colors", "", m["single_object+colors"]], ["overall (mean of tags)", "",
-                                                                      m["overall"]]]
+    if m["single_object+colors"] is not None:
+        rows.append(["single_object+colors", "", m["single_object+colors"]])
+    rows.append(["overall (mean of tags)", "", m["overall"]])
     print(format_table(["tag", "candidates", "top-1"], rows))
 
 
@@ -419,13 +427,13 @@ def print_recon(m: dict) -> None:
 
 def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, n_per_tag: int = 16,
                     steps: int = 30, cfg: float = 3.0, decoder_steps: int = 20, decoder_cfg: float = 1.0,
-                    seed: int = 0, quiet: bool = False) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
-    """The toy GenEval prompt set -> RUN/geneval-<variant>/ (GenEval layout) -> scores.
+                    seed: int = 0, quiet: bool = False, tags=None) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
+    """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> scores.
 
     Returns (scores, records, images (P, S, 3, H, W), generated tokens (P, S, 64, D)); the tokens let
     full_report score the same samples in CLIP space without generating twice."""
     sample.check_pixels(pipe, run)
-    records = data.geneval_prompts("test", n_per_tag=n_per_tag)
+    records = heldout_prompts(n_per_tag, tags)
     outdir = Path(run) / f"geneval-{variant}"
     shutil.rmtree(outdir, ignore_errors=True)  # no stale prompt folders from a larger earlier set
     images, tokens = sample.generate_grid(pipe, [r["prompt"] for r in records], per_prompt, seed, steps,
@@ -1181,8 +1189,11 @@ def parse_args(argv=None):
         c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> target tokens")
         c.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
         c.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
+        c.add_argument("--tags", default=",".join(data.TAGS),
+                       help="comma-separated GenEval tags to score (default: all six)")
         if name == "clipgen":
-            c.add_argument("--per-tag", type=int, default=8, help="held-out prompts per GenEval tag")
+            c.add_argument("--per-tag", type=int, default=8, help="held-out prompts per GenEval tag (at most; "
+                           "more than a tag has: all of them, e.g. --tags single_object,colors --per-tag 100)")
             c.add_argument("--samples", type=int, default=4, help="samples per prompt")
         else:
             c.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
@@ -1222,6 +1233,11 @@ def parse_args(argv=None):
     for name in ("cfg", "decoder_cfg"):
         if not getattr(args, name, 0.0) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.command in ("clipgen", "toygeneval"):
+        args.tags = [t.strip() for t in args.tags.split(",") if t.strip()]
+        unknown = [t for t in args.tags if t not in data.TAGS]
+        if unknown or not args.tags:
+            p.error(f"--tags: unknown {', '.join(unknown) or '(none given)'}; use {', '.join(data.TAGS)}")
     if args.command == "diversity":
         if args.seeds < 2:
             p.error(f"--seeds must be at least 2 (a spread needs two samples), got {args.seeds}")
@@ -1272,7 +1288,7 @@ def run_command(args) -> dict:
         if pipe.target == "vae":
             sample.check_pixels(pipe, args.run)
         m = {"variant": args.variant, **eval_clipgen(pipe, args.per_tag, args.samples, args.steps, args.cfg,
-                                                    args.seed)}
+                                                    args.seed, args.tags)}
         print_clipgen(m, args.variant)
     elif args.command == "recon":
         m = eval_recon(sample.load_pipeline(args.run, device=device, need=("clip", "decoder")), args.n,
@@ -1294,7 +1310,7 @@ def run_command(args) -> dict:
     else:  # toygeneval
         pipe = sample.load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
         m, *_ = eval_toygeneval(pipe, args.run, args.variant, args.per_prompt, args.per_tag, args.steps,
-                                args.cfg, args.decoder_steps, args.decoder_cfg, args.seed)
+                                args.cfg, args.decoder_steps, args.decoder_cfg, args.seed, tags=args.tags)
         print_geneval(m, f"Toy GenEval ({args.variant}): {m['images']} images in {m['folder']}")
         m = {"variant": args.variant, **m}
     return m

@@ -117,8 +117,24 @@ def test_command_prints_json_last(command, tiny_run):
         assert last_json(res.stdout)["overall"] == m["overall"]
 
 
+def test_clipgen_tags_selects_prompts(tiny_run):
+    """--tags keeps only those tags' held-out prompts; a --per-tag above a tag's size takes all of them."""
+    res = run_cli("clipgen", "--run", tiny_run, "--tags", "single_object,colors", "--per-tag", "100",
+                  "--samples", "1", "--steps", "2")
+    assert res.returncode == 0, res.stderr
+    m = last_json(res.stdout)
+    assert set(m["per_tag"]) == {"single_object", "colors"}
+    expected = [r for r in data.geneval_prompts("test", n_per_tag=None) if r["tag"] in ("single_object", "colors")]
+    assert m["prompts"] == len(expected) and m["single_object+colors"] is not None
+    res = run_cli("clipgen", "--run", tiny_run, "--tags", "position", "--per-tag", "1", "--samples", "1",
+                  "--steps", "2")
+    assert res.returncode == 0, res.stderr
+    m = last_json(res.stdout)
+    assert set(m["per_tag"]) == {"position"} and m["single_object+colors"] is None and m["prompts"] == 1
+
+
 @pytest.mark.parametrize("case", ["missing checkpoint", "missing run", "bad flag", "bad number",
-                                  "negative cfg", "geneval missing dir", "no command"])
+                                  "negative cfg", "unknown tag", "geneval missing dir", "no command"])
 def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -128,6 +144,7 @@ def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
         "bad flag": ["clip", "--run", tiny_run, "--no-such-flag"],
         "bad number": ["clip", "--run", tiny_run, "--n", "0"],
         "negative cfg": ["clipgen", "--run", tiny_run, "--cfg", "-2"],
+        "unknown tag": ["toygeneval", "--run", tiny_run, "--tags", "single_object,bench"],
         "geneval missing dir": ["geneval", tmp_path / "nope"],
         "no command": [],
     }[case]
