@@ -337,7 +337,8 @@ def heldout_prompts(n_per_tag: int, tags=None) -> list[dict]:
 
 def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, cfg: float = 3.0,
                  seed: int = 0, tags=None) -> dict:
-    """Held-out prompts (n_per_tag per GenEval tag, of `tags`) -> `samples` generated targets each -> scores."""
+    """Held-out prompts (n_per_tag per GenEval tag, of `tags`) -> `samples` generated targets each
+    -> scores."""
     records = heldout_prompts(n_per_tag, tags)
     prompts = [r["prompt"] for r in records]
     columns = []
@@ -427,7 +428,8 @@ def print_recon(m: dict) -> None:
 
 def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, n_per_tag: int = 16,
                     steps: int = 30, cfg: float = 3.0, decoder_steps: int = 20, decoder_cfg: float = 1.0,
-                    seed: int = 0, quiet: bool = False, tags=None) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
+                    seed: int = 0, quiet: bool = False,
+                    tags=None) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
     """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> scores.
 
     Returns (scores, records, images (P, S, 3, H, W), generated tokens (P, S, 64, D)); the tokens let

@@ -124,7 +124,8 @@ def test_clipgen_tags_selects_prompts(tiny_run):
     assert res.returncode == 0, res.stderr
     m = last_json(res.stdout)
     assert set(m["per_tag"]) == {"single_object", "colors"}
-    expected = [r for r in data.geneval_prompts("test", n_per_tag=None) if r["tag"] in ("single_object", "colors")]
+    expected = [r for r in data.geneval_prompts("test", n_per_tag=None)
+                if r["tag"] in ("single_object", "colors")]
     assert m["prompts"] == len(expected) and m["single_object+colors"] is not None
     res = run_cli("clipgen", "--run", tiny_run, "--tags", "position", "--per-tag", "1", "--samples", "1",
                   "--steps", "2")
