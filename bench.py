@@ -223,9 +223,12 @@ def bench_dit_step(args, name, cfg, batch, cond_tokens, rounds):
     shapes = {k: tuple(m(x1[:2], torch.rand(2, device=device), cond[:2]).shape) for k, m in models.items()}
     steps, compile_s = {}, {}
     for k, m in models.items():
-        if args.compile:  # regional: each transformer block, ours and theirs alike
-            for block in (m.layers if k == "ours" else m.model.layers):
-                block.compile()
+        if args.compile:  # regional: each transformer block, ours (as train.py --compile does) and theirs alike
+            if k == "ours":
+                m.compile_blocks()
+            else:
+                for block in m.model.layers:
+                    block.compile()
         amp_dtype = None if args.dtype == "fp32" else DTYPES[args.dtype]
         steps[k] = make_train_step(m, x1, cond, amp_dtype=amp_dtype, fused_adamw=args.fused_adamw)
         compile_s[k] = timed(steps[k], device)  # warm-up (and compilation) step

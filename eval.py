@@ -1235,19 +1235,20 @@ def parse_args(argv=None):
     for name in ("cfg", "decoder_cfg"):
         if not getattr(args, name, 0.0) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+    def comma_list(flag: str, value: str, allowed) -> list[str]:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = [v for v in items if v not in allowed]
+        if unknown or not items:
+            p.error(f"{flag}: unknown {', '.join(unknown) or '(none given)'}; use {', '.join(allowed)}")
+        return items
+
     if args.command in ("clipgen", "toygeneval"):
-        args.tags = [t.strip() for t in args.tags.split(",") if t.strip()]
-        unknown = [t for t in args.tags if t not in data.TAGS]
-        if unknown or not args.tags:
-            p.error(f"--tags: unknown {', '.join(unknown) or '(none given)'}; use {', '.join(data.TAGS)}")
+        args.tags = comma_list("--tags", args.tags, data.TAGS)
     if args.command == "diversity":
         if args.seeds < 2:
             p.error(f"--seeds must be at least 2 (a spread needs two samples), got {args.seeds}")
-        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-        unknown = [v for v in args.variants if v not in (*DESIGNS, "joint")]
-        if unknown or not args.variants:
-            p.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
-                    f"use {', '.join(DESIGNS)}, joint")
+        args.variants = comma_list("--variants", args.variants, (*DESIGNS, "joint"))
     if args.command == "ablation":
         for flag, value in (("--steps", args.train_steps), ("--every", args.every)):
             if value is not None and value < 1:
