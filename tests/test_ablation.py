@@ -46,6 +46,7 @@ def test_mean_pairwise_distance():
     same = torch.ones(3, 4, 5)  # 3 prompts, 4 identical samples each
     assert evaluation.mean_pairwise_distance(same) == 0.0
     two = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])  # one prompt, two samples 5 apart
+    # Small exact values (a 3-4-5 triangle): pytest.approx's default 1e-6 relative covers fp32 sqrt.
     assert evaluation.mean_pairwise_distance(two, rms=False) == pytest.approx(5.0)
     assert evaluation.mean_pairwise_distance(two) == pytest.approx(5.0 / 2 ** 0.5)
     # The mean over pairs: three samples on a line at 0, 1, 3 -> (1 + 3 + 2) / 3
@@ -97,7 +98,7 @@ def test_joint_starts_where_sequential_stage_2_starts(tiny_run):
     for name, tensors in (("generator", sequential.generator.state_dict()),
                           ("vlm", sequential.vlm.state_dict())):
         other = getattr(joint, name).state_dict()
-        assert all(torch.equal(v, other[k]) for k, v in tensors.items()), name
+        assert all(torch.equal(v, other[k]) for k, v in tensors.items()), name  # one seed, one init
     assert all(p.requires_grad for p in joint.vlm.parameters())
     assert not any(p.requires_grad for p in sequential.vlm.parameters())
 
@@ -118,7 +119,7 @@ def test_joint_changes_the_lm_sequential_leaves_it_bit_identical(tiny_run, tmp_p
 
     # load_run rebuilds the joint model from RUN/joint alone: the EMA of the LM it trained, not stage 1's.
     pipe = blip3o.load_run(run, "joint", need=("clip", "understand", "generate"))
-    ema_embedding = saved["ema.vlm.lm.model.embed_tokens.weight"]
+    ema_embedding = saved["ema.vlm.lm.model.embed_tokens.weight"]  # copied through safetensors: bit-equal
     assert torch.equal(pipe.vlm.lm.get_input_embeddings().weight, ema_embedding)
     assert torch.equal(pipe.vlm.lm.lm_head.weight, ema_embedding)  # the tied output layer: the same EMA
     assert not torch.equal(pipe.vlm.projector.linear_1.weight, stage1["vlm.projector.linear_1.weight"])

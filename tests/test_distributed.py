@@ -29,7 +29,10 @@ def history(out, variant="flow-clip") -> list[dict]:
 
 
 def assert_same_curve(a: list[dict], b: list[dict]):
-    """Per-step loss and gradient norm equal up to the rounding of the log (5 and 4 decimals)."""
+    """Per-step loss and gradient norm equal up to the rounding of the log (5 and 4 decimals).
+
+    The two runs split the same global batch differently (ranks, accumulation, FSDP shards), so their
+    fp32 sums reassociate: the tolerances are twice the log's last digit, not bit equality."""
     assert [h["step"] for h in a] == [h["step"] for h in b]
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], abs=2e-5), (x, y)
@@ -113,8 +116,8 @@ def test_fsdp_in_one_process_matches_ddp_path_and_resumes(run, tmp_path, monkeyp
     assert_same_curve(history(fsdp), history(plain))
     _, a, _ = blip3o.load_checkpoint(plain / "generate" / "flow-clip")
     _, b, _ = blip3o.load_checkpoint(fsdp / "generate" / "flow-clip")
-    for k in a:  # weights and EMA after the resumed run
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    for k in a:  # weights and EMA after the resumed run: FSDP reduces gradients in another order (fp32),
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # and Adam carries that for 4 steps
 
 
 def test_fsdp_is_refused_where_not_supported(run, capsys):
@@ -171,6 +174,7 @@ def test_grad_checkpointing_recomputes_the_backbone_and_changes_nothing(tiny_run
     assert len(calls) == 1
     calls.clear()
     train.enable_grad_checkpointing(lm)
+    # Recomputing the forward in backward runs the same ops on the same shapes: default fp32 tolerance.
     torch.testing.assert_close(query_grad(), plain)
     assert len(calls) == 2
 

@@ -106,7 +106,9 @@ def test_command_prints_json_last(command, tiny_run):
         for qtype, sizes in m["by_scene_size"].items():  # a split of the same questions, nothing lost
             assert sum(v["questions"] for v in sizes.values()) == m["per_type"][qtype]["questions"]
             hits = sum(v["accuracy"] * v["questions"] for v in sizes.values())
-            assert hits == pytest.approx(m["per_type"][qtype]["accuracy"] * m["per_type"][qtype]["questions"])
+            # Whole numbers of hits, from accuracies the JSON rounds to 4 digits (each product off by
+            # < 0.5 below 10,000 questions): the two counts round to the same integer.
+            assert round(hits) == round(m["per_type"][qtype]["accuracy"] * m["per_type"][qtype]["questions"])
     if command in ("clipgen", "toygeneval"):
         assert set(m["per_tag"]) == set(data.TAGS)
     if command == "toygeneval":  # the folder it wrote is in GenEval's layout, and `geneval` rescores it

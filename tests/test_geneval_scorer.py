@@ -198,4 +198,5 @@ def test_geneval_folder_round_trip(tmp_path):
     assert set(results[0]) == {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"}
     tag1 = records[1]["tag"]
     assert summary["per_tag"][tag1] < 1.0
+    # A mean of six Python floats: exact up to float64 rounding (pytest.approx's default 1e-6 relative).
     assert summary["overall"] == pytest.approx(sum(summary["per_tag"].values()) / len(summary["per_tag"]))

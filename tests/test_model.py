@@ -32,6 +32,7 @@ def test_toy_clip_gives_64_tokens_and_their_embedding(parts):
     tokens = clip.tokens(images)
     assert tokens.shape == (3, 64, cfg.clip.width)
     # the embedding of the 64 tokens alone is the image embedding (what lets generated tokens be scored)
+    # Two code paths over the same ops (tokens then pooling, or open_clip's encode_image): default fp32 tol.
     torch.testing.assert_close(clip.embed_tokens(tokens), clip.encode_image(images))
 
 
@@ -153,9 +154,10 @@ def test_noise_repeats_share_one_lm_pass_between_several_dit_samples(parts, monk
     target = clip.tokens(images)
     value, _ = step(ids, lens, target, gen=torch.Generator().manual_seed(0))
     assert len(calls) == 1 and seen["cond"].shape[0] == 6  # one LM pass, six DiT samples
-    torch.testing.assert_close(seen["x1"][0::2], seen["x1"][1::2])  # each target twice, in place
-    torch.testing.assert_close(seen["x1"][0::2], target / gen.target_scale)
-    torch.testing.assert_close(seen["cond"][0::2], seen["cond"][1::2])
+    # Copies of one tensor (repeat_interleave) and one elementwise division: bit-equal.
+    assert torch.equal(seen["x1"][0::2], seen["x1"][1::2])  # each target twice, in place
+    assert torch.equal(seen["x1"][0::2], target / gen.target_scale)
+    assert torch.equal(seen["cond"][0::2], seen["cond"][1::2])
     assert torch.isfinite(value)
     vlm.requires_grad_(True)
 
@@ -175,13 +177,20 @@ def test_checkpoint_round_trip_gives_identical_outputs(parts, tmp_path):
     gen2 = blip3o.Generator(cfg2, loss="flow", target_dim=cfg2.clip.width).eval()
     for module, prefix in ((clip2, "clip"), (vlm2, "vlm"), (gen2, "generator")):
         blip3o.load_module(module, loaded, prefix)
+    # Bit identity is the property of the weights (copied through safetensors) ...
+    for module, module2 in ((clip, clip2), (vlm, vlm2), (gen, gen2)):
+        state2 = module2.state_dict()
+        assert all(torch.equal(v, state2[k]) for k, v in module.state_dict().items())
+    # ... not of the outputs of two module instances: the CPU library picks its kernels by the tensors'
+    # memory layout and alignment, so the same fp32 weights can sum in another order (~1e-7 relative).
     vlm.eval()
+    close = dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        assert torch.equal(clip.tokens(images), clip2.tokens(images))
+        torch.testing.assert_close(clip.tokens(images), clip2.tokens(images), **close)
         ids, _, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(64), ["what color is the circle ?"] * 3)
-        assert torch.equal(vlm(ids, clip.tokens(images))[1], vlm2(ids, clip2.tokens(images))[1])
+        torch.testing.assert_close(vlm(ids, clip.tokens(images))[1], vlm2(ids, clip.tokens(images))[1], **close)
         x, t, c = torch.randn(3, 64, cfg.clip.width), torch.rand(3), torch.randn(3, 64, cfg.lm.hidden_size)
-        assert torch.equal(gen.dit(x, t, c), gen2.dit(x, t, c))
+        torch.testing.assert_close(gen.dit(x, t, c), gen2.dit(x, t, c), **close)
 
 
 def test_wrong_checkpoint_names_what_differs(parts):

@@ -119,6 +119,7 @@ def test_qwen25_vl_condition_equals_the_full_model(tiny_vl):
         seq = torch.cat([embeds, gen.queries[None]], 1)  # (1, T_b + 64, D)
         with torch.no_grad():
             hidden = lm(inputs_embeds=seq, output_hidden_states=True).hidden_states[-1]
+        # Padded batch vs one unpadded row through SDPA: other shapes, other kernels (fp32 reassociation).
         torch.testing.assert_close(cond[b], hidden[0, lengths[b]:], rtol=1e-5, atol=1e-5)
     cond.square().sum().backward()
     assert gen.queries.grad is not None and gen.queries.grad.abs().sum() > 0  # through the frozen LM
@@ -139,7 +140,7 @@ def test_positions_are_explicit_not_inferred_from_stale_state(tiny_vl):
             after = vlm(ids, clip_tokens)[1]
         finally:
             lm.model.rope_deltas = None
-    torch.testing.assert_close(before, after)
+    assert torch.equal(before, after)  # the same inputs and positions through the same module: repeatable
 
 
 def test_presets_round_trip_and_unknown_names():

@@ -93,8 +93,9 @@ def test_generate_grid_columns_follow_seeds(tiny_run):
     two, tokens = sample.generate_grid(pipe, prompts, 2, seed=0, steps=2, decoder_steps=2)
     one, _ = sample.generate_grid(pipe, prompts, 1, seed=1, steps=2, decoder_steps=2)
     assert two.shape == (2, 2, 3, 32, 32) and tokens.shape == (2, 2, 64, pipe.config.clip.width)
+    # The same noise through the same modules and shapes, in one process: bit-equal.
     assert torch.equal(two[:, 1], one[:, 0])
-    assert not torch.equal(two[:, 0], two[:, 1])
+    assert (two[:, 0] - two[:, 1]).abs().max() > 1e-3  # another seed, another sample
 
 
 def test_answer_caption_and_reconstruct(tiny_run, tmp_path, capsys):
@@ -193,11 +194,11 @@ def test_official_checkpoint_features_and_decode(tiny_run, tmp_path, capsys):
     assert "skipped" in printed and "model.embed_tokens" in printed  # the loader's report
     feats = load_file(out)["features"]
     assert feats.shape == (2, 2, 64, width) and torch.isfinite(feats).all()
-    assert not torch.equal(feats[:, 0], feats[:, 1])  # two seeds, two samples
-    assert not torch.equal(feats[0], feats[1])  # the prompt reaches the features
+    assert (feats[:, 0] - feats[:, 1]).abs().max() > 1e-3  # two seeds, two samples
+    assert (feats[0] - feats[1]).abs().max() > 1e-3  # the prompt reaches the features
     assert out.with_suffix(".png").is_file()
-    assert cli(*args) == 0  # deterministic
-    assert torch.equal(load_file(out)["features"], feats)
+    assert cli(*args) == 0  # deterministic up to the kernels a fresh load picks (layout, alignment): fp32
+    torch.testing.assert_close(load_file(out)["features"], feats, rtol=1e-5, atol=1e-5)
 
 
 def test_official_checkpoint_incomplete_is_refused(tmp_path, capsys):
