@@ -302,6 +302,19 @@ def decode_ids(tokenizer, ids) -> str:
     return tokenizer.convert_tokens_to_string(words) if not _is_word_level(tokenizer) else " ".join(words)
 
 
+def unknown_words(tokenizer, texts) -> list[str]:
+    """The words of `texts` outside a word-level (toy) tokenizer's vocabulary, each once, in order.
+
+    The toy tokenizer maps such a word to <unk>, which the toy model never saw in training; a real
+    backbone's BPE tokenizer spells any word in pieces, so it has none (returns [])."""
+    if not _is_word_level(tokenizer):
+        return []
+    vocab = tokenizer.get_vocab()
+    split = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    words = [w for text in texts for w, _ in split(text)]
+    return list(dict.fromkeys(w for w in words if w not in vocab))
+
+
 def _is_word_level(tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend is not None and type(backend.model).__name__ == "WordLevel"
@@ -1377,23 +1390,58 @@ class VAE(nn.Module):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, from another stage, or does not match the model."""
+    """A checkpoint that is missing, damaged, from another stage, or does not match the model.
+
+    `damaged`: the path of the file that cannot be read, `reason` what is wrong with it (None for the
+    other cases)."""
+
+    def __init__(self, message: str, damaged: Path | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.damaged, self.reason = damaged, reason
+
+
+def damaged_file(file, reason: str, hint: str) -> CheckpointError:
+    """The error for a checkpoint file that cannot be used: which file, what is wrong, what to do."""
+    return CheckpointError(f"{file} is {reason}: {hint}", damaged=Path(file), reason=reason)
+
+
+def previous_path(folder) -> Path:
+    """Where a stage's previous checkpoint stays while the next one is in place: `<folder>.prev`."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".prev")
+
+
+def retrain_command(folder, stage: str | None) -> str:
+    """The command that trains a stage's checkpoint folder again, e.g. for RUN/generate/mse-clip:
+    `python train.py --stage generate --loss mse --target clip --restart --out RUN`."""
+    if stage is None:
+        return "python train.py --stage STAGE --restart"
+    parts = stage.split("/")
+    run = Path(folder).parents[len(parts) - 1]
+    flags = ""
+    if parts[0] == "generate" and len(parts) == 2:
+        loss, target = parts[1].split("-", 1)
+        flags = f" --loss {loss} --target {target}"
+    return f"python train.py --stage {parts[0]}{flags} --restart --out {run}"
 
 
 def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | None = None,
-                    tokenizer=None) -> None:
-    """Write a checkpoint folder atomically: a crash mid-save leaves the previous one intact.
+                    tokenizer=None, keep_previous: bool = True) -> None:
+    """Write a checkpoint folder atomically, keeping the one it replaces as `<folder>.prev`.
 
-    Everything goes into a sibling temporary folder first (fsync'd); then the old folder is renamed
-    aside, the new one renamed into place, and the old one deleted. `load_checkpoint` falls back to the
-    aside copy if a crash happened between the two renames.
+    Everything goes into a sibling temporary folder first (fsync'd); then the current folder is renamed
+    to `<folder>.prev` (the older previous one deleted first) and the new one renamed into place. A crash
+    at any moment leaves at least one complete checkpoint: between the two renames, `checkpoint_path`
+    finds it in `<folder>.prev`; and a damaged latest checkpoint can still resume from the previous one.
+    keep_previous=False replaces the current folder instead (train.py: a damaged one, after resuming
+    from `<folder>.prev`, which then stays).
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    old = folder.with_name(folder.name + ".old")
+    prev = previous_path(folder)
     for stale in folder.parent.glob(folder.name + ".tmp-*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
@@ -1402,6 +1450,7 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     for k, v in weights.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
+            shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"refusing to save a non-finite tensor: {k}")
     save_file(weights, tmp / "model.safetensors")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -1413,37 +1462,110 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
+    if folder.exists() and keep_previous:
+        shutil.rmtree(prev, ignore_errors=True)
+        folder.rename(prev)
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    elif folder.exists():  # a file where the folder should be
+        folder.unlink()
     tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_path(folder) -> Path | None:
-    """The folder holding a complete checkpoint (or its aside copy after a crash), or None."""
+    """The folder holding a stage's latest checkpoint: the folder itself if it exists (intact or
+    damaged: `load_checkpoint` tells which), else `<folder>.prev` after a crash between the renames of
+    `save_checkpoint`; None if the stage was never saved."""
     folder = Path(folder)
-    for cand in (folder, folder.with_name(folder.name + ".old")):
-        if (cand / "meta.json").is_file() and (cand / "model.safetensors").is_file():
+    for cand in (folder, previous_path(folder)):
+        if cand.exists():
             return cand
     return None
 
 
-def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = False):
-    """-> (meta dict, tensors dict, optimizer state or None). Safe: no pickle beyond weights_only."""
+def read_meta(path, stage: str | None = None, folder=None) -> dict:
+    """A checkpoint's meta.json (in `path`, the checkpoint of stage folder `folder`), checked: a dict
+    naming its stage (the expected one, if given) and, if it has one, a config that builds."""
+    path = Path(path)
+    file = path / "meta.json"
+    hint = "train the stage again: " + retrain_command(folder or path, stage)
+    if not path.is_dir():
+        raise damaged_file(path, "a file, not a checkpoint folder", hint)
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise damaged_file(file, "missing", hint) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged_file(file, f"damaged ({first_line(e)})", hint) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("stage"), str):
+        raise damaged_file(file, "not a checkpoint's meta.json (no stage)", hint)
+    if stage is not None and meta["stage"] != stage:
+        raise CheckpointError(f"{path} holds a {meta['stage']!r} checkpoint, expected {stage!r}: put the "
+                              f"{stage} checkpoint there, or {hint}")
+    if "config" in meta:
+        try:
+            Config.from_dict(meta["config"])
+        except (TypeError, KeyError, AttributeError, ValueError) as e:
+            raise damaged_file(file, f"damaged (no valid config: {first_line(e)})", hint) from None
+    return meta
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (errors are reported in one line)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = False, path: Path | None = None):
+    """-> (meta dict, tensors dict, optimizer state or None). Safe: no pickle beyond weights_only.
+
+    Reads `path` (default: checkpoint_path(folder)); a file that cannot be read raises CheckpointError
+    naming it (`.damaged`), what is wrong, and the command that trains the stage again."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = checkpoint_path(folder)
+    path = Path(path) if path is not None else checkpoint_path(folder)
     if path is None:
         raise CheckpointError(f"no checkpoint in {folder}")
-    meta = json.loads((path / "meta.json").read_text())
-    if stage is not None and meta.get("stage") != stage:
-        raise CheckpointError(f"{folder} holds a {meta.get('stage')!r} checkpoint, expected {stage!r}")
-    tensors = load_file(path / "model.safetensors")
+    hint = "train the stage again: " + retrain_command(folder, stage)
+    meta = read_meta(path, stage, folder)
+    weights = path / "model.safetensors"
+    try:
+        tensors = load_file(weights)
+    except FileNotFoundError:
+        raise damaged_file(weights, "missing", hint) from None
+    except (OSError, SafetensorError) as e:
+        raise damaged_file(weights, f"damaged ({first_line(e)})", hint) from None
     opt = None
-    if with_optimizer and (path / "optimizer.pt").is_file():
-        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer = path / "optimizer.pt"
+    if with_optimizer and optimizer.is_file():
+        try:
+            opt = torch.load(optimizer, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated (EOFError, RuntimeError) or a refused pickle (UnpicklingError)
+            raise damaged_file(optimizer, f"damaged ({first_line(e)})", hint) from None
     return meta, tensors, opt
+
+
+def load_checkpoint_tokenizer(folder, stage: str = "clip"):
+    """The tokenizer saved with a checkpoint (RUN/clip/tokenizer), or a CheckpointError naming it."""
+    path = checkpoint_path(folder)
+    tok_dir = path / "tokenizer"
+    hint = "train the stage again: " + retrain_command(folder, stage)
+    if not tok_dir.is_dir():
+        raise damaged_file(tok_dir, "missing", hint)
+    try:
+        return load_tokenizer(str(tok_dir))
+    except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a broken folder
+        raise damaged_file(tok_dir, f"damaged ({first_line(e)})", hint) from None
+
+
+def load_stage(module: nn.Module, tensors: dict, prefix: str, folder, stage: str, ema: bool = False) -> None:
+    """load_module for the checkpoint of a run's stage: a mismatch also says how to train it again."""
+    try:
+        load_module(module, tensors, prefix, str(folder), ema=ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (a checkpoint of another run or config? train the stage again: "
+                              f"{retrain_command(folder, stage)})") from None
 
 
 def module_tensors(prefix: str, module: nn.Module) -> dict:
@@ -1599,40 +1721,50 @@ class Pipeline:
         return self.tokens_to_images(tokens, steps, cfg, generator)
 
 
+def check_run_folder(run) -> Path:
+    """A run folder that exists and is a folder, or a CheckpointError saying which it is not."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise CheckpointError(f"{run} is a file, not a run folder: give the folder train.py wrote (--out)")
+    if not run.is_dir():
+        raise CheckpointError(f"no run folder {run} (train one: python train.py --out {run})")
+    return run
+
+
 def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> Pipeline:
     """Rebuild a toy run's models from RUN/<stage> checkpoints. `need`: stages that must exist."""
-    run = Path(run)
+    run = check_run_folder(run)
     device = torch.device(device)
 
     def ckpt(stage, kind=None):  # kind: the name `need` uses for the stage (RUN/joint is a "generate")
         folder = run / stage
         if checkpoint_path(folder) is None:
             if (kind or stage.split("/")[0]) in need:
-                raise CheckpointError(f"no {stage} checkpoint in {run} (train it: python train.py "
-                                      f"--stage {stage.split('/')[0]} --out {run})")
+                raise CheckpointError(f"no {stage} checkpoint in {run} (train it: "
+                                      f"{retrain_command(folder, stage).replace(' --restart', '')})")
             return None
         return load_checkpoint(folder, stage=stage)
 
     meta, tensors, _ = ckpt("clip")
     cfg = Config.from_dict(meta["config"])
-    tokenizer = load_tokenizer(str(checkpoint_path(run / "clip") / "tokenizer"))
+    tokenizer = load_checkpoint_tokenizer(run / "clip")
     clip = ImageEncoder(cfg.clip)
-    load_module(clip, tensors, "clip", str(run / "clip"))
+    load_stage(clip, tensors, "clip", run / "clip", "clip")
     pipe = Pipeline(cfg, tokenizer, clip.to(device).eval(), device=device)
 
     if (got := ckpt("understand")) is not None:
         lm_cfg = Config.from_dict(got[0]["config"]).lm
         pipe.vlm = VisionLanguageModel(build_backbone(lm_cfg), cfg.clip.width,
                                        tokenizer.convert_tokens_to_ids("<image>"), lm_cfg.image_merge)
-        load_module(pipe.vlm, got[1], "vlm", str(run / "understand"))
+        load_stage(pipe.vlm, got[1], "vlm", run / "understand", "understand")
         pipe.vlm.to(device).eval()
     if (got := ckpt("decoder")) is not None:
         pipe.decoder = PixelDecoder(Config.from_dict(got[0]["config"]).decoder, cfg.clip.image_size)
-        load_module(pipe.decoder, got[1], "decoder", str(run / "decoder"), ema=True)
+        load_stage(pipe.decoder, got[1], "decoder", run / "decoder", "decoder", ema=True)
         pipe.decoder.to(device).eval()
     if (got := ckpt("vae")) is not None:
         pipe.vae = VAE(Config.from_dict(got[0]["config"]).vae)
-        load_module(pipe.vae, got[1], "vae", str(run / "vae"))
+        load_stage(pipe.vae, got[1], "vae", run / "vae", "vae")
         pipe.vae.to(device).eval()
     # Variant "joint" (train.py --stage joint) trained the VLM too: both come from RUN/joint.
     stage = "joint" if variant == "joint" else f"generate/{variant}"
@@ -1640,9 +1772,9 @@ def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> P
         gmeta = got[0]
         pipe.generator = Generator(Config.from_dict(gmeta["config"]), loss=gmeta["loss"],
                                    target_dim=gmeta["target_dim"])
-        load_module(pipe.generator, got[1], "generator", str(run / stage), ema=True)
+        load_stage(pipe.generator, got[1], "generator", run / stage, stage, ema=True)
         if variant == "joint" and pipe.vlm is not None:
-            load_module(pipe.vlm, got[1], "vlm", str(run / stage), ema=True)
+            load_stage(pipe.vlm, got[1], "vlm", run / stage, stage, ema=True)
         pipe.generator.to(device).eval()
         pipe.target = gmeta["target"]
     for m in (pipe.clip, pipe.vlm, pipe.generator, pipe.decoder, pipe.vae):

@@ -472,7 +472,7 @@ def fingerprint(run) -> dict:
     unchanged, so are the metrics."""
     ckpts = {}
     for name, path in checkpoints(run).items():
-        meta = json.loads((path / "meta.json").read_text())
+        meta = blip3o.read_meta(path, name, Path(run) / name)
         ckpts[name] = {"step": meta["state"]["step"], "mtime_ns": (path / "meta.json").stat().st_mtime_ns}
     return {"eval_version": EVAL_VERSION, "sizes": REPORT, "checkpoints": ckpts}
 
@@ -481,7 +481,7 @@ def stage_summaries(run) -> dict:
     """Per trained stage: steps and the final loss (mean of the last 10% of logged steps)."""
     out = {}
     for name, path in checkpoints(run).items():
-        meta = json.loads((path / "meta.json").read_text())
+        meta = blip3o.read_meta(path, name, Path(run) / name)
         hist = meta["state"]["history"]
         tail = [h["loss"] for h in hist[-max(1, len(hist) // 10):]]
         out[name] = {"steps": meta["state"]["step"], "final_loss": sum(tail) / len(tail) if tail else None}
@@ -497,7 +497,7 @@ def plot_losses(run) -> list[str]:
 
     files = []
     for name, path in checkpoints(run).items():
-        hist = json.loads((path / "meta.json").read_text())["state"]["history"]
+        hist = blip3o.read_meta(path, name, Path(run) / name)["state"]["history"]
         if not hist:
             continue
         steps = [h["step"] for h in hist]
@@ -595,9 +595,7 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     meta.json mtime, the evaluation version and sizes), its metrics are reused and nothing is
     re-evaluated. `timings` {stage: seconds} of stages trained now replace the recorded ones; stages
     skipped this time (0 s) keep the time they took when they were trained."""
-    run = Path(run)
-    if not run.is_dir():
-        raise UserError(f"no run folder {run}")
+    run = blip3o.check_run_folder(run)
     start = time.time()
     device = blip3o.pick_device(device) if isinstance(device, str) else device
     fp = fingerprint(run)
@@ -838,7 +836,8 @@ def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, cfg: float = 3
 
 
 def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, cfg: float = 3.0,
-                   decoder_steps: int = 20, decoder_cfg: float = 1.0, seed: int = 0, device="cpu") -> dict:
+                   decoder_steps: int = 20, decoder_cfg: float = 1.0, seed: int = 0, device="cpu",
+                   allow_unknown_words: bool = False) -> dict:
     """Finding 2, per design: the spread of one prompt's samples over seeds (see sample_spread).
 
     Variants not trained in the run are skipped (listed under "skipped"). Writes RUN/diversity.png: the
@@ -847,6 +846,7 @@ def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, cfg:
     rows, labels = [], []
     for variant in variants:
         pipe = sample.load_pipeline(run, variant, device, need=("clip", "understand"))
+        sample.check_known_words(pipe.tokenizer, prompts, allow_unknown_words)
         if pipe.generator is None:
             out["skipped"].append(variant)
             continue
@@ -909,8 +909,7 @@ def ablation_folder(run: Path, out: Path, sizes: dict, device) -> dict:
     -> the data arguments of RUN's stage 1 ({"images", "seed"}), which every design then trains on."""
     import train
 
-    if not run.is_dir():
-        raise UserError(f"no run folder {run} (train one: python train.py --out {run})")
+    blip3o.check_run_folder(run)
     if out.resolve() == run.resolve():
         raise UserError("--out must not be the run folder: the study trains its own generation stages")
     for stage in ("clip", "understand", "decoder", "vae"):
@@ -920,7 +919,7 @@ def ablation_folder(run: Path, out: Path, sizes: dict, device) -> dict:
                 continue
             raise UserError(f"no {stage} checkpoint in {run} (train it: python train.py --stage {stage} "
                             f"--out {run})")
-        state = json.loads((src / "meta.json").read_text())["state"]
+        state = blip3o.read_meta(src, stage, run / stage)["state"]
         if not state["done"]:
             raise UserError(f"{run / stage} is still training (step {state['step']}): wait until it is done")
         dst = blip3o.checkpoint_path(out / stage)
@@ -928,7 +927,7 @@ def ablation_folder(run: Path, out: Path, sizes: dict, device) -> dict:
             shutil.copytree(src, out / stage, ignore=shutil.ignore_patterns("optimizer.pt"))
         elif not filecmp.cmp(src / "model.safetensors", dst / "model.safetensors", shallow=False):
             raise UserError(f"{out / stage} is not {run / stage} any more (retrained since?): use a new --out")
-    args = json.loads((blip3o.checkpoint_path(out / "understand") / "meta.json").read_text()).get("args", {})
+    args = blip3o.read_meta(blip3o.checkpoint_path(out / "understand"), "understand").get("args", {})
     data_args = {"images": args.get("images") or train.TOY_IMAGES, "seed": args.get("seed", 0)}
     if blip3o.checkpoint_path(out / "vae") is None:
         print(f"[ablation] {run} has no VAE: training one in {out / 'vae'}", flush=True)
@@ -1211,6 +1210,8 @@ def parse_args(argv=None):
     c.add_argument("--variants", default=",".join(DESIGNS), help="comma-separated: flow-clip, mse-clip, "
                    "flow-vae, joint (default: the paper's three designs)")
     c.add_argument("--prompts", nargs="+", default=None, help="prompts (default: one held-out prompt per tag)")
+    c.add_argument("--allow-unknown-words", action="store_true",
+                   help="go on with prompt words the toy model never saw (read as <unk>)")
     c.add_argument("--seeds", type=int, default=8, help="samples per prompt, seeds seed .. seed+seeds-1")
     c.add_argument("--seed", type=int, default=0, help="first seed")
     c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> target tokens")
@@ -1300,7 +1301,8 @@ def run_command(args) -> dict:
     elif args.command == "diversity":
         try:
             m = eval_diversity(args.run, args.variants, args.prompts or diversity_prompts(), args.seeds,
-                               args.steps, args.cfg, args.decoder_steps, args.decoder_cfg, args.seed, device)
+                               args.steps, args.cfg, args.decoder_steps, args.decoder_cfg, args.seed, device,
+                               args.allow_unknown_words)
         except ValueError as e:  # e.g. an empty prompt, or one longer than the backbone's context
             raise UserError(str(e)) from None
         print_diversity(m)

@@ -104,10 +104,19 @@ def save_png(image: Image.Image, path) -> Path:
 
 
 def load_pipeline(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> blip3o.Pipeline:
-    """blip3o.load_run, with a one-line error for a run folder that does not exist at all."""
-    if not Path(run).is_dir():
-        raise UserError(f"no run folder {run} (train one: python train.py --out {run})")
+    """blip3o.load_run (a missing or damaged run raises CheckpointError, reported in one line)."""
     return blip3o.load_run(run, variant=variant, device=device, need=need)
+
+
+def check_known_words(tokenizer, texts, allow: bool) -> None:
+    """Refuse prompts or questions with words the toy tokenizer lacks (it would read them as <unk>),
+    unless `allow` (--allow-unknown-words). Real backbones' tokenizers know every word."""
+    unknown = blip3o.unknown_words(tokenizer, texts)
+    if unknown and not allow:
+        known = len(tokenizer.get_vocab()) - len(tokenizer.all_special_tokens)
+        raise UserError(f"the toy model does not know the word{'s' * (len(unknown) > 1)} "
+                        f"{', '.join(repr(w) for w in unknown)} (it knows {known} words, those of the shapes world): "
+                        "rephrase, or pass --allow-unknown-words to read them as <unk>")
 
 
 def generate_grid(pipe: blip3o.Pipeline, prompts, num_samples: int = 4, seed: int = 0, steps: int = 30,
@@ -279,6 +288,8 @@ def parse_args(argv=None):
     opts.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (paper: 3.0)")
     opts.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, CLIP tokens -> pixels")
     opts.add_argument("--decoder-cfg", type=float, default=1.0, help="guidance of the pixel decoder")
+    opts.add_argument("--allow-unknown-words", action="store_true",
+                      help="go on with prompt or question words the toy model never saw (read as <unk>)")
     opts.add_argument("--temperature", type=float, default=0.0, help="answer sampling (0: greedy)")
     opts.add_argument("--outdir", help="--geneval: output folder")
     opts.add_argument("--per-prompt", type=int, default=4, help="--geneval: images per prompt (default 4)")
@@ -355,6 +366,7 @@ def check_pixels(pipe: blip3o.Pipeline, run) -> None:
 def run_text_to_image(args, device):
     pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
     check_pixels(pipe, args.run)
+    check_known_words(pipe.tokenizer, args.prompt, args.allow_unknown_words)
     try:
         images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.cfg,
                                   args.decoder_steps, args.decoder_cfg, args.batch_size, quiet=False)
@@ -379,6 +391,7 @@ def run_answer(args, device):
     pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand"))
     image = read_image(args.image, pipe.config.clip.image_size)
     question = data.caption_question if args.caption else args.question
+    check_known_words(pipe.tokenizer, [question], args.allow_unknown_words)
     gen = torch.Generator(pipe.device).manual_seed(args.seed)
     answer = pipe.answer(image[None], [question], temperature=args.temperature, generator=gen)[0]
     print(f"Q: {question}")

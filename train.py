@@ -220,8 +220,10 @@ def fit(plan: Plan, args, device) -> dict:
     # Resume from the stage's own checkpoint if there is one: weights go into the plain model, before
     # any sharding; optimizer and EMA state follow once the model is wrapped.
     start, history, tensors, opt_state = 0, [], None, None
+    damaged_latest = False
     if blip3o.checkpoint_path(folder) is not None and not args.restart:
-        meta, tensors, opt_state = blip3o.load_checkpoint(folder, stage=plan.name, with_optimizer=True)
+        meta, tensors, opt_state, damaged_latest = load_for_resume(folder, plan.name)
+        source = blip3o.previous_path(folder) if damaged_latest else folder
         if meta["state"]["done"] and meta["state"]["step"] >= plan.steps:
             print0(f"[{plan.name}] already trained ({meta['state']['step']} steps): skipping")
             return meta
@@ -242,7 +244,7 @@ def fit(plan: Plan, args, device) -> dict:
         start, history = meta["state"]["step"], meta["state"]["history"]
         if plan.stream is not None:
             plan.stream.load_state(meta["state"].get("data"), rank, world)
-        print0(f"[{plan.name}] resuming at step {start} from {folder}")
+        print0(f"[{plan.name}] resuming at step {start} from {source}")
     elif args.resume:
         raise UserError(f"--resume: no checkpoint in {folder}")
 
@@ -297,7 +299,9 @@ def fit(plan: Plan, args, device) -> dict:
             return
         meta = {"stage": plan.name, "config": args.config.to_dict(), "state": state, **plan.meta,
                 "args": {k: v for k, v in vars(args).items() if k != "config"}}
-        blip3o.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer)
+        nonlocal damaged_latest  # a damaged latest checkpoint is replaced, the intact previous one kept
+        blip3o.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer, keep_previous=not damaged_latest)
+        damaged_latest = False
 
     warmup = max(1, int(args.warmup * plan.steps))
     model.train()
@@ -359,6 +363,27 @@ def fit(plan: Plan, args, device) -> dict:
     if dist.is_initialized():
         dist.barrier()
     return {"stage": plan.name, "seconds": seconds, "history": history}
+
+
+def load_for_resume(folder: Path, stage: str):
+    """The stage's checkpoint to resume from -> (meta, tensors, optimizer state, latest is damaged).
+
+    The latest one; if a file of it cannot be read, the previous one (`<folder>.prev`), said on stderr;
+    with no intact previous one, the CheckpointError that names the file and how to retrain."""
+    try:
+        return (*blip3o.load_checkpoint(folder, stage=stage, with_optimizer=True), False)
+    except blip3o.CheckpointError as e:
+        prev = blip3o.previous_path(folder)
+        if e.damaged is None or blip3o.checkpoint_path(folder) == prev or not prev.is_dir():
+            raise
+        try:
+            got = blip3o.load_checkpoint(folder, stage=stage, with_optimizer=True, path=prev)
+        except blip3o.CheckpointError:
+            raise e from None
+        if dist_info()[0] == 0:
+            print(f"warning: {e.damaged} is {e.reason}: resuming from "
+                  f"the previous checkpoint {prev} (step {got[0]['state']['step']})", file=sys.stderr, flush=True)
+        return (*got, True)
 
 
 def check_same_config(folder, meta: dict, args) -> None:
@@ -460,12 +485,12 @@ def load_clip(args, device) -> tuple:
         tok = blip3o.load_tokenizer(args.config.lm.name)
     else:
         meta, tensors, _ = blip3o.load_checkpoint(folder, stage="clip")
-        tok = blip3o.load_tokenizer(str(blip3o.checkpoint_path(folder) / "tokenizer"))
+        tok = blip3o.load_checkpoint_tokenizer(folder)
         # The run's CLIP is what was trained, whatever the preset says now; the vocabulary is shared.
         args.config.clip = blip3o.Config.from_dict(meta["config"]).clip
         args.config.lm.vocab_size = len(tok)
         enc = blip3o.ImageEncoder(args.config.clip)
-        blip3o.load_module(enc, tensors, "clip", str(folder))
+        blip3o.load_stage(enc, tensors, "clip", folder, "clip")
         enc = enc.to(device)
     enc.to(frozen_dtype(device)).requires_grad_(False).eval()
     return enc, tok
@@ -484,7 +509,7 @@ def load_lm(args, tok, device):
         lm = blip3o.build_backbone(cfg.lm)
         vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"),
                                          cfg.lm.image_merge)
-        blip3o.load_module(vlm, tensors, "vlm", str(folder))
+        blip3o.load_stage(vlm, tensors, "vlm", folder, "understand")
     vlm = vlm.to(device)
     if device.type == "cuda":  # frozen: bf16 (a real backbone is built in bf16 already)
         vlm.to(torch.bfloat16)
@@ -694,9 +719,10 @@ def generation_data(args, device, target: str):
     if target == "clip":
         targets = encode_all(enc.tokens, images, device)
     else:
-        meta, tensors, _ = blip3o.load_checkpoint(Path(args.out) / "vae", stage="vae")
+        folder = Path(args.out) / "vae"
+        meta, tensors, _ = blip3o.load_checkpoint(folder, stage="vae")
         vae = blip3o.VAE(args.config.vae)
-        blip3o.load_module(vae, tensors, "vae")
+        blip3o.load_stage(vae, tensors, "vae", folder, "vae")
         vae = vae.to(device).eval()
         targets = encode_all(vae.tokens, images, device)
     template = args.config.prompt_template
@@ -1162,6 +1188,8 @@ def main(argv=None) -> int:
 
 def check_writable(out: Path) -> None:
     """Fail before training, not at the first checkpoint, if the run folder cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run folder: give a folder (train.py creates it)")
     probe = out / f".write-test-{os.getpid()}"
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -174,6 +174,177 @@ def test_sample_bad_numbers_and_empty_prompt(args, message, tiny_run, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------
+# A damaged run folder: every script names the file, what is wrong and what to do (exit status 2)
+# ----------------------------------------------------------------------------------------------------
+
+
+def one_line_error(capsys, rc, *fragments):
+    """In-process twin of assert_one_line_error: main() returned 2 and wrote one line on stderr."""
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, (rc, err)
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def copy_run(tiny_run, tmp_path) -> Path:
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("*.prev"))
+    return tmp_path / "run"
+
+
+def scripts_reading(run, image):
+    """The three ways a run is read: sample.py (answer), eval.py (understanding), train.py (stage 2)."""
+    import eval as evaluation
+    import sample
+
+    return {"sample": lambda: sample.main(["--run", str(run), "--image", str(image), "--question",
+                                           "what color is the circle ?"]),
+            "eval": lambda: evaluation.main(["understand", "--run", str(run), "--n", "4"]),
+            "train": lambda: train.main([*GENERATE, "--out", str(run), "--steps", "1"])}
+
+
+@pytest.fixture
+def image(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), "red").save(path)
+    return path
+
+
+DAMAGE = {
+    "truncated weights": ("understand/model.safetensors", lambda f: f.write_bytes(f.read_bytes()[:100]),
+                          "is damaged (Error while deserializing header: invalid header length)"),
+    "invalid meta.json": ("understand/meta.json", lambda f: f.write_text('{"stage": "underst'),
+                          "is damaged (Unterminated string"),
+    "meta.json without a stage": ("understand/meta.json", lambda f: f.write_text("[1, 2]"),
+                                  "is not a checkpoint's meta.json"),
+    "missing weights": ("understand/model.safetensors", lambda f: f.unlink(), "is missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_checkpoint_is_named_by_every_script(case, tiny_run, tmp_path, image, capsys):
+    run = copy_run(tiny_run, tmp_path)
+    name, damage, what = DAMAGE[case]
+    damage(run / name)
+    for script, call in scripts_reading(run, image).items():
+        one_line_error(capsys, call(), f"{run / name} {what}",
+                       f"python train.py --stage understand --restart --out {run}")
+
+
+def test_missing_tokenizer_folder(tiny_run, tmp_path, image, capsys):
+    import shutil
+
+    run = copy_run(tiny_run, tmp_path)
+    shutil.rmtree(run / "clip" / "tokenizer")
+    for script, call in scripts_reading(run, image).items():
+        one_line_error(capsys, call(), f"{run / 'clip' / 'tokenizer'} is missing",
+                       f"python train.py --stage clip --restart --out {run}")
+
+
+def test_checkpoint_of_another_stage_or_config(tiny_run, tmp_path, image, capsys):
+    """RUN/decoder holding the VAE (another stage); RUN/understand from a run with a narrower LM."""
+    import shutil
+
+    run = copy_run(tiny_run, tmp_path)
+    shutil.rmtree(run / "decoder")
+    shutil.copytree(run / "vae", run / "decoder")
+    for script, call in scripts_reading(run, image).items():
+        if script != "train":  # stage 2 does not read the decoder
+            one_line_error(capsys, call(), "holds a 'vae' checkpoint, expected 'decoder'",
+                           f"--stage decoder --restart --out {run}")
+    shutil.rmtree(run / "decoder")
+    weights = run / "understand" / "model.safetensors"
+    tensors = load_file(weights)
+    key = "vlm.projector.linear_1.weight"
+    tensors[key] = tensors[key][:-1].contiguous()
+    save_file(tensors, weights)
+    for script, call in scripts_reading(run, image).items():
+        one_line_error(capsys, call(), "shape mismatch", "--stage understand")
+
+
+def test_run_folder_that_is_a_file(tmp_path, image, capsys):
+    run = tmp_path / "run"
+    run.write_text("not a folder")
+    for script, call in scripts_reading(run, image).items():
+        one_line_error(capsys, call(), f"{run} is a file, not a run folder")
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_previous_one(run, capsys):
+    """train.py keeps the previous checkpoint; a truncated latest one is named, and training resumes
+    from the previous one (which stays until an intact newer one replaces the damaged one)."""
+    args = [*GENERATE, "--out", str(run), "--ckpt-every", "1"]
+    assert train.main([*args, "--steps", "2"]) == 0
+    prev = blip3o.previous_path(gen_folder(run))
+    assert blip3o.load_checkpoint(gen_folder(run), path=prev)[0]["state"]["step"] == 1
+    weights = gen_folder(run) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    assert train.main([*args, "--steps", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == (f"warning: {weights} is damaged (Error while deserializing header: invalid header "
+                            f"length): resuming from the previous checkpoint {prev} (step 1)\n")
+    assert f"resuming at step 1 from {prev}" in captured.out
+    assert [h["step"] for h in history(run)] == [1, 2, 3]
+    assert blip3o.load_checkpoint(gen_folder(run), path=prev)[0]["state"]["step"] == 2
+
+
+def test_damaged_latest_checkpoint_without_a_previous_one(run, capsys):
+    assert train.main([*GENERATE, "--out", str(run), "--steps", "1"]) == 0
+    (gen_folder(run) / "meta.json").write_text("{")
+    rc = train.main([*GENERATE, "--out", str(run), "--steps", "2"])
+    one_line_error(capsys, rc, f"{gen_folder(run) / 'meta.json'} is damaged",
+                   f"python train.py --stage generate --loss flow --target clip --restart --out {run}")
+
+
+def test_damaged_run_is_one_line_from_a_real_process(tiny_run, tmp_path):
+    """The same as above through the interpreter a user starts: exit status 2, no traceback."""
+    run = copy_run(tiny_run, tmp_path)
+    weights = run / "generate" / "flow-clip" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    res = cli("sample.py", "--run", run, "--prompt", "a photo of a red circle")
+    assert_one_line_error(res, f"{weights} is damaged", "--stage generate --loss flow --target clip --restart")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Words the toy never saw: refused by name unless --allow-unknown-words
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_unknown_words_are_refused_by_name(tiny_run, tmp_path, image, capsys):
+    import eval as evaluation
+    import sample
+
+    out = tmp_path / "s.png"
+    prompt = ["--run", str(tiny_run), "--prompt", "a photo of a purple dragon riding a bike", "--steps", "1",
+              "--decoder-steps", "1", "--num-samples", "1", "--out", str(out)]
+    one_line_error(capsys, sample.main(prompt), "does not know the words 'dragon', 'riding', 'bike'",
+                   f"knows {len(__import__('data').VOCAB)} words", "--allow-unknown-words")
+    assert not out.exists()
+    question = ["--run", str(tiny_run), "--image", str(image), "--question", "what colour is the circle ?"]
+    one_line_error(capsys, sample.main(question), "does not know the word 'colour'")
+    one_line_error(capsys, evaluation.main(["diversity", "--run", str(tiny_run), "--prompts", "a red dragon"]),
+                   "'dragon'")
+    assert sample.main([*prompt, "--allow-unknown-words"]) == 0 and out.is_file()
+    assert sample.main([*question, "--allow-unknown-words"]) == 0
+
+
+def test_a_bpe_tokenizer_knows_every_word():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import data
+
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert blip3o.unknown_words(PreTrainedTokenizerFast(tokenizer_object=bpe), ["a purple dragon"]) == []
+    toy = blip3o.build_toy_tokenizer(data.VOCAB)
+    assert blip3o.unknown_words(toy, ["a purple dragon", "a dragon and a bike"]) == ["dragon", "bike"]
+
+
+# ----------------------------------------------------------------------------------------------------
 # The run folder cannot be written: a clear error before any training
 # ----------------------------------------------------------------------------------------------------
 
@@ -273,7 +444,7 @@ elif moment == "mid-rename":  # the old checkpoint renamed aside, the new one no
     real_rename = pathlib.Path.rename
     def rename(self, target):
         out = real_rename(self, target)
-        if str(target).endswith(".old"):
+        if str(target).endswith(".prev"):
             pause("KILL-ME")
         return out
     pathlib.Path.rename = rename
@@ -323,18 +494,20 @@ def test_sigkill_during_training_then_resume_continues_the_same_curve(run, tmp_p
 @pytest.mark.parametrize("moment", ["mid-write", "mid-rename"])
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(moment, run, tmp_path):
     """Killed while the step-2 checkpoint is written: the step-1 checkpoint still loads (from its own
-    folder, or from `<folder>.old` if the kill fell between the two renames), and a resume finishes."""
+    folder, or from `<folder>.prev` if the kill fell between the two renames), and a resume finishes."""
     args = [*GENERATE, "--steps", "3", "--ckpt-every", "1"]
     kill_at(tmp_path, moment, 2, [*args, "--out", run])
     siblings = sorted(p.name for p in gen_folder(run).parent.iterdir())
     if moment == "mid-rename":
-        assert siblings[0] == "flow-clip.old" and "flow-clip" not in siblings
+        assert siblings[0] == "flow-clip.prev" and "flow-clip" not in siblings
     else:
         assert siblings[0] == "flow-clip" and re.fullmatch(r"flow-clip\.tmp-\d+", siblings[1])
     meta, tensors, opt = blip3o.load_checkpoint(gen_folder(run), stage="generate/flow-clip", with_optimizer=True)
     assert meta["state"]["step"] == 1 and opt is not None and "generator.queries" in tensors
     assert train.main([*args, "--out", str(run)]) == 0
-    assert sorted(p.name for p in gen_folder(run).parent.iterdir()) == ["flow-clip"]  # debris cleared
+    # debris cleared; the step-2 checkpoint kept as the previous one
+    assert sorted(p.name for p in gen_folder(run).parent.iterdir()) == ["flow-clip", "flow-clip.prev"]
+    assert blip3o.load_checkpoint(gen_folder(run), path=blip3o.previous_path(gen_folder(run)))[0]["state"]["step"] == 2
     assert [h["step"] for h in history(run)] == [1, 2, 3]
 
 
