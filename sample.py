@@ -34,18 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import blip3o
 import data
-
-
-class UserError(Exception):
-    """A mistake in the command line or the inputs: reported in one line, exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+from cli import OneLineParser, UserError, run_main
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,6 +54,23 @@ def to_pil(image) -> Image.Image:
     return Image.fromarray(image)
 
 
+def text_width(draw, text: str, font) -> int:
+    """Pixel width of `text` as draw_text writes it."""
+    words = text.split(" ")
+    return sum(int(draw.textlength(w, font=font)) for w in words) + WORD_GAP * (len(words) - 1)
+
+
+WORD_GAP = 5  # pixels between words: PIL's default font draws a space 2 px wide, which reads as none
+
+
+def draw_text(draw, xy, text: str, font) -> None:
+    """Write `text` word by word, WORD_GAP pixels apart (see WORD_GAP)."""
+    x, y = xy
+    for word in text.split(" "):
+        draw.text((x, y), word, fill="black", font=font)
+        x += int(draw.textlength(word, font=font)) + WORD_GAP
+
+
 def image_grid(rows, labels=None, scale: int = 4, pad: int = 2) -> Image.Image:
     """Rows of images -> one PIL image; each row's label is written at its left (PIL's default font).
 
@@ -77,7 +83,7 @@ def image_grid(rows, labels=None, scale: int = 4, pad: int = 2) -> Image.Image:
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = 0
     if labels:
-        text_w = max(probe.textbbox((0, 0), label, font=font)[2] for label in labels) + 3 * pad
+        text_w = max(text_width(probe, label, font) for label in labels) + 3 * pad
     cols = max(len(row) for row in tiles)
     grid = Image.new("RGB", (text_w + cols * (w + pad) + pad, len(tiles) * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
@@ -85,7 +91,7 @@ def image_grid(rows, labels=None, scale: int = 4, pad: int = 2) -> Image.Image:
         y = pad + r * (h + pad)
         if labels:
             box = probe.textbbox((0, 0), labels[r], font=font)
-            draw.text((pad, y + (h - (box[3] - box[1])) // 2), labels[r], fill="black", font=font)
+            draw_text(draw, (pad, y + (h - (box[3] - box[1])) // 2), labels[r], font)
         for c, tile in enumerate(row):
             grid.paste(tile.resize((w, h), Image.Resampling.NEAREST), (text_w + pad + c * (w + pad), y))
     return grid
@@ -337,22 +343,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = blip3o.pick_device(args.device)
-        if args.official_checkpoint:
-            run_official(args, device)
-        elif args.geneval:
-            run_geneval(args, device)
-        elif args.image:
-            run_answer(args, device)
-        elif args.reconstruct:
-            run_reconstruct(args, device)
-        else:
-            run_text_to_image(args, device)
-    except (UserError, blip3o.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    device = blip3o.pick_device(args.device)
+    if args.official_checkpoint:
+        return run_main(run_official, args, device)
+    if args.geneval:
+        return run_main(run_geneval, args, device)
+    if args.image:
+        return run_main(run_answer, args, device)
+    if args.reconstruct:
+        return run_main(run_reconstruct, args, device)
+    return run_main(run_text_to_image, args, device)
 
 
 def check_pixels(pipe: blip3o.Pipeline, run) -> None:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import blip3o
 import data
+from cli import OneLineParser, UserError, positive_int
 
 STAGES = ("clip", "understand", "decoder", "vae", "generate", "joint")
 PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` trains, in data order
@@ -134,18 +135,6 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def frozen_dtype(device) -> torch.dtype:
     """Frozen encoders (CLIP, the backbone) run in bf16 on CUDA: half the memory, no gradients to lose."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-class UserError(Exception):
-    """A mistake in the command line or the run folder: reported in one line, exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1065,13 +1054,6 @@ def run_stage(stage: str, args, device) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
-def positive_int(s: str) -> int:
-    v = int(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
-
-
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", default="all", choices=("all",) + STAGES, help="what to train (default: all)")
@@ -1168,12 +1150,8 @@ def main(argv=None) -> int:
                 timings[result["stage"]] = result["seconds"]
         if args.stage == "all" and not args.no_eval and rank == 0:
             import eval as evaluation
-            import sample
 
-            try:
-                evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
-            except sample.UserError as e:
-                raise UserError(str(e)) from None
+            evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
     except (UserError, blip3o.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """The paper's design study at toy scale (issue 6): the three designs of Figure 3 train and sample,
 MSE gives one sample per prompt while flow matching spreads, sequential training leaves the LM
-bit-identical while joint training changes it, and `eval.py ablation --quick` writes its files.
+bit-identical while joint training changes it, and `ablation.py study --quick` writes its files.
 
 Models come from tiny runs (2 training steps per stage): these tests check the plumbing and the
 properties that hold at any quality, not what a trained model reaches.
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import blip3o
-import eval as evaluation
+import ablation
 import train
 from conftest import train_tiny
 
@@ -44,14 +44,14 @@ def last_json(stdout: str) -> dict:
 
 def test_mean_pairwise_distance():
     same = torch.ones(3, 4, 5)  # 3 prompts, 4 identical samples each
-    assert evaluation.mean_pairwise_distance(same) == 0.0
+    assert ablation.mean_pairwise_distance(same) == 0.0
     two = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])  # one prompt, two samples 5 apart
     # Small exact values (a 3-4-5 triangle): pytest.approx's default 1e-6 relative covers fp32 sqrt.
-    assert evaluation.mean_pairwise_distance(two, rms=False) == pytest.approx(5.0)
-    assert evaluation.mean_pairwise_distance(two) == pytest.approx(5.0 / 2 ** 0.5)
+    assert ablation.mean_pairwise_distance(two, rms=False) == pytest.approx(5.0)
+    assert ablation.mean_pairwise_distance(two) == pytest.approx(5.0 / 2 ** 0.5)
     # The mean over pairs: three samples on a line at 0, 1, 3 -> (1 + 3 + 2) / 3
     line = torch.tensor([0.0, 1.0, 3.0]).reshape(1, 3, 1)
-    assert evaluation.mean_pairwise_distance(line) == pytest.approx(2.0)
+    assert ablation.mean_pairwise_distance(line) == pytest.approx(2.0)
 
 
 def test_joint_refuses_other_designs(tmp_path):
@@ -59,22 +59,22 @@ def test_joint_refuses_other_designs(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["diversity", "--variants", "flow-pixels"], ["diversity", "--seeds", "1"],
-                                  ["ablation", "--every", "0"]])
+                                  ["study", "--every", "0"]])
 def test_cli_rejects_bad_flags(argv):
     with pytest.raises(SystemExit) as e:
-        evaluation.parse_args(argv)
+        ablation.parse_args(argv)
     assert e.value.code == 2
 
 
 def test_ablation_refuses_its_own_run_folder(tiny_run, capsys):
-    assert evaluation.main(["ablation", "--run", str(tiny_run), "--out", str(tiny_run), "--quick"]) == 2
+    assert ablation.main(["study", "--run", str(tiny_run), "--out", str(tiny_run), "--quick"]) == 2
     assert "--out must not be the run folder" in capsys.readouterr().err
 
 
 # --- training and sampling, tiny ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", list(evaluation.DESIGNS))
+@pytest.mark.parametrize("variant", list(ablation.DESIGNS))
 def test_each_design_trains_and_samples(variant, tiny_run, tmp_path):
     run = base_run(tiny_run, tmp_path)
     loss, target = variant.split("-")
@@ -107,12 +107,12 @@ def test_joint_changes_the_lm_sequential_leaves_it_bit_identical(tiny_run, tmp_p
     run = base_run(tiny_run, tmp_path)
     stage1 = blip3o.load_checkpoint(run / "understand", stage="understand")[1]
 
-    sequential = evaluation.train_segment(run, ["--stage", "generate"], 2, 4, DATA, CPU, restart=True)
-    assert evaluation.lm_change(sequential.vlm, stage1) == (True, 0.0)
+    sequential = ablation.train_segment(run, ["--stage", "generate"], 2, 4, DATA, CPU, restart=True)
+    assert ablation.lm_change(sequential.vlm, stage1) == (True, 0.0)
     assert not any(p.requires_grad for p in sequential.vlm.parameters())
 
-    joint = evaluation.train_segment(run, ["--stage", "joint"], 2, 4, DATA, CPU, restart=True)
-    identical, change = evaluation.lm_change(joint.vlm, stage1)
+    joint = ablation.train_segment(run, ["--stage", "joint"], 2, 4, DATA, CPU, restart=True)
+    identical, change = ablation.lm_change(joint.vlm, stage1)
     assert not identical and change > 0
     meta, saved, _ = blip3o.load_checkpoint(run / "joint", stage="joint")
     assert {"loss_und", "loss_gen"} <= set(meta["state"]["history"][-1])  # both tasks in every step
@@ -129,11 +129,11 @@ def test_joint_changes_the_lm_sequential_leaves_it_bit_identical(tiny_run, tmp_p
 def test_diversity_mse_is_deterministic_flow_is_not(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("geneval-*"))
-    rc = evaluation.main(["diversity", "--run", str(run), "--seeds", "3", "--steps", "2", "--decoder-steps", "2",
+    rc = ablation.main(["diversity", "--run", str(run), "--seeds", "3", "--steps", "2", "--decoder-steps", "2",
                           "--prompts", "a photo of a red circle", "a photo of two squares"])
     assert rc == 0
     m = last_json(capsys.readouterr().out)
-    assert set(m["variants"]) == set(evaluation.DESIGNS) and m["seeds"] == 3
+    assert set(m["variants"]) == set(ablation.DESIGNS) and m["seeds"] == 3
     assert all(v == 0.0 for v in m["variants"]["mse-clip"].values())  # one prompt, one output
     for variant in ("flow-clip", "flow-vae"):
         assert all(v > 0 for v in m["variants"][variant].values())
@@ -143,11 +143,11 @@ def test_diversity_mse_is_deterministic_flow_is_not(tiny_run, tmp_path, capsys):
 
 def test_ablation_quick_writes_table_plot_and_json(tiny_run, tmp_path, capsys):
     out = tmp_path / "ablation"
-    assert evaluation.main(["ablation", "--run", str(tiny_run), "--out", str(out), "--quick"]) == 0
+    assert ablation.main(["study", "--run", str(tiny_run), "--out", str(out), "--quick"]) == 0
     printed = last_json(capsys.readouterr().out)
     saved = json.loads((out / "ablation.json").read_text())
     assert printed == saved
-    assert set(saved["designs"]) == {*evaluation.DESIGNS, "joint"}
+    assert set(saved["designs"]) == {*ablation.DESIGNS, "joint"}
     for d in saved["designs"].values():
         assert [p["step"] for p in d["curve"]] == [1, 2]  # --quick: 2 steps, scored every step
         assert all(0 <= p["geneval"] <= 1 and 0 <= p["retrieval"] <= 1 for p in d["curve"])

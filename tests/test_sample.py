@@ -207,3 +207,15 @@ def test_official_checkpoint_incomplete_is_refused(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # (above it: save_pretrained's progress)
     assert err.startswith("error: ") and "1 missing" in err
+
+
+def test_grid_labels_keep_their_spaces():
+    """PIL's default font draws a space 2 px wide ("a photoofacircle"); labels are spaced word by word."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, probe = ImageFont.load_default(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    spaced, joined = sample.text_width(probe, "a photo of a circle", font), sample.text_width(probe, "aphotoofacircle", font)
+    assert spaced - joined == 4 * sample.WORD_GAP >= 4 * 4
+    wide = sample.image_grid([[torch.zeros(3, 32, 32)]], ["a photo of a circle"])
+    narrow = sample.image_grid([[torch.zeros(3, 32, 32)]], ["aphotoofacircle"])
+    assert wide.width - narrow.width == 4 * sample.WORD_GAP
