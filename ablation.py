@@ -74,8 +74,8 @@ def diversity_prompts() -> list[str]:
 
 
 @torch.no_grad()
-def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, cfg: float = 3.0, decoder_steps: int = 20,
-                  decoder_cfg: float = 1.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
+def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0, decoder_steps: int = 20,
+                  decoder_guidance: float = 1.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Each prompt sampled with seeds seed .. seed+seeds-1 -> (spread, images (P, S, 3, H, W)).
 
     Spread = mean pairwise distance of one prompt's samples in three spaces: the toy CLIP embedding
@@ -84,10 +84,10 @@ def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, cfg: float = 3
     noise for every seed, so the pixels differ exactly where the generator's outputs do."""
     tokens, images = [], []
     for j in range(seeds):
-        gen = torch.Generator(pipe.device).manual_seed(seed + j)
-        tok = pipe.generate_tokens(prompts, steps, cfg, gen)  # (P, 64, D)
+        rng = torch.Generator(pipe.device).manual_seed(seed + j)
+        tok = pipe.generate_tokens(prompts, steps, guidance, rng)  # (P, 64, D)
         decoder_noise = torch.Generator(pipe.device).manual_seed(SEED_DIVERSITY)
-        images.append(pipe.tokens_to_images(tok, decoder_steps, decoder_cfg, decoder_noise).cpu())
+        images.append(pipe.tokens_to_images(tok, decoder_steps, decoder_guidance, decoder_noise).cpu())
         tokens.append(tok.cpu())
     tokens, images = torch.stack(tokens, 1), torch.stack(images, 1)  # (P, S, 64, D), (P, S, 3, H, W)
     emb = evaluation.generated_embeddings(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])  # (P, S, E)
@@ -97,8 +97,8 @@ def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, cfg: float = 3
     return spread, images
 
 
-def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, cfg: float = 3.0,
-                   decoder_steps: int = 20, decoder_cfg: float = 1.0, seed: int = 0, device="cpu",
+def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0,
+                   decoder_steps: int = 20, decoder_guidance: float = 1.0, seed: int = 0, device="cpu",
                    allow_unknown_words: bool = False) -> dict:
     """Finding 2, per design: the spread of one prompt's samples over seeds (see sample_spread).
 
@@ -113,7 +113,7 @@ def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, cfg:
             out["skipped"].append(variant)
             continue
         sample.check_pixels(pipe, run)
-        spread, images = sample_spread(pipe, prompts, seeds, steps, cfg, decoder_steps, decoder_cfg, seed)
+        spread, images = sample_spread(pipe, prompts, seeds, steps, guidance, decoder_steps, decoder_guidance, seed)
         out["variants"][variant] = spread
         rows += [list(row) for row in images[:2]]
         labels += [f"{DESIGNS.get(variant, variant)}: {p}" for p in prompts[:2]]
@@ -206,8 +206,8 @@ def score_design(out, variant: str, sizes: dict, device) -> dict:
     for flow-vae) and CLIP-space prompt retrieval of the same samples (evaluation.clipgen_scores)."""
     pipe = sample.load_pipeline(out, variant, device, need=("clip", "understand", "generate"))
     geneval, records, _, tokens = evaluation.eval_toygeneval(pipe, out, variant, sizes["per_prompt"], sizes["per_tag"],
-                                                  sizes["sample_steps"], evaluation.REPORT["cfg"], sizes["decoder_steps"],
-                                                  evaluation.REPORT["decoder_cfg"], quiet=True)
+                                                  sizes["sample_steps"], evaluation.REPORT["guidance"], sizes["decoder_steps"],
+                                                  evaluation.REPORT["decoder_guidance"], quiet=True)
     retrieval = evaluation.clipgen_scores(pipe, records, tokens)
     return {"geneval": geneval["overall"], "retrieval": retrieval["overall"], "images": geneval["images"],
             "geneval_per_tag": geneval["per_tag"], "retrieval_per_tag": retrieval["per_tag"]}
@@ -264,7 +264,7 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
     und = {"before": before, "sequential_after": understanding(out, "flow-clip", sizes, device, sequential_lm),
            "joint_after": understanding(out, "joint", sizes, device)}
     diversity = eval_diversity(out, list(DESIGNS), diversity_prompts(), sizes["seeds"], sizes["sample_steps"],
-                               evaluation.REPORT["cfg"], sizes["decoder_steps"], evaluation.REPORT["decoder_cfg"], device=device)
+                               evaluation.REPORT["guidance"], sizes["decoder_steps"], evaluation.REPORT["decoder_guidance"], device=device)
     result = {"run": str(run), "out": str(out), "sizes": sizes, "data": data_args, "points": points,
               "designs": designs, "understanding": und, "diversity": diversity}
     result["findings"] = ablation_findings(result)
@@ -372,7 +372,7 @@ def ablation_markdown(r: dict) -> str:
     md += ["", "Each cell: toy GenEval / CLIP-space retrieval, "
            f"{r['designs']['flow-clip']['curve'][-1]['images']} samples ({s['per_tag']} held-out prompts per "
            f"tag at most, {s['per_prompt']} each; "
-           f"{s['sample_steps']} Euler steps, CFG {evaluation.REPORT['cfg']}).", "",
+           f"{s['sample_steps']} Euler steps, CFG {evaluation.REPORT['guidance']}).", "",
            "## Diversity (Finding 2)", "",
            f"{r['diversity']['seeds']} seeds for each of {len(r['diversity']['prompts'])} held-out prompts; "
            "the pixel decoder gets the same noise for every seed, so pixels differ only where the generated "
@@ -440,9 +440,9 @@ def parse_args(argv=None):
     c.add_argument("--seeds", type=int, default=8, help="samples per prompt, seeds seed .. seed+seeds-1")
     c.add_argument("--seed", type=int, default=0, help="first seed")
     c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> target tokens")
-    c.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     c.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, tokens -> pixels")
-    c.add_argument("--decoder-cfg", type=float, default=1.0, help="guidance of the pixel decoder")
+    c.add_argument("--decoder-guidance", type=float, default=1.0, help="guidance of the pixel decoder")
     c = command("study", "the paper's design study: CLIP/VAE x MSE/Flow, sequential vs joint -> "
                 "OUT/ablation.md, .png, .json")
     c.add_argument("--out", default="out/ablation", help="folder of the study (RUN's checkpoints are copied in)")
@@ -457,7 +457,7 @@ def parse_args(argv=None):
         for name in ("steps", "decoder_steps"):
             if getattr(args, name) < 1:
                 p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        for name in ("cfg", "decoder_cfg"):
+        for name in ("guidance", "decoder_guidance"):
             if not getattr(args, name) >= 0:
                 p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
         if args.seeds < 2:
@@ -492,7 +492,7 @@ def run_command(args) -> dict:
     if args.command == "diversity":
         try:
             m = eval_diversity(args.run, args.variants, args.prompts or diversity_prompts(), args.seeds,
-                               args.steps, args.cfg, args.decoder_steps, args.decoder_cfg, args.seed, device,
+                               args.steps, args.guidance, args.decoder_steps, args.decoder_guidance, args.seed, device,
                                args.allow_unknown_words)
         except ValueError as e:  # e.g. an empty prompt, or one longer than the backbone's context
             raise UserError(str(e)) from None

@@ -300,7 +300,7 @@ def bench_dit_8b(args):
 def pipeline_defaults() -> dict:
     """The sampler settings Pipeline.generate_images uses when called plainly (what a user gets)."""
     params = inspect.signature(Pipeline.generate_images).parameters
-    return {k: params[k].default for k in ("steps", "cfg", "decoder_steps", "decoder_cfg")}
+    return {k: params[k].default for k in ("steps", "guidance", "decoder_steps", "decoder_guidance")}
 
 
 @benchmark("sampling")
@@ -316,16 +316,16 @@ def bench_sampling(args):
     reps = min(3, args.rounds)  # --rounds below 3: a quick check, not a figure to publish
     # GenEval-style prompts of the held-out split, all different, so a batch pads like a real one does.
     prompts = [data.make_scene(i, "test").prompt for i in range(max(args.sample_batches))]
-    print(f"sampling: run {args.run}; CLIP features: {defaults['steps']} Euler steps, CFG {defaults['cfg']} "
+    print(f"sampling: run {args.run}; CLIP features: {defaults['steps']} Euler steps, CFG {defaults['guidance']} "
           f"(conditional + unconditional in one batched pass); pixels: {defaults['decoder_steps']} steps, "
-          f"CFG {defaults['decoder_cfg']}; median of {reps}")
+          f"CFG {defaults['decoder_guidance']}; median of {reps}")
     result = {"run": str(args.run), "defaults": defaults, "repetitions": reps}
     for batch in args.sample_batches:
         captions = prompts[:batch]
         # Both calls use Pipeline's defaults; a fixed seed makes every repetition the same work.
         calls = {
-            "text_to_clip": lambda: pipe.generate_tokens(captions, generator=torch.Generator(device).manual_seed(0)),
-            "text_to_image": lambda: pipe.generate_images(captions, generator=torch.Generator(device).manual_seed(0)),
+            "text_to_clip": lambda: pipe.generate_tokens(captions, rng=torch.Generator(device).manual_seed(0)),
+            "text_to_image": lambda: pipe.generate_images(captions, rng=torch.Generator(device).manual_seed(0)),
         }
         calls["text_to_image"]()  # warm-up (runs both stages): first-call allocations stay out of the figures
         times = {k: [] for k in calls}

@@ -248,7 +248,11 @@ def get_config(preset: str) -> Config:
 # 2. Tokenizer
 # ----------------------------------------------------------------------------------------------------
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", "<bos>", "<image>"]  # ids 0..4; open_clip's pad 0 / eos 2
+# The toy tokenizer's special tokens, ids 0..4 in this order. Pad 0 and <eos> 2 are open_clip's defaults,
+# so the toy CLIP's text tower and the LM share one tokenizer; <image> marks where CLIP tokens go.
+PAD, UNK, EOS, BOS, IMAGE = "<pad>", "<unk>", "<eos>", "<bos>", "<image>"
+SPECIAL_TOKENS = [PAD, UNK, EOS, BOS, IMAGE]
+PAD_ID, EOS_ID = SPECIAL_TOKENS.index(PAD), SPECIAL_TOKENS.index(EOS)
 
 
 def build_toy_tokenizer(words):
@@ -263,11 +267,10 @@ def build_toy_tokenizer(words):
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for w in sorted(set(words) - set(SPECIAL_TOKENS)):
         vocab[w] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                   eos_token="<eos>", bos_token="<bos>",
-                                   extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK, eos_token=EOS,
+                                   bos_token=BOS, extra_special_tokens={"image_token": IMAGE})
 
 
 def load_tokenizer(path_or_name: str):
@@ -287,6 +290,11 @@ def encode_texts(tokenizer, texts, length: int, bos: bool = False, eos: bool = T
         lens.append(len(ids))
         rows.append(ids + [tokenizer.pad_token_id] * (length - len(ids)))
     return torch.tensor(rows, dtype=torch.long), torch.tensor(lens, dtype=torch.long)
+
+
+def token_count(tokenizer, text: str, bos: bool) -> int:
+    """How many ids encode_texts(..., bos=bos, eos=False) gives `text`: its tokens, plus <bos> if bos."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(bos)
 
 
 def decode_ids(tokenizer, ids) -> str:
@@ -342,14 +350,14 @@ class ImageEncoder(nn.Module):
         self.cfg = cfg
         if cfg.name is None:
             # Text pooling is done in `encode_text` (a mean over the words), so the tower returns every
-            # position (pool_type "none"); pad id 0 and <eos> id 2 match our tokenizer.
+            # position (pool_type "none"); its pad and <eos> ids are our tokenizer's.
             self.model = open_clip.CLIP(
                 embed_dim=cfg.embed_dim,
                 vision_cfg=dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width,
                                 layers=cfg.layers, head_width=cfg.width // cfg.heads),
                 text_cfg=dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
                               width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
-                              pool_type="none", pad_id=0, eos_id=2),
+                              pool_type="none", pad_id=PAD_ID, eos_id=EOS_ID),
             )
             # The toy image embedding is the mean of the (normalised) patch tokens instead of a CLS
             # token, so a set of 64 *generated* tokens has a CLIP embedding too (see `embed_tokens`).
@@ -406,7 +414,7 @@ class ImageEncoder(nn.Module):
         if self.cfg.name is not None:  # a named open_clip model pools as it was trained to
             return F.normalize(self.model.encode_text(ids), dim=-1)
         states = self.model.encode_text(ids)  # (B, L, E): pool_type "none" keeps every position
-        keep = (ids != 0).unsqueeze(-1).to(states.dtype)  # (B, L, 1): words and <eos>, not padding
+        keep = (ids != PAD_ID).unsqueeze(-1).to(states.dtype)  # (B, L, 1): words and <eos>, not padding
         return F.normalize((states * keep).sum(1) / keep.sum(1).clamp(min=1), dim=-1)
 
     def contrastive_loss(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -560,8 +568,8 @@ class VisionLanguageModel(nn.Module):
         return loss, logits
 
     @torch.no_grad()
-    def generate(self, input_ids, lengths, clip_tokens, max_new_tokens=16, eos_id=2,
-                 temperature: float = 0.0, generator=None):
+    def generate(self, input_ids, lengths, clip_tokens, max_new_tokens=16, eos_id=EOS_ID,
+                 temperature: float = 0.0, rng=None):
         """Batched decoding: greedy (temperature 0) or sampled. Returns a list of new-token id lists.
 
         Each step re-runs the whole (short) right-padded sequence and reads the logits at each sample's
@@ -577,7 +585,7 @@ class VisionLanguageModel(nn.Module):
             _, logits = self.forward(ids, clip_tokens)
             last = logits[rows, lengths - 1].float()  # (B, V)
             if temperature > 0:
-                nxt = torch.multinomial(F.softmax(last / temperature, -1), 1, generator=generator)[:, 0]
+                nxt = torch.multinomial(F.softmax(last / temperature, -1), 1, generator=rng)[:, 0]
             else:
                 nxt = last.argmax(-1)
             for b in range(B):
@@ -597,7 +605,7 @@ def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length
     Layout: <bos> <image>*image_tokens question [answer <eos>]; labels keep only the answer and <eos>.
     image_tokens: VisionLanguageModel.image_tokens (64 CLIP tokens -> 64, or 16 with the toy's merger).
     """
-    img = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[4])] * image_tokens
+    img = [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
     rows, labels, lens = [], [], []
     for i, q in enumerate(questions):
         prompt = [tokenizer.bos_token_id] + img + tokenizer(q, add_special_tokens=False)["input_ids"]
@@ -630,7 +638,7 @@ def build_conversation_batch(tokenizer, image_tokens: int, conversations, length
     supervision for little more compute. Labels keep only the answers and their <eos>; image_tokens 0
     builds text-only rows.
     """
-    img = [tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[4])] * image_tokens
+    img = [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
     rows, labels = [], []
     for turns in conversations:
         row = [tokenizer.bos_token_id] + img
@@ -714,23 +722,23 @@ class Generator(nn.Module):
         return hidden.gather(1, index).float()  # (B, Q, D)
 
     def loss(self, cond: torch.Tensor, target: torch.Tensor, cond_drop: float = 0.1,
-             time_sampling: str = "uniform", generator=None):
+             time_sampling: str = "uniform", rng=None):
         """target (B, 64, D_target) raw tokens -> (scalar loss, t (B,) or None, per-sample loss (B,))."""
         x1 = target / self.target_scale
         if self.loss_type == "mse":
             per = (self.mse(cond) - x1).pow(2).mean(dim=(1, 2))
             return per.mean(), None, per
         return flow_matching_loss(self.dit, x1, cond, cond_drop=cond_drop, time_sampling=time_sampling,
-                                  generator=generator)
+                                  rng=rng)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, steps: int = 30, cfg: float = 3.0, generator=None) -> torch.Tensor:
+    def sample(self, cond: torch.Tensor, steps: int = 30, guidance: float = 3.0, rng=None) -> torch.Tensor:
         """Query states (B, 64, D_lm) -> generated target tokens (B, 64, D_target), unscaled."""
         if self.loss_type == "mse":
             x1 = self.mse(cond)
         else:
             x1 = euler_sample(self.dit, cond, self.dit.cfg.grid_size ** 2,
-                              self.target_dim, steps=steps, cfg=cfg, generator=generator)
+                              self.target_dim, steps=steps, guidance=guidance, rng=rng)
         return x1 * self.target_scale
 
     def prompts(self, captions):
@@ -1067,68 +1075,68 @@ class NextDiT(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-def flow_matching_loss(model, x1, cond, cond_mask=None, *, cond_drop=0.1, time_sampling="uniform", generator=None):
+def flow_matching_loss(model, x1, cond, cond_mask=None, *, cond_drop=0.1, time_sampling="uniform", rng=None):
     """Rectified-flow loss || v_theta(x_t, t, cond) - (x1 - x0) ||^2 on a batch of targets x1 (B, N, C).
 
     t ~ U(0, 1) ("uniform", the paper) or sigmoid(N(0, 1)) ("logit_normal", SD3's choice, which spends
     more steps at mid noise). With probability cond_drop a sample's condition is replaced by zeros (the
-    unconditional branch of classifier-free guidance). `generator` must live on x1's device.
+    unconditional branch of classifier-free guidance). `rng` (a torch.Generator) must live on x1's device.
     Returns (mean loss, t (B,), per-sample loss (B,)) so callers can log the loss per t-bin (minRF).
     """
     B, device = x1.shape[0], x1.device
     if time_sampling == "uniform":
-        t = torch.rand(B, device=device, generator=generator)
+        t = torch.rand(B, device=device, generator=rng)
     elif time_sampling == "logit_normal":
-        t = torch.sigmoid(torch.randn(B, device=device, generator=generator))
+        t = torch.sigmoid(torch.randn(B, device=device, generator=rng))
     else:
         raise ValueError(f"time_sampling must be 'uniform' or 'logit_normal', got {time_sampling!r}")
-    x0 = torch.randn(x1.shape, device=device, dtype=x1.dtype, generator=generator)
+    x0 = torch.randn(x1.shape, device=device, dtype=x1.dtype, generator=rng)
     t_ = t.to(x1.dtype).view(B, *([1] * (x1.dim() - 1)))  # (B, 1, 1) broadcast over tokens and channels
     xt = t_ * x1 + (1 - t_) * x0
     if cond_drop > 0:
-        drop = torch.rand(B, device=device, generator=generator) < cond_drop  # (B,)
+        drop = torch.rand(B, device=device, generator=rng) < cond_drop  # (B,)
         cond = cond.masked_fill(drop.view(B, *([1] * (cond.dim() - 1))), 0.0)
     per_sample = (model(xt, t, cond, cond_mask) - (x1 - x0)).float().pow(2).flatten(1).mean(dim=1)  # (B,)
     return per_sample.mean(), t, per_sample
 
 
-def velocity_cfg(model, x, t, cond, cfg, cond_mask=None):
-    """Guided velocity v_u + cfg * (v_c - v_u), both branches in one batched forward.
+def guided_velocity(model, x, t, cond, guidance, cond_mask=None):
+    """Guided velocity v_u + guidance * (v_c - v_u), both branches in one batched forward.
 
     The unconditional branch sees an all-zeros condition, as in training's condition dropout; it reuses
     cond_mask, which cannot change anything there (identical zero tokens pool and attend the same way).
-    cfg == 1 is plain conditional sampling and skips the unconditional half.
+    guidance == 1 is plain conditional sampling and skips the unconditional half.
     """
-    if cfg == 1:
+    if guidance == 1:
         return model(x, t, cond, cond_mask)
     mask2 = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]), mask2)  # (2B, N, C)
     v_cond, v_uncond = v.chunk(2)
-    return v_uncond + cfg * (v_cond - v_uncond)
+    return v_uncond + guidance * (v_cond - v_uncond)
 
 
 @torch.no_grad()
-def euler_sample(model, cond, num_tokens, channels, *, steps=30, cfg=3.0, cond_mask=None, generator=None, x0=None,
+def euler_sample(model, cond, num_tokens, channels, *, steps=30, guidance=3.0, cond_mask=None, rng=None, x0=None,
                  temperature: float = 1.0):
     """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 with `steps` Euler steps; returns x1.
 
     Defaults are the paper's sampling settings (30 steps, guidance 3.0). x0 (B, num_tokens, channels) may
-    be given for reproducible starts; otherwise it is drawn with `generator` (on cond's device, in cond's
+    be given for reproducible starts; otherwise it is drawn with `rng` (on cond's device, in cond's
     dtype) and scaled by `temperature` (1: the model's distribution; < 1: starts nearer the noise mean,
     trading diversity for cleaner samples, like Glow's sampling temperature).
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
-    if cfg < 0:
-        raise ValueError(f"cfg must be >= 0, got {cfg}")
+    if guidance < 0:
+        raise ValueError(f"guidance must be >= 0, got {guidance}")
     B = cond.shape[0]
     if x0 is None:
         x0 = temperature * torch.randn(B, num_tokens, channels, device=cond.device, dtype=cond.dtype,
-                                       generator=generator)
+                                       generator=rng)
     x, dt = x0, 1.0 / steps
     for i in range(steps):
         t = torch.full((B,), i * dt, device=x.device, dtype=torch.float32)
-        x = x + dt * velocity_cfg(model, x, t, cond, cfg, cond_mask)
+        x = x + dt * guided_velocity(model, x, t, cond, guidance, cond_mask)
     return x
 
 
@@ -1315,13 +1323,13 @@ class PixelDecoder(nn.Module):
         self.dit = NextDiT(cfg)
         self.register_buffer("cond_scale", torch.ones(()))  # CLIP tokens / cond_scale: unit std
 
-    def loss(self, images: torch.Tensor, clip_tokens: torch.Tensor, cond_drop: float = 0.1, generator=None):
+    def loss(self, images: torch.Tensor, clip_tokens: torch.Tensor, cond_drop: float = 0.1, rng=None):
         x1 = patchify(images * 2 - 1, self.patch)  # (B, 64, 48) in [-1, 1]
         return flow_matching_loss(self.dit, x1, clip_tokens / self.cond_scale, cond_drop=cond_drop,
-                                  generator=generator)
+                                  rng=rng)
 
     @torch.no_grad()
-    def sample(self, clip_tokens: torch.Tensor, steps: int = 20, cfg: float = 1.0, generator=None,
+    def sample(self, clip_tokens: torch.Tensor, steps: int = 20, guidance: float = 1.0, rng=None,
                temperature: float = DECODER_TEMPERATURE):
         """(B, 64, D_clip) -> images (B, 3, H, W) in [0, 1].
 
@@ -1331,7 +1339,7 @@ class PixelDecoder(nn.Module):
         scorer): temperature 1.0 -> 0.54, 0.7 -> 0.76, 0.4 -> 0.83, 0.0 -> 0.87.
         """
         x1 = euler_sample(self.dit, clip_tokens / self.cond_scale, clip_tokens.shape[1],
-                          self.dit.cfg.in_channels, steps=steps, cfg=cfg, generator=generator,
+                          self.dit.cfg.in_channels, steps=steps, guidance=guidance, rng=rng,
                           temperature=temperature)
         return (unpatchify(x1, self.patch) + 1).div(2).clamp(0, 1)
 
@@ -1367,9 +1375,9 @@ class VAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return (self.decoder(z) + 1).div(2)
 
-    def loss(self, images: torch.Tensor, generator=None):
+    def loss(self, images: torch.Tensor, rng=None):
         mean, logvar = self.encode(images)
-        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator, device=mean.device)
+        z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=rng, device=mean.device)
         recon = F.mse_loss(self.decode(z), images)
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         return recon + self.cfg.kl_weight * kl
@@ -1662,21 +1670,21 @@ class Pipeline:
     # --- understanding -------------------------------------------------------------------------------
     @torch.no_grad()
     def answer(self, images: torch.Tensor, questions, temperature: float = 0.0, max_new_tokens: int = 24,
-               generator=None) -> list[str]:
+               rng=None) -> list[str]:
         """images (B, 3, H, W) in [0, 1], one question each -> answers (greedy or sampled)."""
         if self.vlm is None:
             raise CheckpointError("this run has no understanding checkpoint (RUN/understand)")
         ctok = self.clip.tokens(images.to(self.device))
         ids, _, lens = build_qa_batch(self.tokenizer, self.vlm.image_tokens(ctok.shape[1]), questions)
         outs = self.vlm.generate(ids.to(self.device), lens.to(self.device), ctok, max_new_tokens,
-                                 self.tokenizer.eos_token_id, temperature, generator)
+                                 self.tokenizer.eos_token_id, temperature, rng)
         return [decode_ids(self.tokenizer, o) for o in outs]
 
     # --- generation ----------------------------------------------------------------------------------
     def encode_prompts(self, captions):
         """Captions -> templated prompt ids (B, T) right-padded, and lengths (B,)."""
         texts = self.generator.prompts(captions)
-        lens = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+        lens = [token_count(self.tokenizer, t, bos=True) for t in texts]
         limit = self.config.lm.max_length - self.config.num_queries
         if max(lens) > limit:
             raise ValueError(f"prompt of {max(lens)} tokens is longer than the backbone allows ({limit} "
@@ -1685,7 +1693,7 @@ class Pipeline:
         return ids.to(self.device), lens.to(self.device)
 
     @torch.no_grad()
-    def generate_tokens(self, captions, steps: int = 30, cfg: float = 3.0, generator=None) -> torch.Tensor:
+    def generate_tokens(self, captions, steps: int = 30, guidance: float = 3.0, rng=None) -> torch.Tensor:
         """Captions -> generated target tokens (B, 64, D): CLIP features (or VAE latents)."""
         if self.generator is None or self.vlm is None:
             raise CheckpointError("this run has no generation checkpoint (RUN/generate/...)")
@@ -1694,31 +1702,31 @@ class Pipeline:
                 raise ValueError("empty prompt")
         ids, lens = self.encode_prompts(captions)
         cond = self.generator.condition(self.vlm.lm, ids, lens)
-        return self.generator.sample(cond, steps=steps, cfg=cfg, generator=generator)
+        return self.generator.sample(cond, steps=steps, guidance=guidance, rng=rng)
 
     @torch.no_grad()
-    def tokens_to_images(self, tokens: torch.Tensor, steps: int = 20, cfg: float = 1.0,
-                         generator=None) -> torch.Tensor:
+    def tokens_to_images(self, tokens: torch.Tensor, steps: int = 20, guidance: float = 1.0,
+                         rng=None) -> torch.Tensor:
         """Target tokens -> images (B, 3, H, W) in [0, 1]: the pixel decoder, or the VAE decoder."""
         if self.target == "vae":
             return self.vae.tokens_to_images(tokens)
         if self.decoder is None:
             raise CheckpointError("this run has no pixel decoder (RUN/decoder)")
-        return self.decoder.sample(tokens, steps=steps, cfg=cfg, generator=generator)
+        return self.decoder.sample(tokens, steps=steps, guidance=guidance, rng=rng)
 
     @torch.no_grad()
-    def generate_images(self, captions, steps: int = 30, cfg: float = 3.0, decoder_steps: int = 20,
-                        decoder_cfg: float = 1.0, generator=None) -> torch.Tensor:
+    def generate_images(self, captions, steps: int = 30, guidance: float = 3.0, decoder_steps: int = 20,
+                        decoder_guidance: float = 1.0, rng=None) -> torch.Tensor:
         """Text -> image: two diffusion stages, condition -> CLIP tokens -> pixels."""
-        tokens = self.generate_tokens(captions, steps, cfg, generator)
-        return self.tokens_to_images(tokens, decoder_steps, decoder_cfg, generator)
+        tokens = self.generate_tokens(captions, steps, guidance, rng)
+        return self.tokens_to_images(tokens, decoder_steps, decoder_guidance, rng)
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, steps: int = 20, cfg: float = 1.0, generator=None):
+    def reconstruct(self, images: torch.Tensor, steps: int = 20, guidance: float = 1.0, rng=None):
         """Image -> CLIP tokens -> image: the CLIP autoencoder (or the VAE's, for target 'vae')."""
         images = images.to(self.device)
         tokens = self.vae.tokens(images) if self.target == "vae" else self.clip.tokens(images)
-        return self.tokens_to_images(tokens, steps, cfg, generator)
+        return self.tokens_to_images(tokens, steps, guidance, rng)
 
 
 def check_run_folder(run) -> Path:
@@ -1755,7 +1763,7 @@ def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> P
     if (got := ckpt("understand")) is not None:
         lm_cfg = Config.from_dict(got[0]["config"]).lm
         pipe.vlm = VisionLanguageModel(build_backbone(lm_cfg), cfg.clip.width,
-                                       tokenizer.convert_tokens_to_ids("<image>"), lm_cfg.image_merge)
+                                       tokenizer.convert_tokens_to_ids(IMAGE), lm_cfg.image_merge)
         load_stage(pipe.vlm, got[1], "vlm", run / "understand", "understand")
         pipe.vlm.to(device).eval()
     if (got := ckpt("decoder")) is not None:

@@ -45,8 +45,8 @@ SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON = 1, 2,
 
 # Sizes of full_report's evaluations: small enough to finish in about two minutes on a laptop CPU.
 REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, geneval_per_tag=10,
-              per_prompt=4, ablation_per_tag=8, ablation_samples=2, steps=30, cfg=3.0, decoder_steps=20,
-              decoder_cfg=1.0)
+              per_prompt=4, ablation_per_tag=8, ablation_samples=2, steps=30, guidance=3.0, decoder_steps=20,
+              decoder_guidance=1.0)
 
 # What the issues ask of the default toy run (REPORT.md marks each number against its target).
 TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.90,
@@ -332,7 +332,7 @@ def heldout_prompts(n_per_tag: int, tags=None) -> list[dict]:
     return records if tags is None else [r for r in records if r["tag"] in tags]
 
 
-def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, cfg: float = 3.0,
+def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, guidance: float = 3.0,
                  seed: int = 0, tags=None) -> dict:
     """Held-out prompts (n_per_tag per GenEval tag, of `tags`) -> `samples` generated targets each
     -> scores."""
@@ -340,8 +340,8 @@ def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, cf
     prompts = [r["prompt"] for r in records]
     columns = []
     for j in range(samples):
-        gen = torch.Generator(pipe.device).manual_seed(seed + j)
-        columns.append(torch.cat([pipe.generate_tokens(prompts[i:i + 64], steps, cfg, gen).cpu()
+        rng = torch.Generator(pipe.device).manual_seed(seed + j)
+        columns.append(torch.cat([pipe.generate_tokens(prompts[i:i + 64], steps, guidance, rng).cpu()
                                   for i in range(0, len(prompts), 64)]))
     return clipgen_scores(pipe, records, torch.stack(columns, 1))  # tokens (P, S, 64, D)
 
@@ -389,11 +389,11 @@ def print_geneval(m: dict, title: str) -> None:
 
 
 @torch.no_grad()
-def reconstruct_set(pipe, n: int, steps: int = 20, cfg: float = 1.0, batch: int = 100):
+def reconstruct_set(pipe, n: int, steps: int = 20, guidance: float = 1.0, batch: int = 100):
     """-> (uint8 originals (n, 3, H, W), float reconstructions (n, 3, H, W), scenes) of held-out scenes."""
     images, scenes = data.make_image_set(n, split="test", seed=SEED_RECON)
-    gen = torch.Generator(pipe.device).manual_seed(SEED_RECON)
-    recon = torch.cat([pipe.reconstruct(as_float(images[i:i + batch]), steps, cfg, gen).cpu()
+    rng = torch.Generator(pipe.device).manual_seed(SEED_RECON)
+    recon = torch.cat([pipe.reconstruct(as_float(images[i:i + batch]), steps, guidance, rng).cpu()
                        for i in range(0, n, batch)])
     return images, recon, scenes
 
@@ -411,8 +411,8 @@ def recon_scores(images: torch.Tensor, recon: torch.Tensor, scenes) -> dict:
             "originals": sum(ceiling) / len(ceiling), "images": len(hits)}
 
 
-def eval_recon(pipe, n: int = 200, steps: int = 20, cfg: float = 1.0) -> dict:
-    return recon_scores(*reconstruct_set(pipe, n, steps, cfg))
+def eval_recon(pipe, n: int = 200, steps: int = 20, guidance: float = 1.0) -> dict:
+    return recon_scores(*reconstruct_set(pipe, n, steps, guidance))
 
 
 def print_recon(m: dict) -> None:
@@ -424,7 +424,7 @@ def print_recon(m: dict) -> None:
 
 
 def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, n_per_tag: int = 16,
-                    steps: int = 30, cfg: float = 3.0, decoder_steps: int = 20, decoder_cfg: float = 1.0,
+                    steps: int = 30, guidance: float = 3.0, decoder_steps: int = 20, decoder_guidance: float = 1.0,
                     seed: int = 0, quiet: bool = False,
                     tags=None) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
     """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> scores.
@@ -436,7 +436,7 @@ def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, 
     outdir = Path(run) / f"geneval-{variant}"
     shutil.rmtree(outdir, ignore_errors=True)  # no stale prompt folders from a larger earlier set
     images, tokens = sample.generate_grid(pipe, [r["prompt"] for r in records], per_prompt, seed, steps,
-                                          cfg, decoder_steps, decoder_cfg, quiet=quiet)
+                                          guidance, decoder_steps, decoder_guidance, quiet=quiet)
     sample.write_geneval(outdir, records, images)
     scores = eval_geneval(outdir)
     scores["folder"] = str(outdir)
@@ -550,7 +550,7 @@ def evaluate_all(run, device) -> dict:
     if pipe.decoder is not None:
         start = time.time()
         images, recon, scenes = reconstruct_set(pipe, REPORT["recon_images"], REPORT["decoder_steps"],
-                                                REPORT["decoder_cfg"])
+                                                REPORT["decoder_guidance"])
         metrics["recon"] = recon_scores(images, recon, scenes)
         rows = [[im for im in as_float(images[:8])], list(recon[:8])]
         sample.save_png(sample.image_grid(rows, ["original", "reconstruction"]),
@@ -560,7 +560,7 @@ def evaluate_all(run, device) -> dict:
         start = time.time()
         geneval, records, images, tokens = eval_toygeneval(
             pipe, run, "flow-clip", REPORT["per_prompt"], REPORT["geneval_per_tag"], REPORT["steps"],
-            REPORT["cfg"], REPORT["decoder_steps"], REPORT["decoder_cfg"], quiet=True)
+            REPORT["guidance"], REPORT["decoder_steps"], REPORT["decoder_guidance"], quiet=True)
         metrics["toygeneval"] = geneval
         metrics["clipgen"] = {"flow-clip": clipgen_scores(pipe, records, tokens)}
         picked = sample_rows(records)
@@ -577,7 +577,7 @@ def evaluate_all(run, device) -> dict:
         if ablation.target == "vae" and ablation.vae is None:
             continue
         metrics.setdefault("clipgen", {})[variant] = eval_clipgen(
-            ablation, REPORT["ablation_per_tag"], REPORT["ablation_samples"], REPORT["steps"], REPORT["cfg"])
+            ablation, REPORT["ablation_per_tag"], REPORT["ablation_samples"], REPORT["steps"], REPORT["guidance"])
         t[f"clipgen {variant}"] = time.time() - start
     metrics["eval_seconds"] = t
     return metrics
@@ -755,7 +755,7 @@ def report_markdown(run: Path, record: dict) -> str:
            f"python eval.py report --run {run}            # this report",
            f"python eval.py clip --run {run}",
            f"python eval.py understand --run {run}",
-           f"python eval.py clipgen --run {run} --variant flow-clip --steps 30 --cfg 3.0",
+           f"python eval.py clipgen --run {run} --variant flow-clip --steps 30 --guidance 3.0",
            f"python eval.py recon --run {run} --n 200",
            f"python eval.py toygeneval --run {run} --variant flow-clip --per-prompt 4",
            f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
@@ -791,7 +791,7 @@ def parse_args(argv=None):
         c = command(name, help)
         c.add_argument("--variant", default="flow-clip", help="flow-clip, mse-clip or flow-vae")
         c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> target tokens")
-        c.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+        c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
         c.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
         c.add_argument("--tags", default=",".join(data.TAGS),
                        help="comma-separated GenEval tags to score (default: all six)")
@@ -803,7 +803,7 @@ def parse_args(argv=None):
             c.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
             c.add_argument("--per-tag", type=int, default=16, help="held-out prompts per tag (at most)")
             c.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, tokens -> pixels")
-            c.add_argument("--decoder-cfg", type=float, default=1.0, help="guidance of the pixel decoder")
+            c.add_argument("--decoder-guidance", type=float, default=1.0, help="guidance of the pixel decoder")
     c = command("recon", "reconstructions of held-out images scored by the GenEval rules")
     c.add_argument("--n", type=int, default=200, help="images")
     c.add_argument("--decoder-steps", type=int, default=20, help="Euler steps of the pixel decoder")
@@ -816,7 +816,7 @@ def parse_args(argv=None):
     for name in ("n", "captions", "steps", "per_tag", "samples", "per_prompt", "decoder_steps"):
         if getattr(args, name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("cfg", "decoder_cfg"):
+    for name in ("guidance", "decoder_guidance"):
         if not getattr(args, name, 0.0) >= 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
@@ -866,7 +866,7 @@ def run_command(args) -> dict:
         pipe = sample.load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
         if pipe.target == "vae":
             sample.check_pixels(pipe, args.run)
-        m = {"variant": args.variant, **eval_clipgen(pipe, args.per_tag, args.samples, args.steps, args.cfg,
+        m = {"variant": args.variant, **eval_clipgen(pipe, args.per_tag, args.samples, args.steps, args.guidance,
                                                     args.seed, args.tags)}
         print_clipgen(m, args.variant)
     elif args.command == "recon":
@@ -876,7 +876,7 @@ def run_command(args) -> dict:
     else:  # toygeneval
         pipe = sample.load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
         m, *_ = eval_toygeneval(pipe, args.run, args.variant, args.per_prompt, args.per_tag, args.steps,
-                                args.cfg, args.decoder_steps, args.decoder_cfg, args.seed, tags=args.tags)
+                                args.guidance, args.decoder_steps, args.decoder_guidance, args.seed, tags=args.tags)
         print_geneval(m, f"Toy GenEval ({args.variant}): {m['images']} images in {m['folder']}")
         m = {"variant": args.variant, **m}
     return m

@@ -5,7 +5,7 @@ there are no model flags. Examples:
 
     python sample.py --prompt "a photo of a red circle" --prompt "a photo of two squares"
         -> out/samples.png: one row per prompt, 4 samples each, the prompt written beside its row
-    python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --cfg 3.0 --steps 30
+    python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --guidance 3.0 --steps 30
     python sample.py --prompt "a photo of a red circle" --variant mse-clip      # the CLIP + MSE ablation
     python sample.py --reconstruct img.png        # image -> 64 CLIP tokens -> pixel decoder, side by side
     python sample.py --image img.png --question "what color is the circle ?"
@@ -126,7 +126,7 @@ def check_known_words(tokenizer, texts, allow: bool) -> None:
 
 
 def generate_grid(pipe: blip3o.Pipeline, prompts, num_samples: int = 4, seed: int = 0, steps: int = 30,
-                  cfg: float = 3.0, decoder_steps: int = 20, decoder_cfg: float = 1.0, batch: int = 64,
+                  guidance: float = 3.0, decoder_steps: int = 20, decoder_guidance: float = 1.0, batch: int = 64,
                   quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)).
 
@@ -146,11 +146,11 @@ def generate_grid(pipe: blip3o.Pipeline, prompts, num_samples: int = 4, seed: in
     with tqdm(total=len(prompts) * num_samples, desc="generating", unit="image", disable=quiet,
               file=sys.stderr, dynamic_ncols=True) as bar:
         for j in range(num_samples):
-            gen = torch.Generator(pipe.device).manual_seed(seed + j)
+            rng = torch.Generator(pipe.device).manual_seed(seed + j)
             images, tokens = [], []
             for i in range(0, len(prompts), batch):
-                tok = pipe.generate_tokens(prompts[i:i + batch], steps=steps, cfg=cfg, generator=gen)
-                images.append(pipe.tokens_to_images(tok, decoder_steps, decoder_cfg, gen).cpu())
+                tok = pipe.generate_tokens(prompts[i:i + batch], steps=steps, guidance=guidance, rng=rng)
+                images.append(pipe.tokens_to_images(tok, decoder_steps, decoder_guidance, rng).cpu())
                 tokens.append(tok.cpu())
                 bar.update(len(prompts[i:i + batch]))
             image_cols.append(torch.cat(images))  # (P, 3, H, W)
@@ -243,25 +243,25 @@ def load_official(checkpoint, backbone, device: torch.device):
                         "use the backbone the checkpoint was trained on (4B: Qwen2.5-VL-3B, 8B: 7B)")
     cfg = blip3o.Config(preset="official", dit=report.config, decoder=None, num_queries=queries.shape[0])
     with torch.device("meta"):  # placeholders only: the loaded queries and DiT replace them below
-        gen = blip3o.Generator(cfg, loss="flow", target_dim=report.config.in_channels, lm_dim=lm_dim)
-    gen.queries = torch.nn.Parameter(queries.to(device), requires_grad=False)
-    gen.dit = dit.to(device).eval()
-    gen.target_scale = torch.ones((), device=device)  # the released model's targets are not normalized
-    return gen, lm, tok
+        generator = blip3o.Generator(cfg, loss="flow", target_dim=report.config.in_channels, lm_dim=lm_dim)
+    generator.queries = torch.nn.Parameter(queries.to(device), requires_grad=False)
+    generator.dit = dit.to(device).eval()
+    generator.target_scale = torch.ones((), device=device)  # the released model's targets are not normalized
+    return generator, lm, tok
 
 
 @torch.no_grad()
-def official_features(gen, lm, tok, prompts, num_samples: int, seed: int, steps: int, cfg: float,
+def official_features(generator, lm, tok, prompts, num_samples: int, seed: int, steps: int, guidance: float,
                       device: torch.device) -> torch.Tensor:
     """Prompts -> CLIP features (P, S, 64, D) from the released model; sample j uses seed + j."""
-    texts = gen.prompts(prompts)
+    texts = generator.prompts(prompts)
     bos = tok.bos_token_id is not None  # Qwen's tokenizer has no <bos>
-    length = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) + bos
+    length = max(blip3o.token_count(tok, t, bos) for t in texts)
     ids, lens = blip3o.encode_texts(tok, texts, length, bos=bos, eos=False)
     with blip3o.autocast(device):
-        cond = gen.condition(lm, ids.to(device), lens.to(device))  # (P, 64, D_lm)
-        columns = [gen.sample(cond, steps=steps, cfg=cfg,
-                              generator=torch.Generator(device).manual_seed(seed + j)).float().cpu()
+        cond = generator.condition(lm, ids.to(device), lens.to(device))  # (P, 64, D_lm)
+        columns = [generator.sample(cond, steps=steps, guidance=guidance,
+                                    rng=torch.Generator(device).manual_seed(seed + j)).float().cpu()
                    for j in range(num_samples)]
     return torch.stack(columns, 1)  # (P, S, 64, D)
 
@@ -291,9 +291,9 @@ def parse_args(argv=None):
     opts.add_argument("--num-samples", type=int, default=4, help="images per prompt (default 4)")
     opts.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
     opts.add_argument("--steps", type=int, default=30, help="Euler steps, text -> CLIP tokens (paper: 30)")
-    opts.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (paper: 3.0)")
+    opts.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (paper: 3.0)")
     opts.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, CLIP tokens -> pixels")
-    opts.add_argument("--decoder-cfg", type=float, default=1.0, help="guidance of the pixel decoder")
+    opts.add_argument("--decoder-guidance", type=float, default=1.0, help="guidance of the pixel decoder")
     opts.add_argument("--allow-unknown-words", action="store_true",
                       help="go on with prompt or question words the toy model never saw (read as <unk>)")
     opts.add_argument("--temperature", type=float, default=0.0, help="answer sampling (0: greedy)")
@@ -333,7 +333,7 @@ def parse_args(argv=None):
     for name in ("steps", "decoder_steps", "num_samples", "per_prompt", "batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("cfg", "decoder_cfg", "temperature"):
+    for name in ("guidance", "decoder_guidance", "temperature"):
         if not getattr(args, name) >= 0:  # also refuses nan
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return args
@@ -368,20 +368,20 @@ def run_text_to_image(args, device):
     check_pixels(pipe, args.run)
     check_known_words(pipe.tokenizer, args.prompt, args.allow_unknown_words)
     try:
-        images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.cfg,
-                                  args.decoder_steps, args.decoder_cfg, args.batch_size, quiet=False)
+        images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
+                                  args.decoder_steps, args.decoder_guidance, args.batch_size, quiet=False)
     except ValueError as e:  # e.g. a prompt longer than the backbone's context
         raise UserError(str(e)) from None
     out = save_png(image_grid([list(row) for row in images], args.prompt), args.out or "out/samples.png")
     print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples ({args.variant}, seed {args.seed}, "
-          f"cfg {args.cfg}, {args.steps} + {args.decoder_steps} steps) -> {out}")
+          f"guidance {args.guidance}, {args.steps} + {args.decoder_steps} steps) -> {out}")
 
 
 def run_reconstruct(args, device):
     pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
     image = read_image(args.reconstruct, pipe.config.clip.image_size)
-    gen = torch.Generator(pipe.device).manual_seed(args.seed)
-    recon = pipe.reconstruct(image[None], steps=args.decoder_steps, cfg=args.decoder_cfg, generator=gen)
+    rng = torch.Generator(pipe.device).manual_seed(args.seed)
+    recon = pipe.reconstruct(image[None], steps=args.decoder_steps, guidance=args.decoder_guidance, rng=rng)
     grid = image_grid([[image, recon[0].cpu()]], [f"{Path(args.reconstruct).name}: original | reconstruction"])
     out = save_png(grid, args.out or "out/reconstruction.png")
     print(f"{args.reconstruct} -> 64 CLIP tokens -> pixel decoder ({args.decoder_steps} steps) -> {out}")
@@ -392,8 +392,8 @@ def run_answer(args, device):
     image = read_image(args.image, pipe.config.clip.image_size)
     question = data.caption_question if args.caption else args.question
     check_known_words(pipe.tokenizer, [question], args.allow_unknown_words)
-    gen = torch.Generator(pipe.device).manual_seed(args.seed)
-    answer = pipe.answer(image[None], [question], temperature=args.temperature, generator=gen)[0]
+    rng = torch.Generator(pipe.device).manual_seed(args.seed)
+    answer = pipe.answer(image[None], [question], temperature=args.temperature, rng=rng)[0]
     print(f"Q: {question}")
     print(f"A: {answer}")
 
@@ -407,7 +407,7 @@ def run_geneval(args, device):
           "(they still generate: the toy model simply does not know those words)")
     try:
         images, _ = generate_grid(pipe, [r["prompt"] for r in records], args.per_prompt, args.seed,
-                                  args.steps, args.cfg, args.decoder_steps, args.decoder_cfg, args.batch_size,
+                                  args.steps, args.guidance, args.decoder_steps, args.decoder_guidance, args.batch_size,
                                   quiet=False)
     except ValueError as e:  # e.g. a prompt longer than the backbone's context
         raise UserError(str(e)) from None
@@ -418,8 +418,8 @@ def run_geneval(args, device):
 def run_official(args, device):
     from safetensors.torch import save_file
 
-    gen, lm, tok = load_official(args.official_checkpoint, args.backbone, device)
-    feats = official_features(gen, lm, tok, args.prompt, args.num_samples, args.seed, args.steps, args.cfg,
+    generator, lm, tok = load_official(args.official_checkpoint, args.backbone, device)
+    feats = official_features(generator, lm, tok, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
                               device)  # (P, S, 64, D)
     out = Path(args.out or "out/features.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +435,7 @@ def run_official(args, device):
         P, S = feats.shape[:2]
         gen_noise = torch.Generator(pipe.device).manual_seed(args.seed)
         images = pipe.tokens_to_images(feats.flatten(0, 1).to(pipe.device), args.decoder_steps,
-                                       args.decoder_cfg, gen_noise).cpu()  # (P * S, 3, H, W)
+                                       args.decoder_guidance, gen_noise).cpu()  # (P * S, 3, H, W)
         images = images.unflatten(0, (P, S))  # (P, S, 3, H, W)
         png = save_png(image_grid([list(row) for row in images], args.prompt), out.with_suffix(".png"))
         print(f"decoded with {args.run}/decoder -> {png}")

@@ -145,16 +145,16 @@ def frozen_dtype(device) -> torch.dtype:
 class Objective(nn.Module):
     """A module and its training loss as one forward, so DDP's gradient hooks see the computation.
 
-    forward(*batch, gen) -> (loss, logs dict of floats); `inner` is what gets checkpointed.
+    forward(*batch, rng) -> (loss, logs dict of floats); `inner` is what gets checkpointed.
     """
 
     def __init__(self, inner: nn.Module, loss):
         super().__init__()
         self.inner = inner
-        self.loss = loss  # (inner, *batch, gen) -> (loss, logs)
+        self.loss = loss  # (inner, *batch, rng) -> (loss, logs)
 
-    def forward(self, *batch, gen=None):
-        return self.loss(self.inner, *batch, gen)
+    def forward(self, *batch, rng=None):
+        return self.loss(self.inner, *batch, rng)
 
 
 @dataclass
@@ -307,17 +307,17 @@ def fit(plan: Plan, args, device) -> dict:
         for micro in range(accum):
             chunk = rank * accum + micro
             seed = data.stable_seed("batch", args.seed, step, chunk) % 2 ** 63
-            gen = torch.Generator().manual_seed(seed)
-            batch = plan.chunk_fn(step, chunk, plan.batch, gen)
+            rng = torch.Generator().manual_seed(seed)
+            batch = plan.chunk_fn(step, chunk, plan.batch, rng)
             # The model draws its noise on its own device; on the CPU that is the same generator.
-            noise = gen if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+            noise = rng if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
             # Gradients are reduced only on the last micro-step (DDP's no_sync, FSDP's gradient sync off).
             last_micro = micro == accum - 1
             for root in fsdp_roots:
                 root.set_requires_gradient_sync(last_micro)
             sync = contextlib.nullcontext() if (ddp is model or last_micro) else ddp.no_sync()
             with sync, blip3o.autocast(device):
-                loss, extra = ddp(*batch, gen=noise)
+                loss, extra = ddp(*batch, rng=noise)
                 (loss / accum).backward()
             total += float(loss.detach()) / accum
             for k, v in extra.items():
@@ -496,7 +496,7 @@ def load_lm(args, tok, device):
         meta, tensors, _ = blip3o.load_checkpoint(folder, stage="understand")
         cfg = blip3o.Config.from_dict(meta["config"])
         lm = blip3o.build_backbone(cfg.lm)
-        vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"),
+        vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids(blip3o.IMAGE),
                                          cfg.lm.image_merge)
         blip3o.load_stage(vlm, tensors, "vlm", folder, "understand")
     vlm = vlm.to(device)
@@ -530,13 +530,13 @@ def plan_clip(args, device) -> Plan:
     prm_ids, _ = blip3o.encode_texts(tok, [s.prompt for s in scenes], cfg.clip.context_length)
     enc = blip3o.ImageEncoder(cfg.clip)
 
-    def chunk_fn(step, chunk, size, gen):
-        idx = torch.randint(len(images), (size,), generator=gen)
-        use_prompt = torch.rand(size, generator=gen) < 0.5
+    def chunk_fn(step, chunk, size, rng):
+        idx = torch.randint(len(images), (size,), generator=rng)
+        use_prompt = torch.rand(size, generator=rng) < 0.5
         ids = torch.where(use_prompt[:, None], prm_ids[idx], cap_ids[idx])
         return as_float(images[idx]).to(device), ids.to(device)
 
-    def loss(enc, images_b, ids, gen):
+    def loss(enc, images_b, ids, rng):
         return enc.contrastive_loss(images_b, ids), {}
 
     return Plan("clip", Objective(enc, loss), chunk_fn, lambda m: blip3o.module_tensors("clip", m), {},
@@ -592,7 +592,7 @@ def plan_understand(args, device) -> Plan:
     lm = blip3o.build_backbone(cfg.lm)
     if args.grad_checkpointing:
         enable_grad_checkpointing(lm)
-    vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids("<image>"), cfg.lm.image_merge)
+    vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids(blip3o.IMAGE), cfg.lm.image_merge)
 
     per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns
     for i, q, a in rows:
@@ -600,20 +600,20 @@ def plan_understand(args, device) -> Plan:
 
     text_rows = text_qa_table(scenes, args.seed, cfg.prompt_template)
 
-    def chunk_fn(step, chunk, size, gen):
+    def chunk_fn(step, chunk, size, rng):
         n_text = int(size * UNDERSTAND_TEXT_ROWS)
-        img = torch.randint(len(images), (size - n_text,), generator=gen)
+        img = torch.randint(len(images), (size - n_text,), generator=rng)
         conversations = []
         for i in img.tolist():  # up to UNDERSTAND_TURNS random turns about each image
-            order = torch.randperm(len(per_image[i]), generator=gen)[:UNDERSTAND_TURNS].tolist()
+            order = torch.randperm(len(per_image[i]), generator=rng)[:UNDERSTAND_TURNS].tolist()
             conversations.append([per_image[i][j] for j in order])
         ids, labels, _ = blip3o.build_conversation_batch(tok, vlm.image_tokens(clip_tokens.shape[1]), conversations)
         # Text rows: the prompt turn and up to UNDERSTAND_TURNS - 1 more, no image placeholders.
-        pick = torch.randint(len(text_rows), (n_text,), generator=gen).tolist()
+        pick = torch.randint(len(text_rows), (n_text,), generator=rng).tolist()
         t_ids, t_labels, _ = blip3o.build_conversation_batch(tok, 0, [text_rows[j][:UNDERSTAND_TURNS] for j in pick])
         return ids.to(device), clip_tokens[img].to(device), labels.to(device), t_ids.to(device), t_labels.to(device)
 
-    def loss(vlm, ids, ctok, labels, t_ids, t_labels, gen):
+    def loss(vlm, ids, ctok, labels, t_ids, t_labels, rng):
         l_img = vlm(ids, ctok, labels)[0]
         if t_ids.shape[0] == 0:
             return l_img, {}
@@ -638,12 +638,12 @@ def plan_decoder(args, device) -> Plan:
     dec = blip3o.PixelDecoder(cfg.decoder, cfg.clip.image_size)
     dec.cond_scale.fill_(float(clip_tokens.std()))
 
-    def chunk_fn(step, chunk, size, gen):
-        idx = torch.randint(len(images), (size,), generator=gen)
+    def chunk_fn(step, chunk, size, rng):
+        idx = torch.randint(len(images), (size,), generator=rng)
         return as_float(images[idx]).to(device), clip_tokens[idx].to(device)
 
-    def loss(dec, images_b, ctok, gen):
-        value, t, per = dec.loss(images_b, ctok, generator=gen)
+    def loss(dec, images_b, ctok, rng):
+        value, t, per = dec.loss(images_b, ctok, rng=rng)
         return value, t_bin_logs(t, per)
 
     return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: blip3o.module_tensors("decoder", m), {},
@@ -667,12 +667,12 @@ def plan_vae(args, device) -> Plan:
     images, _ = toy_images(args)
     vae = blip3o.VAE(cfg.vae)
 
-    def chunk_fn(step, chunk, size, gen):
-        idx = torch.randint(len(images), (size,), generator=gen)
+    def chunk_fn(step, chunk, size, rng):
+        idx = torch.randint(len(images), (size,), generator=rng)
         return (as_float(images[idx]).to(device),)
 
-    def loss(vae, images_b, gen):
-        return vae.loss(images_b, generator=gen), {}
+    def loss(vae, images_b, rng):
+        return vae.loss(images_b, rng=rng), {}
 
     return Plan("vae", Objective(vae, loss), chunk_fn, lambda m: blip3o.module_tensors("vae", m), {},
                 **stage_hparams(args, "vae"))
@@ -689,7 +689,7 @@ class GenerationStep(nn.Module):
         self.time_sampling = time_sampling
         self.noise_repeats = noise_repeats
 
-    def forward(self, prompt_ids, prompt_lens, target, gen=None):
+    def forward(self, prompt_ids, prompt_lens, target, rng=None):
         cond = self.generator.condition(self.vlm.lm, prompt_ids, prompt_lens)
         if self.noise_repeats > 1:
             # Each prompt's condition is computed once and its target noised `noise_repeats` times (own t,
@@ -697,7 +697,7 @@ class GenerationStep(nn.Module):
             cond = cond.repeat_interleave(self.noise_repeats, 0)
             target = target.repeat_interleave(self.noise_repeats, 0)
         value, t, per = self.generator.loss(cond, target, cond_drop=0.1, time_sampling=self.time_sampling,
-                                            generator=gen)
+                                            rng=rng)
         return value, t_bin_logs(t, per)
 
 
@@ -715,7 +715,7 @@ def generation_data(args, device, target: str):
         vae = vae.to(device).eval()
         targets = encode_all(vae.tokens, images, device)
     template = args.config.prompt_template
-    length = max(len(tok(template.format(s.caption), add_special_tokens=False)["input_ids"]) for s in scenes) + 1
+    length = max(blip3o.token_count(tok, template.format(s.caption), bos=True) for s in scenes)
     # Two phrasings per image: the GenEval-style prompt and the free caption.
     p_ids, p_len = blip3o.encode_texts(tok, [template.format(s.prompt) for s in scenes], length, bos=True,
                                        eos=False)
@@ -758,11 +758,11 @@ def plan_generate(args, device) -> Plan:
     # retrieval was 0.95 and 0.80 in two runs vs 0.76 (measured, 8 samples per prompt). Real presets and MSE: 1.
     repeats = args.noise_repeats or (2 if cfg.preset == "toy" and args.loss == "flow" else 1)
     step_module = Objective(GenerationStep(gen_model, vlm, time_sampling, repeats),
-                            lambda m, *b: m(*b[:-1], gen=b[-1]))
+                            lambda m, *b: m(*b[:-1], rng=b[-1]))
 
-    def chunk_fn(step, chunk, size, gen):
-        idx = torch.randint(len(targets), (size,), generator=gen)
-        use_prompt = torch.rand(size, generator=gen) < 0.5
+    def chunk_fn(step, chunk, size, rng):
+        idx = torch.randint(len(targets), (size,), generator=rng)
+        use_prompt = torch.rand(size, generator=rng) < 0.5
         ids = torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx])
         lens = torch.where(use_prompt, p_len[idx], c_len[idx])
         return ids.to(device), lens.to(device), targets[idx].to(device)
@@ -803,22 +803,22 @@ def plan_joint(args, device) -> Plan:
     with torch.no_grad():  # the toy queries' starting scale, as in plan_generate (see there why)
         gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
 
-    def chunk_fn(step, chunk, size, gen):
+    def chunk_fn(step, chunk, size, rng):
         n_und = size // 2  # understanding rows; the rest of the chunk is generation rows
-        pick = torch.randint(len(rows), (n_und,), generator=gen).tolist()
+        pick = torch.randint(len(rows), (n_und,), generator=rng).tolist()
         img = torch.tensor([rows[j][0] for j in pick])
         qa_ids, labels, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(clip_tokens.shape[1]),
                                                   [rows[j][1] for j in pick], [rows[j][2] for j in pick])
-        idx = torch.randint(len(targets), (size - n_und,), generator=gen)
-        use_prompt = torch.rand(size - n_und, generator=gen) < 0.5
+        idx = torch.randint(len(targets), (size - n_und,), generator=rng)
+        use_prompt = torch.rand(size - n_und, generator=rng) < 0.5
         ids = torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx])
         lens = torch.where(use_prompt, p_len[idx], c_len[idx])
         return (qa_ids.to(device), clip_tokens[img].to(device), labels.to(device),
                 ids.to(device), lens.to(device), targets[idx].to(device))
 
-    def loss(step_module, qa_ids, ctok, labels, ids, lens, target, gen):
+    def loss(step_module, qa_ids, ctok, labels, ids, lens, target, rng):
         und = step_module.vlm(qa_ids, ctok, labels)[0]
-        gen_loss, logs = step_module(ids, lens, target, gen=gen)
+        gen_loss, logs = step_module(ids, lens, target, rng=rng)
         return und + gen_loss, {"loss_und": float(und.detach()), "loss_gen": float(gen_loss.detach()), **logs}
 
     def save_fn(m):  # both halves: the LM the generator conditions on is no longer stage 1's
@@ -1008,18 +1008,18 @@ def plan_generate_stream(args, device) -> Plan:
     # colour are decided, more often; in a 200-step probe the prompt's colours showed up in the samples
     # with it and not yet without it. Real presets keep the paper's uniform t.
     time_sampling = args.time_sampling or ("logit_normal" if cfg.preset == "toy" else "uniform")
-    step_module = Objective(GenerationStep(gen_model, vlm, time_sampling), lambda m, *b: m(*b[:-1], gen=b[-1]))
+    step_module = Objective(GenerationStep(gen_model, vlm, time_sampling), lambda m, *b: m(*b[:-1], rng=b[-1]))
     bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
     if tok.pad_token is None:  # right padding is never attended to (causal LM): any id will do
         tok.pad_token = tok.eos_token
     limit = cfg.lm.max_length - cfg.num_queries  # the prompt and the 64 queries share the context
 
-    def chunk_fn(step, chunk, size, gen):
+    def chunk_fn(step, chunk, size, rng):
         images, captions = stream.take(size)
         with torch.no_grad(), blip3o.autocast(device):
             targets = enc.tokens(images.to(device)).float()  # (B, 64, D_clip)
         texts = [cfg.prompt_template.format(c) for c in captions]
-        lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) + bos for t in texts]
+        lengths = [blip3o.token_count(tok, t, bos) for t in texts]
         stream.truncated += sum(n > limit for n in lengths)
         ids, lens = blip3o.encode_texts(tok, texts, min(max(lengths), limit), bos=bos, eos=False)
         return ids.to(device), lens.to(device), targets

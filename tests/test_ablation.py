@@ -82,7 +82,7 @@ def test_each_design_trains_and_samples(variant, tiny_run, tmp_path):
     pipe = blip3o.load_run(run, variant, need=("clip", "understand", "generate"))
     assert (pipe.generator.loss_type, pipe.target) == (loss, target)
     images = pipe.generate_images(["a photo of a red circle", "a photo of two squares"], steps=2,
-                                  decoder_steps=2, generator=torch.Generator().manual_seed(0))
+                                  decoder_steps=2, rng=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 32, 32)
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
 

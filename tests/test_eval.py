@@ -137,7 +137,7 @@ def test_clipgen_tags_selects_prompts(tiny_run):
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "missing run", "bad flag", "bad number",
-                                  "negative cfg", "unknown tag", "geneval missing dir", "no command"])
+                                  "negative guidance", "unknown tag", "geneval missing dir", "no command"])
 def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -146,7 +146,7 @@ def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
         "missing run": ["clip", "--run", tmp_path / "nope"],
         "bad flag": ["clip", "--run", tiny_run, "--no-such-flag"],
         "bad number": ["clip", "--run", tiny_run, "--n", "0"],
-        "negative cfg": ["clipgen", "--run", tiny_run, "--cfg", "-2"],
+        "negative guidance": ["clipgen", "--run", tiny_run, "--guidance", "-2"],
         "unknown tag": ["toygeneval", "--run", tiny_run, "--tags", "single_object,bench"],
         "geneval missing dir": ["geneval", tmp_path / "nope"],
         "no command": [],

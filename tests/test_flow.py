@@ -23,7 +23,7 @@ def test_euler_constant_field_is_exact():
     x0 = torch.randn(2, 64, 3)
     model = Field(lambda x, t, c: (target - x0).expand_as(x))
     for steps in (1, 7):
-        x1 = blip3o.euler_sample(model, torch.zeros(2, 1, 4), 64, 3, steps=steps, cfg=1.0, x0=x0)
+        x1 = blip3o.euler_sample(model, torch.zeros(2, 1, 4), 64, 3, steps=steps, guidance=1.0, x0=x0)
         torch.testing.assert_close(x1, target)  # exact up to fp32 rounding of the summed steps (default tol)
 
 
@@ -31,7 +31,7 @@ def test_euler_straight_path_to_a_point_lands_on_it():
     """The exact flow to a single data point is v = (x* - x) / (1 - t); Euler from t = 0 hits x* exactly."""
     target = torch.randn(1, 64, 3)
     model = Field(lambda x, t, c: (target - x) / (1 - t))
-    x1 = blip3o.euler_sample(model, torch.zeros(1, 1, 4), 64, 3, steps=5, cfg=1.0)
+    x1 = blip3o.euler_sample(model, torch.zeros(1, 1, 4), 64, 3, steps=5, guidance=1.0)
     torch.testing.assert_close(x1, target)  # exact in real arithmetic; fp32 rounding only (default tol)
 
 
@@ -40,12 +40,12 @@ def test_euler_time_grid_and_convergence():
     model = Field(lambda x, t, c: 2 * t.expand_as(x))
     x0 = torch.zeros(1, 64, 1)
     for n in (4, 10):
-        x1 = blip3o.euler_sample(model, torch.zeros(1, 1, 1), 64, 1, steps=n, cfg=1.0, x0=x0)
+        x1 = blip3o.euler_sample(model, torch.zeros(1, 1, 1), 64, 1, steps=n, guidance=1.0, x0=x0)
         torch.testing.assert_close(x1, torch.full_like(x0, (n - 1) / n))  # fp32 rounding only (default tol)
     # v = x: x(1) = e * x0; the Euler error (1 + 1/n)^n vs e shrinks like 1/n.
     model = Field(lambda x, t, c: x)
     x0 = torch.ones(1, 64, 1, dtype=torch.float64)
-    errors = [(blip3o.euler_sample(model, torch.zeros(1, 1, 1, dtype=torch.float64), 64, 1, steps=n, cfg=1.0,
+    errors = [(blip3o.euler_sample(model, torch.zeros(1, 1, 1, dtype=torch.float64), 64, 1, steps=n, guidance=1.0,
                                    x0=x0) - torch.e).abs().max().item() for n in (10, 100)]
     assert errors[0] < 0.13 and errors[1] < 0.014 and errors[1] < errors[0] / 8
 
@@ -66,27 +66,27 @@ def test_guidance_is_batched_and_matches_separate_passes():
         for s in (0.0, 1.0, 3.0):
             # One batch of 6 vs two batches of 3: the fp32 matmuls block (and so sum) in another order,
             # about 1e-6 relative per output; v_u + s (v_c - v_u) magnifies that by up to 1 + 2s.
-            torch.testing.assert_close(blip3o.velocity_cfg(model, x, t, cond, s, mask), v_u + s * (v_c - v_u),
+            torch.testing.assert_close(blip3o.guided_velocity(model, x, t, cond, s, mask), v_u + s * (v_c - v_u),
                                        atol=2e-6 * scale * (1 + 2 * s), rtol=0)
 
 
 def test_sampler_call_pattern_and_validation():
     model = Field(lambda x, t, c: c.mean(dim=1, keepdim=True).expand_as(x))
     cond = torch.ones(2, 3, 4)
-    blip3o.euler_sample(model, cond, 64, 4, steps=3, cfg=3.0)
+    blip3o.euler_sample(model, cond, 64, 4, steps=3, guidance=3.0)
     assert model.batches == [4, 4, 4]  # cond and uncond in one forward per step
     assert all(torch.all(c[2:] == 0) for c in model.conds)  # the unconditional half sees zeros
     model.batches.clear()
-    blip3o.euler_sample(model, cond, 64, 4, steps=3, cfg=1.0)
-    assert model.batches == [2, 2, 2]  # cfg 1: no unconditional pass
+    blip3o.euler_sample(model, cond, 64, 4, steps=3, guidance=1.0)
+    assert model.batches == [2, 2, 2]  # guidance 1: no unconditional pass
     with pytest.raises(ValueError):
         blip3o.euler_sample(model, cond, 64, 4, steps=0)
     with pytest.raises(ValueError):
-        blip3o.euler_sample(model, cond, 64, 4, cfg=-1.0)
+        blip3o.euler_sample(model, cond, 64, 4, guidance=-1.0)
     # The same seed draws the same noise, and the same ops on the same shapes in one process: bit-equal.
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(blip3o.euler_sample(model, cond, 64, 4, steps=2, generator=g1),
-                       blip3o.euler_sample(model, cond, 64, 4, steps=2, generator=g2))
+    assert torch.equal(blip3o.euler_sample(model, cond, 64, 4, steps=2, rng=g1),
+                       blip3o.euler_sample(model, cond, 64, 4, steps=2, rng=g2))
 
 
 def test_loss_conventions():
@@ -104,7 +104,7 @@ def test_loss_condition_dropout_and_time_sampling():
     model = Field(lambda x, t, c: 0 * x)
     cond = torch.ones(4000, 1, 2)
     g = torch.Generator().manual_seed(0)
-    _, t, _ = blip3o.flow_matching_loss(model, torch.zeros(4000, 1, 1), cond, generator=g)
+    _, t, _ = blip3o.flow_matching_loss(model, torch.zeros(4000, 1, 1), cond, rng=g)
     dropped = (model.conds[-1] == 0).all(dim=2).all(dim=1).float().mean().item()
     assert 0.08 < dropped < 0.12  # cond_drop = 0.1: about 10% of the conditions zeroed
     assert 0 <= t.min() and t.max() < 1 and abs(t.mean().item() - 0.5) < 0.02

@@ -22,7 +22,7 @@ def parts():
                                   num_kv_heads=2, ffn_dim=64, cond_dim=32)
     clip = blip3o.ImageEncoder(cfg.clip).eval().requires_grad_(False)
     vlm = blip3o.VisionLanguageModel(blip3o.build_backbone(cfg.lm), cfg.clip.width,
-                                     tok.convert_tokens_to_ids("<image>"), cfg.lm.image_merge)
+                                     tok.convert_tokens_to_ids(blip3o.IMAGE), cfg.lm.image_merge)
     images = torch.rand(3, 3, 32, 32)
     return tok, cfg, clip, vlm, images
 
@@ -99,7 +99,7 @@ def test_text_rows_run_without_an_image_and_label_only_the_answers(parts):
     turns = [[("Please generate an image based on the following caption: a red circle . what color is the "
                "circle ?", "red")]]
     ids, labels, _ = blip3o.build_conversation_batch(tok, 0, turns)
-    assert tok.convert_tokens_to_ids("<image>") not in ids.tolist()[0]
+    assert tok.convert_tokens_to_ids(blip3o.IMAGE) not in ids.tolist()[0]
     kept = [tok.convert_ids_to_tokens(int(i)) for i in labels[0][labels[0] != -100]]
     assert kept == ["red", "<eos>"]
     loss, logits = vlm(ids, None, labels)
@@ -152,7 +152,7 @@ def test_noise_repeats_share_one_lm_pass_between_several_dit_samples(parts, monk
 
     monkeypatch.setattr(blip3o, "flow_matching_loss", spy)
     target = clip.tokens(images)
-    value, _ = step(ids, lens, target, gen=torch.Generator().manual_seed(0))
+    value, _ = step(ids, lens, target, rng=torch.Generator().manual_seed(0))
     assert len(calls) == 1 and seen["cond"].shape[0] == 6  # one LM pass, six DiT samples
     # Copies of one tensor (repeat_interleave) and one elementwise division: bit-equal.
     assert torch.equal(seen["x1"][0::2], seen["x1"][1::2])  # each target twice, in place

@@ -162,7 +162,7 @@ def test_sample_over_long_prompt_is_refused(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [(["--prompt", " "], "empty prompt"),
-                                           (["--prompt", "a red circle", "--cfg", "-0.5"], "--cfg must be >= 0"),
+                                           (["--prompt", "a red circle", "--guidance", "-0.5"], "--guidance must be >= 0"),
                                            (["--prompt", "a red circle", "--steps", "-1"], "--steps must be")])
 def test_sample_bad_numbers_and_empty_prompt(args, message, tiny_run, capsys):
     import sample

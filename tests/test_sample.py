@@ -115,7 +115,7 @@ def test_answer_caption_and_reconstruct(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing run", "missing checkpoint", "corrupt image", "empty prompt",
-                                  "zero steps", "negative cfg", "no samples", "bad flag"])
+                                  "zero steps", "negative guidance", "no samples", "bad flag"])
 def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
     empty = tmp_path / "empty_run"
     empty.mkdir()
@@ -127,7 +127,7 @@ def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
         "corrupt image": ["--run", tiny_run, "--image", bad, "--caption"],
         "empty prompt": ["--run", tiny_run, "--prompt", "  "],
         "zero steps": ["--run", tiny_run, "--prompt", "a photo of a circle", "--steps", "0"],
-        "negative cfg": ["--run", tiny_run, "--prompt", "a photo of a circle", "--cfg", "-1"],
+        "negative guidance": ["--run", tiny_run, "--prompt", "a photo of a circle", "--guidance", "-1"],
         "no samples": ["--run", tiny_run, "--prompt", "a photo of a circle", "--num-samples", "0"],
         "bad flag": ["--run", tiny_run, "--prompt", "a photo of a circle", "--no-such-flag"],
     }[case]
