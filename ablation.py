@@ -29,7 +29,7 @@ import data
 import eval as evaluation
 import sample
 import train
-from cli import OneLineParser, UserError, run_main
+from cli import OneLineParser, UserError, add_run_options, add_sampling_options, check_numbers, comma_list, metrics_main, rounded
 
 #
 # Finding 1: CLIP features are a better generation target than VAE latents (same DiT, same flow loss).
@@ -269,7 +269,7 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
               "designs": designs, "understanding": und, "diversity": diversity}
     result["findings"] = ablation_findings(result)
     result["seconds"] = time.time() - start
-    result = evaluation.rounded(result)
+    result = rounded(result)
     (out / "ablation.json").write_text(json.dumps(result, indent=1) + "\n")
     plot_ablation(result, out / "ablation.png")
     (out / "ablation.md").write_text(ablation_markdown(result))
@@ -425,11 +425,7 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help):
-        c = sub.add_parser(name, help=help, description=help)
-        c.add_argument("--run", default="out/toy", help="run folder written by train.py")
-        c.add_argument("--device", default="auto", help="auto (CUDA -> MPS -> CPU), cpu, cuda, ...")
-        c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-        return c
+        return add_run_options(sub.add_parser(name, help=help, description=help))
 
     c = command("diversity", "spread of the samples of one prompt over seeds, per design (Finding 2)")
     c.add_argument("--variants", default=",".join(DESIGNS), help="comma-separated: flow-clip, mse-clip, "
@@ -439,10 +435,7 @@ def parse_args(argv=None):
                    help="go on with prompt words the toy model never saw (read as <unk>)")
     c.add_argument("--seeds", type=int, default=8, help="samples per prompt, seeds seed .. seed+seeds-1")
     c.add_argument("--seed", type=int, default=0, help="first seed")
-    c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> target tokens")
-    c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    c.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, tokens -> pixels")
-    c.add_argument("--decoder-guidance", type=float, default=1.0, help="guidance of the pixel decoder")
+    add_sampling_options(c)
     c = command("study", "the paper's design study: CLIP/VAE x MSE/Flow, sequential vs joint -> "
                 "OUT/ablation.md, .png, .json")
     c.add_argument("--out", default="out/ablation", help="folder of the study (RUN's checkpoints are copied in)")
@@ -454,20 +447,10 @@ def parse_args(argv=None):
 
     args = p.parse_args(argv)
     if args.command == "diversity":
-        for name in ("steps", "decoder_steps"):
-            if getattr(args, name) < 1:
-                p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-        for name in ("guidance", "decoder_guidance"):
-            if not getattr(args, name) >= 0:
-                p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        check_numbers(p, args, at_least_one=("steps", "decoder_steps"), non_negative=("guidance", "decoder_guidance"))
         if args.seeds < 2:
             p.error(f"--seeds must be at least 2 (a spread needs two samples), got {args.seeds}")
-        items = [v.strip() for v in args.variants.split(",") if v.strip()]
-        unknown = [v for v in items if v not in (*DESIGNS, "joint")]
-        if unknown or not items:
-            p.error(f"--variants: unknown {', '.join(unknown) or '(none given)'}; use "
-                    f"{', '.join((*DESIGNS, 'joint'))}")
-        args.variants = items
+        args.variants = comma_list(p, "--variants", args.variants, (*DESIGNS, "joint"))
     else:
         for flag, value in (("--steps", args.train_steps), ("--every", args.every)):
             if value is not None and value < 1:
@@ -476,15 +459,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    metrics = {}
-    rc = run_main(lambda: metrics.update(run_command(args)))
-    if rc == 0:
-        print(json.dumps(evaluation.rounded(metrics)))  # the last line of stdout: the metrics
-    return rc
+    return metrics_main(run_command, parse_args(argv))
 
 
 def run_command(args) -> dict:

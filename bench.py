@@ -57,7 +57,7 @@ import torch
 import torch.nn as nn
 
 import data
-from blip3o import CheckpointError, DiTConfig, NextDiT, Pipeline, flow_matching_loss, load_run
+from blip3o import CheckpointError, DiTConfig, count_params, NextDiT, Pipeline, flow_matching_loss, load_run
 
 ROOT = Path(__file__).resolve().parent
 
@@ -370,7 +370,7 @@ def bench_memory(args):
     for preset, cond_dim in (("blip3o-8b", 3584), ("blip3o-4b", 2048)):
         cfg = DiTConfig(cond_dim=cond_dim)
         with torch.device("meta"):
-            n = NextDiT(cfg).num_params()
+            n = sum(count_params(NextDiT(cfg)))
         acts = []
         for layers in (1, 2):
             small = DiTConfig(cond_dim=cond_dim, num_layers=layers)

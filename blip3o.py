@@ -49,6 +49,10 @@ from safetensors import safe_open
 # ----------------------------------------------------------------------------------------------------
 
 
+# The paper's generation prompt: the caption goes where {} is.
+PROMPT_TEMPLATE = "Please generate an image based on the following caption: {}"
+
+
 @dataclass
 class DiTConfig:
     """Next-DiT sizes. The defaults are the released BLIP3-o 8B DiT (DESIGN.md section 2).
@@ -163,7 +167,7 @@ class Config:
     decoder: DiTConfig | None = None  # pixel decoder (toy only; the real one is Emu2-Gen's SDXL UNet)
     vae: VAEConfig = field(default_factory=VAEConfig)
     num_queries: int = 64  # learnable queries (paper: 64)
-    prompt_template: str = "Please generate an image based on the following caption: {}"
+    prompt_template: str = PROMPT_TEMPLATE
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -1047,9 +1051,6 @@ class NextDiT(nn.Module):
         for layer in self.layers:
             layer.compile(**kwargs)
         return self
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, x, t, cond, cond_mask=None):
         B, N, _ = x.shape

@@ -5,7 +5,10 @@ never a traceback: the scripts raise `UserError` (or blip3o's `CheckpointError`)
 it into that line.
 """
 import argparse
+import json
 import sys
+
+import torch
 
 import blip3o
 
@@ -38,3 +41,65 @@ def run_main(fn, *args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_numbers(p: argparse.ArgumentParser, args, at_least_one=(), non_negative=()) -> None:
+    """p.error for the first of `args`' named numbers out of range; absent names are skipped. Written
+    so that nan fails `non_negative` too."""
+    for name in at_least_one:
+        if getattr(args, name, 1) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in non_negative:
+        if not getattr(args, name, 0.0) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def comma_list(p: argparse.ArgumentParser, flag: str, value: str, allowed) -> list[str]:
+    """'a,b' -> ["a", "b"], each one of `allowed` (else p.error naming the unknown ones)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in items if v not in allowed]
+    if unknown or not items:
+        p.error(f"{flag}: unknown {', '.join(unknown) or '(none given)'}; use {', '.join(allowed)}")
+    return items
+
+
+def add_run_options(c: argparse.ArgumentParser, run: bool = True) -> argparse.ArgumentParser:
+    """The options of every command that reads a run: --run, --device, --threads."""
+    if run:
+        c.add_argument("--run", default="out/toy", help="run folder written by train.py")
+        c.add_argument("--device", default="auto", help="auto (CUDA -> MPS -> CPU), cpu, cuda, ...")
+    c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 "
+                   "is often faster on a CPU that other processes keep busy)")
+    return c
+
+
+def rounded(obj, digits: int = 4):
+    """Floats in a nested structure rounded for the JSON line and metrics.json."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def metrics_main(run_command, args) -> int:
+    """eval.py / ablation.py: run one command; its metrics as ONE JSON object on the last line of stdout."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    metrics = {}
+    rc = run_main(lambda: metrics.update(run_command(args)))
+    if rc == 0:
+        print(json.dumps(rounded(metrics)))
+    return rc
+
+
+def add_sampling_options(c) -> None:
+    """The two diffusion stages' knobs, the paper's defaults: text -> CLIP tokens (30 Euler steps,
+    guidance 3.0), then CLIP tokens -> pixels (20 steps, no guidance)."""
+    c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> CLIP tokens (paper: 30)")
+    c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (paper: 3.0)")
+    c.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, CLIP tokens -> pixels")
+    c.add_argument("--decoder-guidance", type=float, default=1.0, help="guidance of the pixel decoder")

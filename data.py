@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from blip3o import PROMPT_TEMPLATE  # the paper's generation prompt: its words are in the toy vocabulary
+
 # ----------------------------------------------------------------------------------------------------
 # 1. The world
 # ----------------------------------------------------------------------------------------------------
@@ -102,7 +104,6 @@ HELDOUT_RELATIONS = frozenset({
 })
 
 # The paper's generation prompt template; its words are part of VOCAB.
-GENERATION_TEMPLATE = "Please generate an image based on the following caption: {}"
 
 # GenEval's position rule (evaluation/evaluate_images.py): the centre offset is shrunk by this fraction
 # of the summed box sizes before its direction is read.
@@ -470,7 +471,17 @@ def draw(scene: Scene, image_size: int | None = None) -> np.ndarray:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1], the project's image convention."""
-    return torch.tensor(np.asarray(arr)).permute(2, 0, 1).float() / 255.0  # copy: arr may be read-only; (3, H, W)
+    return as_float(torch.tensor(np.asarray(arr)).permute(2, 0, 1))  # copy: arr may be read-only; (3, H, W)
+
+
+def as_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 in [0, 1]: what every model here reads."""
+    return images_u8.float().div(255)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images (..., 3, H, W) in [0, 1] -> uint8 (..., H, W, 3), the layout files and detectors use."""
+    return (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -515,7 +526,7 @@ def _vocab() -> list:
     words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
     words |= {w for rel in RELATIONS for w in rel.split()}
     words |= set("what color is the shape object how many are there where relative to ?".split())
-    words |= set(caption_question.split()) | set(GENERATION_TEMPLATE.format("").split())
+    words |= set(caption_question.split()) | set(PROMPT_TEMPLATE.format("").split())
     return sorted(words)
 
 
@@ -551,10 +562,26 @@ def render(metadata: dict, seed: int = 0, image_size: int = 32) -> np.ndarray:
     return draw_objects(_objects_for(metadata, rng, None, image_size), image_size)
 
 
-def load_geneval_metadata(path: str) -> list[dict]:
-    """Records of an official `evaluation_metadata.jsonl` (one JSON object a line; blank lines skipped)."""
+def load_geneval_metadata(path) -> list[dict]:
+    """Records of an official `evaluation_metadata.jsonl`: one JSON object a line, blank lines skipped.
+
+    A line that is not a GenEval record raises ValueError naming the file and line; a file that cannot
+    be read, OSError."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record:
+                raise ValueError(f"{path}:{n}: not a GenEval record (needs 'tag' and 'prompt')")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
 
 
 # --- The detector: pixels -> palette colours -> connected components -> shapes ----------------------
@@ -719,10 +746,9 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
 def _to_hwc_uint8(image) -> np.ndarray:
     """uint8 (H, W, 3) from either a uint8 array (H, W, 3) or a float tensor/array (3, H, W) in [0, 1]."""
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu()
         if image.dtype != torch.uint8:
-            image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
-        image = image.numpy()
+            return to_uint8(image).numpy()  # float (3, H, W) -> uint8 (H, W, 3)
+        image = image.detach().cpu().numpy()
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
         image = image.transpose(1, 2, 0)  # (H, W, 3)
@@ -796,57 +822,6 @@ def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int 
               for i in range(n)]
     images = np.stack([draw(s) for s in scenes]) if scenes else np.zeros((0, image_size, image_size, 3), np.uint8)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes  # (n, 3, H, W)
-
-
-class _ShapesBase(torch.utils.data.Dataset):
-    """n deterministic scenes of a split; item i is always scene i (no state, safe in any worker)."""
-
-    def __init__(self, n: int, split: str = "train", seed: int = 0, image_size: int = 32,
-                 tags: tuple | None = None):
-        _check_split(split)
-        self.n, self.split, self.seed, self.image_size, self.tags = n, split, seed, image_size, tags
-
-    def __len__(self) -> int:
-        return self.n
-
-    def scene(self, index: int) -> Scene:
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        tag = None if self.tags is None else self.tags[index % len(self.tags)]
-        return make_scene(index, self.split, self.seed, tag, self.image_size)
-
-
-class ShapesCaptions(_ShapesBase):
-    """(image float (3, H, W) in [0, 1], caption): for CLIP and caption training."""
-
-    def __getitem__(self, index: int):
-        scene = self.scene(index)
-        return to_tensor(draw(scene)), scene.caption
-
-
-class ShapesGeneration(_ShapesBase):
-    """(image float (3, H, W) in [0, 1], GenEval-style prompt): for text-to-image training.
-
-    The prompt is bare ("a photo of a red circle"); wrap it with GENERATION_TEMPLATE.format(prompt)."""
-
-    def __getitem__(self, index: int):
-        scene = self.scene(index)
-        return to_tensor(draw(scene)), scene.prompt
-
-
-class ShapesQA(_ShapesBase):
-    """(image float (3, H, W), question, answer, qtype): one question per scene for understanding.
-
-    The question type is drawn uniformly among those the scene can answer, then one question of that
-    type, so counts (always answerable) do not crowd out the rarer position questions."""
-
-    def __getitem__(self, index: int):
-        scene = self.scene(index)
-        rng = random.Random(stable_seed("qa", self.seed, self.split, index))
-        qa = make_qa(scene, rng)
-        qtype = rng.choice(sorted({q[0] for q in qa}))
-        _, question, answer = next(q for q in qa if q[0] == qtype)
-        return to_tensor(draw(scene)), question, answer, qtype
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch
 import blip3o
 import data
 import sample
-from cli import OneLineParser, UserError
+from cli import OneLineParser, UserError, add_run_options, check_numbers, comma_list, metrics_main, rounded
 
 EVAL_VERSION = 2  # part of the report cache's fingerprint: bump it when an evaluation changes
 
@@ -68,24 +68,9 @@ def format_table(header, rows) -> str:
     return "\n".join(lines)
 
 
-def rounded(obj, digits: int = 4):
-    """Floats in a nested structure rounded for the JSON line and metrics.json."""
-    if isinstance(obj, float):
-        return round(obj, digits)
-    if isinstance(obj, dict):
-        return {k: rounded(v, digits) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [rounded(v, digits) for v in obj]
-    return obj
-
-
 def fmt(x) -> str:
     """A metric for a Markdown table: 3 decimals, or "-" when it could not be measured."""
     return "-" if x is None else f"{x:.3f}"
-
-
-def as_float(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.float().div(255)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,7 +81,7 @@ def as_float(images_u8: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def image_embeddings(pipe, images_u8: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> unit-norm CLIP image embeddings (N, E)."""
-    return torch.cat([pipe.clip.encode_image(as_float(images_u8[i:i + batch]).to(pipe.device)).cpu()
+    return torch.cat([pipe.clip.encode_image(data.as_float(images_u8[i:i + batch]).to(pipe.device)).cpu()
                       for i in range(0, len(images_u8), batch)])
 
 
@@ -235,7 +220,7 @@ def answer_all(pipe, images: torch.Tensor, questions, answers, batch: int = 250)
     longest = max(len(pipe.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
     out = []
     for i in range(0, len(questions), batch):
-        out += pipe.answer(as_float(images[i:i + batch]), questions[i:i + batch], temperature=0.0,
+        out += pipe.answer(data.as_float(images[i:i + batch]), questions[i:i + batch], temperature=0.0,
                            max_new_tokens=longest + 1)
     return out
 
@@ -393,7 +378,7 @@ def reconstruct_set(pipe, n: int, steps: int = 20, guidance: float = 1.0, batch:
     """-> (uint8 originals (n, 3, H, W), float reconstructions (n, 3, H, W), scenes) of held-out scenes."""
     images, scenes = data.make_image_set(n, split="test", seed=SEED_RECON)
     rng = torch.Generator(pipe.device).manual_seed(SEED_RECON)
-    recon = torch.cat([pipe.reconstruct(as_float(images[i:i + batch]), steps, guidance, rng).cpu()
+    recon = torch.cat([pipe.reconstruct(data.as_float(images[i:i + batch]), steps, guidance, rng).cpu()
                        for i in range(0, n, batch)])
     return images, recon, scenes
 
@@ -402,7 +387,7 @@ def recon_scores(images: torch.Tensor, recon: torch.Tensor, scenes) -> dict:
     """Each reconstruction scored by the GenEval rules against its scene's own record, per tag; the
     originals scored the same way are the detector's ceiling."""
     per_tag, ceiling = {}, []
-    for orig, rec, scene in zip(images, sample.to_uint8(recon), scenes):
+    for orig, rec, scene in zip(images, data.to_uint8(recon), scenes):
         ok, _ = data.score_record(scene.metadata, data.detect_objects(rec.numpy()))
         per_tag.setdefault(scene.tag, []).append(ok)
         ceiling.append(data.score_record(scene.metadata, data.detect_objects(orig.permute(1, 2, 0).numpy()))[0])
@@ -458,8 +443,10 @@ def checkpoints(run) -> dict:
     found = {}
     for name in names:
         path = run / name
-        # Skip the temporary / aside copies of an atomic save: checkpoint_path resolves those itself.
-        if path.is_dir() and "." not in path.name and (ckpt := blip3o.checkpoint_path(path)) is not None:
+        # Skip the temporary / previous copies of an atomic save (checkpoint_path resolves those itself)
+        # and folders that hold no checkpoint at all (RUN/geneval-flow-clip: images).
+        ckpt = blip3o.checkpoint_path(path) if "." not in path.name else None
+        if ckpt is not None and ckpt.is_dir() and any((ckpt / f).exists() for f in ("meta.json", "model.safetensors")):
             found[name] = ckpt
     return found
 
@@ -552,7 +539,7 @@ def evaluate_all(run, device) -> dict:
         images, recon, scenes = reconstruct_set(pipe, REPORT["recon_images"], REPORT["decoder_steps"],
                                                 REPORT["decoder_guidance"])
         metrics["recon"] = recon_scores(images, recon, scenes)
-        rows = [[im for im in as_float(images[:8])], list(recon[:8])]
+        rows = [[im for im in data.as_float(images[:8])], list(recon[:8])]
         sample.save_png(sample.image_grid(rows, ["original", "reconstruction"]),
                         Path(run) / "reconstructions.png")
         t["recon"] = time.time() - start
@@ -773,13 +760,7 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, help):
-        c = sub.add_parser(name, help=help, description=help)
-        if name != "geneval":
-            c.add_argument("--run", default="out/toy", help="run folder written by train.py")
-            c.add_argument("--device", default="auto", help="auto (CUDA -> MPS -> CPU), cpu, cuda, ...")
-        c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 "
-                       "is often faster on a CPU that other processes keep busy)")
-        return c
+        return add_run_options(sub.add_parser(name, help=help, description=help), run=name != "geneval")
 
     c = command("clip", "zero-shot classification and retrieval of held-out images")
     c.add_argument("--n", type=int, default=500, help="images per test set")
@@ -813,37 +794,15 @@ def parse_args(argv=None):
     c.add_argument("dir", metavar="DIR", help="folder with 00000/metadata.jsonl, 00000/samples/0000.png ...")
 
     args = p.parse_args(argv)
-    for name in ("n", "captions", "steps", "per_tag", "samples", "per_prompt", "decoder_steps"):
-        if getattr(args, name, 1) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("guidance", "decoder_guidance"):
-        if not getattr(args, name, 0.0) >= 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-
-    def comma_list(flag: str, value: str, allowed) -> list[str]:
-        items = [v.strip() for v in value.split(",") if v.strip()]
-        unknown = [v for v in items if v not in allowed]
-        if unknown or not items:
-            p.error(f"{flag}: unknown {', '.join(unknown) or '(none given)'}; use {', '.join(allowed)}")
-        return items
-
+    check_numbers(p, args, at_least_one=("n", "captions", "steps", "per_tag", "samples", "per_prompt",
+                                         "decoder_steps"), non_negative=("guidance", "decoder_guidance"))
     if args.command in ("clipgen", "toygeneval"):
-        args.tags = comma_list("--tags", args.tags, data.TAGS)
+        args.tags = comma_list(p, "--tags", args.tags, data.TAGS)
     return args
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    try:
-        metrics = run_command(args)
-    except (UserError, blip3o.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(rounded(metrics)))  # the last line of stdout: the metrics
-    return 0
+    return metrics_main(run_command, parse_args(argv))
 
 
 def run_command(args) -> dict:

@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import blip3o
 import data
-from cli import OneLineParser, UserError, run_main
+from cli import OneLineParser, UserError, add_sampling_options, check_numbers, run_main
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,15 +42,10 @@ from cli import OneLineParser, UserError, run_main
 # ----------------------------------------------------------------------------------------------------
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images (..., 3, H, W) in [0, 1] -> uint8 (..., H, W, 3), the layout files and detectors use."""
-    return (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
-
-
 def to_pil(image) -> Image.Image:
     """A float (3, H, W) tensor in [0, 1] or a uint8 (H, W, 3) array -> PIL RGB image."""
     if isinstance(image, torch.Tensor):
-        image = to_uint8(image).numpy()
+        image = data.to_uint8(image).numpy()
     return Image.fromarray(image)
 
 
@@ -173,28 +168,6 @@ def write_geneval(outdir, records, images: torch.Tensor, grid: bool = False) -> 
     return images.shape[0] * images.shape[1]
 
 
-def read_geneval_metadata(path) -> list[dict]:
-    """Records of an evaluation_metadata.jsonl, one JSON object a line, with a line number on error."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record:
-            raise UserError(f"{path}:{n}: not a GenEval record (needs 'tag' and 'prompt')")
-        records.append(record)
-    if not records:
-        raise UserError(f"{path}: no records")
-    return records
-
-
 def read_image(path, image_size: int) -> torch.Tensor:
     """An image file -> float (3, S, S) in [0, 1], resized and centre-cropped exactly as training data."""
     try:
@@ -290,10 +263,7 @@ def parse_args(argv=None):
     opts = p.add_argument_group("options")
     opts.add_argument("--num-samples", type=int, default=4, help="images per prompt (default 4)")
     opts.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
-    opts.add_argument("--steps", type=int, default=30, help="Euler steps, text -> CLIP tokens (paper: 30)")
-    opts.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (paper: 3.0)")
-    opts.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, CLIP tokens -> pixels")
-    opts.add_argument("--decoder-guidance", type=float, default=1.0, help="guidance of the pixel decoder")
+    add_sampling_options(opts)
     opts.add_argument("--allow-unknown-words", action="store_true",
                       help="go on with prompt or question words the toy model never saw (read as <unk>)")
     opts.add_argument("--temperature", type=float, default=0.0, help="answer sampling (0: greedy)")
@@ -330,12 +300,8 @@ def parse_args(argv=None):
             p.error("empty prompt")
     if args.question is not None and not args.question.strip():
         p.error("empty question")
-    for name in ("steps", "decoder_steps", "num_samples", "per_prompt", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ("guidance", "decoder_guidance", "temperature"):
-        if not getattr(args, name) >= 0:  # also refuses nan
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_numbers(p, args, at_least_one=("steps", "decoder_steps", "num_samples", "per_prompt", "batch_size"),
+                  non_negative=("guidance", "decoder_guidance", "temperature"))
     return args
 
 
@@ -399,7 +365,12 @@ def run_answer(args, device):
 
 
 def run_geneval(args, device):
-    records = read_geneval_metadata(args.geneval)
+    try:
+        records = data.load_geneval_metadata(args.geneval)
+    except OSError as e:
+        raise UserError(f"cannot read {args.geneval}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
     pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
     check_pixels(pipe, args.run)
     outside = sum(not data.in_world(r) for r in records)

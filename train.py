@@ -453,15 +453,11 @@ def toy_images(args):
     return _IMAGE_SET[key]
 
 
-def as_float(images_u8: torch.Tensor) -> torch.Tensor:
-    return images_u8.float().div(255)
-
-
 @torch.no_grad()
 def encode_all(fn, images_u8: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
     """Run a frozen encoder once over the whole image set (cached outputs: DESIGN section 6)."""
     with blip3o.autocast(device):  # the frozen encoder may be in bf16 (CUDA), its input is fp32
-        outs = [fn(as_float(images_u8[i:i + batch]).to(device)).float().cpu()
+        outs = [fn(data.as_float(images_u8[i:i + batch]).to(device)).float().cpu()
                 for i in range(0, len(images_u8), batch)]
     return torch.cat(outs)
 
@@ -534,7 +530,7 @@ def plan_clip(args, device) -> Plan:
         idx = torch.randint(len(images), (size,), generator=rng)
         use_prompt = torch.rand(size, generator=rng) < 0.5
         ids = torch.where(use_prompt[:, None], prm_ids[idx], cap_ids[idx])
-        return as_float(images[idx]).to(device), ids.to(device)
+        return data.as_float(images[idx]).to(device), ids.to(device)
 
     def loss(enc, images_b, ids, rng):
         return enc.contrastive_loss(images_b, ids), {}
@@ -640,7 +636,7 @@ def plan_decoder(args, device) -> Plan:
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
-        return as_float(images[idx]).to(device), clip_tokens[idx].to(device)
+        return data.as_float(images[idx]).to(device), clip_tokens[idx].to(device)
 
     def loss(dec, images_b, ctok, rng):
         value, t, per = dec.loss(images_b, ctok, rng=rng)
@@ -669,7 +665,7 @@ def plan_vae(args, device) -> Plan:
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
-        return (as_float(images[idx]).to(device),)
+        return (data.as_float(images[idx]).to(device),)
 
     def loss(vae, images_b, rng):
         return vae.loss(images_b, rng=rng), {}

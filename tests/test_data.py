@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import blip3o
 import data
 
 
@@ -141,7 +142,7 @@ def _all_text(n=1500):
                 yield q
                 yield a
     yield data.caption_question
-    yield data.GENERATION_TEMPLATE.format("a red circle")
+    yield blip3o.PROMPT_TEMPLATE.format("a red circle")
 
 
 def test_vocab_covers_every_word():
@@ -178,21 +179,6 @@ def test_questions_are_unambiguous_and_correct():
     assert seen == set(data.QTYPES)
 
 
-def test_torch_datasets_are_deterministic_per_index():
-    caps = data.ShapesCaptions(10, seed=1)
-    img, cap = caps[4]
-    assert img.shape == (3, 32, 32) and img.dtype == torch.float32
-    assert torch.equal(img, caps[4][0]) and cap == data.make_scene(4, seed=1).caption
-    _, prompt = data.ShapesGeneration(10, "test")[2]
-    assert prompt == data.make_scene(2, "test").prompt
-    img, q, a, qtype = data.ShapesQA(10)[7]
-    assert (q, a, qtype) == data.ShapesQA(10)[7][1:]
-    with pytest.raises(IndexError):
-        caps[10]
-    batch = next(iter(torch.utils.data.DataLoader(caps, batch_size=4)))
-    assert batch[0].shape == (4, 3, 32, 32) and len(batch[1]) == 4
-
-
 def test_make_image_set_matches_scenes_and_tags():
     images, scenes = data.make_image_set(12, "test", seed=2, tags=("counting", "colors"))
     assert images.dtype == torch.uint8 and images.shape == (12, 3, 32, 32)
@@ -204,13 +190,13 @@ def test_text_rows_ask_only_what_their_text_states():
     """Stage 1's text-only conversations (train.text_qa_table): every answer can be read off the prompt."""
     import train
     scenes = [data.make_scene(i) for i in range(240)]
-    rows = train.text_qa_table(scenes, 0, data.GENERATION_TEMPLATE)
+    rows = train.text_qa_table(scenes, 0, blip3o.PROMPT_TEMPLATE)
     assert len(rows) == 2 * len(scenes)
     relations = {"left": "right", "right": "left", "above": "below", "below": "above"}
     for k, turns in enumerate(rows):
         scene = scenes[k // 2]
         text = (scene.caption, scene.prompt)[k % 2]
-        assert turns[0][0].startswith(data.GENERATION_TEMPLATE.format(text) + " . ")
+        assert turns[0][0].startswith(blip3o.PROMPT_TEMPLATE.format(text) + " . ")
         words = text.split()
         for q, a in turns:
             q = q.split(" . ")[-1].split()
