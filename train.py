@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import glob
 import json
 import math
@@ -199,159 +200,207 @@ def fit(plan: Plan, args, device) -> dict:
     """
     rank, _, world = dist_info()
     folder = Path(args.out) / plan.name
-    accum = args.grad_accum
-    global_batch = plan.batch * accum * world
+    global_batch = plan.batch * args.grad_accum * world
     model = plan.model.to(device)
     trainable, frozen = blip3o.count_params(model)
     print0(f"[{plan.name}] parameters: {trainable:,} trainable, {frozen:,} frozen | global batch "
-           f"{global_batch} = {plan.batch} micro x {accum} accum x {world} ranks | {plan.steps} steps")
+           f"{global_batch} = {plan.batch} micro x {args.grad_accum} accum x {world} ranks | {plan.steps} steps")
 
-    # Resume from the stage's own checkpoint if there is one: weights go into the plain model, before
-    # any sharding; optimizer and EMA state follow once the model is wrapped.
-    start, history, tensors, opt_state = 0, [], None, None
-    damaged_latest = False
-    if blip3o.checkpoint_path(folder) is not None and not args.restart:
-        meta, tensors, opt_state, damaged_latest = load_for_resume(folder, plan.name)
-        source = blip3o.previous_path(folder) if damaged_latest else folder
-        if meta["state"]["done"] and meta["state"]["step"] >= plan.steps:
-            print0(f"[{plan.name}] already trained ({meta['state']['step']} steps): skipping")
-            return meta
-        check_same_config(folder, meta, args)
-        if opt_state is not None and meta["state"].get("optimizer_format", "torch") != optimizer_format(args):
-            raise UserError(f"{folder} was trained {'without' if args.fsdp else 'with'} --fsdp: "
-                            "resume it the same way, or --restart")
-        own = plan.save_fn(model.inner)
-        missing = [k for k in own if k not in tensors]
-        if missing:
-            raise blip3o.CheckpointError(f"{folder}: checkpoint lacks {missing[:5]}")
-        with torch.no_grad():
-            for k, v in own.items():
-                if v.shape != tensors[k].shape:
-                    raise blip3o.CheckpointError(f"{folder}: {k} is {tuple(tensors[k].shape)} in the "
-                                                 f"checkpoint, {tuple(v.shape)} in the model")
-                v.copy_(tensors[k])
-        start, history = meta["state"]["step"], meta["state"]["history"]
-        if plan.stream is not None:
-            plan.stream.load_state(meta["state"].get("data"), rank, world)
-        print0(f"[{plan.name}] resuming at step {start} from {source}")
-    elif args.resume:
-        raise UserError(f"--resume: no checkpoint in {folder}")
-
+    # Weights go into the plain model, before any sharding; optimizer and EMA state once it is wrapped.
+    state = restore(plan, model, folder, args)
+    if state.done_meta is not None:
+        return state.done_meta
     if args.compile:  # each Next-DiT block, before FSDP wraps it (checkpoint keys do not change)
         for module in model.modules():
             if isinstance(module, blip3o.NextDiT):
                 module.compile_blocks()
-
-    # Several processes: DDP keeps a whole copy of the model per rank and all-reduces gradients; FSDP2
-    # (--fsdp) shards the trainable part's weights, gradients and Adam state across the ranks.
-    ddp, fsdp_roots = model, []
-    if args.fsdp:
-        fsdp_roots = shard(plan, model, device)
-    elif world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                  else None, find_unused_parameters=False)
-
+    ddp, fsdp_roots = wrap(plan, model, device, world, args)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: this rank's shards
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=plan.lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda" or None)  # fused: one kernel, 7% off an 8B-head step
-    if opt_state is not None:
-        load_optimizer_state(model, opt, opt_state, args)
-
-    # EMA of the generator's weights (sampling uses it), as is standard for diffusion models.
-    ema = None
-    if plan.ema_prefix is not None and args.ema > 0:
-        ema = {n: p.detach().clone() for n, p in model.inner.named_parameters() if p.requires_grad}
-        if tensors is not None:
-            with torch.no_grad():
-                for n in ema:
-                    key = f"ema.{plan.ema_prefix}{n}"
-                    if key not in tensors:
-                        raise UserError(f"{folder} holds no EMA weights (trained with --ema 0?): resume with "
-                                        "--ema 0, or --restart")
-                    copy_into(ema[n], tensors[key])
-
-    def save(step: int, done: bool):
-        # Every rank takes part: FSDP gathers the sharded tensors, and each rank reports its data position.
-        tensors = {k: full_tensor(v) for k, v in plan.save_fn(model.inner).items()}
-        if ema is not None:
-            tensors.update({f"ema.{plan.ema_prefix}{n}": full_tensor(v) for n, v in ema.items()})
-        opt_state = optimizer_state(model, opt, args)
-        state = {"step": step, "done": done, "history": history, "data_position": step * global_batch,
-                 "optimizer_format": optimizer_format(args)}
-        if plan.stream is not None:
-            state["data"] = plan.stream.state(world)
-            print0(f"[{plan.name}] data: {plan.stream.summary(state['data'])}")
-        if rank != 0:
-            return
-        meta = {"stage": plan.name, "config": args.config.to_dict(), "state": state, **plan.meta,
-                "args": {k: v for k, v in vars(args).items() if k != "config"}}
-        nonlocal damaged_latest  # a damaged latest checkpoint is replaced, the intact previous one kept
-        blip3o.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer, keep_previous=not damaged_latest)
-        damaged_latest = False
+    opt = make_optimizer(params, plan.lr, args.weight_decay, device)
+    if state.opt_state is not None:
+        load_optimizer_state(model, opt, state.opt_state, args)
+    ema = make_ema(plan, model, state.tensors, folder, args)
 
     warmup = max(1, int(args.warmup * plan.steps))
     model.train()
     t0 = time.time()
-    bar = tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=plan.name,
+    bar = tqdm(range(state.step, plan.steps), initial=state.step, total=plan.steps, desc=plan.name,
                disable=rank != 0 or args.quiet, dynamic_ncols=True, file=sys.stdout)
-    logs = {}
+    history, logs = state.history, {}
     for step in bar:
         lr = cosine_lr(step, plan.steps, plan.lr, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        total = 0.0
-        agg = {}
-        for micro in range(accum):
-            chunk = rank * accum + micro
-            seed = data.stable_seed("batch", args.seed, step, chunk) % 2 ** 63
-            rng = torch.Generator().manual_seed(seed)
-            batch = plan.chunk_fn(step, chunk, plan.batch, rng)
-            # The model draws its noise on its own device; on the CPU that is the same generator.
-            noise = rng if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
-            # Gradients are reduced only on the last micro-step (DDP's no_sync, FSDP's gradient sync off).
-            last_micro = micro == accum - 1
-            for root in fsdp_roots:
-                root.set_requires_gradient_sync(last_micro)
-            sync = contextlib.nullcontext() if (ddp is model or last_micro) else ddp.no_sync()
-            with sync, blip3o.autocast(device):
-                loss, extra = ddp(*batch, rng=noise)
-                (loss / accum).backward()
-            total += float(loss.detach()) / accum
-            for k, v in extra.items():
-                agg[k] = agg.get(k, 0.0) + v / accum
-        total = all_mean(total, device)
+        loss, extra = train_step(plan, ddp, model, fsdp_roots, step, args, device)
         grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip)))
         # Never step on (or later save) a non-finite value: stop, naming the step and the last good checkpoint.
-        for what, value in (("loss", total), ("gradient norm", grad_norm)):
+        for what, value in (("loss", loss), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
                 last = blip3o.checkpoint_path(folder)
                 raise FloatingPointError(f"[{plan.name}] {what} is {value} at step {step + 1}; last good "
                                          f"checkpoint: {last if last else 'none'} (not overwritten)")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if ema is not None:
-            d = min(args.ema, (1 + step) / (10 + step))  # warm-started EMA: short runs still average
-            with torch.no_grad():
-                for n, p in model.inner.named_parameters():
-                    if n in ema:
-                        ema[n].lerp_(p.detach(), 1 - d)
-        logs = {"step": step + 1, "loss": round(total, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                **mean_logs(agg)}
+        update_ema(ema, model, args.ema, step)
+        logs = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                **mean_logs(extra)}
         history.append(logs)
-        bar.set_postfix(loss=f"{total:.4f}")
+        bar.set_postfix(loss=f"{loss:.4f}")
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < plan.steps:
-            save(step + 1, done=False)
+            save_stage(plan, model, opt, ema, folder, args, step + 1, False, history, state)
     bar.close()
-    save(plan.steps, done=True)
+    save_stage(plan, model, opt, ema, folder, args, plan.steps, True, history, state)
     seconds = time.time() - t0
     print0(f"[{plan.name}] done: {plan.steps} steps in {seconds:.0f} s, final loss "
            f"{logs.get('loss', float('nan')):.4f} -> {folder}")
     if dist.is_initialized():
         dist.barrier()
     return {"stage": plan.name, "seconds": seconds, "history": history}
+
+
+def train_step(plan: Plan, ddp, model, fsdp_roots, step: int, args, device) -> tuple[float, dict]:
+    """One optimizer step's forward and backward over this rank's `grad_accum` micro-batches.
+
+    -> (the loss averaged over every rank, this rank's extra logs averaged over its micro-batches)."""
+    rank = dist_info()[0]
+    accum = args.grad_accum
+    total, extra = 0.0, {}
+    for micro in range(accum):
+        chunk = rank * accum + micro
+        seed = data.stable_seed("batch", args.seed, step, chunk) % 2 ** 63
+        rng = torch.Generator().manual_seed(seed)
+        batch = plan.chunk_fn(step, chunk, plan.batch, rng)
+        # The model draws its noise on its own device; on the CPU that is the same generator.
+        noise = rng if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+        # Gradients are reduced only on the last micro-step (DDP's no_sync, FSDP's gradient sync off).
+        last_micro = micro == accum - 1
+        for root in fsdp_roots:
+            root.set_requires_gradient_sync(last_micro)
+        sync = contextlib.nullcontext() if (ddp is model or last_micro) else ddp.no_sync()
+        with sync, blip3o.autocast(device):
+            loss, logs = ddp(*batch, rng=noise)
+            (loss / accum).backward()
+        total += float(loss.detach()) / accum
+        for k, v in logs.items():
+            extra[k] = extra.get(k, 0.0) + v / accum
+    return all_mean(total, device), extra
+
+
+@dataclass
+class Restored:
+    """What a stage's own checkpoint gives back to `fit` (nothing, for a fresh start)."""
+
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    tensors: dict | None = None  # every saved tensor, EMA included
+    opt_state: dict | None = None
+    damaged_latest: bool = False  # resumed from <folder>.prev: the next save replaces the damaged one
+    done_meta: dict | None = None  # the stage is already trained: its meta, and nothing to do
+
+
+def restore(plan: Plan, model: Objective, folder: Path, args) -> Restored:
+    """Resume from the stage's own checkpoint if there is one (unless --restart): its weights are copied
+    into `model` here; the optimizer and EMA states are returned for after wrapping."""
+    rank, _, world = dist_info()
+    if blip3o.checkpoint_path(folder) is None or args.restart:
+        if args.resume:
+            raise UserError(f"--resume: no checkpoint in {folder}")
+        return Restored()
+    meta, tensors, opt_state, damaged_latest = load_for_resume(folder, plan.name)
+    if meta["state"]["done"] and meta["state"]["step"] >= plan.steps:
+        print0(f"[{plan.name}] already trained ({meta['state']['step']} steps): skipping")
+        return Restored(done_meta=meta)
+    check_same_config(folder, meta, args)
+    if opt_state is not None and meta["state"].get("optimizer_format", "torch") != optimizer_format(args):
+        raise UserError(f"{folder} was trained {'without' if args.fsdp else 'with'} --fsdp: "
+                        "resume it the same way, or --restart")
+    own = plan.save_fn(model.inner)
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise blip3o.CheckpointError(f"{folder}: checkpoint lacks {missing[:5]}")
+    with torch.no_grad():
+        for k, v in own.items():
+            if v.shape != tensors[k].shape:
+                raise blip3o.CheckpointError(f"{folder}: {k} is {tuple(tensors[k].shape)} in the "
+                                             f"checkpoint, {tuple(v.shape)} in the model")
+            v.copy_(tensors[k])
+    if plan.stream is not None:
+        plan.stream.load_state(meta["state"].get("data"), rank, world)
+    source = blip3o.previous_path(folder) if damaged_latest else folder
+    print0(f"[{plan.name}] resuming at step {meta['state']['step']} from {source}")
+    return Restored(meta["state"]["step"], meta["state"]["history"], tensors, opt_state, damaged_latest)
+
+
+def wrap(plan: Plan, model: Objective, device, world: int, args):
+    """-> (the module to call, FSDP roots). Several processes: DDP keeps a whole copy of the model per
+    rank and all-reduces gradients; FSDP2 (--fsdp) shards the trainable part's weights, gradients and
+    Adam state across the ranks. One process: the model itself."""
+    if args.fsdp:
+        return model, shard(plan, model, device)
+    if world > 1:
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                   else None, find_unused_parameters=False), []
+    return model, []
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device):
+    """AdamW (betas 0.9 / 0.95); weight decay on matrices only, never on biases, norms or gates."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda" or None)  # fused: one kernel, 7% off an 8B-head step
+
+
+def make_ema(plan: Plan, model: Objective, tensors: dict | None, folder: Path, args) -> dict | None:
+    """An EMA of the trainable weights (sampling uses it, as is standard for diffusion models), restored
+    from the checkpoint's "ema." tensors on resume; None if the plan keeps none or --ema 0."""
+    if plan.ema_prefix is None or args.ema <= 0:
+        return None
+    ema = {n: p.detach().clone() for n, p in model.inner.named_parameters() if p.requires_grad}
+    if tensors is not None:
+        with torch.no_grad():
+            for n in ema:
+                key = f"ema.{plan.ema_prefix}{n}"
+                if key not in tensors:
+                    raise UserError(f"{folder} holds no EMA weights (trained with --ema 0?): resume with "
+                                    "--ema 0, or --restart")
+                copy_into(ema[n], tensors[key])
+    return ema
+
+
+def update_ema(ema: dict | None, model: Objective, decay: float, step: int) -> None:
+    if ema is None:
+        return
+    d = min(decay, (1 + step) / (10 + step))  # warm-started EMA: short runs still average
+    with torch.no_grad():
+        for n, p in model.inner.named_parameters():
+            if n in ema:
+                ema[n].lerp_(p.detach(), 1 - d)
+
+
+def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step: int, done: bool,
+               history: list, state: Restored) -> None:
+    """Checkpoint the stage: weights (+ EMA), optimizer, loop state and data position, config.
+
+    Every rank takes part (FSDP gathers the sharded tensors, each rank reports its data position);
+    rank 0 writes. A damaged latest checkpoint (state.damaged_latest) is replaced, not kept as previous."""
+    rank, _, world = dist_info()
+    tensors = {k: full_tensor(v) for k, v in plan.save_fn(model.inner).items()}
+    if ema is not None:
+        tensors.update({f"ema.{plan.ema_prefix}{n}": full_tensor(v) for n, v in ema.items()})
+    opt_state = optimizer_state(model, opt, args)
+    loop = {"step": step, "done": done, "history": history,
+            "data_position": step * plan.batch * args.grad_accum * world, "optimizer_format": optimizer_format(args)}
+    if plan.stream is not None:
+        loop["data"] = plan.stream.state(world)
+        print0(f"[{plan.name}] data: {plan.stream.summary(loop['data'])}")
+    if rank != 0:
+        return
+    meta = {"stage": plan.name, "config": args.config.to_dict(), "state": loop, **plan.meta,
+            "args": {k: v for k, v in vars(args).items() if k != "config"}}
+    blip3o.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer, keep_previous=not state.damaged_latest)
+    state.damaged_latest = False
 
 
 def load_for_resume(folder: Path, stage: str):

@@ -314,7 +314,7 @@ def test_damaged_run_is_one_line_from_a_real_process(tiny_run, tmp_path):
 
 
 def test_unknown_words_are_refused_by_name(tiny_run, tmp_path, image, capsys):
-    import eval as evaluation
+    import ablation
     import sample
 
     out = tmp_path / "s.png"
@@ -325,7 +325,7 @@ def test_unknown_words_are_refused_by_name(tiny_run, tmp_path, image, capsys):
     assert not out.exists()
     question = ["--run", str(tiny_run), "--image", str(image), "--question", "what colour is the circle ?"]
     one_line_error(capsys, sample.main(question), "does not know the word 'colour'")
-    one_line_error(capsys, evaluation.main(["diversity", "--run", str(tiny_run), "--prompts", "a red dragon"]),
+    one_line_error(capsys, ablation.main(["diversity", "--run", str(tiny_run), "--prompts", "a red dragon"]),
                    "'dragon'")
     assert sample.main([*prompt, "--allow-unknown-words"]) == 0 and out.is_file()
     assert sample.main([*question, "--allow-unknown-words"]) == 0
