@@ -681,7 +681,7 @@ def plan_decoder(args, device) -> Plan:
     print0("[decoder] encoding the training images with the frozen CLIP ...")
     clip_tokens = encode_all(enc.tokens, images, device)
     dec = blip3o.PixelDecoder(cfg.decoder, cfg.clip.image_size)
-    dec.cond_scale.fill_(float(clip_tokens.std()))
+    set_unit_scale(dec.cond_scale, clip_tokens)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
@@ -773,6 +773,50 @@ def generation_variant(loss: str, target: str) -> str:
     return f"generate/{loss}-{target}"
 
 
+def set_unit_scale(scale: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Fill a model's scale buffer with the std of `tokens`, so tokens / scale have unit std (as Stable
+    Diffusion scales its latents): Generator.target_scale, PixelDecoder.cond_scale."""
+    scale.fill_(float(tokens.std()))
+
+
+def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor | None = None) -> blip3o.Generator:
+    """A fresh stage-2 generator (queries + head); `targets` set its target scale.
+
+    The official queries start at N(0, 1), which suits Qwen2.5's large hidden states. The toy LM's token
+    embeddings have std ~0.09, so unit-scale queries would drown the prompt; the toy's queries start at
+    the embeddings' scale, which lets the prompt through from the first step."""
+    generator = blip3o.Generator(args.config, loss=loss, target_dim=target_dim)
+    if targets is not None:
+        set_unit_scale(generator.target_scale, targets)
+    if args.config.preset == "toy":
+        with torch.no_grad():
+            generator.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
+    return generator
+
+
+def time_sampling(args) -> str:
+    """Flow matching's t distribution: --time-sampling, else logit-normal for the toy (SD3's choice: it
+    trains the middle of the path, where layout and colour are decided, more often), uniform (the
+    paper's) for real presets."""
+    return args.time_sampling or ("logit_normal" if args.config.preset == "toy" else "uniform")
+
+
+def generation_objective(generator, vlm, args, noise_repeats: int = 1) -> Objective:
+    """Stage 2's Objective: GenerationStep called with the batch (ids, lengths, targets) and the rng."""
+    return Objective(GenerationStep(generator, vlm, time_sampling(args), noise_repeats),
+                     lambda m, *batch: m(*batch[:-1], rng=batch[-1]))
+
+
+def pick_phrasing(rng, idx: torch.Tensor, phrasings: tuple):
+    """For each image in idx, its GenEval-style prompt or its free caption, half and half at random.
+
+    phrasings = (p_ids, p_len, c_ids, c_len) from generation_data -> (ids (B, T), lengths (B,))."""
+    p_ids, p_len, c_ids, c_len = phrasings
+    use_prompt = torch.rand(len(idx), generator=rng) < 0.5
+    return (torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx]),
+            torch.where(use_prompt, p_len[idx], c_len[idx]))
+
+
 def plan_generate(args, device) -> Plan:
     """Stage 2: queries + Next-DiT (flow) or W (MSE), on the frozen stage-1 LM."""
     cfg = args.config
@@ -780,36 +824,20 @@ def plan_generate(args, device) -> Plan:
         return plan_generate_stream(args, device)
     if cfg.clip.name is not None:
         raise UserError(f"preset {cfg.preset} trains on real images: give them with --data SHARDS")
-    tok, enc, targets, (p_ids, p_len, c_ids, c_len) = generation_data(args, device, args.target)
+    tok, enc, targets, phrasings = generation_data(args, device, args.target)
     vlm = load_lm(args, tok, device)
     if args.grad_checkpointing:
         enable_grad_checkpointing(vlm.lm)
-    gen_model = blip3o.Generator(cfg, loss=args.loss, target_dim=targets.shape[-1])
-    gen_model.target_scale.fill_(float(targets.std()))
-    if cfg.preset == "toy":
-        # The official queries start at N(0, 1), which suits Qwen2.5's large hidden states. The toy LM's
-        # token embeddings have std ~0.09, so unit-scale queries drown the prompt: measured, only ~6% of
-        # the query states' variation came from the prompt, and the DiT learned to follow it slowly.
-        # Starting the queries at the embeddings' scale lets the prompt through from the first step.
-        with torch.no_grad():
-            gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
-    # The toy samples t logit-normally (SD3's choice): it trains the middle of the path, where layout and
-    # colour are decided, more often; in a 200-step probe the prompt's colours showed up in the samples
-    # with it and not yet without it. Real presets keep the paper's uniform t.
-    time_sampling = args.time_sampling or ("logit_normal" if cfg.preset == "toy" else "uniform")
+    gen_model = new_generator(args, vlm, args.loss, targets.shape[-1], targets)
     # Toy: 16 prompts x 2 noise draws per step instead of 32 prompts x 1. The frozen LM's forward and
-    # backward (for the queries' gradient) is 40 % of a toy step; sharing it between two DiT samples made
-    # steps ~25 % cheaper, and at an equal time budget (1600 vs 1400 steps, ~5.3 min) single_object+colors
-    # retrieval was 0.95 and 0.80 in two runs vs 0.76 (measured, 8 samples per prompt). Real presets and MSE: 1.
+    # backward (for the queries' gradient) is 40 % of a toy step; sharing it between two DiT samples makes
+    # steps ~25 % cheaper (NOTES.md has the measurements). Real presets and MSE: 1.
     repeats = args.noise_repeats or (2 if cfg.preset == "toy" and args.loss == "flow" else 1)
-    step_module = Objective(GenerationStep(gen_model, vlm, time_sampling, repeats),
-                            lambda m, *b: m(*b[:-1], rng=b[-1]))
+    step_module = generation_objective(gen_model, vlm, args, repeats)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(targets), (size,), generator=rng)
-        use_prompt = torch.rand(size, generator=rng) < 0.5
-        ids = torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx])
-        lens = torch.where(use_prompt, p_len[idx], c_len[idx])
+        ids, lens = pick_phrasing(rng, idx, phrasings)
         return ids.to(device), lens.to(device), targets[idx].to(device)
 
     meta = {"loss": args.loss, "target": args.target, "target_dim": int(targets.shape[-1])}
@@ -836,17 +864,14 @@ def plan_joint(args, device) -> Plan:
     hparams = stage_hparams(args, "joint")
     if hparams["batch"] < 2:
         raise UserError("--stage joint splits each micro-batch between the two tasks: --batch-size >= 2")
-    tok, _, targets, (p_ids, p_len, c_ids, c_len) = generation_data(args, device, "clip")
+    tok, _, targets, phrasings = generation_data(args, device, "clip")
     clip_tokens = targets  # the same frozen CLIP features feed the understanding rows (N, 64, D_clip)
     _, scenes = toy_images(args)
     rows = qa_table(scenes, args.seed)
     # The stage-1 VLM, unfrozen and trained in fp32: loaded on the CPU, since on CUDA load_lm hands over
     # a bf16 copy for frozen use, and rounding the stage-1 weights would change the starting point.
     vlm = load_lm(args, tok, torch.device("cpu")).to(device).requires_grad_(True).train()
-    gen_model = blip3o.Generator(cfg, loss="flow", target_dim=targets.shape[-1])
-    gen_model.target_scale.fill_(float(targets.std()))
-    with torch.no_grad():  # the toy queries' starting scale, as in plan_generate (see there why)
-        gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
+    gen_model = new_generator(args, vlm, "flow", targets.shape[-1], targets)
 
     def chunk_fn(step, chunk, size, rng):
         n_und = size // 2  # understanding rows; the rest of the chunk is generation rows
@@ -855,9 +880,7 @@ def plan_joint(args, device) -> Plan:
         qa_ids, labels, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(clip_tokens.shape[1]),
                                                   [rows[j][1] for j in pick], [rows[j][2] for j in pick])
         idx = torch.randint(len(targets), (size - n_und,), generator=rng)
-        use_prompt = torch.rand(size - n_und, generator=rng) < 0.5
-        ids = torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx])
-        lens = torch.where(use_prompt, p_len[idx], c_len[idx])
+        ids, lens = pick_phrasing(rng, idx, phrasings)
         return (qa_ids.to(device), clip_tokens[img].to(device), labels.to(device),
                 ids.to(device), lens.to(device), targets[idx].to(device))
 
@@ -871,9 +894,8 @@ def plan_joint(args, device) -> Plan:
 
     meta = {"loss": "flow", "target": "clip", "target_dim": int(targets.shape[-1])}
     # ema_prefix "": the EMA covers every trainable weight, the LM's too, so evaluation sees one average.
-    time_sampling = args.time_sampling or ("logit_normal" if cfg.preset == "toy" else "uniform")
-    return Plan("joint", Objective(GenerationStep(gen_model, vlm, time_sampling), loss), chunk_fn, save_fn, meta,
-                ema_prefix="", **hparams)
+    return Plan("joint", Objective(GenerationStep(gen_model, vlm, time_sampling(args)), loss), chunk_fn, save_fn,
+                meta, ema_prefix="", **hparams)
 
 
 def shard_generation(step: GenerationStep, mesh) -> list:
@@ -1038,22 +1060,15 @@ def plan_generate_stream(args, device) -> Plan:
     if args.grad_checkpointing:
         enable_grad_checkpointing(vlm.lm)
     stream = StreamBatches(open_stream(args, cfg.clip.image_size, rank, world))
-    gen_model = blip3o.Generator(cfg, loss=args.loss, target_dim=cfg.clip.width)
-    if cfg.preset == "toy":  # queries at the toy embeddings' scale, as in plan_generate (see there)
-        with torch.no_grad():
-            gen_model.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
+    gen_model = new_generator(args, vlm, args.loss, cfg.clip.width)
     if cfg.clip.name is None:
         # The toy normalizes its targets (Generator.target_scale): the std of the first samples, read by
         # a reader of its own so every rank computes the same number. The paper does not normalize.
         first = StreamBatches(open_stream(args, cfg.clip.image_size, 0, 1))
         images, _ = first.take(64)
         with torch.no_grad(), blip3o.autocast(device):
-            gen_model.target_scale.fill_(float(enc.tokens(images.to(device)).float().std()))
-    # The toy samples t logit-normally (SD3's choice): it trains the middle of the path, where layout and
-    # colour are decided, more often; in a 200-step probe the prompt's colours showed up in the samples
-    # with it and not yet without it. Real presets keep the paper's uniform t.
-    time_sampling = args.time_sampling or ("logit_normal" if cfg.preset == "toy" else "uniform")
-    step_module = Objective(GenerationStep(gen_model, vlm, time_sampling), lambda m, *b: m(*b[:-1], rng=b[-1]))
+            set_unit_scale(gen_model.target_scale, enc.tokens(images.to(device)).float())
+    step_module = generation_objective(gen_model, vlm, args)
     bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
     if tok.pad_token is None:  # right padding is never attended to (causal LM): any id will do
         tok.pad_token = tok.eos_token
