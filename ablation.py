@@ -27,6 +27,7 @@ import torch
 import blip3o
 import data
 import eval as evaluation
+import pipeline
 import sample
 import train
 from cli import OneLineParser, UserError, add_run_options, add_sampling_options, check_numbers, comma_list, metrics_main, rounded
@@ -164,27 +165,27 @@ def ablation_folder(run: Path, out: Path, sizes: dict, device) -> dict:
     starts from the same frozen pieces; train a VAE in OUT if RUN has none.
 
     -> the data arguments of RUN's stage 1 ({"images", "seed"}), which every design then trains on."""
-    blip3o.check_run_folder(run)
+    pipeline.check_run_folder(run)
     if out.resolve() == run.resolve():
         raise UserError("--out must not be the run folder: the study trains its own generation stages")
     for stage in ("clip", "understand", "decoder", "vae"):
-        src = blip3o.checkpoint_path(run / stage)
+        src = pipeline.checkpoint_path(run / stage)
         if src is None:
             if stage == "vae":
                 continue
             raise UserError(f"no {stage} checkpoint in {run} (train it: python train.py --stage {stage} "
                             f"--out {run})")
-        state = blip3o.read_meta(src, stage, run / stage)["state"]
+        state = pipeline.read_meta(src, stage, run / stage)["state"]
         if not state["done"]:
             raise UserError(f"{run / stage} is still training (step {state['step']}): wait until it is done")
-        dst = blip3o.checkpoint_path(out / stage)
+        dst = pipeline.checkpoint_path(out / stage)
         if dst is None:
             shutil.copytree(src, out / stage, ignore=shutil.ignore_patterns("optimizer.pt"))
         elif not filecmp.cmp(src / "model.safetensors", dst / "model.safetensors", shallow=False):
             raise UserError(f"{out / stage} is not {run / stage} any more (retrained since?): use a new --out")
-    args = blip3o.read_meta(blip3o.checkpoint_path(out / "understand"), "understand").get("args", {})
+    args = pipeline.read_meta(pipeline.checkpoint_path(out / "understand"), "understand").get("args", {})
     data_args = {"images": args.get("images") or train.TOY_IMAGES, "seed": args.get("seed", 0)}
-    if blip3o.checkpoint_path(out / "vae") is None:
+    if pipeline.checkpoint_path(out / "vae") is None:
         print(f"[ablation] {run} has no VAE: training one in {out / 'vae'}", flush=True)
         train_segment(out, ["--stage", "vae"], sizes["vae_steps"], sizes["vae_batch"], data_args, device, True)
     return data_args
@@ -194,7 +195,7 @@ def lm_change(vlm, stage1: dict) -> tuple[bool, float]:
     """The VLM (LM + projector) against the stage-1 checkpoint's tensors, compared one by one:
     -> (every tensor bit-identical, the largest absolute change of any weight)."""
     identical, largest = True, 0.0
-    for key, now in blip3o.module_tensors("vlm", vlm).items():
+    for key, now in pipeline.module_tensors("vlm", vlm).items():
         before = stage1[key].to(now.device, now.dtype)
         identical &= torch.equal(now, before)
         largest = max(largest, float((now.float() - before.float()).abs().max()))
@@ -235,7 +236,7 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
     start = time.time()
     run, out = Path(run), Path(out)
     data_args = ablation_folder(run, out, sizes, device)
-    stage1 = blip3o.load_checkpoint(out / "understand", stage="understand")[1]
+    stage1 = pipeline.load_checkpoint(out / "understand", stage="understand")[1]
     points = list(range(sizes["every"], sizes["steps"] + 1, sizes["every"]))
     points += [sizes["steps"]] if points[-1] != sizes["steps"] else []
     before = understanding(out, "flow-clip", sizes, device)
@@ -463,7 +464,7 @@ def main(argv=None) -> int:
 
 
 def run_command(args) -> dict:
-    device = blip3o.pick_device(args.device)
+    device = pipeline.pick_device(args.device)
     if args.command == "diversity":
         try:
             m = eval_diversity(args.run, args.variants, args.prompts or diversity_prompts(), args.seeds,

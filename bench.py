@@ -24,7 +24,7 @@ What it measures, in the order it runs:
   is the MFU. --no-peer leaves diffusers out (both 8B heads and their AdamW states need ~67 GB at
   batch 64); --fused-adamw and --compile are what train.py uses on a GPU (fused AdamW always on CUDA,
   --compile when asked).
-- sampling: a trained run (--run, rebuilt with blip3o.load_run): text -> image images/s through both
+- sampling: a trained run (--run, rebuilt with pipeline.load_run): text -> image images/s through both
   diffusion stages at their default steps (Pipeline.generate_images: 30 Euler steps with CFG 3.0 for the
   CLIP features, then the pixel decoder's default steps), and text -> CLIP features alone
   (Pipeline.generate_tokens), at batch 1 and 16 (--sample-batches); median of 3 repetitions. A run
@@ -57,7 +57,8 @@ import torch
 import torch.nn as nn
 
 import data
-from blip3o import CheckpointError, DiTConfig, count_params, NextDiT, Pipeline, flow_matching_loss, load_run
+from blip3o import DiTConfig, NextDiT, flow_matching_loss
+from pipeline import CheckpointError, Pipeline, count_params, load_run
 
 ROOT = Path(__file__).resolve().parent
 

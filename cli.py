@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-import blip3o
+import pipeline
 
 
 class UserError(Exception):
@@ -37,7 +37,7 @@ def run_main(fn, *args) -> int:
     """fn(*args) -> 0; a UserError or CheckpointError -> its message on stderr, exit status 2."""
     try:
         fn(*args)
-    except (UserError, blip3o.CheckpointError) as e:
+    except (UserError, pipeline.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

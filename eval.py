@@ -35,6 +35,7 @@ import torch
 
 import blip3o
 import data
+import pipeline
 import sample
 from cli import OneLineParser, UserError, add_run_options, check_numbers, comma_list, metrics_main, rounded
 
@@ -445,7 +446,7 @@ def checkpoints(run) -> dict:
         path = run / name
         # Skip the temporary / previous copies of an atomic save (checkpoint_path resolves those itself)
         # and folders that hold no checkpoint at all (RUN/geneval-flow-clip: images).
-        ckpt = blip3o.checkpoint_path(path) if "." not in path.name else None
+        ckpt = pipeline.checkpoint_path(path) if "." not in path.name else None
         if ckpt is not None and ckpt.is_dir() and any((ckpt / f).exists() for f in ("meta.json", "model.safetensors")):
             found[name] = ckpt
     return found
@@ -456,7 +457,7 @@ def fingerprint(run) -> dict:
     unchanged, so are the metrics."""
     ckpts = {}
     for name, path in checkpoints(run).items():
-        meta = blip3o.read_meta(path, name, Path(run) / name)
+        meta = pipeline.read_meta(path, name, Path(run) / name)
         ckpts[name] = {"step": meta["state"]["step"], "mtime_ns": (path / "meta.json").stat().st_mtime_ns}
     return {"eval_version": EVAL_VERSION, "sizes": REPORT, "checkpoints": ckpts}
 
@@ -465,7 +466,7 @@ def stage_summaries(run) -> dict:
     """Per trained stage: steps and the final loss (mean of the last 10% of logged steps)."""
     out = {}
     for name, path in checkpoints(run).items():
-        meta = blip3o.read_meta(path, name, Path(run) / name)
+        meta = pipeline.read_meta(path, name, Path(run) / name)
         hist = meta["state"]["history"]
         tail = [h["loss"] for h in hist[-max(1, len(hist) // 10):]]
         out[name] = {"steps": meta["state"]["step"], "final_loss": sum(tail) / len(tail) if tail else None}
@@ -481,7 +482,7 @@ def plot_losses(run) -> list[str]:
 
     files = []
     for name, path in checkpoints(run).items():
-        hist = blip3o.read_meta(path, name, Path(run) / name)["state"]["history"]
+        hist = pipeline.read_meta(path, name, Path(run) / name)["state"]["history"]
         if not hist:
             continue
         steps = [h["step"] for h in hist]
@@ -579,9 +580,9 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     meta.json mtime, the evaluation version and sizes), its metrics are reused and nothing is
     re-evaluated. `timings` {stage: seconds} of stages trained now replace the recorded ones; stages
     skipped this time (0 s) keep the time they took when they were trained."""
-    run = blip3o.check_run_folder(run)
+    run = pipeline.check_run_folder(run)
     start = time.time()
-    device = blip3o.pick_device(device) if isinstance(device, str) else device
+    device = pipeline.pick_device(device) if isinstance(device, str) else device
     fp = fingerprint(run)
     old = {}
     if (run / "metrics.json").is_file():
@@ -810,7 +811,7 @@ def run_command(args) -> dict:
         m = eval_geneval(args.dir)
         print_geneval(m, f"GenEval scores of {args.dir} (results.jsonl written there)")
         return m
-    device = blip3o.pick_device(args.device)
+    device = pipeline.pick_device(args.device)
     if args.command == "report":
         record = full_report(args.run, device=device, force=args.force)
         return {"metrics": record["metrics"], "cached": record["cached"]}

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import blip3o
 import data
+import pipeline
 from cli import OneLineParser, UserError, add_sampling_options, check_numbers, run_main
 
 
@@ -104,9 +105,9 @@ def save_png(image: Image.Image, path) -> Path:
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_pipeline(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> blip3o.Pipeline:
-    """blip3o.load_run (a missing or damaged run raises CheckpointError, reported in one line)."""
-    return blip3o.load_run(run, variant=variant, device=device, need=need)
+def load_pipeline(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> pipeline.Pipeline:
+    """pipeline.load_run (a missing or damaged run raises CheckpointError, reported in one line)."""
+    return pipeline.load_run(run, variant=variant, device=device, need=need)
 
 
 def check_known_words(tokenizer, texts, allow: bool) -> None:
@@ -120,7 +121,7 @@ def check_known_words(tokenizer, texts, allow: bool) -> None:
                         "rephrase, or pass --allow-unknown-words to read them as <unk>")
 
 
-def generate_grid(pipe: blip3o.Pipeline, prompts, num_samples: int = 4, seed: int = 0, steps: int = 30,
+def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int = 4, seed: int = 0, steps: int = 30,
                   guidance: float = 3.0, decoder_steps: int = 20, decoder_guidance: float = 1.0, batch: int = 64,
                   quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)).
@@ -188,12 +189,12 @@ def read_image(path, image_size: int) -> torch.Tensor:
 def load_official(checkpoint, backbone, device: torch.device):
     """-> (generator with the released queries and DiT, frozen LM, tokenizer).
 
-    The DiT and queries come from blip3o.load_official_generation_weights (its report is printed; an
+    The DiT and queries come from pipeline.load_official_generation_weights (its report is printed; an
     incomplete load is refused). The backbone (Qwen2.5-VL at real scale) loads from its own path with
     its tokenizer; the LM runs in bf16 on CUDA, fp32 elsewhere, the DiT in fp32 (under autocast on CUDA).
     """
     try:
-        queries, dit, report = blip3o.load_official_generation_weights(checkpoint, device=device,
+        queries, dit, report = pipeline.load_official_generation_weights(checkpoint, device=device,
                                                                        dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {checkpoint}: {e}") from None
@@ -231,7 +232,7 @@ def official_features(generator, lm, tok, prompts, num_samples: int, seed: int, 
     bos = tok.bos_token_id is not None  # Qwen's tokenizer has no <bos>
     length = max(blip3o.token_count(tok, t, bos) for t in texts)
     ids, lens = blip3o.encode_texts(tok, texts, length, bos=bos, eos=False)
-    with blip3o.autocast(device):
+    with pipeline.autocast(device):
         cond = generator.condition(lm, ids.to(device), lens.to(device))  # (P, 64, D_lm)
         columns = [generator.sample(cond, steps=steps, guidance=guidance,
                                     rng=torch.Generator(device).manual_seed(seed + j)).float().cpu()
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = blip3o.pick_device(args.device)
+    device = pipeline.pick_device(args.device)
     if args.official_checkpoint:
         return run_main(run_official, args, device)
     if args.geneval:
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
     return run_main(run_text_to_image, args, device)
 
 
-def check_pixels(pipe: blip3o.Pipeline, run) -> None:
+def check_pixels(pipe: pipeline.Pipeline, run) -> None:
     """Text -> image needs the second stage too: the pixel decoder (or the VAE, for flow-vae)."""
     stage = "vae" if pipe.target == "vae" else "decoder"
     if (pipe.vae if stage == "vae" else pipe.decoder) is None:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 import blip3o
 import data
+import pipeline
 from cli import OneLineParser, UserError, positive_int
 
 STAGES = ("clip", "understand", "decoder", "vae", "generate", "joint")
@@ -90,7 +91,7 @@ def print0(*a, **k):
 
 def setup(args) -> torch.device:
     rank, local_rank, world = dist_info()
-    device = blip3o.pick_device(args.device)
+    device = pipeline.pick_device(args.device)
     if (world > 1 or args.fsdp) and not dist.is_initialized():
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
@@ -172,7 +173,7 @@ class Plan:
     lr: float
     tokenizer: object = None
     # Keep an EMA of the trainable weights; its tensors are saved as "ema." + ema_prefix + name, so that
-    # "ema.<key>" shadows the checkpoint key "<key>" (see blip3o.load_module(..., ema=True)).
+    # "ema.<key>" shadows the checkpoint key "<key>" (see pipeline.load_module(..., ema=True)).
     ema_prefix: str | None = None
     # --fsdp: (inner module) -> the modules fully_shard made FSDP roots (only stages that support it).
     shard_fn: object = None
@@ -202,7 +203,7 @@ def fit(plan: Plan, args, device) -> dict:
     folder = Path(args.out) / plan.name
     global_batch = plan.batch * args.grad_accum * world
     model = plan.model.to(device)
-    trainable, frozen = blip3o.count_params(model)
+    trainable, frozen = pipeline.count_params(model)
     print0(f"[{plan.name}] parameters: {trainable:,} trainable, {frozen:,} frozen | global batch "
            f"{global_batch} = {plan.batch} micro x {args.grad_accum} accum x {world} ranks | {plan.steps} steps")
 
@@ -236,7 +237,7 @@ def fit(plan: Plan, args, device) -> dict:
         # Never step on (or later save) a non-finite value: stop, naming the step and the last good checkpoint.
         for what, value in (("loss", loss), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
-                last = blip3o.checkpoint_path(folder)
+                last = pipeline.checkpoint_path(folder)
                 raise FloatingPointError(f"[{plan.name}] {what} is {value} at step {step + 1}; last good "
                                          f"checkpoint: {last if last else 'none'} (not overwritten)")
         opt.step()
@@ -277,7 +278,7 @@ def train_step(plan: Plan, ddp, model, fsdp_roots, step: int, args, device) -> t
         for root in fsdp_roots:
             root.set_requires_gradient_sync(last_micro)
         sync = contextlib.nullcontext() if (ddp is model or last_micro) else ddp.no_sync()
-        with sync, blip3o.autocast(device):
+        with sync, pipeline.autocast(device):
             loss, logs = ddp(*batch, rng=noise)
             (loss / accum).backward()
         total += float(loss.detach()) / accum
@@ -302,7 +303,7 @@ def restore(plan: Plan, model: Objective, folder: Path, args) -> Restored:
     """Resume from the stage's own checkpoint if there is one (unless --restart): its weights are copied
     into `model` here; the optimizer and EMA states are returned for after wrapping."""
     rank, _, world = dist_info()
-    if blip3o.checkpoint_path(folder) is None or args.restart:
+    if pipeline.checkpoint_path(folder) is None or args.restart:
         if args.resume:
             raise UserError(f"--resume: no checkpoint in {folder}")
         return Restored()
@@ -317,16 +318,16 @@ def restore(plan: Plan, model: Objective, folder: Path, args) -> Restored:
     own = plan.save_fn(model.inner)
     missing = [k for k in own if k not in tensors]
     if missing:
-        raise blip3o.CheckpointError(f"{folder}: checkpoint lacks {missing[:5]}")
+        raise pipeline.CheckpointError(f"{folder}: checkpoint lacks {missing[:5]}")
     with torch.no_grad():
         for k, v in own.items():
             if v.shape != tensors[k].shape:
-                raise blip3o.CheckpointError(f"{folder}: {k} is {tuple(tensors[k].shape)} in the "
+                raise pipeline.CheckpointError(f"{folder}: {k} is {tuple(tensors[k].shape)} in the "
                                              f"checkpoint, {tuple(v.shape)} in the model")
             v.copy_(tensors[k])
     if plan.stream is not None:
         plan.stream.load_state(meta["state"].get("data"), rank, world)
-    source = blip3o.previous_path(folder) if damaged_latest else folder
+    source = pipeline.previous_path(folder) if damaged_latest else folder
     print0(f"[{plan.name}] resuming at step {meta['state']['step']} from {source}")
     return Restored(meta["state"]["step"], meta["state"]["history"], tensors, opt_state, damaged_latest)
 
@@ -399,7 +400,7 @@ def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step:
         return
     meta = {"stage": plan.name, "config": args.config.to_dict(), "state": loop, **plan.meta,
             "args": {k: v for k, v in vars(args).items() if k != "config"}}
-    blip3o.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer, keep_previous=not state.damaged_latest)
+    pipeline.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer, keep_previous=not state.damaged_latest)
     state.damaged_latest = False
 
 
@@ -409,14 +410,14 @@ def load_for_resume(folder: Path, stage: str):
     The latest one; if a file of it cannot be read, the previous one (`<folder>.prev`), said on stderr;
     with no intact previous one, the CheckpointError that names the file and how to retrain."""
     try:
-        return (*blip3o.load_checkpoint(folder, stage=stage, with_optimizer=True), False)
-    except blip3o.CheckpointError as e:
-        prev = blip3o.previous_path(folder)
-        if e.damaged is None or blip3o.checkpoint_path(folder) == prev or not prev.is_dir():
+        return (*pipeline.load_checkpoint(folder, stage=stage, with_optimizer=True), False)
+    except pipeline.CheckpointError as e:
+        prev = pipeline.previous_path(folder)
+        if e.damaged is None or pipeline.checkpoint_path(folder) == prev or not prev.is_dir():
             raise
         try:
-            got = blip3o.load_checkpoint(folder, stage=stage, with_optimizer=True, path=prev)
-        except blip3o.CheckpointError:
+            got = pipeline.load_checkpoint(folder, stage=stage, with_optimizer=True, path=prev)
+        except pipeline.CheckpointError:
             raise e from None
         if dist_info()[0] == 0:
             print(f"warning: {e.damaged} is {e.reason}: resuming from "
@@ -436,7 +437,7 @@ def check_same_config(folder, meta: dict, args) -> None:
     diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
     if diff:
-        raise blip3o.CheckpointError(f"{folder} was trained with another config ({'; '.join(diff[:4])}"
+        raise pipeline.CheckpointError(f"{folder} was trained with another config ({'; '.join(diff[:4])}"
                                      f"{'; ...' if len(diff) > 4 else ''}): use the same --preset, or --restart")
 
 
@@ -505,7 +506,7 @@ def toy_images(args):
 @torch.no_grad()
 def encode_all(fn, images_u8: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
     """Run a frozen encoder once over the whole image set (cached outputs: DESIGN section 6)."""
-    with blip3o.autocast(device):  # the frozen encoder may be in bf16 (CUDA), its input is fp32
+    with pipeline.autocast(device):  # the frozen encoder may be in bf16 (CUDA), its input is fp32
         outs = [fn(data.as_float(images_u8[i:i + batch]).to(device)).float().cpu()
                 for i in range(0, len(images_u8), batch)]
     return torch.cat(outs)
@@ -518,13 +519,13 @@ def load_clip(args, device) -> tuple:
         enc = blip3o.ImageEncoder(args.config.clip, device=device)  # built in place: 4 B parameters
         tok = blip3o.load_tokenizer(args.config.lm.name)
     else:
-        meta, tensors, _ = blip3o.load_checkpoint(folder, stage="clip")
-        tok = blip3o.load_checkpoint_tokenizer(folder)
+        meta, tensors, _ = pipeline.load_checkpoint(folder, stage="clip")
+        tok = pipeline.load_checkpoint_tokenizer(folder)
         # The run's CLIP is what was trained, whatever the preset says now; the vocabulary is shared.
         args.config.clip = blip3o.Config.from_dict(meta["config"]).clip
         args.config.lm.vocab_size = len(tok)
         enc = blip3o.ImageEncoder(args.config.clip)
-        blip3o.load_stage(enc, tensors, "clip", folder, "clip")
+        pipeline.load_stage(enc, tensors, "clip", folder, "clip")
         enc = enc.to(device)
     enc.to(frozen_dtype(device)).requires_grad_(False).eval()
     return enc, tok
@@ -538,12 +539,12 @@ def load_lm(args, tok, device):
                                          tok.convert_tokens_to_ids(args.config.lm.image_token))
     else:
         folder = Path(args.out) / "understand"
-        meta, tensors, _ = blip3o.load_checkpoint(folder, stage="understand")
+        meta, tensors, _ = pipeline.load_checkpoint(folder, stage="understand")
         cfg = blip3o.Config.from_dict(meta["config"])
         lm = blip3o.build_backbone(cfg.lm)
         vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids(blip3o.IMAGE),
                                          cfg.lm.image_merge)
-        blip3o.load_stage(vlm, tensors, "vlm", folder, "understand")
+        pipeline.load_stage(vlm, tensors, "vlm", folder, "understand")
     vlm = vlm.to(device)
     if device.type == "cuda":  # frozen: bf16 (a real backbone is built in bf16 already)
         vlm.to(torch.bfloat16)
@@ -584,7 +585,7 @@ def plan_clip(args, device) -> Plan:
     def loss(enc, images_b, ids, rng):
         return enc.contrastive_loss(images_b, ids), {}
 
-    return Plan("clip", Objective(enc, loss), chunk_fn, lambda m: blip3o.module_tensors("clip", m), {},
+    return Plan("clip", Objective(enc, loss), chunk_fn, lambda m: pipeline.module_tensors("clip", m), {},
                 tokenizer=tok, **stage_hparams(args, "clip"))
 
 
@@ -667,7 +668,7 @@ def plan_understand(args, device) -> Plan:
         value = (l_img * n_img + l_txt * n_txt) / (n_img + n_txt)  # the mean over every labelled token
         return value, {"loss_image": float(l_img.detach()), "loss_text": float(l_txt.detach())}
 
-    return Plan("understand", Objective(vlm, loss), chunk_fn, lambda m: blip3o.module_tensors("vlm", m), {},
+    return Plan("understand", Objective(vlm, loss), chunk_fn, lambda m: pipeline.module_tensors("vlm", m), {},
                 tokenizer=tok, **stage_hparams(args, "understand"))
 
 
@@ -691,7 +692,7 @@ def plan_decoder(args, device) -> Plan:
         value, t, per = dec.loss(images_b, ctok, rng=rng)
         return value, t_bin_logs(t, per)
 
-    return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: blip3o.module_tensors("decoder", m), {},
+    return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m), {},
                 ema_prefix="decoder.", **stage_hparams(args, "decoder"))
 
 
@@ -719,7 +720,7 @@ def plan_vae(args, device) -> Plan:
     def loss(vae, images_b, rng):
         return vae.loss(images_b, rng=rng), {}
 
-    return Plan("vae", Objective(vae, loss), chunk_fn, lambda m: blip3o.module_tensors("vae", m), {},
+    return Plan("vae", Objective(vae, loss), chunk_fn, lambda m: pipeline.module_tensors("vae", m), {},
                 **stage_hparams(args, "vae"))
 
 
@@ -754,9 +755,9 @@ def generation_data(args, device, target: str):
         targets = encode_all(enc.tokens, images, device)
     else:
         folder = Path(args.out) / "vae"
-        meta, tensors, _ = blip3o.load_checkpoint(folder, stage="vae")
+        meta, tensors, _ = pipeline.load_checkpoint(folder, stage="vae")
         vae = blip3o.VAE(args.config.vae)
-        blip3o.load_stage(vae, tensors, "vae", folder, "vae")
+        pipeline.load_stage(vae, tensors, "vae", folder, "vae")
         vae = vae.to(device).eval()
         targets = encode_all(vae.tokens, images, device)
     template = args.config.prompt_template
@@ -842,7 +843,7 @@ def plan_generate(args, device) -> Plan:
 
     meta = {"loss": args.loss, "target": args.target, "target_dim": int(targets.shape[-1])}
     return Plan(generation_variant(args.loss, args.target), step_module, chunk_fn,
-                lambda m: blip3o.module_tensors("generator", m.generator), meta,
+                lambda m: pipeline.module_tensors("generator", m.generator), meta,
                 ema_prefix="", shard_fn=shard_generation, **stage_hparams(args, "generate"))
 
 
@@ -853,7 +854,7 @@ def plan_joint(args, device) -> Plan:
     as many steps, but every chunk is half stage-1 rows (question -> answer, next-token loss) and half
     stage-2 rows (prompt -> CLIP tokens, flow loss), and the gradient of the sum L_und + L_gen reaches
     the LM and projector as well as the queries and the DiT. The checkpoint RUN/joint holds both the
-    VLM and the generator (`blip3o.load_run(run, "joint")` rebuilds them), since the LM it conditions
+    VLM and the generator (`pipeline.load_run(run, "joint")` rebuilds them), since the LM it conditions
     on is no longer the stage-1 one.
     """
     cfg = args.config
@@ -890,7 +891,7 @@ def plan_joint(args, device) -> Plan:
         return und + gen_loss, {"loss_und": float(und.detach()), "loss_gen": float(gen_loss.detach()), **logs}
 
     def save_fn(m):  # both halves: the LM the generator conditions on is no longer stage 1's
-        return {**blip3o.module_tensors("vlm", m.vlm), **blip3o.module_tensors("generator", m.generator)}
+        return {**pipeline.module_tensors("vlm", m.vlm), **pipeline.module_tensors("generator", m.generator)}
 
     meta = {"loss": "flow", "target": "clip", "target_dim": int(targets.shape[-1])}
     # ema_prefix "": the EMA covers every trainable weight, the LM's too, so evaluation sees one average.
@@ -1066,7 +1067,7 @@ def plan_generate_stream(args, device) -> Plan:
         # a reader of its own so every rank computes the same number. The paper does not normalize.
         first = StreamBatches(open_stream(args, cfg.clip.image_size, 0, 1))
         images, _ = first.take(64)
-        with torch.no_grad(), blip3o.autocast(device):
+        with torch.no_grad(), pipeline.autocast(device):
             set_unit_scale(gen_model.target_scale, enc.tokens(images.to(device)).float())
     step_module = generation_objective(gen_model, vlm, args)
     bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
@@ -1076,7 +1077,7 @@ def plan_generate_stream(args, device) -> Plan:
 
     def chunk_fn(step, chunk, size, rng):
         images, captions = stream.take(size)
-        with torch.no_grad(), blip3o.autocast(device):
+        with torch.no_grad(), pipeline.autocast(device):
             targets = enc.tokens(images.to(device)).float()  # (B, 64, D_clip)
         texts = [cfg.prompt_template.format(c) for c in captions]
         lengths = [blip3o.token_count(tok, t, bos) for t in texts]
@@ -1086,7 +1087,7 @@ def plan_generate_stream(args, device) -> Plan:
 
     meta = {"loss": args.loss, "target": "clip", "target_dim": cfg.clip.width}
     return Plan(generation_variant(args.loss, "clip"), step_module, chunk_fn,
-                lambda m: blip3o.module_tensors("generator", m.generator), meta, ema_prefix="",
+                lambda m: pipeline.module_tensors("generator", m.generator), meta, ema_prefix="",
                 shard_fn=shard_generation, stream=stream, **stage_hparams(args, "generate"))
 
 
@@ -1212,7 +1213,7 @@ def main(argv=None) -> int:
             import eval as evaluation
 
             evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
-    except (UserError, blip3o.CheckpointError) as e:
+    except (UserError, pipeline.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -15,6 +15,7 @@ from PIL import Image
 
 import blip3o
 import ablation
+import pipeline
 import train
 from conftest import train_tiny
 
@@ -79,7 +80,7 @@ def test_each_design_trains_and_samples(variant, tiny_run, tmp_path):
     run = base_run(tiny_run, tmp_path)
     loss, target = variant.split("-")
     train_tiny(run, "--stage", "generate", "--loss", loss, "--target", target)
-    pipe = blip3o.load_run(run, variant, need=("clip", "understand", "generate"))
+    pipe = pipeline.load_run(run, variant, need=("clip", "understand", "generate"))
     assert (pipe.generator.loss_type, pipe.target) == (loss, target)
     images = pipe.generate_images(["a photo of a red circle", "a photo of two squares"], steps=2,
                                   decoder_steps=2, rng=torch.Generator().manual_seed(0))
@@ -105,7 +106,7 @@ def test_joint_starts_where_sequential_stage_2_starts(tiny_run):
 
 def test_joint_changes_the_lm_sequential_leaves_it_bit_identical(tiny_run, tmp_path):
     run = base_run(tiny_run, tmp_path)
-    stage1 = blip3o.load_checkpoint(run / "understand", stage="understand")[1]
+    stage1 = pipeline.load_checkpoint(run / "understand", stage="understand")[1]
 
     sequential = ablation.train_segment(run, ["--stage", "generate"], 2, 4, DATA, CPU, restart=True)
     assert ablation.lm_change(sequential.vlm, stage1) == (True, 0.0)
@@ -114,11 +115,11 @@ def test_joint_changes_the_lm_sequential_leaves_it_bit_identical(tiny_run, tmp_p
     joint = ablation.train_segment(run, ["--stage", "joint"], 2, 4, DATA, CPU, restart=True)
     identical, change = ablation.lm_change(joint.vlm, stage1)
     assert not identical and change > 0
-    meta, saved, _ = blip3o.load_checkpoint(run / "joint", stage="joint")
+    meta, saved, _ = pipeline.load_checkpoint(run / "joint", stage="joint")
     assert {"loss_und", "loss_gen"} <= set(meta["state"]["history"][-1])  # both tasks in every step
 
     # load_run rebuilds the joint model from RUN/joint alone: the EMA of the LM it trained, not stage 1's.
-    pipe = blip3o.load_run(run, "joint", need=("clip", "understand", "generate"))
+    pipe = pipeline.load_run(run, "joint", need=("clip", "understand", "generate"))
     ema_embedding = saved["ema.vlm.lm.model.embed_tokens.weight"]  # copied through safetensors: bit-equal
     assert torch.equal(pipe.vlm.lm.get_input_embeddings().weight, ema_embedding)
     assert torch.equal(pipe.vlm.lm.lm_head.weight, ema_embedding)  # the tied output layer: the same EMA

@@ -17,6 +17,7 @@ import torch
 
 import blip3o
 import data
+import pipeline
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,7 @@ GENERATE = ["--stage", "generate", "--images", "48", "--quiet", "--threads", "1"
 
 
 def history(out, variant="flow-clip") -> list[dict]:
-    meta = json.loads((blip3o.checkpoint_path(Path(out) / "generate" / variant) / "meta.json").read_text())
+    meta = json.loads((pipeline.checkpoint_path(Path(out) / "generate" / variant) / "meta.json").read_text())
     return meta["state"]["history"]
 
 
@@ -53,7 +54,7 @@ class Interrupt(Exception):
 
 
 def crash_after_checkpoint(monkeypatch, at_step: int):
-    real_save = blip3o.save_checkpoint
+    real_save = pipeline.save_checkpoint
 
     def save(folder, tensors, meta, *a, **k):
         real_save(folder, tensors, meta, *a, **k)
@@ -83,8 +84,8 @@ def test_torchrun_ddp_and_fsdp_match_one_process(run, tmp_path):
     assert_same_curve(history(ddp), history(single))
     assert_same_curve(history(fsdp), history(single))
     # The FSDP checkpoint holds whole tensors (gathered from the shards), loadable by sample.py.
-    _, tensors, _ = blip3o.load_checkpoint(fsdp / "generate" / "flow-clip", stage="generate/flow-clip")
-    _, ref, _ = blip3o.load_checkpoint(single / "generate" / "flow-clip", stage="generate/flow-clip")
+    _, tensors, _ = pipeline.load_checkpoint(fsdp / "generate" / "flow-clip", stage="generate/flow-clip")
+    _, ref, _ = pipeline.load_checkpoint(single / "generate" / "flow-clip", stage="generate/flow-clip")
     assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in ref.items()}
 
 
@@ -114,8 +115,8 @@ def test_fsdp_in_one_process_matches_ddp_path_and_resumes(run, tmp_path, monkeyp
     monkeypatch.undo()
     assert train.main([*args, "--out", str(fsdp), "--fsdp"]) == 0
     assert_same_curve(history(fsdp), history(plain))
-    _, a, _ = blip3o.load_checkpoint(plain / "generate" / "flow-clip")
-    _, b, _ = blip3o.load_checkpoint(fsdp / "generate" / "flow-clip")
+    _, a, _ = pipeline.load_checkpoint(plain / "generate" / "flow-clip")
+    _, b, _ = pipeline.load_checkpoint(fsdp / "generate" / "flow-clip")
     for k in a:  # weights and EMA after the resumed run: FSDP reduces gradients in another order (fp32),
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # and Adam carries that for 4 steps
 
@@ -150,7 +151,7 @@ def test_grad_checkpointing_recomputes_the_backbone_and_changes_nothing(tiny_run
     """With checkpointing each LM block runs twice per step (forward, then again in backward) and the
     gradients reaching the queries are the same. (Counted on the block's MLP forward: module hooks do
     not fire during the recomputation.)"""
-    pipe = blip3o.load_run(tiny_run, need=("clip", "understand", "generate"))
+    pipe = pipeline.load_run(tiny_run, need=("clip", "understand", "generate"))
     lm, gen = pipe.vlm.lm, pipe.generator
     ids, lens = pipe.encode_prompts(["a photo of a red circle", "a photo of two squares"])
     calls, mlp = [], lm.model.layers[0].mlp

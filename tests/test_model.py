@@ -6,6 +6,7 @@ import torch
 
 import blip3o
 import data
+import pipeline
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +166,10 @@ def test_noise_repeats_share_one_lm_pass_between_several_dit_samples(parts, monk
 def test_checkpoint_round_trip_gives_identical_outputs(parts, tmp_path):
     tok, cfg, clip, vlm, images = parts
     gen = blip3o.Generator(cfg, loss="flow", target_dim=cfg.clip.width).eval()
-    tensors = {**blip3o.module_tensors("clip", clip), **blip3o.module_tensors("vlm", vlm),
-               **blip3o.module_tensors("generator", gen)}
-    blip3o.save_checkpoint(tmp_path / "ckpt", tensors, {"stage": "test", "config": cfg.to_dict()})
-    meta, loaded, _ = blip3o.load_checkpoint(tmp_path / "ckpt", stage="test")
+    tensors = {**pipeline.module_tensors("clip", clip), **pipeline.module_tensors("vlm", vlm),
+               **pipeline.module_tensors("generator", gen)}
+    pipeline.save_checkpoint(tmp_path / "ckpt", tensors, {"stage": "test", "config": cfg.to_dict()})
+    meta, loaded, _ = pipeline.load_checkpoint(tmp_path / "ckpt", stage="test")
     cfg2 = blip3o.Config.from_dict(meta["config"])
     assert cfg2 == cfg
     clip2 = blip3o.ImageEncoder(cfg2.clip).eval()
@@ -176,7 +177,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(parts, tmp_path):
                                       cfg2.lm.image_merge).eval()
     gen2 = blip3o.Generator(cfg2, loss="flow", target_dim=cfg2.clip.width).eval()
     for module, prefix in ((clip2, "clip"), (vlm2, "vlm"), (gen2, "generator")):
-        blip3o.load_module(module, loaded, prefix)
+        pipeline.load_module(module, loaded, prefix)
     # Bit identity is the property of the weights (copied through safetensors) ...
     for module, module2 in ((clip, clip2), (vlm, vlm2), (gen, gen2)):
         state2 = module2.state_dict()
@@ -195,8 +196,8 @@ def test_checkpoint_round_trip_gives_identical_outputs(parts, tmp_path):
 
 def test_wrong_checkpoint_names_what_differs(parts):
     tok, cfg, clip, vlm, images = parts
-    tensors = blip3o.module_tensors("clip", clip)
+    tensors = pipeline.module_tensors("clip", clip)
     key = next(iter(tensors))
     tensors[key] = torch.zeros(7)
-    with pytest.raises(blip3o.CheckpointError, match="shape mismatch"):
-        blip3o.load_module(blip3o.ImageEncoder(cfg.clip), tensors, "clip")
+    with pytest.raises(pipeline.CheckpointError, match="shape mismatch"):
+        pipeline.load_module(blip3o.ImageEncoder(cfg.clip), tensors, "clip")

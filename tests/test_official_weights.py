@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import blip3o
+import pipeline
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina  # noqa: E402
@@ -45,7 +46,7 @@ def make_pair(hidden, heads, kv_heads, layers, in_channels, cond_dim, seed=0):
         "caption_projection.linear_2.bias": 0.1 * torch.randn(hidden),
     }
     state.update(cond_proj)
-    cfg = blip3o.dit_config_from_state(state)
+    cfg = pipeline.dit_config_from_state(state)
     ours = blip3o.NextDiT(cfg)
     ours.load_state_dict(state)  # strict: names and shapes match one-to-one
     return ref, ours, copy.deepcopy(ours.caption_projection)
@@ -143,7 +144,7 @@ def write_release(folder, ours, *, with_index, extra_dit=None, drop=()):
 def test_load_release_layout(tmp_path, with_index):
     ref, ours, proj = make_pair(*TINY[1])
     queries = write_release(tmp_path, ours, with_index=with_index)
-    q, dit, report = blip3o.load_official_generation_weights(tmp_path)
+    q, dit, report = pipeline.load_official_generation_weights(tmp_path)
     assert report.missing == [] and report.unexpected == [] and report.mismatched == []
     assert report.skipped == {"model.embed_tokens": 1, "model.layers": 2, "model.norm": 1, "visual": 1, "lm_head": 1}
     assert report.loaded == len(ours.state_dict()) + 1 and len(report.files) == 2
@@ -158,7 +159,7 @@ def test_load_reports_problems_by_name(tmp_path):
     _, ours, _ = make_pair(*TINY[0])
     extra = {"model.dit.model.pad_token": torch.zeros(64)}  # stock diffusers' unused parameter
     write_release(tmp_path, ours, with_index=False, extra_dit=extra, drop=("layers.1.gate",))
-    _, dit, report = blip3o.load_official_generation_weights(tmp_path, dtype=torch.bfloat16)
+    _, dit, report = pipeline.load_official_generation_weights(tmp_path, dtype=torch.bfloat16)
     assert report.unexpected == ["model.dit.model.pad_token"]
     assert report.missing == ["model.dit.model.layers.1.gate"]
     assert "missing: model.dit.model.layers.1.gate" in str(report)
@@ -171,7 +172,7 @@ def test_load_single_file(tmp_path):
     _, ours, _ = make_pair(*TINY[2])
     tensors = {f"model.dit.model.{k}": v for k, v in ours.state_dict().items()}
     save_file(tensors, str(tmp_path / "dit.safetensors"))
-    queries, dit, report = blip3o.load_official_generation_weights(tmp_path / "dit.safetensors")
+    queries, dit, report = pipeline.load_official_generation_weights(tmp_path / "dit.safetensors")
     assert queries is None and report.missing == ["model.latent_queries"] and report.skipped == {}
     assert dit.cfg.num_kv_heads == 1 and all(torch.equal(dit.state_dict()[k], v) for k, v in ours.state_dict().items())
 
@@ -179,7 +180,7 @@ def test_load_single_file(tmp_path):
 def test_load_rejects_checkpoint_without_dit(tmp_path):
     save_file({"model.embed_tokens.weight": torch.randn(4, 4)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="model.dit.model"):
-        blip3o.load_official_generation_weights(tmp_path)
+        pipeline.load_official_generation_weights(tmp_path)
 
 
 # ---- the real 8B / 4B key lists (OFFICIAL_WEIGHTS.md), on the meta device ------------------------------
@@ -220,16 +221,16 @@ def official_shapes(H):
 def test_official_key_list_maps_one_to_one(H):
     official = official_shapes(H)
     assert len(official) == 642
-    cfg = blip3o.dit_config_from_state({k[len("model.dit.model."):]: v for k, v in official.items()})
+    cfg = pipeline.dit_config_from_state({k[len("model.dit.model."):]: v for k, v in official.items()})
     assert cfg == blip3o.DiTConfig(cond_dim=H)
     with torch.device("meta"):
         dit = blip3o.NextDiT(cfg)
-    key_map = blip3o.official_key_map(dit)
+    key_map = pipeline.official_key_map(dit)
     assert sorted(key_map.values()) == sorted(official)  # one-to-one, nothing left over either side
     state = dit.state_dict()
     for ours, theirs in key_map.items():
         assert tuple(state[ours].shape) == official[theirs], ours
-    n = dit.num_params()
+    n = sum(pipeline.count_params(dit))
     assert 1.30e9 < n < 1.45e9
     if H == 3584:
-        assert n == 1_365_010_336  # the count OFFICIAL_WEIGHTS.md reports for the release
+        assert n == 1_365_010_336  # the parameter count of the release (BLIP3o-Model-8B)

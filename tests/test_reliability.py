@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import blip3o
+import pipeline
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,7 +49,7 @@ def gen_folder(out) -> Path:
 
 
 def history(out) -> list[dict]:
-    return json.loads((blip3o.checkpoint_path(gen_folder(out)) / "meta.json").read_text())["state"]["history"]
+    return json.loads((pipeline.checkpoint_path(gen_folder(out)) / "meta.json").read_text())["state"]["history"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_checkpoint_from_another_stage(run):
 def test_mismatched_checkpoints_name_keys_shapes_and_config(run):
     """A tampered stage-1 checkpoint names its missing key and wrong shape; resuming a stage into a
     different config names the config fields."""
-    weights = blip3o.checkpoint_path(run / "understand") / "model.safetensors"
+    weights = pipeline.checkpoint_path(run / "understand") / "model.safetensors"
     tensors = load_file(weights)
     name = next(k for k in tensors if k.endswith("projector.linear_1.weight"))
     tensors[name] = tensors[name][:, :-1].contiguous()
@@ -277,8 +278,8 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(run, capsys):
     from the previous one (which stays until an intact newer one replaces the damaged one)."""
     args = [*GENERATE, "--out", str(run), "--ckpt-every", "1"]
     assert train.main([*args, "--steps", "2"]) == 0
-    prev = blip3o.previous_path(gen_folder(run))
-    assert blip3o.load_checkpoint(gen_folder(run), path=prev)[0]["state"]["step"] == 1
+    prev = pipeline.previous_path(gen_folder(run))
+    assert pipeline.load_checkpoint(gen_folder(run), path=prev)[0]["state"]["step"] == 1
     weights = gen_folder(run) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     capsys.readouterr()
@@ -288,7 +289,7 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(run, capsys):
                             f"length): resuming from the previous checkpoint {prev} (step 1)\n")
     assert f"resuming at step 1 from {prev}" in captured.out
     assert [h["step"] for h in history(run)] == [1, 2, 3]
-    assert blip3o.load_checkpoint(gen_folder(run), path=prev)[0]["state"]["step"] == 2
+    assert pipeline.load_checkpoint(gen_folder(run), path=prev)[0]["state"]["step"] == 2
 
 
 def test_damaged_latest_checkpoint_without_a_previous_one(run, capsys):
@@ -396,17 +397,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(run, monkeypatch, cap
     err = capsys.readouterr().err
     assert err == (f"error: [generate/flow-clip] loss is nan at step 3; last good checkpoint: "
                    f"{gen_folder(run)} (not overwritten)\n")
-    meta, tensors, _ = blip3o.load_checkpoint(gen_folder(run))
+    meta, tensors, _ = pipeline.load_checkpoint(gen_folder(run))
     assert meta["state"]["step"] == 2 and not meta["state"]["done"]
     assert all(torch.isfinite(v).all() for v in tensors.values() if v.is_floating_point())
 
 
 def test_a_nan_tensor_is_never_written(tmp_path):
     folder = tmp_path / "ckpt"
-    blip3o.save_checkpoint(folder, {"w": torch.ones(3)}, {"stage": "x", "state": {}})
-    with pytest.raises(blip3o.CheckpointError, match="non-finite tensor: w"):
-        blip3o.save_checkpoint(folder, {"w": torch.tensor([1.0, float("inf"), 2.0])}, {"stage": "x"})
-    _, tensors, _ = blip3o.load_checkpoint(folder)
+    pipeline.save_checkpoint(folder, {"w": torch.ones(3)}, {"stage": "x", "state": {}})
+    with pytest.raises(pipeline.CheckpointError, match="non-finite tensor: w"):
+        pipeline.save_checkpoint(folder, {"w": torch.tensor([1.0, float("inf"), 2.0])}, {"stage": "x"})
+    _, tensors, _ = pipeline.load_checkpoint(folder)
     assert torch.equal(tensors["w"], torch.ones(3))  # the previous checkpoint, through safetensors
 
 
@@ -419,7 +420,7 @@ def test_a_nan_tensor_is_never_written(tmp_path):
 DRIVER = """
 import pathlib, sys, time
 sys.path.insert(0, {root!r})
-import blip3o, safetensors.torch, train
+import pipeline, safetensors.torch, train
 
 def pause(marker):
     print(marker, flush=True)
@@ -427,17 +428,17 @@ def pause(marker):
 
 moment, step = sys.argv[1], int(sys.argv[2])
 if moment == "after-save":  # training goes on after the step-N checkpoint: killed mid-training
-    real_save = blip3o.save_checkpoint
+    real_save = pipeline.save_checkpoint
     def save(folder, tensors, meta, *a, **k):
         real_save(folder, tensors, meta, *a, **k)
         if meta["state"]["step"] == step:
             pause("KILL-ME")
-    blip3o.save_checkpoint = save
+    pipeline.save_checkpoint = save
 elif moment == "mid-write":  # the new checkpoint's weights are half written into the temporary folder
     real_file = safetensors.torch.save_file
     def save_file(tensors, path, *a, **k):
         real_file(tensors, path, *a, **k)
-        if blip3o.checkpoint_path(pathlib.Path(path).parent.parent / "flow-clip") is not None:
+        if pipeline.checkpoint_path(pathlib.Path(path).parent.parent / "flow-clip") is not None:
             pause("KILL-ME")
     safetensors.torch.save_file = save_file
 elif moment == "mid-rename":  # the old checkpoint renamed aside, the new one not yet in place
@@ -502,12 +503,12 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(moment, run, 
         assert siblings[0] == "flow-clip.prev" and "flow-clip" not in siblings
     else:
         assert siblings[0] == "flow-clip" and re.fullmatch(r"flow-clip\.tmp-\d+", siblings[1])
-    meta, tensors, opt = blip3o.load_checkpoint(gen_folder(run), stage="generate/flow-clip", with_optimizer=True)
+    meta, tensors, opt = pipeline.load_checkpoint(gen_folder(run), stage="generate/flow-clip", with_optimizer=True)
     assert meta["state"]["step"] == 1 and opt is not None and "generator.queries" in tensors
     assert train.main([*args, "--out", str(run)]) == 0
     # debris cleared; the step-2 checkpoint kept as the previous one
     assert sorted(p.name for p in gen_folder(run).parent.iterdir()) == ["flow-clip", "flow-clip.prev"]
-    assert blip3o.load_checkpoint(gen_folder(run), path=blip3o.previous_path(gen_folder(run)))[0]["state"]["step"] == 2
+    assert pipeline.load_checkpoint(gen_folder(run), path=pipeline.previous_path(gen_folder(run)))[0]["state"]["step"] == 2
     assert [h["step"] for h in history(run)] == [1, 2, 3]
 
 
@@ -530,10 +531,10 @@ def test_only_safe_loading_in_the_code():
 def test_optimizer_state_cannot_smuggle_code(tmp_path):
     """A checkpoint whose optimizer.pt holds an arbitrary object is refused by the loader, not run."""
     folder, witness = tmp_path / "ckpt", tmp_path / "pwned"
-    blip3o.save_checkpoint(folder, {"w": torch.ones(2)}, {"stage": "x", "state": {}}, {"state": {}})
+    pipeline.save_checkpoint(folder, {"w": torch.ones(2)}, {"stage": "x", "state": {}}, {"state": {}})
     torch.save({"state": {}, "evil": Exploit(witness)}, folder / "optimizer.pt")
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
-        blip3o.load_checkpoint(folder, with_optimizer=True)
+        pipeline.load_checkpoint(folder, with_optimizer=True)
     assert not witness.exists()
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import blip3o
 import data
+import pipeline
 import sample
 from conftest import GENEVAL_METADATA, run_script
 
@@ -88,7 +89,7 @@ def test_text_to_image_grid_is_deterministic(tiny_run, tmp_path):
 
 def test_generate_grid_columns_follow_seeds(tiny_run):
     """Sample j of every prompt uses seed + j: seed 0 with 2 samples and seed 1 with 1 share a column."""
-    pipe = blip3o.load_run(tiny_run)
+    pipe = pipeline.load_run(tiny_run)
     prompts = ["a photo of a circle", "a photo of a blue square"]
     two, tokens = sample.generate_grid(pipe, prompts, 2, seed=0, steps=2, decoder_steps=2)
     one, _ = sample.generate_grid(pipe, prompts, 1, seed=1, steps=2, decoder_steps=2)
@@ -183,7 +184,7 @@ def make_release(tmp_path, clip_width: int, drop: str | None = None):
 def test_official_checkpoint_features_and_decode(tiny_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    width = blip3o.load_run(tiny_run).config.clip.width  # so the toy pixel decoder can read them
+    width = pipeline.load_run(tiny_run).config.clip.width  # so the toy pixel decoder can read them
     ckpt, backbone = make_release(tmp_path, width)
     out = tmp_path / "feats.safetensors"
     args = ["--run", tiny_run, "--official-checkpoint", ckpt, "--backbone", backbone, "--prompt",

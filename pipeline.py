@@ -1,0 +1,569 @@
+"""The plumbing around the model in blip3o.py: checkpoints, devices, a run rebuilt, released weights.
+
+- Checkpoints: a folder of safetensors weights + meta.json (config, loop state), written atomically,
+  the previous one kept as `<folder>.prev`; a file that cannot be read raises CheckpointError naming it,
+  what is wrong, and the command that trains the stage again.
+- Devices and precision: CUDA -> MPS -> CPU, bf16 autocast on CUDA only.
+- `load_run`: every trained piece of a toy run (RUN/clip, RUN/understand, RUN/decoder, RUN/generate/...)
+  rebuilt from its checkpoints alone, as one `Pipeline` with the methods the scripts call.
+- `load_official_generation_weights`: the released BLIP3-o stage-2 weights (the 64 queries and the
+  Next-DiT, from BLIP3o/BLIP3o-Model-8B or -4B) read straight into our modules, shard by shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from blip3o import (
+    IMAGE, Config, DiTConfig, Generator, ImageEncoder, NextDiT, PixelDecoder, VAE, VisionLanguageModel,
+    build_backbone, build_qa_batch, decode_ids, encode_texts, load_tokenizer, token_count,
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Released BLIP3-o generation weights (BLIP3o/BLIP3o-Model-8B, -4B)
+# ----------------------------------------------------------------------------------------------------
+
+OFFICIAL_DIT_PREFIX = "model.dit.model."
+OFFICIAL_QUERIES_KEY = "model.latent_queries"
+
+
+def official_key_map(dit: NextDiT) -> dict[str, str]:
+    """{our state_dict name: released checkpoint key}. Our names are the official ones under the prefix."""
+    return {name: OFFICIAL_DIT_PREFIX + name for name in dit.state_dict()}
+
+
+def _shape(v) -> tuple[int, ...]:
+    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+
+def dit_config_from_state(state, **overrides) -> DiTConfig:
+    """Infer a DiTConfig from a DiT state dict or {name: shape} (our names, any common key prefix).
+
+    Widths come from the weight shapes, depth from the layer indices, heads from the per-head `gate`,
+    KV heads from `attn1.to_k`, and the FFN width is taken as stored (4864 in the release, whatever
+    diffusers would compute). What shapes cannot tell (grid_size, spatial_cond, eps) comes from
+    `overrides` or the defaults.
+    """
+    gate_keys = [k for k in state if k.endswith("layers.0.gate")]
+    if not gate_keys:
+        raise ValueError("not a Next-DiT state: no 'layers.0.gate' key")
+    prefix = gate_keys[0][: -len("layers.0.gate")]
+    shape = {k[len(prefix):]: _shape(v) for k, v in state.items() if k.startswith(prefix)}
+    hidden, in_channels = shape["patch_embedder.proj.weight"]
+    num_heads = shape["layers.0.gate"][0]
+    head_dim = hidden // num_heads
+    num_layers = 1 + max(int(k.split(".")[1]) for k in shape if k.startswith("layers."))
+    cfg = dict(
+        in_channels=in_channels,
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=shape["layers.0.attn1.to_k.weight"][0] // head_dim,
+        ffn_dim=shape["layers.0.feed_forward.linear_1.weight"][0],
+        cond_dim=shape["caption_projection.linear_1.weight"][1],
+        time_embed_dim=shape["time_caption_embed.timestep_embedder.linear_1.weight"][0],
+    )
+    cfg.update(overrides)
+    return DiTConfig(**cfg)
+
+
+@dataclass
+class LoadReport:
+    """What load_official_generation_weights did. Loading is complete when missing, mismatched and
+    unexpected are empty; `skipped` counts the checkpoint's other tensors per top-level prefix."""
+
+    files: list[str]
+    config: DiTConfig
+    loaded: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)  # model tensors the checkpoint lacks (left at init)
+    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint shape vs model shape" (left at init)
+    unexpected: list[str] = field(default_factory=list)  # DiT keys the model has no place for (ignored)
+
+    def __str__(self):
+        lines = [f"loaded {self.loaded} tensors from {len(self.files)} file(s)"]
+        lines += [f"skipped {n:>6} tensors under {p}" for p, n in sorted(self.skipped.items())]
+        for what in ("missing", "mismatched", "unexpected"):
+            for key in getattr(self, what):
+                lines.append(f"{what}: {key}")
+        return "\n".join(lines)
+
+
+def _top_prefix(key: str) -> str:
+    """'model.layers.3.mlp.up_proj.weight' -> 'model.layers', 'visual.blocks.0...' -> 'visual'."""
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0]
+
+
+def load_official_generation_weights(path, *, device="cpu", dtype=None):
+    """Load the stage-2 weights of a released BLIP3-o checkpoint: the 64 queries and the DiT.
+
+    path: a folder of *.safetensors shards (with or without model.safetensors.index.json) or one file.
+    Only `model.latent_queries` and `model.dit.model.*` are read; the backbone and anything else is
+    counted in the report, never loaded. The DiT's config is inferred from the shapes, the model is built
+    on the meta device and takes the checkpoint tensors in place (no second copy of 1.4 B parameters);
+    if some tensors are missing or mis-shaped it is built normally instead and those keep their init.
+    Returns (queries (64, H) or None if absent, NextDiT, LoadReport). dtype None keeps the stored dtype.
+    """
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    else:
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            # The index names every shard; reading only the shards that hold our keys skips the rest.
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = {f for k, f in weight_map.items() if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY}
+            files = sorted(path / f for f in names)
+        else:
+            files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no .safetensors files found at {path}")
+
+    dit_state, queries, skipped = {}, None, {}
+    for file in files:
+        with safe_open(os.fspath(file), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key.startswith(OFFICIAL_DIT_PREFIX):
+                    dit_state[key[len(OFFICIAL_DIT_PREFIX):]] = f.get_tensor(key)
+                elif key == OFFICIAL_QUERIES_KEY:
+                    queries = f.get_tensor(key)
+                else:
+                    skipped[_top_prefix(key)] = skipped.get(_top_prefix(key), 0) + 1
+    if not dit_state:
+        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {[os.fspath(f) for f in files]}: not a BLIP3-o generation checkpoint")
+    if dtype is not None:
+        dit_state = {k: v.to(dtype) for k, v in dit_state.items()}
+        queries = None if queries is None else queries.to(dtype)
+
+    cfg = dit_config_from_state(dit_state)
+    report = LoadReport(files=[os.fspath(f) for f in files], config=cfg, skipped=skipped)
+    with torch.device("meta"):
+        model = NextDiT(cfg)
+    expected = model.state_dict()
+    report.unexpected = sorted(OFFICIAL_DIT_PREFIX + k for k in dit_state if k not in expected)
+    report.missing = sorted(OFFICIAL_DIT_PREFIX + k for k in expected if k not in dit_state)
+    report.mismatched = sorted(
+        f"{OFFICIAL_DIT_PREFIX}{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in dit_state.items()
+        if k in expected and v.shape != expected[k].shape
+    )
+    usable = {k: v for k, v in dit_state.items() if k in expected and v.shape == expected[k].shape}
+    if len(usable) == len(expected):
+        model.load_state_dict(usable, assign=True)  # the meta parameters become the loaded tensors
+    else:
+        model = NextDiT(cfg).to(device=device, dtype=dtype)
+        model.load_state_dict(usable, strict=False)
+    report.loaded = len(usable) + (queries is not None)
+    if queries is None:
+        report.missing.append(OFFICIAL_QUERIES_KEY)
+    else:
+        queries = queries.reshape(-1, queries.shape[-1])  # (1, 64, H) -> (64, H)
+    return queries, model, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: safetensors weights + JSON, written atomically
+# ----------------------------------------------------------------------------------------------------
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, damaged, from another stage, or does not match the model.
+
+    `damaged`: the path of the file that cannot be read, `reason` what is wrong with it (None for the
+    other cases)."""
+
+    def __init__(self, message: str, damaged: Path | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.damaged, self.reason = damaged, reason
+
+
+def damaged_file(file, reason: str, hint: str) -> CheckpointError:
+    """The error for a checkpoint file that cannot be used: which file, what is wrong, what to do."""
+    return CheckpointError(f"{file} is {reason}: {hint}", damaged=Path(file), reason=reason)
+
+
+def previous_path(folder) -> Path:
+    """Where a stage's previous checkpoint stays while the next one is in place: `<folder>.prev`."""
+    folder = Path(folder)
+    return folder.with_name(folder.name + ".prev")
+
+
+def retrain_command(folder, stage: str | None) -> str:
+    """The command that trains a stage's checkpoint folder again, e.g. for RUN/generate/mse-clip:
+    `python train.py --stage generate --loss mse --target clip --restart --out RUN`."""
+    if stage is None:
+        return "python train.py --stage STAGE --restart"
+    parts = stage.split("/")
+    run = Path(folder).parents[len(parts) - 1]
+    flags = ""
+    if parts[0] == "generate" and len(parts) == 2:
+        loss, target = parts[1].split("-", 1)
+        flags = f" --loss {loss} --target {target}"
+    return f"python train.py --stage {parts[0]}{flags} --restart --out {run}"
+
+
+def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | None = None,
+                    tokenizer=None, keep_previous: bool = True) -> None:
+    """Write a checkpoint folder atomically, keeping the one it replaces as `<folder>.prev`.
+
+    Everything goes into a sibling temporary folder first (fsync'd); then the current folder is renamed
+    to `<folder>.prev` (the older previous one deleted first) and the new one renamed into place. A crash
+    at any moment leaves at least one complete checkpoint: between the two renames, `checkpoint_path`
+    finds it in `<folder>.prev`; and a damaged latest checkpoint can still resume from the previous one.
+    keep_previous=False replaces the current folder instead (train.py: a damaged one, after resuming
+    from `<folder>.prev`, which then stays).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    prev = previous_path(folder)
+    for stale in folder.parent.glob(folder.name + ".tmp-*"):  # left by a writer that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    # clone(): tied weights (the toy LM's embedding = its output layer) share storage, which
+    # safetensors refuses; each key gets its own copy and `load_module` restores both.
+    weights = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    for k, v in weights.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"refusing to save a non-finite tensor: {k}")
+    save_file(weights, tmp / "model.safetensors")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp / "tokenizer")
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if folder.exists() and keep_previous:
+        shutil.rmtree(prev, ignore_errors=True)
+        folder.rename(prev)
+    elif folder.is_dir():
+        shutil.rmtree(folder)
+    elif folder.exists():  # a file where the folder should be
+        folder.unlink()
+    tmp.rename(folder)
+
+
+def checkpoint_path(folder) -> Path | None:
+    """The folder holding a stage's latest checkpoint: the folder itself if it exists (intact or
+    damaged: `load_checkpoint` tells which), else `<folder>.prev` after a crash between the renames of
+    `save_checkpoint`; None if the stage was never saved."""
+    folder = Path(folder)
+    for cand in (folder, previous_path(folder)):
+        if cand.exists():
+            return cand
+    return None
+
+
+def read_meta(path, stage: str | None = None, folder=None) -> dict:
+    """A checkpoint's meta.json (in `path`, the checkpoint of stage folder `folder`), checked: a dict
+    naming its stage (the expected one, if given) and, if it has one, a config that builds."""
+    path = Path(path)
+    file = path / "meta.json"
+    hint = "train the stage again: " + retrain_command(folder or path, stage)
+    if not path.is_dir():
+        raise damaged_file(path, "a file, not a checkpoint folder", hint)
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise damaged_file(file, "missing", hint) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged_file(file, f"damaged ({first_line(e)})", hint) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("stage"), str):
+        raise damaged_file(file, "not a checkpoint's meta.json (no stage)", hint)
+    if stage is not None and meta["stage"] != stage:
+        raise CheckpointError(f"{path} holds a {meta['stage']!r} checkpoint, expected {stage!r}: put the "
+                              f"{stage} checkpoint there, or {hint}")
+    if "config" in meta:
+        try:
+            Config.from_dict(meta["config"])
+        except (TypeError, KeyError, AttributeError, ValueError) as e:
+            raise damaged_file(file, f"damaged (no valid config: {first_line(e)})", hint) from None
+    return meta
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to its first line (errors are reported in one line)."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = False, path: Path | None = None):
+    """-> (meta dict, tensors dict, optimizer state or None). Safe: no pickle beyond weights_only.
+
+    Reads `path` (default: checkpoint_path(folder)); a file that cannot be read raises CheckpointError
+    naming it (`.damaged`), what is wrong, and the command that trains the stage again."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else checkpoint_path(folder)
+    if path is None:
+        raise CheckpointError(f"no checkpoint in {folder}")
+    hint = "train the stage again: " + retrain_command(folder, stage)
+    meta = read_meta(path, stage, folder)
+    weights = path / "model.safetensors"
+    try:
+        tensors = load_file(weights)
+    except FileNotFoundError:
+        raise damaged_file(weights, "missing", hint) from None
+    except (OSError, SafetensorError) as e:
+        raise damaged_file(weights, f"damaged ({first_line(e)})", hint) from None
+    opt = None
+    optimizer = path / "optimizer.pt"
+    if with_optimizer and optimizer.is_file():
+        try:
+            opt = torch.load(optimizer, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated (EOFError, RuntimeError) or a refused pickle (UnpicklingError)
+            raise damaged_file(optimizer, f"damaged ({first_line(e)})", hint) from None
+    return meta, tensors, opt
+
+
+def load_checkpoint_tokenizer(folder, stage: str = "clip"):
+    """The tokenizer saved with a checkpoint (RUN/clip/tokenizer), or a CheckpointError naming it."""
+    path = checkpoint_path(folder)
+    tok_dir = path / "tokenizer"
+    hint = "train the stage again: " + retrain_command(folder, stage)
+    if not tok_dir.is_dir():
+        raise damaged_file(tok_dir, "missing", hint)
+    try:
+        return load_tokenizer(str(tok_dir))
+    except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a broken folder
+        raise damaged_file(tok_dir, f"damaged ({first_line(e)})", hint) from None
+
+
+def load_stage(module: nn.Module, tensors: dict, prefix: str, folder, stage: str, ema: bool = False) -> None:
+    """load_module for the checkpoint of a run's stage: a mismatch also says how to train it again."""
+    try:
+        load_module(module, tensors, prefix, str(folder), ema=ema)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (a checkpoint of another run or config? train the stage again: "
+                              f"{retrain_command(folder, stage)})") from None
+
+
+def module_tensors(prefix: str, module: nn.Module) -> dict:
+    """A module's state dict (parameters and persistent buffers) under `prefix.`."""
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "checkpoint",
+                ema: bool = False) -> None:
+    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match.
+
+    ema=True: where the checkpoint holds an exponential moving average "ema.<key>" of a weight, load
+    that instead (diffusion models sample from their EMA weights).
+    """
+    own = module.state_dict()
+    found = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    if ema:
+        # A tied weight (one tensor, two names: the toy LM's embedding and output layer) has one EMA,
+        # under its first name; every name must take that one, or the last name loaded would win.
+        first, alias = {}, {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            alias[name] = first.setdefault(id(p), name)
+        found = {k: tensors.get(f"ema.{prefix}.{alias.get(k, k)}", v) for k, v in found.items()}
+    missing = sorted(set(own) - set(found))
+    unexpected = sorted(set(found) - set(own))
+    shapes = [f"{k}: {tuple(found[k].shape)} in {source}, {tuple(own[k].shape)} in model"
+              for k in own if k in found and found[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:5])}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:5])}")
+        if shapes:
+            lines.append("shape mismatch: " + "; ".join(shapes[:5]))
+        raise CheckpointError(f"{source} does not match the {prefix!r} model: " + " | ".join(lines))
+    module.load_state_dict(found, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices and precision (chosen once, in one place)
+# ----------------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """CUDA -> MPS -> CPU, unless a device is named."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; a no-op context elsewhere (CPU bf16 is not worth its error in the toy)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def count_params(module: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    t = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    f = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return t, f
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole model, rebuilt from a run folder
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    """Every trained piece of a run, rebuilt from its checkpoints alone (no command-line flags).
+
+    RUN/clip (CLIP + tokenizer), RUN/understand (projector + LM), RUN/decoder (pixels),
+    RUN/generate/<loss>-<target> (queries + Next-DiT or W), RUN/vae (ablation), RUN/joint (ablation:
+    VLM and generator trained together, variant "joint"). Missing pieces are None.
+    """
+
+    config: Config
+    tokenizer: object
+    clip: ImageEncoder
+    vlm: VisionLanguageModel | None = None
+    generator: Generator | None = None
+    decoder: PixelDecoder | None = None
+    vae: VAE | None = None
+    target: str = "clip"
+    device: torch.device = torch.device("cpu")
+
+    # --- understanding -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions, temperature: float = 0.0, max_new_tokens: int = 24,
+               rng=None) -> list[str]:
+        """images (B, 3, H, W) in [0, 1], one question each -> answers (greedy or sampled)."""
+        if self.vlm is None:
+            raise CheckpointError("this run has no understanding checkpoint (RUN/understand)")
+        ctok = self.clip.tokens(images.to(self.device))
+        ids, _, lens = build_qa_batch(self.tokenizer, self.vlm.image_tokens(ctok.shape[1]), questions)
+        outs = self.vlm.generate(ids.to(self.device), lens.to(self.device), ctok, max_new_tokens,
+                                 self.tokenizer.eos_token_id, temperature, rng)
+        return [decode_ids(self.tokenizer, o) for o in outs]
+
+    # --- generation ----------------------------------------------------------------------------------
+    def encode_prompts(self, captions):
+        """Captions -> templated prompt ids (B, T) right-padded, and lengths (B,)."""
+        texts = self.generator.prompts(captions)
+        lens = [token_count(self.tokenizer, t, bos=True) for t in texts]
+        limit = self.config.lm.max_length - self.config.num_queries
+        if max(lens) > limit:
+            raise ValueError(f"prompt of {max(lens)} tokens is longer than the backbone allows ({limit} "
+                             f"with the {self.config.num_queries} queries)")
+        ids, lens = encode_texts(self.tokenizer, texts, max(lens), bos=True, eos=False)
+        return ids.to(self.device), lens.to(self.device)
+
+    @torch.no_grad()
+    def generate_tokens(self, captions, steps: int = 30, guidance: float = 3.0, rng=None) -> torch.Tensor:
+        """Captions -> generated target tokens (B, 64, D): CLIP features (or VAE latents)."""
+        if self.generator is None or self.vlm is None:
+            raise CheckpointError("this run has no generation checkpoint (RUN/generate/...)")
+        for c in captions:
+            if not c.strip():
+                raise ValueError("empty prompt")
+        ids, lens = self.encode_prompts(captions)
+        cond = self.generator.condition(self.vlm.lm, ids, lens)
+        return self.generator.sample(cond, steps=steps, guidance=guidance, rng=rng)
+
+    @torch.no_grad()
+    def tokens_to_images(self, tokens: torch.Tensor, steps: int = 20, guidance: float = 1.0,
+                         rng=None) -> torch.Tensor:
+        """Target tokens -> images (B, 3, H, W) in [0, 1]: the pixel decoder, or the VAE decoder."""
+        if self.target == "vae":
+            return self.vae.tokens_to_images(tokens)
+        if self.decoder is None:
+            raise CheckpointError("this run has no pixel decoder (RUN/decoder)")
+        return self.decoder.sample(tokens, steps=steps, guidance=guidance, rng=rng)
+
+    @torch.no_grad()
+    def generate_images(self, captions, steps: int = 30, guidance: float = 3.0, decoder_steps: int = 20,
+                        decoder_guidance: float = 1.0, rng=None) -> torch.Tensor:
+        """Text -> image: two diffusion stages, condition -> CLIP tokens -> pixels."""
+        tokens = self.generate_tokens(captions, steps, guidance, rng)
+        return self.tokens_to_images(tokens, decoder_steps, decoder_guidance, rng)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, steps: int = 20, guidance: float = 1.0, rng=None):
+        """Image -> CLIP tokens -> image: the CLIP autoencoder (or the VAE's, for target 'vae')."""
+        images = images.to(self.device)
+        tokens = self.vae.tokens(images) if self.target == "vae" else self.clip.tokens(images)
+        return self.tokens_to_images(tokens, steps, guidance, rng)
+
+
+def check_run_folder(run) -> Path:
+    """A run folder that exists and is a folder, or a CheckpointError saying which it is not."""
+    run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise CheckpointError(f"{run} is a file, not a run folder: give the folder train.py wrote (--out)")
+    if not run.is_dir():
+        raise CheckpointError(f"no run folder {run} (train one: python train.py --out {run})")
+    return run
+
+
+def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> Pipeline:
+    """Rebuild a toy run's models from RUN/<stage> checkpoints. `need`: stages that must exist."""
+    run = check_run_folder(run)
+    device = torch.device(device)
+
+    def ckpt(stage, kind=None):  # kind: the name `need` uses for the stage (RUN/joint is a "generate")
+        folder = run / stage
+        if checkpoint_path(folder) is None:
+            if (kind or stage.split("/")[0]) in need:
+                raise CheckpointError(f"no {stage} checkpoint in {run} (train it: "
+                                      f"{retrain_command(folder, stage).replace(' --restart', '')})")
+            return None
+        return load_checkpoint(folder, stage=stage)
+
+    meta, tensors, _ = ckpt("clip")
+    cfg = Config.from_dict(meta["config"])
+    tokenizer = load_checkpoint_tokenizer(run / "clip")
+    clip = ImageEncoder(cfg.clip)
+    load_stage(clip, tensors, "clip", run / "clip", "clip")
+    pipe = Pipeline(cfg, tokenizer, clip.to(device).eval(), device=device)
+
+    if (got := ckpt("understand")) is not None:
+        lm_cfg = Config.from_dict(got[0]["config"]).lm
+        pipe.vlm = VisionLanguageModel(build_backbone(lm_cfg), cfg.clip.width,
+                                       tokenizer.convert_tokens_to_ids(IMAGE), lm_cfg.image_merge)
+        load_stage(pipe.vlm, got[1], "vlm", run / "understand", "understand")
+        pipe.vlm.to(device).eval()
+    if (got := ckpt("decoder")) is not None:
+        pipe.decoder = PixelDecoder(Config.from_dict(got[0]["config"]).decoder, cfg.clip.image_size)
+        load_stage(pipe.decoder, got[1], "decoder", run / "decoder", "decoder", ema=True)
+        pipe.decoder.to(device).eval()
+    if (got := ckpt("vae")) is not None:
+        pipe.vae = VAE(Config.from_dict(got[0]["config"]).vae)
+        load_stage(pipe.vae, got[1], "vae", run / "vae", "vae")
+        pipe.vae.to(device).eval()
+    # Variant "joint" (train.py --stage joint) trained the VLM too: both come from RUN/joint.
+    stage = "joint" if variant == "joint" else f"generate/{variant}"
+    if (got := ckpt(stage, kind="generate")) is not None:
+        gmeta = got[0]
+        pipe.generator = Generator(Config.from_dict(gmeta["config"]), loss=gmeta["loss"],
+                                   target_dim=gmeta["target_dim"])
+        load_stage(pipe.generator, got[1], "generator", run / stage, stage, ema=True)
+        if variant == "joint" and pipe.vlm is not None:
+            load_stage(pipe.vlm, got[1], "vlm", run / stage, stage, ema=True)
+        pipe.generator.to(device).eval()
+        pipe.target = gmeta["target"]
+    for m in (pipe.clip, pipe.vlm, pipe.generator, pipe.decoder, pipe.vae):
+        if m is not None:
+            m.requires_grad_(False)
+    return pipe
