@@ -42,9 +42,8 @@ DESIGNS = {"mse-clip": "CLIP + MSE", "flow-clip": "CLIP + Flow", "flow-vae": "VA
 JOINT = "CLIP + Flow, joint"  # variant "joint": train.py --stage joint
 SEED_DIVERSITY = 7  # the pixel decoder's noise in the diversity study (the same for every sample)
 
-# Sizes of `ablation.py study`. default: within the issue's 30 minutes on 2 CPU cores (about 15 with the
-# machine to itself, most of it the three flow trainings; a VAE to train first adds about 3); quick:
-# seconds, for the tests.
+# Sizes of `ablation.py study`. default: about 15 minutes on 2 CPU cores, most of it the three flow
+# trainings (a VAE to train first adds about 3); quick: seconds, for the tests.
 # Sampling as in the report (evaluation.REPORT) unless quick.
 ABLATION = {
     "default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300, captions=50,

@@ -1,4 +1,4 @@
-"""Speed and memory of blip3o: the Next-DiT against diffusers and the machine, sampling, memory (issue 9).
+"""Speed and memory of blip3o: the Next-DiT against diffusers and the machine, sampling, memory.
 
     python bench.py                              # everything, about 5-6 minutes on a 2-core laptop CPU
     python bench.py --only matmul,dit_toy        # a subset (names: see --help)

@@ -51,7 +51,7 @@ PROMPT_TEMPLATE = "Please generate an image based on the following caption: {}"
 
 @dataclass
 class DiTConfig:
-    """Next-DiT sizes. The defaults are the released BLIP3-o 8B DiT (DESIGN.md section 2).
+    """Next-DiT sizes. The defaults are the released BLIP3-o 8B DiT (width 1792, 24 layers, 28 heads).
 
     `ffn_dim` and `time_embed_dim` left at None are filled in by the official rules, so a saved config
     always holds concrete numbers. The 4B model differs only in `cond_dim=2048` (Qwen2.5-VL-3B width).
@@ -405,7 +405,7 @@ class ImageEncoder(nn.Module):
         <eos> state: the embedding of "a red square" then stays close to a sum of what "red" and
         "square" contribute, which is what lets zero-shot classification reach colour-shape pairs that
         never occur in training (held-out compositions). With <eos> pooling the tiny tower memorises
-        the pairs it saw and held-out accuracy falls as training goes on (measured: 0.60 -> 0.30).
+        the pairs it saw, and held-out accuracy falls as training goes on (NOTES.md).
         """
         if self.cfg.name is not None:  # a named open_clip model pools as it was trained to
             return F.normalize(self.model.encode_text(ids), dim=-1)
@@ -700,8 +700,8 @@ def rope_2d(grid_size: int, head_dim: int, theta: float, device=None) -> torch.T
     rows = angle[:, None, :].expand(grid_size, grid_size, -1)  # (G, G, head_dim/4): varies with the row
     cols = angle[None, :, :].expand(grid_size, grid_size, -1)  # (G, G, head_dim/4): varies with the column
     angle = torch.stack([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim // 2)  # (N, head_dim/2)
-    # polar, not stack([cos, sin]): its sincos differs in the last bit, and training would drift from runs
-    # made before the table became real pairs.
+    # polar, not stack([cos, sin]): the two differ in the last bit, and polar keeps the toy's published
+    # numbers reproducible.
     return torch.view_as_real(torch.polar(torch.ones_like(angle), angle))  # (N, head_dim/2, 2): e^(i angle)
 
 
@@ -902,7 +902,7 @@ class NextDiT(nn.Module):
       x (B, N, in_channels) noisy tokens, row-major on the grid_size x grid_size grid;
       t (B,) in [0, 1], 0 = noise, 1 = data; cond (B, L, cond_dim); cond_mask None or bool (B, L), True =
       a real token (every row needs at least one); returns the velocity v = x1 - x0, (B, N, in_channels).
-    Inside it speaks the released model's convention (OFFICIAL_WEIGHTS.md, diffusers' Lumina pipeline):
+    Inside it speaks the released model's convention (diffusers' Lumina pipeline):
     noise level sigma = 1 - t, timestep = 1000 * sigma fed to the sinusoidal embedding, and the network
     predicts noise - data, so its output is negated. Released weights therefore run unchanged.
 
@@ -937,7 +937,7 @@ class NextDiT(nn.Module):
         # Zero: the final layer (the model starts by predicting v = 0) and the gates. The adaLN modulation
         # and the pooled-condition projection keep their xavier init, as in diffusers' port that BLIP3-o
         # trained with: zeroing them too (Lumina-Next's adaLN-zero) makes every conditional path a product
-        # of zeros, and the toy generator had not begun to follow its prompt after 200 steps (measured).
+        # of zeros, and the toy generator then learns to follow its prompt far later (NOTES.md).
         zero = [self.norm_out.linear_1, self.norm_out.linear_2]
         for lin in zero:
             nn.init.zeros_(lin.weight)

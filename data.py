@@ -84,7 +84,7 @@ MAX_OBJECTS = 4
 # training image, about one in six of the 300 such pairs, picked by a fixed arithmetic rule. Every
 # (colour, shape) pair on its own is seen in training: with single pairs held out instead, a CLIP trained
 # for minutes learns "red is never a square" as a shortcut and classifies held-out pairs at 0.02-0.3
-# (measured), which tests the shortcut rather than composition.
+# (NOTES.md), which tests the shortcut rather than composition.
 def _combo(a: tuple, b: tuple) -> frozenset:
     """An unordered pair of (colour, shape) objects."""
     return frozenset((a, b))

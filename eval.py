@@ -49,7 +49,7 @@ REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, ge
               per_prompt=4, ablation_per_tag=8, ablation_samples=2, steps=30, guidance=3.0, decoder_steps=20,
               decoder_guidance=1.0)
 
-# What the issues ask of the default toy run (REPORT.md marks each number against its target).
+# Targets for the default toy run (REPORT.md marks each number against its target).
 TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.90,
            "clipgen single_object+colors": 0.85, "reconstruction (GenEval rules)": 0.90,
            "toy GenEval overall": 0.60}
@@ -620,7 +620,7 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
 
 
 def headline(metrics: dict) -> dict:
-    """The numbers the issues set targets for, by the names used in TARGETS."""
+    """The numbers that have targets, by the names used in TARGETS."""
     out = {}
     if "clip" in metrics:
         out["clip zero-shot (held-out)"] = metrics["clip"]["zero_shot"]

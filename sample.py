@@ -10,7 +10,7 @@ there are no model flags. Examples:
     python sample.py --reconstruct img.png        # image -> 64 CLIP tokens -> pixel decoder, side by side
     python sample.py --image img.png --question "what color is the circle ?"
     python sample.py --image img.png --caption --temperature 0.7 --seed 3      # sampled, not greedy
-    python sample.py --geneval ../shared/geneval/evaluation_metadata.jsonl --outdir out/geneval
+    python sample.py --geneval tests/data/geneval_evaluation_metadata.jsonl --outdir out/geneval
         -> GenEval's layout (out/geneval/00000/metadata.jsonl, samples/0000.png ...); score it with
            python eval.py geneval out/geneval
 

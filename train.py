@@ -67,7 +67,7 @@ TOY = {
 UNDERSTAND_TURNS = 4  # question/answer turns packed after each image in stage-1 training
 # Share of each stage-1 micro-batch given to text-only rows: a generation prompt, then questions answered
 # from its caption alone (see text_qa_table). A real backbone is a language model before it sees images;
-# the toy LM learns to read a caption here, and stage 2 reads captions through it (measured: see README).
+# the toy LM learns to read a caption here, and stage 2 reads captions through it (NOTES.md).
 UNDERSTAND_TEXT_ROWS = 1 / 3
 TOY_IMAGES = 16384  # training images drawn from the shapes world (split "train"), shared by all stages
 
@@ -624,9 +624,8 @@ def plan_understand(args, device) -> Plan:
 
     A third of every micro-batch (UNDERSTAND_TEXT_ROWS) is text-only: a generation prompt and questions its
     caption answers. Stage 2 reads prompts through this LM without an image, which image-only training
-    never showed it: with image rows alone, the frozen LM's query states carried the prompt's colour so
-    weakly that the generator ignored colour words (measured, 1000 generation steps: colour of the
-    generated features right 0.08 of the time; with text rows (half the batch) 0.78, shape 0.37 -> 0.94)."""
+    never shows it: with image rows alone, the frozen LM's query states carry the prompt's colour so
+    weakly that the generator ignores colour words (NOTES.md has the measurements)."""
     cfg = args.config
     if cfg.lm.name is not None:
         raise UserError("stage 1 at real scale is Qwen2.5-VL as released; --stage understand trains the toy")

@@ -6,11 +6,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# The real GenEval prompt set, unchanged (MIT licence, tests/data/GENEVAL_SOURCE.md): a copy in the
-# repository, so a bare clone tests it too, and the original beside the checkout (../shared/geneval/, as
-# in DESIGN.md and CI), which test_geneval_scorer checks the copy against when it is there.
+# The real GenEval prompt set, unchanged (MIT licence, tests/data/GENEVAL_SOURCE.md), kept in the
+# repository so a bare clone tests it too.
 GENEVAL_METADATA = os.path.join(ROOT, "tests", "data", "geneval_evaluation_metadata.jsonl")
-SHARED_GENEVAL_METADATA = os.path.join(os.path.dirname(ROOT), "shared", "geneval", "evaluation_metadata.jsonl")
 
 import subprocess
 

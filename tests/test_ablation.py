@@ -1,4 +1,4 @@
-"""The paper's design study at toy scale (issue 6): the three designs of Figure 3 train and sample,
+"""The paper's design study at toy scale: the three designs of Figure 3 train and sample,
 MSE gives one sample per prompt while flow matching spreads, sequential training leaves the LM
 bit-identical while joint training changes it, and `ablation.py study --quick` writes its files.
 

@@ -186,6 +186,7 @@ def test_grad_checkpointing_flag_trains(run, capsys):
     assert len(history(run)) == 2
 
 
+@pytest.mark.slow  # torch.compile: a minute of compilation on a CPU
 def test_compile_flag_trains_the_same_curve(run, tmp_path):
     """--compile (each Next-DiT block through torch.compile) trains the same numbers as eager."""
     compiled = tmp_path / "compiled"

@@ -129,6 +129,7 @@ def test_gradients_reach_every_parameter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+@pytest.mark.slow  # torch.compile: tens of seconds of compilation on a CPU
 def test_compiled_blocks_match_eager_without_complex_numbers(recwarn):
     """compile_blocks (train.py / bench.py --compile): the same outputs and gradients as eager, and the
     compiled graph holds no complex tensors (RoPE switches to its real form), which inductor could not

@@ -2,7 +2,6 @@
 import json
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from PIL import Image, ImageFilter
 
 import data
 
-from conftest import GENEVAL_METADATA as OFFICIAL, SHARED_GENEVAL_METADATA
+from conftest import GENEVAL_METADATA as OFFICIAL
 
 
 def obj(cls, color, box):
@@ -144,11 +143,6 @@ def test_geneval_prompts_are_deterministic_and_held_out():
         # the tags whose prompts can carry a held-out composition never repeat a training prompt
         if r["tag"] in ("position", "color_attr"):
             assert r["prompt"] not in train
-
-
-@pytest.mark.skipif(not Path(SHARED_GENEVAL_METADATA).exists(), reason="no ../shared/geneval beside the checkout")
-def test_repository_copy_of_the_geneval_file_is_the_shared_one():
-    assert Path(OFFICIAL).read_bytes() == Path(SHARED_GENEVAL_METADATA).read_bytes()
 
 
 def test_official_file_parses_and_every_record_maps_to_its_prompt():

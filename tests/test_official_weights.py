@@ -1,7 +1,7 @@
 """Our Next-DiT against the released model's definition.
 
 The released BLIP3-o DiT is diffusers' LuminaNextDiT2DModel with a condition MLP (caption_projection) in
-front, fed timestep = 1000 * (1 - t) and predicting noise - data (OFFICIAL_WEIGHTS.md). So a randomly
+front, fed timestep = 1000 * (1 - t) and predicting noise - data (diffusers' Lumina). So a randomly
 initialized diffusers model, converted into ours, must give the same velocity up to the sign, and the
 same gradients; a checkpoint laid out like the release must load with nothing unaccounted for; and the
 full 8B key list must map one-to-one onto NextDiT(DiTConfig()).
@@ -183,11 +183,11 @@ def test_load_rejects_checkpoint_without_dit(tmp_path):
         pipeline.load_official_generation_weights(tmp_path)
 
 
-# ---- the real 8B / 4B key lists (OFFICIAL_WEIGHTS.md), on the meta device ------------------------------
+# ---- the real 8B / 4B key lists (the released checkpoints' index), on the meta device -------------------
 
 
 def official_shapes(H):
-    """Every DiT key of the released checkpoint with its shape, transcribed from OFFICIAL_WEIGHTS.md."""
+    """Every DiT key of the released checkpoint with its shape, transcribed from its safetensors index."""
     D, T, F = 1792, 1024, 4864
     top = {
         "caption_projection.linear_1.weight": (D, H), "caption_projection.linear_1.bias": (D,),

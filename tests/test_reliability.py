@@ -1,4 +1,4 @@
-"""Failure behaviour, on purpose and tested (issue 8): user mistakes give one line and exit status 2,
+"""Failure behaviour, on purpose and tested: user mistakes give one line and exit status 2,
 faults (NaN, SIGKILL mid-training or mid-checkpoint, read-only or full disks) never cost more than the
 steps since the last checkpoint, and nothing we load can run code.
 
