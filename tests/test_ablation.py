@@ -161,3 +161,11 @@ def test_ablation_quick_writes_table_plot_and_json(tiny_run, tmp_path, capsys):
         assert im.format == "PNG" and im.size[0] > 100
     # The run's finished pieces were copied in, not linked, and the run itself is untouched.
     assert not (out / "understand").is_symlink() and not (Path(tiny_run) / "ablation.json").exists()
+
+
+def test_ablation_script_smoke():
+    """ablation.py as a user runs it (a fresh interpreter): a bad flag is one line, exit status 2."""
+    from conftest import run_script
+
+    res = run_script("ablation.py", "study", "--every", "0")
+    assert res.returncode == 2 and res.stderr == "error: --every must be at least 1, got 0\n"

@@ -104,7 +104,10 @@ def test_text_rows_run_without_an_image_and_label_only_the_answers(parts):
     kept = [tok.convert_ids_to_tokens(int(i)) for i in labels[0][labels[0] != -100]]
     assert kept == ["red", "<eos>"]
     loss, logits = vlm(ids, None, labels)
-    assert logits.shape[:2] == ids.shape and torch.isfinite(loss)
+    # The loss is the cross-entropy of the two answer tokens alone: recomputed from the logits here.
+    targets = labels[0, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[0, :-1][targets != -100], targets[targets != -100])
+    assert logits.shape[:2] == ids.shape and torch.allclose(loss, expected, atol=1e-6)
     loss.backward()
     assert all(p.grad is None or not p.grad.any() for p in vlm.projector.parameters())  # no image, no projector
     vlm.zero_grad(set_to_none=True)
@@ -159,7 +162,7 @@ def test_noise_repeats_share_one_lm_pass_between_several_dit_samples(parts, monk
     assert torch.equal(seen["x1"][0::2], seen["x1"][1::2])  # each target twice, in place
     assert torch.equal(seen["x1"][0::2], target / gen.target_scale)
     assert torch.equal(seen["cond"][0::2], seen["cond"][1::2])
-    assert torch.isfinite(value)
+    assert value.ndim == 0 and value > 0  # a flow loss on random targets: positive
     vlm.requires_grad_(True)
 
 

@@ -7,7 +7,10 @@ kill tests SIGKILL a training process at a chosen moment. (Data faults: corrupt,
 and huge images, bad captions, broken tars, and a fuzz of 200+ malformed inputs are in test_shards.py;
 an all-bad --data stream is in test_distributed.py.)
 """
+import contextlib
 import errno
+import importlib
+import io
 import json
 import os
 import re
@@ -36,6 +39,27 @@ def cli(script, *args, env=None):
                           text=True, cwd=ROOT, env=env, timeout=300)
 
 
+def in_process(script, *args, env=None):
+    """The script's main() in this process, the way `cli` runs it in a fresh one: the exit status,
+    stdout and stderr (tests of what a script says need no interpreter start-up each)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
+            except SystemExit as e:  # argparse errors
+                rc = e.code
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(script, rc, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(res, *fragments):
     assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr + res.stdout
@@ -57,6 +81,7 @@ def history(out) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------
 
 def test_unknown_preset_and_stage():
+    """The smoke test of train.py as a user runs it: a fresh interpreter, one line, exit status 2."""
     assert_one_line_error(cli("train.py", "--preset", "blip3o-80b"), "unknown preset 'blip3o-80b'")
     assert_one_line_error(cli("train.py", "--stage", "pretrain"), "invalid choice: 'pretrain'")
 
@@ -87,14 +112,14 @@ def test_bad_arguments(case, tmp_path, capsys):
 def test_batch_not_divisible_by_world_size(tmp_path):
     """Every rank of `torchrun --nproc_per_node=2` sees this before any process group is formed."""
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}
-    res = cli("train.py", "--stage", "generate", "--out", tmp_path / "run", "--global-batch", "5", env=env)
+    res = in_process("train.py", "--stage", "generate", "--out", tmp_path / "run", "--global-batch", "5", env=env)
     assert_one_line_error(res, "--global-batch 5 is not divisible by grad-accum x world size (1 x 2)")
 
 
 def test_missing_checkpoints(tmp_path):
-    res = cli("train.py", *GENERATE, "--out", tmp_path / "empty")
+    res = in_process("train.py", *GENERATE, "--out", tmp_path / "empty")
     assert_one_line_error(res, "no checkpoint in", "clip")
-    res = cli("train.py", "--stage", "vae", "--images", "48", "--out", tmp_path / "empty", "--resume")
+    res = in_process("train.py", "--stage", "vae", "--images", "48", "--out", tmp_path / "empty", "--resume")
     assert_one_line_error(res, "--resume: no checkpoint in")
 
 
@@ -104,7 +129,7 @@ def test_checkpoint_from_another_stage(run):
 
     shutil.rmtree(run / "clip")
     shutil.copytree(run / "understand", run / "clip")
-    res = cli("train.py", *GENERATE, "--out", run, "--steps", "1")
+    res = in_process("train.py", *GENERATE, "--out", run, "--steps", "1")
     assert_one_line_error(res, "holds a 'understand' checkpoint, expected 'clip'")
 
 
@@ -117,7 +142,7 @@ def test_mismatched_checkpoints_name_keys_shapes_and_config(run):
     tensors[name] = tensors[name][:, :-1].contiguous()
     del tensors[next(k for k in tensors if k.endswith("projector.linear_2.bias"))]
     save_file(tensors, weights)
-    res = cli("train.py", *GENERATE, "--out", run, "--steps", "1")
+    res = in_process("train.py", *GENERATE, "--out", run, "--steps", "1")
     assert_one_line_error(res, "missing 1 keys, e.g. projector.linear_2.bias",
                           f"{name[len('vlm.'):]}: {tuple(tensors[name].shape)} in")
 
@@ -128,7 +153,7 @@ def test_resume_into_another_config_names_the_fields(run):
     meta = json.loads(meta_file.read_text())
     meta["config"]["dit"]["num_layers"] += 1
     meta_file.write_text(json.dumps(meta))
-    res = cli("train.py", *GENERATE, "--out", run, "--steps", "2")  # more steps: a resume
+    res = in_process("train.py", *GENERATE, "--out", run, "--steps", "2")  # more steps: a resume
     layers = meta["config"]["dit"]["num_layers"]
     assert_one_line_error(res, f"dit.num_layers {layers} in the checkpoint, {layers - 1} now", "--restart")
 
@@ -140,14 +165,14 @@ def test_resume_with_mis_shaped_weights_names_them(run):
     width = tensors["generator.queries"].shape[1]
     tensors["generator.queries"] = tensors["generator.queries"][:32].contiguous()
     save_file(tensors, weights)
-    res = cli("train.py", *GENERATE, "--out", run, "--steps", "2")
+    res = in_process("train.py", *GENERATE, "--out", run, "--steps", "2")
     assert_one_line_error(res, f"generator.queries is (32, {width}) in the checkpoint, (64, {width}) in the model")
 
 
 def test_sample_unreadable_image(tiny_run, tmp_path):
     bad = tmp_path / "photo.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))  # a PNG signature, then garbage
-    res = cli("sample.py", "--run", tiny_run, "--image", bad, "--question", "what color is the circle ?")
+    res = in_process("sample.py", "--run", tiny_run, "--image", bad, "--question", "what color is the circle ?")
     assert_one_line_error(res, f"cannot decode image {bad}")
 
 
@@ -156,7 +181,7 @@ def test_sample_over_long_prompt_is_refused(tiny_run, tmp_path):
     refused with the numbers, nothing written. (Not truncated: the image would silently miss part of
     what was asked for.)"""
     long_prompt = "a photo of " + " ".join(["a red circle and"] * 30) + " a blue square"
-    res = cli("sample.py", "--run", tiny_run, "--prompt", long_prompt, "--steps", "1", "--decoder-steps", "1",
+    res = in_process("sample.py", "--run", tiny_run, "--prompt", long_prompt, "--steps", "1", "--decoder-steps", "1",
               "--num-samples", "1", "--out", tmp_path / "s.png")
     assert_one_line_error(res, "is longer than the backbone allows (96 with the 64 queries)")
     assert not (tmp_path / "s.png").exists()
