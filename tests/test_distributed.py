@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import blip3o
 import data
 import pipeline
 import train
@@ -61,7 +60,7 @@ def crash_after_checkpoint(monkeypatch, at_step: int):
         if meta["state"]["step"] == at_step and not meta["state"]["done"]:
             raise Interrupt
 
-    monkeypatch.setattr(blip3o, "save_checkpoint", save)
+    monkeypatch.setattr(pipeline, "save_checkpoint", save)
 
 
 # ----------------------------------------------------------------------------------------------------
