@@ -31,7 +31,7 @@ Sections, in the order data flows:
   1. the world: constants, Scene, make_scene, draw, captions, VOCAB
   2. understanding data: questions with one-word answers
   3. GenEval: prompts, rendering any in-world record, the pixel detector and the scorer, folder layout
-  4. PyTorch datasets over the world
+  4. the training image set: many scenes drawn at once (uint8 tensors)
   5. data at scale: WebDataset-style tar shards and image folders, robust to bad samples
 Nothing runs at import time.
 """
@@ -809,7 +809,7 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. PyTorch faces of the world
+# 4. The training image set: many scenes drawn at once
 # ----------------------------------------------------------------------------------------------------
 
 def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int = 32,
