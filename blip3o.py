@@ -213,7 +213,7 @@ def _toy() -> Config:
 
 
 def _real(preset: str, lm_name: str, arch: dict) -> Config:
-    # EVA02-CLIP-E-14-plus at 448 px: 32x32 patches of width 1792, pooled 4x4 -> 8x8 (DESIGN section 2).
+    # EVA02-CLIP-E-14-plus at 448 px: 32x32 patches of width 1792, pooled 4x4 -> 8x8, as in the paper.
     clip = CLIPConfig(name="EVA02-E-14-plus", image_size=448, patch_size=14, width=1792, embed_dim=1024,
                       grid=8, image_mean=(0.48145466, 0.4578275, 0.40821073),
                       image_std=(0.26862954, 0.26130258, 0.27577711))
@@ -948,7 +948,7 @@ class NextDiT(nn.Module):
     def compile_blocks(self, **kwargs) -> "NextDiT":
         """torch.compile each block (regional compilation). The blocks share one compiled graph, so this
         compiles in seconds rather than the minutes a whole-model compile takes, and the cheap code around
-        them stays eager. Speed: README, "Speed and memory"."""
+        them stays eager. Speed: NOTES.md, "Speed and memory"."""
         for layer in self.layers:
             layer.compile(**kwargs)
         return self

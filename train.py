@@ -55,7 +55,7 @@ STAGES = ("clip", "understand", "decoder", "vae", "generate", "joint")
 PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` trains, in data order
 
 # Toy defaults per stage: steps, micro-batch, learning rate. Sized so each stage takes a few minutes on
-# 2 CPU cores (DESIGN section 6) and reaches the README's numbers.
+# 2 CPU cores and reaches the README's numbers.
 TOY = {
     "clip": dict(steps=1500, batch=128, lr=2e-3),
     "understand": dict(steps=600, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
@@ -505,7 +505,7 @@ def toy_images(args):
 
 @torch.no_grad()
 def encode_all(fn, images_u8: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
-    """Run a frozen encoder once over the whole image set (cached outputs: DESIGN section 6)."""
+    """Run a frozen encoder once over the whole image set (its outputs are cached: a frozen encoder gives the same tokens every epoch)."""
     with pipeline.autocast(device):  # the frozen encoder may be in bf16 (CUDA), its input is fp32
         outs = [fn(data.as_float(images_u8[i:i + batch]).to(device)).float().cpu()
                 for i in range(0, len(images_u8), batch)]
@@ -1151,7 +1151,7 @@ def parse_args(argv=None):
                        "shards ('shards/*.tar', 'shards/{00000..00999}.tar') or, with --captions, a folder")
     scale.add_argument("--captions", metavar="JSONL", help="with --data FOLDER: {\"file\", \"caption\"} lines")
     scale.add_argument("--compile", action="store_true", help="torch.compile each Next-DiT block (GPU; "
-                       "see README, Speed and memory)")
+                       "see NOTES.md, Speed and memory)")
     scale.add_argument("--fsdp", action="store_true", help="shard the generation head with FSDP2 "
                        "(fully_shard) instead of replicating it with DDP")
     scale.add_argument("--grad-checkpointing", action="store_true",
