@@ -673,6 +673,28 @@ def report_markdown(run: Path, record: dict) -> str:
         md.append(f"The last `python train.py` that trained anything took "
                   f"{record['last_train_run_seconds'] / 60:.1f} min, evaluations excluded.")
 
+    md += generation_markdown(m, record) + understanding_markdown(m) + clip_markdown(m) + recon_markdown(m, record)
+    md += ["", "## Timings", "", "| what | seconds |", "| --- | --- |"]
+    md += [f"| train {k} | {v:.0f} |" for k, v in times.items()]
+    md += [f"| eval {k} | {v:.0f} |" for k, v in m.get("eval_seconds", {}).items()]
+    md.append(f"| this report ({'cached' if record['cached'] else 'evaluated'}) | {record['report_seconds']:.0f} |")
+
+    md += ["", "## Commands", "", "```",
+           f"python train.py --out {run}                  # train every stage (finished ones are skipped)",
+           f"python eval.py report --run {run}            # this report",
+           f"python eval.py clip --run {run}",
+           f"python eval.py understand --run {run}",
+           f"python eval.py clipgen --run {run} --variant flow-clip --steps 30 --guidance 3.0",
+           f"python eval.py recon --run {run} --n 200",
+           f"python eval.py toygeneval --run {run} --variant flow-clip --per-prompt 4",
+           f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
+           "```", ""]
+    return "\n".join(md)
+
+
+def generation_markdown(m: dict, record: dict) -> list[str]:
+    """REPORT.md's text -> image sections: toy GenEval, the sample grid, CLIP-space scores."""
+    md = []
     if "toygeneval" in m:
         g = m["toygeneval"]
         md += ["", "## Toy GenEval (text -> CLIP tokens -> pixels, scored from pixels)", "",
@@ -695,7 +717,12 @@ def report_markdown(run: Path, record: dict) -> str:
             cells = [m["clipgen"][v]["per_tag"].get(t) if t in m["clipgen"][v]["per_tag"]
                      else m["clipgen"][v].get(t) for v in variants]
             md.append(f"| {t} | " + " | ".join(fmt(c) for c in cells) + " |")
+    return md
 
+
+def understanding_markdown(m: dict) -> list[str]:
+    """REPORT.md's stage-1 section: accuracy per question type and scene size, examples."""
+    md = []
     if "understand" in m:
         u = m["understand"]
         md += ["", "## Understanding (stage 1): exact match, greedy", "",
@@ -712,7 +739,12 @@ def report_markdown(run: Path, record: dict) -> str:
             md += [""]
         md += ["Examples:", ""]
         md += [f"- `{e['question']}` -> `{e['predicted']}` (truth `{e['answer']}`)" for e in u["examples"]]
+    return md
 
+
+def clip_markdown(m: dict) -> list[str]:
+    """REPORT.md's CLIP section: zero-shot classification and retrieval."""
+    md = []
     if "clip" in m:
         c = m["clip"]
         md += ["", "## CLIP (toy, contrastive)", "", "| metric | value |", "| --- | --- |",
@@ -724,7 +756,12 @@ def report_markdown(run: Path, record: dict) -> str:
                f"| held-out colour compositions, 600 two-object prompts | {c['zero_shot_compositions']:.3f} |",
                f"| retrieval image -> caption R@1 (groups of 100) | {c['retrieval_i2t_r1']:.3f} |",
                f"| retrieval caption -> image R@1 (groups of 100) | {c['retrieval_t2i_r1']:.3f} |"]
+    return md
 
+
+def recon_markdown(m: dict, record: dict) -> list[str]:
+    """REPORT.md's reconstruction section: the CLIP autoencoder scored by the GenEval rules."""
+    md = []
     if "recon" in m:
         r = m["recon"]
         md += ["", "## Reconstruction (image -> 64 CLIP tokens -> pixel decoder)", "",
@@ -732,23 +769,7 @@ def report_markdown(run: Path, record: dict) -> str:
                f"**{r['recon']:.3f}** (the originals themselves: {r['originals']:.3f}).", ""]
         if "reconstructions.png" in record["pictures"]:
             md.append("![reconstructions](reconstructions.png)")
-
-    md += ["", "## Timings", "", "| what | seconds |", "| --- | --- |"]
-    md += [f"| train {k} | {v:.0f} |" for k, v in times.items()]
-    md += [f"| eval {k} | {v:.0f} |" for k, v in m.get("eval_seconds", {}).items()]
-    md.append(f"| this report ({'cached' if record['cached'] else 'evaluated'}) | {record['report_seconds']:.0f} |")
-
-    md += ["", "## Commands", "", "```",
-           f"python train.py --out {run}                  # train every stage (finished ones are skipped)",
-           f"python eval.py report --run {run}            # this report",
-           f"python eval.py clip --run {run}",
-           f"python eval.py understand --run {run}",
-           f"python eval.py clipgen --run {run} --variant flow-clip --steps 30 --guidance 3.0",
-           f"python eval.py recon --run {run} --n 200",
-           f"python eval.py toygeneval --run {run} --variant flow-clip --per-prompt 4",
-           f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
-           "```", ""]
-    return "\n".join(md)
+    return md
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -505,7 +505,7 @@ def toy_images(args):
 
 @torch.no_grad()
 def encode_all(fn, images_u8: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
-    """Run a frozen encoder once over the whole image set (its outputs are cached: a frozen encoder gives the same tokens every epoch)."""
+    """Run a frozen encoder once over the whole image set: its outputs never change, so they are cached."""
     with pipeline.autocast(device):  # the frozen encoder may be in bf16 (CUDA), its input is fp32
         outs = [fn(data.as_float(images_u8[i:i + batch]).to(device)).float().cpu()
                 for i in range(0, len(images_u8), batch)]
