@@ -10,6 +10,9 @@ if ROOT not in sys.path:
 # repository so a bare clone tests it too.
 GENEVAL_METADATA = os.path.join(ROOT, "tests", "data", "geneval_evaluation_metadata.jsonl")
 
+import contextlib
+import importlib
+import io
 import subprocess
 
 import pytest
@@ -67,3 +70,24 @@ def run_script(script: str, *args, timeout: int = 300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def in_process(script, *args, env=None):
+    """The script's main() in this process, the way `cli` runs it in a fresh one: the exit status,
+    stdout and stderr (tests of what a script says need no interpreter start-up each)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
+            except SystemExit as e:  # argparse errors
+                rc = e.code
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(script, rc, out.getvalue(), err.getvalue())

@@ -15,7 +15,7 @@ import torch
 import data
 import eval as evaluation
 import sample
-from conftest import run_script
+from conftest import in_process, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,7 +24,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args):
-    return run_script("eval.py", *args)
+    """eval.py's main() in this process: exit status, stdout, stderr (the smoke test below runs the script)."""
+    return in_process("eval.py", *args)
+
+
+def test_eval_script_smoke():
+    """eval.py as a user runs it (a fresh interpreter): a missing command is one line, exit status 2."""
+    res = run_script("eval.py")
+    assert res.returncode == 2 and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
 
 
 def last_json(stdout: str) -> dict:
@@ -82,7 +89,7 @@ def test_question_set_one_of_each_type_per_scene():
     assert {q for qs in per_image.values() for q in qs} == set(data.QTYPES)
 
 
-# --- every command through the real CLI --------------------------------------------------------------
+# --- every command through the CLI's main() --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("command", ["clip", "understand", "clipgen", "recon", "toygeneval"])

@@ -7,10 +7,7 @@ kill tests SIGKILL a training process at a chosen moment. (Data faults: corrupt,
 and huge images, bad captions, broken tars, and a fuzz of 200+ malformed inputs are in test_shards.py;
 an all-bad --data stream is in test_distributed.py.)
 """
-import contextlib
 import errno
-import importlib
-import io
 import json
 import os
 import re
@@ -27,6 +24,7 @@ from safetensors.torch import load_file, save_file
 import blip3o
 import pipeline
 import train
+from conftest import in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 GENERATE = ["--stage", "generate", "--images", "48", "--batch-size", "4", "--quiet", "--threads", "1"]
@@ -37,27 +35,6 @@ def cli(script, *args, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
                           text=True, cwd=ROOT, env=env, timeout=300)
-
-
-def in_process(script, *args, env=None):
-    """The script's main() in this process, the way `cli` runs it in a fresh one: the exit status,
-    stdout and stderr (tests of what a script says need no interpreter start-up each)."""
-    out, err = io.StringIO(), io.StringIO()
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                rc = importlib.import_module(script.removesuffix(".py")).main([str(a) for a in args])
-            except SystemExit as e:  # argparse errors
-                rc = e.code
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return subprocess.CompletedProcess(script, rc, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(res, *fragments):

@@ -15,7 +15,7 @@ import blip3o
 import data
 import pipeline
 import sample
-from conftest import GENEVAL_METADATA, run_script
+from conftest import GENEVAL_METADATA, in_process, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_GENEVAL = Path(GENEVAL_METADATA)
@@ -26,7 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_cli(*args):
-    return run_script("sample.py", *args)
+    """sample.py's main() in this process: exit status, stdout, stderr (test_help runs the script)."""
+    return in_process("sample.py", *args)
 
 
 def cli(*args) -> int:
@@ -139,7 +140,8 @@ def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
 
 
 def test_help_shows_examples():
-    res = run_cli("--help")
+    """The smoke test of sample.py as a user runs it: a fresh interpreter."""
+    res = run_script("sample.py", "--help")
     assert res.returncode == 0
     assert "python sample.py --prompt" in res.stdout and "--geneval" in res.stdout
 
