@@ -709,8 +709,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, N, H, head_dim) by `rope` (N, head_dim/2, 2) = (cos, sin).
 
     Lumina's complex product (a + ib) * e^(i angle), in fp32 as diffusers does. One complex multiply is
-    also the fastest form on CPU: the real version (a cos - b sin, a sin + b cos) reads x with stride 2
-    and measured 7x slower forward + backward.
+    also the fastest eager form on CPU: the real version (a cos - b sin, a sin + b cos) reads x with
+    stride 2 (NOTES.md has the timing).
     """
     if torch.compiler.is_compiling():
         # Inductor generates no code for complex numbers; under torch.compile the same rotation in real
@@ -727,10 +727,8 @@ class Attention(nn.Module):
 
     Only the cross-attention owns an output projection (`to_out.0`): a Next-DiT block mixes the heads of
     self- and cross-attention first and projects the sum once (see NextDiTBlock).
-    q, k and v stay three Linears, the checkpoint's layout: one fused QKV matmul (stored fused, or
-    concatenated per call) measured no faster forward + backward on the 2-core CPU at widths 128-512,
-    and a whole training step with fused self-attention QKV + cross q and fused SwiGLU inputs was 6-8%
-    slower, so loading stays a straight copy.
+    q, k and v stay three Linears, the checkpoint's layout, so loading stays a straight copy: fusing them
+    into one matmul makes a CPU training step no faster (NOTES.md).
     """
 
     def __init__(self, dim: int, context_dim: int, num_heads: int, num_kv_heads: int, out_proj: bool):
