@@ -53,8 +53,9 @@ class DecoderError(Exception):
 # ----------------------------------------------------------------------------------------------------
 
 
-def decoder_config(checkpoint) -> dict:
-    """Check DIR/diffusion-decoder/ and that diffusers imports; -> the UNet's config (its JSON, a dict)."""
+def decoder_config(checkpoint, size: int = SIZE) -> dict:
+    """Check DIR/diffusion-decoder/, that diffusers imports, and that the VAE can make size x size images;
+    -> the UNet's config (its JSON, a dict)."""
     root = Path(checkpoint) / DECODER_DIR
     if not root.is_dir():
         raise DecoderError(f"no {DECODER_DIR}/ in {checkpoint}: the released checkpoints carry one (download "
@@ -66,10 +67,18 @@ def decoder_config(checkpoint) -> dict:
         import diffusers  # noqa: F401
     except ImportError:
         raise DecoderError(INSTALL_HINT) from None
+    unet, vae = (read_json(root / sub / "config.json") for sub in ("unet", "vae"))
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)  # pipeline_llava_gen.py, __init__: vae_scale_factor
+    if size % scale:
+        raise DecoderError(f"image size {size} is not a multiple of {scale}, the VAE's down-sampling factor")
+    return unet
+
+
+def read_json(path: Path) -> dict:
     try:
-        return json.loads((root / "unet" / "config.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DecoderError(f"cannot read {root / 'unet' / 'config.json'}: {e}") from None
+        raise DecoderError(f"cannot read {path}: {e}") from None
 
 
 def check_width(unet_config: dict, width: int, where="the decoder") -> None:

@@ -5,10 +5,16 @@ No real weights here: tiny random UNet / VAE / scheduler saved in the released f
 diffusers' own StableDiffusionXLPipeline gives for the same components and conditioning; the real
 UNet's configuration is built on the meta device to check its size and that 64 x 1792 features fit it.
 """
+import sys
+
 import pytest
 import torch
+from PIL import Image
 
+import blip3o
+import data
 import released
+import sample
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -175,3 +181,113 @@ def test_real_unet_config_on_meta():
     assert out.shape == (2, 4, 128, 128)
     with pytest.raises(released.DecoderError, match="2048-wide"):  # a decoder meant for other features
         released.check_width({**EMU2_GEN_UNET, "cross_attention_dim": 2048}, 1792)
+
+
+# ---- sample.py --official-checkpoint, end to end on a tiny release ---------------------------------------
+
+
+def make_release(tmp_path, width=WIDTH, decoder_width=WIDTH):
+    """Queries + DiT under the official names, a tiny Qwen2 backbone with the toy tokenizer, and (unless
+    decoder_width is None) a tiny diffusion-decoder/."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    tok = blip3o.build_toy_tokenizer(data.VOCAB)
+    backbone = tmp_path / "backbone"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256,
+                                 pad_token_id=0, bos_token_id=3, eos_token_id=2)).save_pretrained(backbone)
+    tok.save_pretrained(backbone)
+    dit = blip3o.NextDiT(blip3o.DiTConfig(in_channels=width, hidden_size=32, num_layers=2, num_heads=2,
+                                          num_kv_heads=2, cond_dim=32))
+    with torch.no_grad():
+        for name, p in dit.named_parameters():
+            if name.endswith("gate"):
+                p.normal_()  # open the cross-attention, so the prompt matters
+    state = {"model.dit.model." + k: v.contiguous() for k, v in dit.state_dict().items()}
+    state["model.latent_queries"] = torch.randn(1, 64, 32)
+    ckpt = tmp_path / "release"
+    ckpt.mkdir()
+    save_file(state, ckpt / "model.safetensors")
+    if decoder_width is not None:
+        write_decoder(ckpt, decoder_width)
+    return ckpt, backbone
+
+
+def cli(ckpt, backbone, *extra):
+    return sample.main(["--official-checkpoint", str(ckpt), "--backbone", str(backbone), "--prompt",
+                        "a photo of a red circle", "--prompt", "a photo of two squares", "--num-samples", "2",
+                        "--steps", "2", "--decoder-steps", "3", "--resolution", str(SIDE), "--threads", "1",
+                        *map(str, extra)])
+
+
+def last_error(capsys):
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert err.startswith("error: ")
+    return err
+
+
+def test_cli_writes_images(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    ckpt, backbone = make_release(tmp_path)
+    out = tmp_path / "images"
+    assert cli(ckpt, backbone, "--out", out) == 0
+    assert "released decoder (3 steps, guidance 3.0" in capsys.readouterr().out  # the released guidance
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["features.safetensors", "grid.png", "p000_s00.png", "p000_s01.png", "p001_s00.png",
+                     "p001_s01.png"]
+    pics = {n: Image.open(out / n).convert("RGB") for n in names if n.startswith("p")}
+    assert all(im.size == (SIDE, SIDE) for im in pics.values())
+    assert pics["p000_s00.png"].tobytes() != pics["p000_s01.png"].tobytes()  # seed + j per sample
+    assert pics["p000_s00.png"].tobytes() != pics["p001_s00.png"].tobytes()  # the prompt reaches the pixels
+    assert load_file(out / "features.safetensors")["features"].shape == (2, 2, 64, WIDTH)
+    before = {n: im.tobytes() for n, im in pics.items()}
+    assert cli(ckpt, backbone, "--out", out) == 0  # deterministic
+    assert {n: Image.open(out / n).convert("RGB").tobytes() for n in before} == before
+
+
+def test_cli_features_only_needs_no_decoder(tmp_path):
+    from safetensors.torch import load_file
+
+    ckpt, backbone = make_release(tmp_path, decoder_width=None)
+    assert cli(ckpt, backbone, "--features-only", "--out", tmp_path / "f") == 0
+    assert load_file(tmp_path / "f")["features"].shape == (2, 2, 64, WIDTH)
+    assert cli(ckpt, backbone, "--out", tmp_path / "g.safetensors") == 0  # the suffix says features only
+    torch.testing.assert_close(load_file(tmp_path / "g.safetensors")["features"],
+                               load_file(tmp_path / "f")["features"], atol=0, rtol=0)
+
+
+def test_cli_without_decoder_folder(tmp_path, capsys):
+    ckpt, backbone = make_release(tmp_path, decoder_width=None)
+    assert cli(ckpt, backbone, "--out", tmp_path / "images") == 2
+    err = last_error(capsys)
+    assert "no diffusion-decoder/" in err and "--features-only" in err
+
+
+def test_cli_decoder_width_mismatch(tmp_path, capsys):
+    ckpt, backbone = make_release(tmp_path, decoder_width=WIDTH + 8)
+    assert cli(ckpt, backbone, "--out", tmp_path / "images") == 2
+    err = last_error(capsys)
+    assert f"reads {WIDTH + 8}-wide conditioning" in err and f"makes {WIDTH}-wide" in err
+    assert not (tmp_path / "images").exists()  # refused before anything was generated
+
+
+def test_cli_size_the_vae_cannot_make(tmp_path, capsys):
+    ckpt, backbone = make_release(tmp_path)
+    assert cli(ckpt, backbone, "--out", tmp_path / "images", "--resolution", SIDE + 1) == 2
+    assert "not a multiple of 2, the VAE's" in last_error(capsys)  # the tiny VAE halves the side once
+
+
+def test_cli_missing_backbone(tmp_path, capsys):
+    ckpt, _ = make_release(tmp_path)
+    assert cli(ckpt, tmp_path / "no-such-backbone", "--out", tmp_path / "images") == 2
+    assert "cannot load the backbone" in last_error(capsys)
+
+
+def test_cli_without_diffusers(tmp_path, capsys, monkeypatch):
+    ckpt, backbone = make_release(tmp_path)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    assert cli(ckpt, backbone, "--out", tmp_path / "images") == 2
+    assert last_error(capsys) == f"error: {released.INSTALL_HINT}"

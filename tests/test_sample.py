@@ -202,7 +202,8 @@ def test_official_checkpoint_features_and_decode(tiny_run, tmp_path, capsys):
 
 def test_official_checkpoint_incomplete_is_refused(tmp_path, capsys):
     ckpt, backbone = make_release(tmp_path, 16, drop="model.dit.model.layers.1.gate")
-    rc = cli("--official-checkpoint", ckpt, "--backbone", backbone, "--prompt", "a photo of a circle")
+    rc = cli("--official-checkpoint", ckpt, "--backbone", backbone, "--prompt", "a photo of a circle",
+             "--features-only")  # (without it, the missing diffusion-decoder/ is reported first)
     assert rc == 2
     err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # (above it: save_pretrained's progress)
     assert err.startswith("error: ") and "1 missing" in err
