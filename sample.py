@@ -298,8 +298,8 @@ def parse_args(argv=None):
                       "features (also when --out ends in .safetensors); no diffusers needed")
     opts.add_argument("--resolution", type=int, default=1024,
                       help="--official-checkpoint: image height and width (default 1024, the released one)")
-    opts.add_argument("--decode", action="store_true", help="--official-checkpoint with --features-only: "
-                      "also decode the features with RUN's pixel decoder")
+    opts.add_argument("--decode", action="store_true", help="--official-checkpoint: save the features and "
+                      "decode them with RUN's toy pixel decoder instead of the checkpoint's own")
     opts.add_argument("--out", help="output file (default out/samples.png, out/reconstruction.png); "
                       "--official-checkpoint: a folder for the images (default out/official) or a "
                       ".safetensors file for the features (default out/features.safetensors)")
