@@ -14,10 +14,14 @@ there are no model flags. Examples:
         -> GenEval's layout (out/geneval/00000/metadata.jsonl, samples/0000.png ...); score it with
            python eval.py geneval out/geneval
 
-Released BLIP3-o weights (stage 2: the 64 queries and the Next-DiT) on our code, CLIP features out:
+Released BLIP3-o weights (stage 2: the 64 queries and the Next-DiT) on our code, then the checkpoint's
+own diffusion decoder (DIR/diffusion-decoder/, Emu2-Gen's SDXL UNet; needs diffusers; released.py):
 
     python sample.py --official-checkpoint BLIP3o-Model-8B --backbone Qwen/Qwen2.5-VL-7B-Instruct \\
-        --prompt "a photo of a red circle" --out out/features.safetensors
+        --prompt "a photo of a red circle" --out out/official
+        -> out/official/grid.png, p000_s00.png ... (1024x1024, 50 steps, guidance 3.0), features.safetensors
+    python sample.py --official-checkpoint BLIP3o-Model-8B --backbone Qwen/Qwen2.5-VL-7B-Instruct \\
+        --prompt "a photo of a red circle" --out out/features.safetensors      # CLIP features only
 
 Sampling is deterministic: sample j of every prompt uses the noise of seed + j.
 """
@@ -35,7 +39,9 @@ from PIL import Image, ImageDraw, ImageFont
 import blip3o
 import data
 import pipeline
-from cli import OneLineParser, UserError, add_sampling_options, check_numbers, run_main
+import released
+from cli import (DECODER_GUIDANCE, DECODER_STEPS, OneLineParser, UserError, add_sampling_options, check_numbers,
+                 run_main)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,9 +232,11 @@ def load_official(checkpoint, backbone, device: torch.device):
 
 @torch.no_grad()
 def official_features(generator, lm, tok, prompts, num_samples: int, seed: int, steps: int, guidance: float,
-                      device: torch.device) -> torch.Tensor:
-    """Prompts -> CLIP features (P, S, 64, D) from the released model; sample j uses seed + j."""
-    texts = generator.prompts(prompts)
+                      device: torch.device, template: bool = True) -> torch.Tensor:
+    """Prompts -> CLIP features (P, S, 64, D) from the released model; sample j uses seed + j.
+
+    template=False feeds the texts to the LM as they are (the released decoder's negative prompt " ")."""
+    texts = generator.prompts(prompts) if template else list(prompts)
     bos = tok.bos_token_id is not None  # Qwen's tokenizer has no <bos>
     length = max(blip3o.token_count(tok, t, bos) for t in texts)
     ids, lens = blip3o.encode_texts(tok, texts, length, bos=bos, eos=False)
@@ -264,7 +272,8 @@ def parse_args(argv=None):
     opts = p.add_argument_group("options")
     opts.add_argument("--num-samples", type=int, default=4, help="images per prompt (default 4)")
     opts.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
-    add_sampling_options(opts)
+    add_sampling_options(opts, decoder_defaults=f"--official-checkpoint: the released decoder's, {released.STEPS} "
+                         f"steps and guidance {released.GUIDANCE}")
     opts.add_argument("--allow-unknown-words", action="store_true",
                       help="go on with prompt or question words the toy model never saw (read as <unk>)")
     opts.add_argument("--temperature", type=float, default=0.0, help="answer sampling (0: greedy)")
@@ -273,11 +282,24 @@ def parse_args(argv=None):
     opts.add_argument("--grid", action="store_true", help="--geneval: also write a grid.png per prompt")
     opts.add_argument("--batch-size", type=int, default=64, help="prompts generated at once")
     opts.add_argument("--backbone", metavar="PATH", help="--official-checkpoint: the LM (hub id or folder)")
-    opts.add_argument("--decode", action="store_true",
-                      help="--official-checkpoint: also decode the features with RUN's pixel decoder")
-    opts.add_argument("--out", help="output file (default out/samples.png, out/reconstruction.png, "
-                      "out/features.safetensors)")
+    opts.add_argument("--features-only", action="store_true", help="--official-checkpoint: stop at the CLIP "
+                      "features (also when --out ends in .safetensors); no diffusers needed")
+    opts.add_argument("--resolution", type=int, default=1024,
+                      help="--official-checkpoint: image height and width (default 1024, the released one)")
+    opts.add_argument("--decode", action="store_true", help="--official-checkpoint: save the features and "
+                      "decode them with RUN's toy pixel decoder instead of the checkpoint's own")
+    opts.add_argument("--out", help="output file (default out/samples.png, out/reconstruction.png); "
+                      "--official-checkpoint: a folder for the images (default out/official) or a "
+                      ".safetensors file for the features (default out/features.safetensors)")
     args = p.parse_args(argv)
+    # --official-checkpoint stops at the features with --features-only, --decode (RUN's toy decoder) or
+    # --out *.safetensors; otherwise the checkpoint's own decoder runs, with its defaults (released.py).
+    args.features_only = args.features_only or args.decode or str(args.out or "").endswith(".safetensors")
+    released_decoder = bool(args.official_checkpoint) and not args.features_only
+    if args.decoder_steps is None:
+        args.decoder_steps = released.STEPS if released_decoder else DECODER_STEPS
+    if args.decoder_guidance is None:
+        args.decoder_guidance = released.GUIDANCE if released_decoder else DECODER_GUIDANCE
 
     modes = [m for m in ("reconstruct", "image", "geneval", "official_checkpoint") if getattr(args, m)]
     if len(modes) > 1:
@@ -301,7 +323,8 @@ def parse_args(argv=None):
             p.error("empty prompt")
     if args.question is not None and not args.question.strip():
         p.error("empty question")
-    check_numbers(p, args, at_least_one=("steps", "decoder_steps", "num_samples", "per_prompt", "batch_size"),
+    check_numbers(p, args, at_least_one=("steps", "decoder_steps", "num_samples", "per_prompt", "batch_size",
+                                         "resolution"),
                   non_negative=("guidance", "decoder_guidance", "temperature"))
     return args
 
@@ -388,29 +411,92 @@ def run_geneval(args, device):
 
 
 def run_official(args, device):
+    """Released stage 2 on our code -> CLIP features -> the checkpoint's own diffusion decoder -> PNGs.
+
+    Features only (--features-only, --decode, or --out *.safetensors): no diffusers needed. Otherwise the
+    decoder is checked (folder, diffusers, conditioning width) before the backbone and the DiT load.
+    """
+    features_only = args.features_only  # set by parse_args (also for --decode and --out *.safetensors)
+    try:
+        unet_config = None
+        if not features_only:  # cheap checks first: the folder, diffusers, the image size
+            unet_config = released.decoder_config(args.official_checkpoint, args.resolution)
+        generator, lm, tok = load_official(args.official_checkpoint, args.backbone, device)
+        if unet_config is not None:
+            unet_dir = Path(args.official_checkpoint) / released.DECODER_DIR / "unet"
+            released.check_width(unet_config, generator.target_dim, where=str(unet_dir))
+    except released.DecoderError as e:
+        raise UserError(str(e)) from None
+    feats = official_features(generator, lm, tok, args.prompt, args.num_samples, args.seed, args.steps,
+                              args.guidance, device)  # (P, S, 64, D)
+    if features_only:
+        out = save_features(feats, args.prompt, Path(args.out or "out/features.safetensors"))
+        print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples -> CLIP features "
+              f"{tuple(feats.shape)} -> {out}")
+        if args.decode:
+            decode_with_run(args, feats, out, device)
+        return
+    # The unconditional input of the decoder's guidance: the features the model generates for " ", once
+    # (BLIP3o's pipeline_llava_gen.py, _prepare_and_encode_inputs, caches them; released.NEGATIVE_PROMPT).
+    negative = official_features(generator, lm, tok, [released.NEGATIVE_PROMPT], 1, args.seed, args.steps,
+                                 args.guidance, device, template=False)[0]  # (1, 64, D)
+    del generator, lm  # done with the LM and the DiT: their memory goes to the UNet
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    out = Path(args.out or "out/official")
+    save_features(feats, args.prompt, out / "features.safetensors")
+    try:
+        decoder = released.load_decoder(args.official_checkpoint, device)
+    except released.DecoderError as e:
+        raise UserError(str(e)) from None
+    rows = render_official(decoder, feats, negative, args, device, out)
+    grid = save_png(image_grid(rows, args.prompt, scale=1), out / "grid.png")
+    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples, released decoder ({args.decoder_steps} "
+          f"steps, guidance {args.decoder_guidance}, {args.resolution}x{args.resolution}) -> {grid} and one PNG each")
+
+
+def save_features(feats: torch.Tensor, prompts, out: Path) -> Path:
     from safetensors.torch import save_file
 
-    generator, lm, tok = load_official(args.official_checkpoint, args.backbone, device)
-    feats = official_features(generator, lm, tok, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
-                              device)  # (P, S, 64, D)
-    out = Path(args.out or "out/features.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats.contiguous()}, os.fspath(out), metadata={"prompts": json.dumps(args.prompt)})
-    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples -> CLIP features "
-          f"{tuple(feats.shape)} -> {out}")
-    if args.decode:
-        pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
-        width = pipe.decoder.dit.cfg.cond_dim
-        if width != feats.shape[-1]:
-            raise UserError(f"the pixel decoder in {args.run} reads {width}-wide CLIP tokens, the released "
-                            f"model makes {feats.shape[-1]}-wide ones (the real decoder is Emu2-Gen's SDXL UNet)")
-        P, S = feats.shape[:2]
-        gen_noise = torch.Generator(pipe.device).manual_seed(args.seed)
-        images = pipe.tokens_to_images(feats.flatten(0, 1).to(pipe.device), args.decoder_steps,
-                                       args.decoder_guidance, gen_noise).cpu()  # (P * S, 3, H, W)
-        images = images.unflatten(0, (P, S))  # (P, S, 3, H, W)
-        png = save_png(image_grid([list(row) for row in images], args.prompt), out.with_suffix(".png"))
-        print(f"decoded with {args.run}/decoder -> {png}")
+    save_file({"features": feats.contiguous()}, os.fspath(out), metadata={"prompts": json.dumps(prompts)})
+    return out
+
+
+def render_official(decoder, feats, negative, args, device, out: Path):
+    """Each of the P x S feature sets -> one image, out/p{prompt}_s{sample}.png; sample j's noise: seed + j."""
+    from tqdm import tqdm
+
+    P, S = feats.shape[:2]
+    rows = [[] for _ in range(P)]
+    with tqdm(total=P * S, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True) as bar:
+        for p in range(P):
+            for s in range(S):
+                rng = torch.Generator(device).manual_seed(args.seed + s)
+                image = released.decode(decoder, feats[p, s][None], negative, steps=args.decoder_steps,
+                                        guidance=args.decoder_guidance, height=args.resolution,
+                                        width=args.resolution, rng=rng)[0].cpu()  # (3, H, W) in [0, 1]
+                save_png(to_pil(image), out / f"p{p:03d}_s{s:02d}.png")
+                rows[p].append(image)
+                bar.update(1)
+    return rows
+
+
+def decode_with_run(args, feats, out: Path, device):
+    """--decode: the features through RUN's own (toy) pixel decoder, when its width matches."""
+    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
+    width = pipe.decoder.dit.cfg.cond_dim
+    if width != feats.shape[-1]:
+        raise UserError(f"the pixel decoder in {args.run} reads {width}-wide CLIP tokens, the released "
+                        f"model makes {feats.shape[-1]}-wide ones (drop --decode to use the checkpoint's "
+                        "own diffusion decoder)")
+    P, S = feats.shape[:2]
+    rng = torch.Generator(pipe.device).manual_seed(args.seed)
+    images = pipe.tokens_to_images(feats.flatten(0, 1).to(pipe.device), args.decoder_steps,
+                                   args.decoder_guidance, rng).cpu()  # (P * S, 3, H, W)
+    images = images.unflatten(0, (P, S))  # (P, S, 3, H, W)
+    png = save_png(image_grid([list(row) for row in images], args.prompt), out.with_suffix(".png"))
+    print(f"decoded with {args.run}/decoder -> {png}")
 
 
 if __name__ == "__main__":
