@@ -116,6 +116,9 @@ class CLIPConfig:
     context_length: int = 20
     vocab_size: int = 0  # toy text tower: set from the tokenizer
     grid: int = 8  # tokens are average-pooled down to grid x grid (real: 32x32 -> 8x8)
+    # Toy only: weight of the dense per-token objective (each patch token names the colour, shape and box
+    # of the object it lies on; see ImageEncoder.dense_loss). 0 trains the contrastive loss alone.
+    dense_weight: float = 0.0
     image_mean: tuple = (0.5, 0.5, 0.5)
     image_std: tuple = (0.5, 0.5, 0.5)
 
@@ -198,7 +201,7 @@ QWEN25_VL_7B = dict(model_type="qwen2_5_vl", hidden_size=3584, num_hidden_layers
 
 
 def _toy() -> Config:
-    clip = CLIPConfig()
+    clip = CLIPConfig(dense_weight=1.0)
     # 2x2 merging: the same stage-1 accuracy as 64 image tokens at equal steps (0.751 vs 0.745 on training
     # images after 300 steps), each step 1.45x faster, as the image is most of every sequence.
     lm = LMConfig(image_merge=2)
@@ -329,6 +332,9 @@ def _is_word_level(tokenizer) -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
+DENSE_COLOURS, DENSE_SHAPES = 11, 4  # the toy world's 10 colours and 3 shapes, each + background
+
+
 class ImageEncoder(nn.Module):
     """An open_clip CLIP whose patch tokens are BLIP3-o's image representation.
 
@@ -366,6 +372,9 @@ class ImageEncoder(nn.Module):
                 self.model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained,
                                                     force_image_size=cfg.image_size,
                                                     device=device or "cpu")
+        # Dense head (toy): a linear read-out of each patch token -> colour logits (10 + background),
+        # shape logits (3 + background) and the object's box (4). Linear, so the tokens themselves carry it.
+        self.dense_head = nn.Linear(cfg.width, DENSE_COLOURS + DENSE_SHAPES + 4) if cfg.dense_weight > 0 else None
         # On the model's device from the start (the meta device too: a CPU buffer would not mix with it).
         self.register_buffer("mean", torch.tensor(cfg.image_mean, device=device).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.image_std, device=device).view(1, 3, 1, 1), persistent=False)
@@ -413,17 +422,33 @@ class ImageEncoder(nn.Module):
         keep = (ids != PAD_ID).unsqueeze(-1).to(states.dtype)  # (B, L, 1): words and <eos>, not padding
         return F.normalize((states * keep).sum(1) / keep.sum(1).clamp(min=1), dim=-1)
 
-    def contrastive_loss(self, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def contrastive_loss(self, images: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor | None = None):
         """Symmetric InfoNCE over the batch (CLIP, Radford et al. 2021).
 
         A small world repeats captions within a batch ("a photo of a circle"), so every pair whose texts
         are identical counts as a positive (soft targets), instead of pushing true matches apart.
+        `tokens`, when the patch tokens of `images` are at hand already, saves a second forward pass.
         """
-        img, txt = self.encode_image(images), self.encode_text(ids)
+        img = self.encode_image(images) if tokens is None else self.embed_tokens(tokens)  # same, toy tower
+        txt = self.encode_text(ids)
         logits = self.model.logit_scale.exp() * img @ txt.t()  # (B, B)
         same = (ids[:, None, :] == ids[None, :, :]).all(-1).float()  # (B, B) identical texts
         targets = same / same.sum(1, keepdim=True)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+    def dense_loss(self, tokens: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor):
+        """Per-token semantics: tokens (B, 64, D) -> CE on colour and shape, L1 on the owner's box.
+
+        colour (B, 64) and shape (B, 64) are class ids with background as the last class; box (B, 64, 4) is
+        the owning object's box in [0, 1], scored on object tokens only. A web-scale CLIP's patch features
+        are semantic and object-aware (what BLIP3-o's generator targets); a tiny CLIP trained only to
+        match captions keeps its tokens close to its own pixels, so the toy asks for that explicitly."""
+        out = self.dense_head(tokens)  # (B, 64, 11 + 4 + 4)
+        c_logits, s_logits, b_pred = out.split([DENSE_COLOURS, DENSE_SHAPES, 4], dim=-1)
+        on_object = (shape < DENSE_SHAPES - 1).unsqueeze(-1).to(tokens.dtype)  # (B, 64, 1)
+        l_box = ((b_pred - box).abs() * on_object).sum() / on_object.sum().clamp(min=1) / 4
+        return F.cross_entropy(c_logits.flatten(0, 1), colour.flatten()) + \
+            F.cross_entropy(s_logits.flatten(0, 1), shape.flatten()) + 4 * l_box
 
 
 # ----------------------------------------------------------------------------------------------------

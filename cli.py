@@ -44,10 +44,10 @@ def run_main(fn, *args) -> int:
 
 
 def check_numbers(p: argparse.ArgumentParser, args, at_least_one=(), non_negative=()) -> None:
-    """p.error for the first of `args`' named numbers out of range; absent names are skipped. Written
-    so that nan fails `non_negative` too."""
+    """p.error for the first of `args`' named numbers out of range; absent names and None (an option's
+    "all" default) are skipped. Written so that nan fails `non_negative` too."""
     for name in at_least_one:
-        if getattr(args, name, 1) < 1:
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in non_negative:
         if not getattr(args, name, 0.0) >= 0:

@@ -326,10 +326,16 @@ def _choose_colors(includes: list, rng: random.Random, split: str | None) -> lis
     raise ValueError(f"no colouring of {includes} fits the {split!r} split's held-out compositions")
 
 
-def _layout_sizes(image_size: int) -> tuple[int, int, int, int]:
-    """(smallest object, largest object, gap between objects, border margin) in pixels for a canvas."""
+def _layout(image_size: int) -> tuple[tuple, int, int]:
+    """(object sizes, gap between objects, lattice step) in pixels for a canvas.
+
+    Objects sit on the toy CLIP's patch lattice (every box corner a multiple of the 4-pixel patch at
+    32 px) in two sizes, 8 and 12 pixels (2x2 and 3x3 patches), at least one patch apart. Every patch
+    token then lies wholly inside one object or the background, so a token's content is one of a few
+    kinds (which object, which part of it) rather than an arbitrary cut through an outline."""
     scale = image_size / 32
-    return round(8 * scale), round(14 * scale), max(2, round(2 * scale)), max(1, round(scale))
+    step = max(1, round(4 * scale))
+    return (2 * step, 3 * step), step, step
 
 
 def _apart(a, b, gap: int) -> bool:
@@ -338,17 +344,17 @@ def _apart(a, b, gap: int) -> bool:
 
 
 def _place(specs: list, rng: random.Random, image_size: int, accept, tries: int = 2000) -> list:
-    """Random sizes and positions for the objects, redrawn until none overlap and accept(objects) holds."""
-    lo, hi, gap, margin = _layout_sizes(image_size)
+    """Random sizes and lattice positions for the objects, redrawn until none overlap and accept(objects)."""
+    sizes, gap, step = _layout(image_size)
     for attempt in range(tries):
-        # Four big squares rarely fit: lower the largest size a little every 100 failed layouts.
-        top = max(lo, hi - attempt // 100)
+        # Four large objects rarely fit: after 100 failed layouts only the small size is drawn.
+        allowed = sizes if attempt < 100 else sizes[:1]
         boxes = []
         for _ in specs:
             for _ in range(50):
-                s = rng.randint(lo, top)
-                x0 = rng.randint(margin, image_size - margin - s)
-                y0 = rng.randint(margin, image_size - margin - s)
+                s = rng.choice(allowed)
+                x0 = step * rng.randint(0, (image_size - s) // step)
+                y0 = step * rng.randint(0, (image_size - s) // step)
                 box = (x0, y0, x0 + s, y0 + s)
                 if all(_apart(box, other, gap) for other in boxes):
                     boxes.append(box)
@@ -460,6 +466,35 @@ def draw_objects(objects: list, image_size: int = 32) -> np.ndarray:
         x0, y0, x1, y1 = o.box
         img[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = COLOR_RGB[o.color]
     return img
+
+
+def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token ground truth for the toy CLIP's dense objective, on a grid x grid token layout.
+
+    Each cell of the grid (4x4 pixels for 32 px and grid 8) belongs to the object that covers most of its
+    pixels when that is at least a quarter of them, else to the background. Returns
+    colour (grid*grid,) int: index into COLORS, len(COLORS) for background;
+    shape (grid*grid,) int: index into SHAPES, len(SHAPES) for background;
+    box (grid*grid, 4) float: the owning object's box (x0, y0, x1, y1) / image size, zeros on background.
+    Every token of an object carries the whole object (its colour, shape and extent), which is what makes
+    the tokens semantic and object-level rather than a copy of their own pixels."""
+    size = scene.image_size
+    cell = size // grid
+    owner = np.full((size, size), -1, dtype=np.int64)  # (H, W) index of the object drawn at each pixel
+    for k, o in enumerate(scene.objects):
+        x0, y0, x1, y1 = o.box
+        owner[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = k
+    cells = owner.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, cell * cell)
+    colour = np.full(grid * grid, len(COLORS), dtype=np.int64)
+    shape = np.full(grid * grid, len(SHAPES), dtype=np.int64)
+    box = np.zeros((grid * grid, 4), dtype=np.float32)
+    for i, pixels in enumerate(cells):
+        counts = np.bincount(pixels[pixels >= 0], minlength=len(scene.objects))
+        if counts.size and counts.max() * 4 >= cell * cell:
+            o = scene.objects[int(counts.argmax())]
+            colour[i], shape[i] = COLORS.index(o.color), SHAPES.index(o.shape)
+            box[i] = np.asarray(o.box, dtype=np.float32) / size
+    return colour, shape, box
 
 
 def draw(scene: Scene, image_size: int | None = None) -> np.ndarray:

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -575,15 +576,25 @@ def plan_clip(args, device) -> Plan:
     cap_ids, _ = blip3o.encode_texts(tok, [s.caption for s in scenes], cfg.clip.context_length)
     prm_ids, _ = blip3o.encode_texts(tok, [s.prompt for s in scenes], cfg.clip.context_length)
     enc = blip3o.ImageEncoder(cfg.clip)
+    # Per-token labels for the dense objective: (N, 64) colour, (N, 64) shape, (N, 64, 4) box.
+    labels = [data.token_labels(s, cfg.clip.grid) for s in scenes]
+    colour, shape, box = (torch.from_numpy(np.stack(x)) for x in zip(*labels))
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
         use_prompt = torch.rand(size, generator=rng) < 0.5
         ids = torch.where(use_prompt[:, None], prm_ids[idx], cap_ids[idx])
-        return data.as_float(images[idx]).to(device), ids.to(device)
+        return (data.as_float(images[idx]).to(device), ids.to(device), colour[idx].to(device),
+                shape[idx].to(device), box[idx].to(device))
 
-    def loss(enc, images_b, ids, rng):
-        return enc.contrastive_loss(images_b, ids), {}
+    def loss(enc, images_b, ids, colour_b, shape_b, box_b, rng):
+        if enc.dense_head is None:
+            return enc.contrastive_loss(images_b, ids), {}
+        tokens = enc.tokens(images_b)  # (B, 64, D_clip)
+        l_clip = enc.contrastive_loss(images_b, ids, tokens)
+        l_dense = enc.dense_loss(tokens, colour_b, shape_b, box_b)
+        logs = {"loss_clip": float(l_clip.detach()), "loss_dense": float(l_dense.detach())}
+        return l_clip + cfg.clip.dense_weight * l_dense, logs
 
     return Plan("clip", Objective(enc, loss), chunk_fn, lambda m: pipeline.module_tensors("clip", m), {},
                 tokenizer=tok, **stage_hparams(args, "clip"))

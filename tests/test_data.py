@@ -30,12 +30,32 @@ def test_scene_geometry_follows_the_rules():
         assert 1 <= len(scene.objects) <= 4
         for o in scene.objects:
             x0, y0, x1, y1 = o.box
-            assert x1 - x0 == y1 - y0 and 8 <= x1 - x0 <= 14
-            assert x0 >= 1 and y0 >= 1 and x1 <= 31 and y1 <= 31
+            assert x1 - x0 == y1 - y0 and x1 - x0 in (8, 12)  # 2x2 or 3x3 patches
+            assert all(v % 4 == 0 for v in o.box)  # on the 4-pixel patch lattice
+            assert x0 >= 0 and y0 >= 0 and x1 <= 32 and y1 <= 32
         for a in scene.objects:
             for b in scene.objects:
                 if a is not b:
-                    assert data._apart(a.box, b.box, 2)
+                    assert data._apart(a.box, b.box, 4)  # at least one patch of background between
+
+
+def test_token_labels_name_the_object_under_each_patch():
+    scene = data.make_scene(3)
+    colour, shape, box = data.token_labels(scene)
+    assert colour.shape == shape.shape == (64,) and box.shape == (64, 4)
+    on = shape < len(data.SHAPES)
+    # Every object token carries its object's colour, shape and box; background tokens carry none.
+    for o in scene.objects:
+        x0, y0, x1, y1 = (v // 4 for v in o.box)
+        cells = [r * 8 + c for r in range(y0, y1) for c in range(x0, x1)]
+        inside = [i for i in cells if on[i]]
+        assert inside, "every object owns at least one token"
+        for i in inside:
+            assert data.COLORS[colour[i]] == o.color and data.SHAPES[shape[i]] == o.shape
+            np.testing.assert_array_equal(box[i], np.array(o.box, dtype=np.float32) / 32)
+    assert (colour[~on] == len(data.COLORS)).all() and (box[~on] == 0).all()
+    # A patch a circle only grazes (its corner) is background: less than a quarter of it is covered.
+    assert on.sum() <= sum(((o.box[2] - o.box[0]) // 4) ** 2 for o in scene.objects)
 
 
 def test_drawing_has_exact_colours_only():
