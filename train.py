@@ -59,13 +59,17 @@ PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` t
 # 2 CPU cores and reaches the README's numbers.
 TOY = {
     "clip": dict(steps=1500, batch=128, lr=2e-3),
-    "understand": dict(steps=600, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
+    "understand": dict(steps=1200, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
     "decoder": dict(steps=1600, batch=64, lr=1e-3),
     "vae": dict(steps=600, batch=64, lr=2e-3),
     "generate": dict(steps=1600, batch=16, lr=2e-3),  # prompts; x2 noise draws each
     "joint": dict(steps=1000, batch=64, lr=1e-3),
 }
 UNDERSTAND_TURNS = 4  # question/answer turns packed after each image in stage-1 training
+# Binding questions (a colour or a relation asked about one of several objects) are drawn this many times
+# as often as the others: single-object, shape and count questions are learnt within the first few hundred
+# steps, and the rest of the stage goes where the LM is still wrong.
+BINDING_WEIGHT = 3.0
 # Share of each stage-1 micro-batch given to text-only rows: a generation prompt, then questions answered
 # from its caption alone (see text_qa_table). A real backbone is a language model before it sees images;
 # the toy LM learns to read a caption here, and stage 2 reads captions through it (NOTES.md).
@@ -601,12 +605,17 @@ def plan_clip(args, device) -> Plan:
 
 
 def qa_table(scenes, seed: int):
-    """Every (image index, qtype, question, answer) of the training scenes, plus one caption request."""
+    """Every (image index, question, answer, weight) of the training scenes, plus one caption request.
+
+    The weight is how often a turn is drawn relative to the others of its image (see plan_understand):
+    BINDING_WEIGHT for the questions that need the right one of several objects (a colour or a relation
+    in an image of two or more), 1 for the rest, which a small LM answers early."""
     rows = []
     for i, s in enumerate(scenes):
         for qtype, q, a in data.make_qa(s, random.Random(data.stable_seed("qa", seed, i))):
-            rows.append((i, q, a))
-        rows.append((i, data.caption_question, s.caption))
+            binding = len(s.objects) >= 2 and qtype in ("color", "position")
+            rows.append((i, q, a, BINDING_WEIGHT if binding else 1.0))
+        rows.append((i, data.caption_question, s.caption, 1.0))
     return rows
 
 
@@ -651,8 +660,10 @@ def plan_understand(args, device) -> Plan:
     vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids(blip3o.IMAGE), cfg.lm.image_merge)
 
     per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns
-    for i, q, a in rows:
+    weights = [[] for _ in range(len(images))]  # image index -> how often each turn is drawn
+    for i, q, a, w in rows:
         per_image[i].append((q, a))
+        weights[i].append(w)
 
     text_rows = text_qa_table(scenes, args.seed, cfg.prompt_template)
 
@@ -660,8 +671,9 @@ def plan_understand(args, device) -> Plan:
         n_text = int(size * UNDERSTAND_TEXT_ROWS)
         img = torch.randint(len(images), (size - n_text,), generator=rng)
         conversations = []
-        for i in img.tolist():  # up to UNDERSTAND_TURNS random turns about each image
-            order = torch.randperm(len(per_image[i]), generator=rng)[:UNDERSTAND_TURNS].tolist()
+        for i in img.tolist():  # up to UNDERSTAND_TURNS turns about each image, drawn by weight
+            k = min(UNDERSTAND_TURNS, len(per_image[i]))
+            order = torch.multinomial(torch.tensor(weights[i]), k, replacement=False, generator=rng).tolist()
             conversations.append([per_image[i][j] for j in order])
         ids, labels, _ = blip3o.build_conversation_batch(tok, vlm.image_tokens(clip_tokens.shape[1]), conversations)
         # Text rows: the prompt turn and up to UNDERSTAND_TURNS - 1 more, no image placeholders.
