@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import numpy as np
 import torch
 
 import blip3o
@@ -35,6 +36,28 @@ def test_toy_clip_gives_64_tokens_and_their_embedding(parts):
     # the embedding of the 64 tokens alone is the image embedding (what lets generated tokens be scored)
     # Two code paths over the same ops (tokens then pooling, or open_clip's encode_image): default fp32 tol.
     torch.testing.assert_close(clip.embed_tokens(tokens), clip.encode_image(images))
+
+
+def test_dense_objective_trains_the_tokens_and_ignores_background_boxes(parts):
+    tok, cfg, _, _, _ = parts
+    clip = blip3o.ImageEncoder(cfg.clip)  # trainable copy; the toy config has the dense head
+    assert clip.dense_head is not None
+    images, scenes = data.make_image_set(4, split="train", seed=3)
+    colour, shape, box = (torch.from_numpy(np.stack(x)) for x in zip(*[data.token_labels(s) for s in scenes]))
+    tokens = clip.tokens(images.float() / 255)
+    loss = clip.dense_loss(tokens, colour, shape, box)
+    loss.backward()
+    # The gradient reaches the vision tower, not only the head: the objective shapes the tokens.
+    assert clip.model.visual.conv1.weight.grad.abs().sum() > 0
+    # Boxes are scored on object tokens only: other numbers on background tokens change nothing.
+    background = shape == len(data.SHAPES)
+    assert background.any() and (~background).any()
+    moved = box.clone()
+    moved[background] = 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(clip.dense_loss(tokens, colour, shape, moved), loss.detach())
+        moved[~background] += 0.25  # ... while a wrong box on an object token costs
+        assert clip.dense_loss(tokens, colour, shape, moved) > loss.detach()
 
 
 def test_understanding_loss_masks_everything_but_the_answers(parts):
