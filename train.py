@@ -59,10 +59,10 @@ PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` t
 # 2 CPU cores and reaches the README's numbers.
 TOY = {
     "clip": dict(steps=1500, batch=128, lr=2e-3),
-    "understand": dict(steps=1200, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
+    "understand": dict(steps=2400, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
     "decoder": dict(steps=1600, batch=64, lr=1e-3),
     "vae": dict(steps=600, batch=64, lr=2e-3),
-    "generate": dict(steps=1600, batch=16, lr=2e-3),  # prompts; x2 noise draws each
+    "generate": dict(steps=3200, batch=16, lr=2e-3),  # prompts; x2 noise draws each
     "joint": dict(steps=1000, batch=64, lr=1e-3),
 }
 UNDERSTAND_TURNS = 4  # question/answer turns packed after each image in stage-1 training
