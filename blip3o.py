@@ -11,6 +11,8 @@ the two pieces it is built from (the Next-DiT and flow matching):
 2. Tokenizer: a word-level tokenizer built offline for the toy; `AutoTokenizer` for real backbones.
 3. Image encoder: an open_clip CLIP; its last block's patch tokens, average-pooled to an 8x8 grid, are what
    the LM reads *and* what the generator learns to produce (paper section 3: "CLIP + Flow Matching").
+   The toy CLIP also learns per-token semantics (each token names the object under it), as a web-scale
+   CLIP's patch features carry them.
 4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only
    (the toy merges each 2x2 block of CLIP tokens into one LM token as Qwen2-VL does, and also trains on
    text-only rows, so its LM can read a caption as a real backbone can).
@@ -447,9 +449,10 @@ class ImageEncoder(nn.Module):
         out = self.dense_head(tokens)  # (B, 64, 11 + 4 + 4)
         c_logits, s_logits, b_pred = out.split([DENSE_COLOURS, DENSE_SHAPES, 4], dim=-1)
         on_object = (shape < DENSE_SHAPES - 1).unsqueeze(-1).to(tokens.dtype)  # (B, 64, 1)
-        l_box = ((b_pred - box).abs() * on_object).sum() / on_object.sum().clamp(min=1) / 4
+        # L1 summed over the 4 box coordinates, averaged over object tokens.
+        l_box = ((b_pred - box).abs() * on_object).sum() / on_object.sum().clamp(min=1)
         return F.cross_entropy(c_logits.flatten(0, 1), colour.flatten()) + \
-            F.cross_entropy(s_logits.flatten(0, 1), shape.flatten()) + 4 * l_box
+            F.cross_entropy(s_logits.flatten(0, 1), shape.flatten()) + l_box
 
 
 # ----------------------------------------------------------------------------------------------------

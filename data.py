@@ -6,9 +6,10 @@ The toy pipeline cannot download images, so it draws them. The *shapes world* is
     SHAPES = circle, square, triangle        COLORS = GenEval's ten colour names, one exact RGB each
 
 Every image comes from a `Scene` (its object list), so its caption, its questions and its GenEval score
-are exact. Drawing uses no anti-aliasing and keeps >= 2 px of background between objects and >= 1 px to
-the border, so a detector that groups pixels by colour into connected components finds every object
-again. That detector plus GenEval's rules is the scorer of section 3: GenEval's Mask2Former + CLIP
+are exact. Each object fills an 8 or 12 px box placed on the CLIP's 4-px patch lattice, with at least one
+patch of background between any two (see `_layout`); drawing uses no anti-aliasing, so a detector that
+groups pixels by colour into connected components finds every object again. That detector plus
+GenEval's rules is the scorer of section 3: GenEval's Mask2Former + CLIP
 detector is replaced by pixel arithmetic, its rules are kept.
 
 Prompts follow GenEval's six tags and phrasing (the official `evaluation_metadata.jsonl` records):
@@ -102,8 +103,6 @@ HELDOUT_RELATIONS = frozenset({
     ("square", "left of", "triangle"), ("triangle", "right of", "square"),
     ("square", "above", "circle"), ("circle", "below", "square"),
 })
-
-# The paper's generation prompt template; its words are part of VOCAB.
 
 # GenEval's position rule (evaluation/evaluate_images.py): the centre offset is shrunk by this fraction
 # of the summed box sizes before its direction is read.
