@@ -40,17 +40,16 @@ from cli import OneLineParser, UserError, add_run_options, add_sampling_options,
 
 DESIGNS = {"mse-clip": "CLIP + MSE", "flow-clip": "CLIP + Flow", "flow-vae": "VAE + Flow"}  # Figure 3
 JOINT = "CLIP + Flow, joint"  # variant "joint": train.py --stage joint
-SEED_DIVERSITY = 7  # the pixel decoder's noise in the diversity study (the same for every sample)
 
 # Sizes of `ablation.py study`. default: about 15 minutes on 2 CPU cores, most of it the three flow
 # trainings (a VAE to train first adds about 3); quick: seconds, for the tests.
 # Sampling as in the report (evaluation.REPORT) unless quick.
 ABLATION = {
     "default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300, captions=50,
-                    seeds=4, sample_steps=evaluation.REPORT["steps"], decoder_steps=evaluation.REPORT["decoder_steps"],
+                    seeds=4, sample_steps=evaluation.REPORT["steps"],
                     vae_steps=None, vae_batch=None),  # None: train.py's toy defaults
     "quick": dict(steps=2, every=1, batch=4, per_tag=1, per_prompt=1, questions=12, captions=2, seeds=2,
-                  sample_steps=2, decoder_steps=2, vae_steps=2, vae_batch=4),
+                  sample_steps=2, vae_steps=2, vae_batch=4),
 }
 
 
@@ -74,20 +73,19 @@ def diversity_prompts() -> list[str]:
 
 
 @torch.no_grad()
-def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0, decoder_steps: int = 20,
-                  decoder_guidance: float = 1.0, seed: int = 0) -> tuple[dict, torch.Tensor]:
+def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0,
+                  seed: int = 0) -> tuple[dict, torch.Tensor]:
     """Each prompt sampled with seeds seed .. seed+seeds-1 -> (spread, images (P, S, 3, H, W)).
 
     Spread = mean pairwise distance of one prompt's samples in three spaces: the toy CLIP embedding
     (evaluation.generated_embeddings), the generated tokens divided by the generator's target_scale (unit std, so
-    CLIP tokens and VAE latents are on one scale), and pixels in [0, 1]. The pixel decoder gets the same
-    noise for every seed, so the pixels differ exactly where the generator's outputs do."""
+    CLIP features and VAE latents are on one scale), and pixels in [0, 1]. Both decoders are deterministic,
+    so the pixels differ exactly where the generator's outputs do."""
     tokens, images = [], []
     for j in range(seeds):
         rng = torch.Generator(pipe.device).manual_seed(seed + j)
         tok = pipe.generate_tokens(prompts, steps, guidance, rng)  # (P, 64, D)
-        decoder_noise = torch.Generator(pipe.device).manual_seed(SEED_DIVERSITY)
-        images.append(pipe.tokens_to_images(tok, decoder_steps, decoder_guidance, decoder_noise).cpu())
+        images.append(pipe.tokens_to_images(tok).cpu())
         tokens.append(tok.cpu())
     tokens, images = torch.stack(tokens, 1), torch.stack(images, 1)  # (P, S, 64, D), (P, S, 3, H, W)
     emb = evaluation.generated_embeddings(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])  # (P, S, E)
@@ -98,7 +96,7 @@ def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, guidance: floa
 
 
 def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0,
-                   decoder_steps: int = 20, decoder_guidance: float = 1.0, seed: int = 0, device="cpu",
+                   seed: int = 0, device="cpu",
                    allow_unknown_words: bool = False) -> dict:
     """Finding 2, per design: the spread of one prompt's samples over seeds (see sample_spread).
 
@@ -113,7 +111,7 @@ def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, guid
             out["skipped"].append(variant)
             continue
         sample.check_pixels(pipe, run)
-        spread, images = sample_spread(pipe, prompts, seeds, steps, guidance, decoder_steps, decoder_guidance, seed)
+        spread, images = sample_spread(pipe, prompts, seeds, steps, guidance, seed)
         out["variants"][variant] = spread
         rows += [list(row) for row in images[:2]]
         labels += [f"{DESIGNS.get(variant, variant)}: {p}" for p in prompts[:2]]
@@ -206,8 +204,7 @@ def score_design(out, variant: str, sizes: dict, device) -> dict:
     for flow-vae) and CLIP-space prompt retrieval of the same samples (evaluation.clipgen_scores)."""
     pipe = sample.load_pipeline(out, variant, device, need=("clip", "understand", "generate"))
     geneval, records, _, tokens = evaluation.eval_toygeneval(pipe, out, variant, sizes["per_prompt"], sizes["per_tag"],
-                                                  sizes["sample_steps"], evaluation.REPORT["guidance"], sizes["decoder_steps"],
-                                                  evaluation.REPORT["decoder_guidance"], quiet=True)
+                                                  sizes["sample_steps"], evaluation.REPORT["guidance"], quiet=True)
     retrieval = evaluation.clipgen_scores(pipe, records, tokens)
     return {"geneval": geneval["overall"], "retrieval": retrieval["overall"], "images": geneval["images"],
             "geneval_per_tag": geneval["per_tag"], "retrieval_per_tag": retrieval["per_tag"]}
@@ -264,7 +261,7 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
     und = {"before": before, "sequential_after": understanding(out, "flow-clip", sizes, device, sequential_lm),
            "joint_after": understanding(out, "joint", sizes, device)}
     diversity = eval_diversity(out, list(DESIGNS), diversity_prompts(), sizes["seeds"], sizes["sample_steps"],
-                               evaluation.REPORT["guidance"], sizes["decoder_steps"], evaluation.REPORT["decoder_guidance"], device=device)
+                               evaluation.REPORT["guidance"], device=device)
     result = {"run": str(run), "out": str(out), "sizes": sizes, "data": data_args, "points": points,
               "designs": designs, "understanding": und, "diversity": diversity}
     result["findings"] = ablation_findings(result)
@@ -375,7 +372,7 @@ def ablation_markdown(r: dict) -> str:
            f"{s['sample_steps']} Euler steps, CFG {evaluation.REPORT['guidance']}).", "",
            "## Diversity (Finding 2)", "",
            f"{r['diversity']['seeds']} seeds for each of {len(r['diversity']['prompts'])} held-out prompts; "
-           "the pixel decoder gets the same noise for every seed, so pixels differ only where the generated "
+           "the pixel decoder is deterministic, so pixels differ only where the generated "
            "tokens do.", "",
            "| design | CLIP embedding | tokens (unit std) | pixels |", "| --- | --- | --- | --- |"]
     for variant, v in r["diversity"]["variants"].items():
@@ -398,7 +395,7 @@ def ablation_markdown(r: dict) -> str:
               f"{und['joint_after']['accuracy']:.3f} ({f['3_joint_understanding_change']:+.3f}), toy GenEval "
               f"{f['3_joint_minus_sequential_geneval']:+.3f} against sequential CLIP + Flow.")
     md += ["", "## How it was measured", "",
-           "- Toy GenEval: the shapes-world detector scores the decoded pixels (the CLIP diffusion decoder "
+           "- Toy GenEval: the shapes-world detector scores the decoded pixels (the CLIP pixel decoder "
            "for CLIP targets, the VAE decoder for VAE + Flow). CLIP-space retrieval: does the CLIP embedding "
            "of a sample retrieve its own prompt among all prompts of its tag (VAE samples are decoded, then "
            "encoded by CLIP).",
@@ -447,7 +444,7 @@ def parse_args(argv=None):
 
     args = p.parse_args(argv)
     if args.command == "diversity":
-        check_numbers(p, args, at_least_one=("steps", "decoder_steps"), non_negative=("guidance", "decoder_guidance"))
+        check_numbers(p, args, at_least_one=("steps",), non_negative=("guidance",))
         if args.seeds < 2:
             p.error(f"--seeds must be at least 2 (a spread needs two samples), got {args.seeds}")
         args.variants = comma_list(p, "--variants", args.variants, (*DESIGNS, "joint"))
@@ -467,7 +464,7 @@ def run_command(args) -> dict:
     if args.command == "diversity":
         try:
             m = eval_diversity(args.run, args.variants, args.prompts or diversity_prompts(), args.seeds,
-                               args.steps, args.guidance, args.decoder_steps, args.decoder_guidance, args.seed, device,
+                               args.steps, args.guidance, args.seed, device,
                                args.allow_unknown_words)
         except ValueError as e:  # e.g. an empty prompt, or one longer than the backbone's context
             raise UserError(str(e)) from None

@@ -24,9 +24,9 @@ What it measures, in the order it runs:
   is the MFU. --no-peer leaves diffusers out (both 8B heads and their AdamW states need ~67 GB at
   batch 64); --fused-adamw and --compile are what train.py uses on a GPU (fused AdamW always on CUDA,
   --compile when asked).
-- sampling: a trained run (--run, rebuilt with pipeline.load_run): text -> image images/s through both
-  diffusion stages at their default steps (Pipeline.generate_images: 30 Euler steps with CFG 3.0 for the
-  CLIP features, then the pixel decoder's default steps), and text -> CLIP features alone
+- sampling: a trained run (--run, rebuilt with pipeline.load_run): text -> image images/s at the default
+  settings (Pipeline.generate_images: 30 Euler steps with guidance 3.0 for the CLIP features, then one
+  pass of the pixel decoder), and text -> CLIP features alone
   (Pipeline.generate_tokens), at batch 1 and 16 (--sample-batches); median of 3 repetitions. A run
   without its generation checkpoints is reported as skipped, with the command that trains it.
 - memory:   peak resident memory of this process, and the memory of the real presets (blip3o-8b/-4b
@@ -301,7 +301,7 @@ def bench_dit_8b(args):
 def pipeline_defaults() -> dict:
     """The sampler settings Pipeline.generate_images uses when called plainly (what a user gets)."""
     params = inspect.signature(Pipeline.generate_images).parameters
-    return {k: params[k].default for k in ("steps", "guidance", "decoder_steps", "decoder_guidance")}
+    return {k: params[k].default for k in ("steps", "guidance")}
 
 
 @benchmark("sampling")
@@ -318,8 +318,7 @@ def bench_sampling(args):
     # GenEval-style prompts of the held-out split, all different, so a batch pads like a real one does.
     prompts = [data.make_scene(i, "test").prompt for i in range(max(args.sample_batches))]
     print(f"sampling: run {args.run}; CLIP features: {defaults['steps']} Euler steps, CFG {defaults['guidance']} "
-          f"(conditional + unconditional in one batched pass); pixels: {defaults['decoder_steps']} steps, "
-          f"CFG {defaults['decoder_guidance']}; median of {reps}")
+          f"(conditional + unconditional in one batched pass); pixels: one decoder pass; median of {reps}")
     result = {"run": str(args.run), "defaults": defaults, "repetitions": reps}
     for batch in args.sample_batches:
         captions = prompts[:batch]

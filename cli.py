@@ -96,21 +96,8 @@ def metrics_main(run_command, args) -> int:
     return rc
 
 
-DECODER_STEPS, DECODER_GUIDANCE = 20, 1.0  # the toy pixel decoder's defaults
-
-
-def add_sampling_options(c, decoder_defaults: str | None = None) -> None:
-    """The two diffusion stages' knobs, the paper's defaults: text -> CLIP tokens (30 Euler steps,
-    guidance 3.0), then CLIP tokens -> pixels (DECODER_STEPS steps, no guidance).
-
-    decoder_defaults: where the caller picks other decoder defaults itself (sample.py: the released
-    decoder's), said in the help; --decoder-steps / --decoder-guidance are then None unless given."""
-    c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> CLIP tokens (paper: 30)")
+def add_sampling_options(c) -> None:
+    """The generation diffusion's knobs, the paper's defaults: text -> CLIP features in 30 Euler steps with
+    guidance 3.0. (The toy pixel decoder is one forward pass and has none.)"""
+    c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> CLIP features (paper: 30)")
     c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (paper: 3.0)")
-    late = decoder_defaults is not None
-    c.add_argument("--decoder-steps", type=int, default=None if late else DECODER_STEPS,
-                   help="Euler steps, CLIP tokens -> pixels"
-                   + (f" (default {DECODER_STEPS}; {decoder_defaults})" if late else ""))
-    c.add_argument("--decoder-guidance", type=float, default=None if late else DECODER_GUIDANCE,
-                   help="guidance of the pixel decoder"
-                   + (f" (default {DECODER_GUIDANCE}; {decoder_defaults})" if late else ""))

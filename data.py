@@ -496,6 +496,37 @@ def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, n
     return colour, shape, box
 
 
+def scene_labels(scene: Scene, slots: int = MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ground truth for the scene tokens: the scene's objects in reading order, one per slot.
+
+    colour (slots,) and shape (slots,) int as in token_labels (len(COLORS) / len(SHAPES) = no object),
+    box (slots, 4) float, (x0, y0, x1, y1) / image size, zeros where the slot is empty."""
+    colour = np.full(slots, len(COLORS), dtype=np.int64)
+    shape = np.full(slots, len(SHAPES), dtype=np.int64)
+    box = np.zeros((slots, 4), dtype=np.float32)
+    for k, o in enumerate(_reading_order(scene.objects)):
+        colour[k], shape[k] = COLORS.index(o.color), SHAPES.index(o.shape)
+        box[k] = np.asarray(o.box, dtype=np.float32) / scene.image_size
+    return colour, shape, box
+
+
+def objects_from_slots(colour, shape, box, image_size: int = 32) -> list:
+    """Read-out slots -> Obj list, the inverse of scene_labels: one object per slot whose colour and
+    shape are both named; its box a square of the read size (rounded to a pixel, at least 2) around the
+    read centre, clipped to the canvas. Used to draw exactly what generated scene tokens say."""
+    objects = []
+    for c, s, b in zip(colour, shape, box):
+        if int(c) >= len(COLORS) or int(s) >= len(SHAPES):
+            continue
+        x0, y0, x1, y1 = (float(v) * image_size for v in b)
+        size = min(image_size, max(2, round((x1 - x0 + y1 - y0) / 2)))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        left = min(max(round(cx - size / 2), 0), image_size - size)
+        top = min(max(round(cy - size / 2), 0), image_size - size)
+        objects.append(Obj(SHAPES[int(s)], COLORS[int(c)], (left, top, left + size, top + size)))
+    return objects
+
+
 def draw(scene: Scene, image_size: int | None = None) -> np.ndarray:
     """uint8 (H, W, 3) image of a scene (its boxes are in pixels, so the size must be the scene's own)."""
     if image_size is not None and image_size != scene.image_size:

@@ -39,7 +39,7 @@ import pipeline
 import sample
 from cli import OneLineParser, UserError, add_run_options, check_numbers, comma_list, metrics_main, rounded
 
-EVAL_VERSION = 3  # part of the report cache's fingerprint: bump it when an evaluation changes
+EVAL_VERSION = 4  # part of the report cache's fingerprint: bump it when an evaluation changes
 
 # Seeds of the evaluation sets (disjoint from training, which draws split "train" with seed 0).
 SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON = 1, 2, 3, 4, 5, 6
@@ -47,8 +47,7 @@ SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON = 1, 2,
 # Sizes of full_report's evaluations: small enough to finish in about two minutes on a laptop CPU.
 # geneval_per_tag None: the headline toy GenEval scores every held-out prompt (144) x per_prompt images.
 REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, geneval_per_tag=None,
-              per_prompt=4, ablation_per_tag=8, ablation_samples=2, steps=30, guidance=3.0, decoder_steps=20,
-              decoder_guidance=1.0)
+              per_prompt=4, ablation_per_tag=8, ablation_samples=2, steps=30, guidance=3.0)
 
 # Targets for the default toy run (REPORT.md marks each number against its target).
 TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.88,
@@ -277,19 +276,32 @@ def print_understand(m: dict) -> None:
 
 @torch.no_grad()
 def generated_embeddings(pipe, tokens: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """CLIP image embeddings of generated targets (N, 64, D) -> (N, E).
+    """CLIP image embeddings of generated targets (N, 64, D) -> (N, E): the targets are decoded to pixels
+    (the pixel decoder, or the VAE's for the ablation) and the pixels encoded by CLIP, so every design is
+    scored the same way."""
+    return torch.cat([pipe.clip.encode_image(pipe.tokens_to_images(tokens[i:i + batch].to(pipe.device))).cpu()
+                      for i in range(0, len(tokens), batch)])
 
-    CLIP targets: the toy CLIP's own pooling of the 64 tokens (ImageEncoder.embed_tokens), no pixels
-    needed. VAE latents (the ablation) have no CLIP embedding: they are decoded (deterministic VAE
-    decoder) and the pixels encoded by CLIP."""
-    out = []
-    for i in range(0, len(tokens), batch):
-        chunk = tokens[i:i + batch].to(pipe.device)
-        if pipe.target == "clip":
-            out.append(pipe.clip.embed_tokens(chunk).cpu())
-        else:
-            out.append(pipe.clip.encode_image(pipe.tokens_to_images(chunk)).cpu())
-    return torch.cat(out)
+
+@torch.no_grad()
+def what_tokens_say(pipe, tokens: torch.Tensor) -> torch.Tensor:
+    """Generated scene tokens (N, 64, S) -> uint8 (N, H, W, 3): the objects the CLIP's scene head reads
+    from them, drawn exactly (data.draw_objects). Scoring these next to the decoded pictures splits what
+    the generator gets wrong from what the pixel decoder loses."""
+    size = pipe.config.clip.image_size
+    colour, shape, box = (x.cpu() for x in pipe.clip.read_scene(tokens.to(pipe.device)))
+    return torch.stack([torch.from_numpy(data.draw_objects(data.objects_from_slots(c, s, b, size), size))
+                        for c, s, b in zip(colour, shape, box)])
+
+
+def score_images(records, images_u8: torch.Tensor) -> dict:
+    """uint8 images (P, S, H, W, 3), S per record, scored by the GenEval rules -> per tag and overall."""
+    hits = {}
+    for record, row in zip(records, images_u8):
+        for img in row:
+            hits.setdefault(record["tag"], []).append(data.score_record(record, data.detect_objects(img.numpy()))[0])
+    per_tag = {tag: sum(h) / len(h) for tag, h in hits.items()}
+    return {"per_tag": per_tag, "overall": sum(per_tag.values()) / len(per_tag)}
 
 
 def clipgen_scores(pipe, records, tokens: torch.Tensor) -> dict:
@@ -376,12 +388,10 @@ def print_geneval(m: dict, title: str) -> None:
 
 
 @torch.no_grad()
-def reconstruct_set(pipe, n: int, steps: int = 20, guidance: float = 1.0, batch: int = 100):
+def reconstruct_set(pipe, n: int, batch: int = 100):
     """-> (uint8 originals (n, 3, H, W), float reconstructions (n, 3, H, W), scenes) of held-out scenes."""
     images, scenes = data.make_image_set(n, split="test", seed=SEED_RECON)
-    rng = torch.Generator(pipe.device).manual_seed(SEED_RECON)
-    recon = torch.cat([pipe.reconstruct(data.as_float(images[i:i + batch]), steps, guidance, rng).cpu()
-                       for i in range(0, n, batch)])
+    recon = torch.cat([pipe.reconstruct(data.as_float(images[i:i + batch])).cpu() for i in range(0, n, batch)])
     return images, recon, scenes
 
 
@@ -398,12 +408,12 @@ def recon_scores(images: torch.Tensor, recon: torch.Tensor, scenes) -> dict:
             "originals": sum(ceiling) / len(ceiling), "images": len(hits)}
 
 
-def eval_recon(pipe, n: int = 200, steps: int = 20, guidance: float = 1.0) -> dict:
-    return recon_scores(*reconstruct_set(pipe, n, steps, guidance))
+def eval_recon(pipe, n: int = 200) -> dict:
+    return recon_scores(*reconstruct_set(pipe, n))
 
 
 def print_recon(m: dict) -> None:
-    print(f"Reconstruction (image -> CLIP tokens -> pixel decoder) of {m['images']} held-out images, "
+    print(f"Reconstruction (image -> CLIP features -> pixel decoder) of {m['images']} held-out images, "
           "scored by the GenEval rules against each scene's own record")
     rows = [[tag, acc] for tag, acc in m["per_tag"].items()]
     rows += [["all", m["recon"]], ["(originals, detector ceiling)", m["originals"]]]
@@ -411,8 +421,7 @@ def print_recon(m: dict) -> None:
 
 
 def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, n_per_tag: int | None = None,
-                    steps: int = 30, guidance: float = 3.0, decoder_steps: int = 20, decoder_guidance: float = 1.0,
-                    seed: int = 0, quiet: bool = False,
+                    steps: int = 30, guidance: float = 3.0, seed: int = 0, quiet: bool = False,
                     tags=None) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
     """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> scores.
 
@@ -423,10 +432,13 @@ def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, 
     outdir = Path(run) / f"geneval-{variant}"
     shutil.rmtree(outdir, ignore_errors=True)  # no stale prompt folders from a larger earlier set
     images, tokens = sample.generate_grid(pipe, [r["prompt"] for r in records], per_prompt, seed, steps,
-                                          guidance, decoder_steps, decoder_guidance, quiet=quiet)
+                                          guidance, quiet=quiet)
     sample.write_geneval(outdir, records, images)
     scores = eval_geneval(outdir)
     scores["folder"] = str(outdir)
+    if pipe.target == "clip" and pipe.clip.scene is not None:  # the same samples, drawn from what they say
+        said = what_tokens_say(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
+        scores["tokens_say"] = score_images(records, said)
     return scores, records, images, tokens
 
 
@@ -538,8 +550,7 @@ def evaluate_all(run, device) -> dict:
         t["understand"] = time.time() - start
     if pipe.decoder is not None:
         start = time.time()
-        images, recon, scenes = reconstruct_set(pipe, REPORT["recon_images"], REPORT["decoder_steps"],
-                                                REPORT["decoder_guidance"])
+        images, recon, scenes = reconstruct_set(pipe, REPORT["recon_images"])
         metrics["recon"] = recon_scores(images, recon, scenes)
         rows = [[im for im in data.as_float(images[:8])], list(recon[:8])]
         sample.save_png(sample.image_grid(rows, ["original", "reconstruction"]),
@@ -549,7 +560,7 @@ def evaluate_all(run, device) -> dict:
         start = time.time()
         geneval, records, images, tokens = eval_toygeneval(
             pipe, run, "flow-clip", REPORT["per_prompt"], REPORT["geneval_per_tag"], REPORT["steps"],
-            REPORT["guidance"], REPORT["decoder_steps"], REPORT["decoder_guidance"], quiet=True)
+            REPORT["guidance"], quiet=True)
         metrics["toygeneval"] = geneval
         metrics["clipgen"] = {"flow-clip": clipgen_scores(pipe, records, tokens)}
         picked = sample_rows(records)
@@ -807,19 +818,16 @@ def parse_args(argv=None):
             c.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
             c.add_argument("--per-tag", type=int, default=None,
                            help="held-out prompts per tag (at most; default: every held-out prompt, 144)")
-            c.add_argument("--decoder-steps", type=int, default=20, help="Euler steps, tokens -> pixels")
-            c.add_argument("--decoder-guidance", type=float, default=1.0, help="guidance of the pixel decoder")
     c = command("recon", "reconstructions of held-out images scored by the GenEval rules")
     c.add_argument("--n", type=int, default=200, help="images")
-    c.add_argument("--decoder-steps", type=int, default=20, help="Euler steps of the pixel decoder")
     c = command("report", "every evaluation -> RUN/REPORT.md, metrics.json and pictures")
     c.add_argument("--force", action="store_true", help="re-evaluate even if the checkpoints are unchanged")
     c = command("geneval", "score a folder in GenEval's layout; writes DIR/results.jsonl")
     c.add_argument("dir", metavar="DIR", help="folder with 00000/metadata.jsonl, 00000/samples/0000.png ...")
 
     args = p.parse_args(argv)
-    check_numbers(p, args, at_least_one=("n", "captions", "steps", "per_tag", "samples", "per_prompt",
-                                         "decoder_steps"), non_negative=("guidance", "decoder_guidance"))
+    check_numbers(p, args, at_least_one=("n", "captions", "steps", "per_tag", "samples", "per_prompt"),
+                  non_negative=("guidance",))
     if args.command in ("clipgen", "toygeneval"):
         args.tags = comma_list(p, "--tags", args.tags, data.TAGS)
     return args
@@ -853,14 +861,16 @@ def run_command(args) -> dict:
                                                     args.seed, args.tags)}
         print_clipgen(m, args.variant)
     elif args.command == "recon":
-        m = eval_recon(sample.load_pipeline(args.run, device=device, need=("clip", "decoder")), args.n,
-                       args.decoder_steps)
+        m = eval_recon(sample.load_pipeline(args.run, device=device, need=("clip", "decoder")), args.n)
         print_recon(m)
     else:  # toygeneval
         pipe = sample.load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
         m, *_ = eval_toygeneval(pipe, args.run, args.variant, args.per_prompt, args.per_tag, args.steps,
-                                args.guidance, args.decoder_steps, args.decoder_guidance, args.seed, tags=args.tags)
+                                args.guidance, args.seed, tags=args.tags)
         print_geneval(m, f"Toy GenEval ({args.variant}): {m['images']} images in {m['folder']}")
+        if "tokens_say" in m:
+            print(f"The same samples drawn exactly from what their tokens say: {fmt(m['tokens_say']['overall'])} "
+                  f"(" + ", ".join(f"{t} {fmt(a)}" for t, a in m["tokens_say"]["per_tag"].items()) + ")")
         m = {"variant": args.variant, **m}
     return m
 

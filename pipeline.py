@@ -483,28 +483,25 @@ class Pipeline:
         return self.generator.sample(cond, steps=steps, guidance=guidance, rng=rng)
 
     @torch.no_grad()
-    def tokens_to_images(self, tokens: torch.Tensor, steps: int = 20, guidance: float = 1.0,
-                         rng=None) -> torch.Tensor:
+    def tokens_to_images(self, tokens: torch.Tensor) -> torch.Tensor:
         """Target tokens -> images (B, 3, H, W) in [0, 1]: the pixel decoder, or the VAE decoder."""
         if self.target == "vae":
             return self.vae.tokens_to_images(tokens)
         if self.decoder is None:
             raise CheckpointError("this run has no pixel decoder (RUN/decoder)")
-        return self.decoder.sample(tokens, steps=steps, guidance=guidance, rng=rng)
+        return self.decoder(tokens)
 
     @torch.no_grad()
-    def generate_images(self, captions, steps: int = 30, guidance: float = 3.0, decoder_steps: int = 20,
-                        decoder_guidance: float = 1.0, rng=None) -> torch.Tensor:
-        """Text -> image: two diffusion stages, condition -> CLIP tokens -> pixels."""
-        tokens = self.generate_tokens(captions, steps, guidance, rng)
-        return self.tokens_to_images(tokens, decoder_steps, decoder_guidance, rng)
+    def generate_images(self, captions, steps: int = 30, guidance: float = 3.0, rng=None) -> torch.Tensor:
+        """Text -> image: condition -> scene tokens (diffusion) -> pixels (the decoder)."""
+        return self.tokens_to_images(self.generate_tokens(captions, steps, guidance, rng))
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, steps: int = 20, guidance: float = 1.0, rng=None):
-        """Image -> CLIP tokens -> image: the CLIP autoencoder (or the VAE's, for target 'vae')."""
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """Image -> target tokens -> image: the CLIP autoencoder (or the VAE's, for target 'vae')."""
         images = images.to(self.device)
-        tokens = self.vae.tokens(images) if self.target == "vae" else self.clip.tokens(images)
-        return self.tokens_to_images(tokens, steps, guidance, rng)
+        tokens = self.vae.tokens(images) if self.target == "vae" else self.clip.target_tokens(images)
+        return self.tokens_to_images(tokens)
 
 
 def check_run_folder(run) -> Path:
@@ -545,7 +542,7 @@ def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> P
         load_stage(pipe.vlm, got[1], "vlm", run / "understand", "understand")
         pipe.vlm.to(device).eval()
     if (got := ckpt("decoder")) is not None:
-        pipe.decoder = PixelDecoder(Config.from_dict(got[0]["config"]).decoder, cfg.clip.image_size)
+        pipe.decoder = PixelDecoder(Config.from_dict(got[0]["config"]).decoder, clip.target_width, cfg.clip.image_size)
         load_stage(pipe.decoder, got[1], "decoder", run / "decoder", "decoder", ema=True)
         pipe.decoder.to(device).eval()
     if (got := ckpt("vae")) is not None:

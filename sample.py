@@ -40,7 +40,7 @@ import blip3o
 import data
 import pipeline
 import released
-from cli import (DECODER_GUIDANCE, DECODER_STEPS, OneLineParser, UserError, add_sampling_options, check_numbers,
+from cli import (OneLineParser, UserError, add_sampling_options, check_numbers,
                  run_main)
 
 
@@ -128,11 +128,10 @@ def check_known_words(tokenizer, texts, allow: bool) -> None:
 
 
 def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int = 4, seed: int = 0, steps: int = 30,
-                  guidance: float = 3.0, decoder_steps: int = 20, decoder_guidance: float = 1.0, batch: int = 64,
-                  quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  guidance: float = 3.0, batch: int = 64, quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)).
 
-    Two diffusion stages per sample: text -> CLIP tokens (or VAE latents) -> pixels. Column j draws all
+    Per sample: text -> CLIP features (diffusion; or VAE latents) -> pixels (the decoder). Column j draws all
     its noise from a generator seeded with seed + j, prompts batched `batch` at a time, so the result is
     reproducible for the same prompts, seed and batch size.
     """
@@ -152,7 +151,7 @@ def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int = 4, seed: 
             images, tokens = [], []
             for i in range(0, len(prompts), batch):
                 tok = pipe.generate_tokens(prompts[i:i + batch], steps=steps, guidance=guidance, rng=rng)
-                images.append(pipe.tokens_to_images(tok, decoder_steps, decoder_guidance, rng).cpu())
+                images.append(pipe.tokens_to_images(tok).cpu())
                 tokens.append(tok.cpu())
                 bar.update(len(prompts[i:i + batch]))
             image_cols.append(torch.cat(images))  # (P, 3, H, W)
@@ -272,8 +271,11 @@ def parse_args(argv=None):
     opts = p.add_argument_group("options")
     opts.add_argument("--num-samples", type=int, default=4, help="images per prompt (default 4)")
     opts.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
-    add_sampling_options(opts, decoder_defaults=f"--official-checkpoint: the released decoder's, {released.STEPS} "
-                         f"steps and guidance {released.GUIDANCE}")
+    add_sampling_options(opts)
+    opts.add_argument("--decoder-steps", type=int, default=released.STEPS,
+                      help=f"--official-checkpoint: Euler steps of the released diffusion decoder ({released.STEPS})")
+    opts.add_argument("--decoder-guidance", type=float, default=released.GUIDANCE,
+                      help=f"--official-checkpoint: guidance of the released decoder ({released.GUIDANCE})")
     opts.add_argument("--allow-unknown-words", action="store_true",
                       help="go on with prompt or question words the toy model never saw (read as <unk>)")
     opts.add_argument("--temperature", type=float, default=0.0, help="answer sampling (0: greedy)")
@@ -295,11 +297,6 @@ def parse_args(argv=None):
     # --official-checkpoint stops at the features with --features-only, --decode (RUN's toy decoder) or
     # --out *.safetensors; otherwise the checkpoint's own decoder runs, with its defaults (released.py).
     args.features_only = args.features_only or args.decode or str(args.out or "").endswith(".safetensors")
-    released_decoder = bool(args.official_checkpoint) and not args.features_only
-    if args.decoder_steps is None:
-        args.decoder_steps = released.STEPS if released_decoder else DECODER_STEPS
-    if args.decoder_guidance is None:
-        args.decoder_guidance = released.GUIDANCE if released_decoder else DECODER_GUIDANCE
 
     modes = [m for m in ("reconstruct", "image", "geneval", "official_checkpoint") if getattr(args, m)]
     if len(modes) > 1:
@@ -359,22 +356,21 @@ def run_text_to_image(args, device):
     check_known_words(pipe.tokenizer, args.prompt, args.allow_unknown_words)
     try:
         images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
-                                  args.decoder_steps, args.decoder_guidance, args.batch_size, quiet=False)
+                                  args.batch_size, quiet=False)
     except ValueError as e:  # e.g. a prompt longer than the backbone's context
         raise UserError(str(e)) from None
     out = save_png(image_grid([list(row) for row in images], args.prompt), args.out or "out/samples.png")
     print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples ({args.variant}, seed {args.seed}, "
-          f"guidance {args.guidance}, {args.steps} + {args.decoder_steps} steps) -> {out}")
+          f"guidance {args.guidance}, {args.steps} steps) -> {out}")
 
 
 def run_reconstruct(args, device):
     pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
     image = read_image(args.reconstruct, pipe.config.clip.image_size)
-    rng = torch.Generator(pipe.device).manual_seed(args.seed)
-    recon = pipe.reconstruct(image[None], steps=args.decoder_steps, guidance=args.decoder_guidance, rng=rng)
+    recon = pipe.reconstruct(image[None])
     grid = image_grid([[image, recon[0].cpu()]], [f"{Path(args.reconstruct).name}: original | reconstruction"])
     out = save_png(grid, args.out or "out/reconstruction.png")
-    print(f"{args.reconstruct} -> 64 CLIP tokens -> pixel decoder ({args.decoder_steps} steps) -> {out}")
+    print(f"{args.reconstruct} -> 64 CLIP features -> pixel decoder -> {out}")
 
 
 def run_answer(args, device):
@@ -402,8 +398,7 @@ def run_geneval(args, device):
           "(they still generate: the toy model simply does not know those words)")
     try:
         images, _ = generate_grid(pipe, [r["prompt"] for r in records], args.per_prompt, args.seed,
-                                  args.steps, args.guidance, args.decoder_steps, args.decoder_guidance, args.batch_size,
-                                  quiet=False)
+                                  args.steps, args.guidance, args.batch_size, quiet=False)
     except ValueError as e:  # e.g. a prompt longer than the backbone's context
         raise UserError(str(e)) from None
     n = write_geneval(args.outdir, records, images, grid=args.grid)
@@ -485,15 +480,13 @@ def render_official(decoder, feats, negative, args, device, out: Path):
 def decode_with_run(args, feats, out: Path, device):
     """--decode: the features through RUN's own (toy) pixel decoder, when its width matches."""
     pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
-    width = pipe.decoder.dit.cfg.cond_dim
+    width = pipe.decoder.where.in_features
     if width != feats.shape[-1]:
         raise UserError(f"the pixel decoder in {args.run} reads {width}-wide CLIP tokens, the released "
                         f"model makes {feats.shape[-1]}-wide ones (drop --decode to use the checkpoint's "
                         "own diffusion decoder)")
     P, S = feats.shape[:2]
-    rng = torch.Generator(pipe.device).manual_seed(args.seed)
-    images = pipe.tokens_to_images(feats.flatten(0, 1).to(pipe.device), args.decoder_steps,
-                                   args.decoder_guidance, rng).cpu()  # (P * S, 3, H, W)
+    images = pipe.tokens_to_images(feats.flatten(0, 1).to(pipe.device)).cpu()  # (P * S, 3, H, W)
     images = images.unflatten(0, (P, S))  # (P, S, 3, H, W)
     png = save_png(image_grid([list(row) for row in images], args.prompt), out.with_suffix(".png"))
     print(f"decoded with {args.run}/decoder -> {png}")

@@ -580,25 +580,31 @@ def plan_clip(args, device) -> Plan:
     cap_ids, _ = blip3o.encode_texts(tok, [s.caption for s in scenes], cfg.clip.context_length)
     prm_ids, _ = blip3o.encode_texts(tok, [s.prompt for s in scenes], cfg.clip.context_length)
     enc = blip3o.ImageEncoder(cfg.clip)
-    # Per-token labels for the dense objective: (N, 64) colour, (N, 64) shape, (N, 64, 4) box.
-    labels = [data.token_labels(s, cfg.clip.grid) for s in scenes]
-    colour, shape, box = (torch.from_numpy(np.stack(x)) for x in zip(*labels))
+    # Per-token labels for the dense objective: (N, 64) colour, (N, 64) shape, (N, 64, 4) box; and per-scene
+    # labels for the scene tokens: (N, 4) colour, (N, 4) shape, (N, 4, 4) box.
+    dense = [torch.from_numpy(np.stack(x)) for x in zip(*(data.token_labels(s, cfg.clip.grid) for s in scenes))]
+    whole = [torch.from_numpy(np.stack(x)) for x in zip(*(data.scene_labels(s) for s in scenes))]
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
         use_prompt = torch.rand(size, generator=rng) < 0.5
         ids = torch.where(use_prompt[:, None], prm_ids[idx], cap_ids[idx])
-        return (data.as_float(images[idx]).to(device), ids.to(device), colour[idx].to(device),
-                shape[idx].to(device), box[idx].to(device))
+        return (data.as_float(images[idx]).to(device), ids.to(device),
+                *(x[idx].to(device) for x in dense + whole))
 
-    def loss(enc, images_b, ids, colour_b, shape_b, box_b, rng):
+    def loss(enc, images_b, ids, colour, shape, box, s_colour, s_shape, s_box, rng):
         if enc.dense_head is None:
             return enc.contrastive_loss(images_b, ids), {}
         tokens = enc.tokens(images_b)  # (B, 64, D_clip)
         l_clip = enc.contrastive_loss(images_b, ids, tokens)
-        l_dense = enc.dense_loss(tokens, colour_b, shape_b, box_b)
+        l_dense = enc.dense_loss(tokens, colour, shape, box)
         logs = {"loss_clip": float(l_clip.detach()), "loss_dense": float(l_dense.detach())}
-        return l_clip + cfg.clip.dense_weight * l_dense, logs
+        value = l_clip + cfg.clip.dense_weight * l_dense
+        if enc.scene is not None:  # the scene blocks read the patch tokens detached: their own objective
+            l_scene = enc.scene_loss(enc.scene_tokens(tokens), s_colour, s_shape, s_box)
+            logs["loss_scene"] = float(l_scene.detach())
+            value = value + l_scene
+        return value, logs
 
     return Plan("clip", Objective(enc, loss), chunk_fn, lambda m: pipeline.module_tensors("clip", m), {},
                 tokenizer=tok, **stage_hparams(args, "clip"))
@@ -695,24 +701,26 @@ def plan_understand(args, device) -> Plan:
 
 
 def plan_decoder(args, device) -> Plan:
-    """The pixel decoder: flow matching from CLIP tokens back to the image (CLIP frozen)."""
+    """The pixel decoder: scene tokens back to the image, one forward pass (CLIP frozen)."""
     cfg = args.config
     if cfg.decoder is None:
         raise UserError(f"preset {cfg.preset} has no toy pixel decoder (the real one is Emu2-Gen's SDXL UNet)")
     enc, tok = load_clip(args, device)
-    images, _ = toy_images(args)
+    images, scenes = toy_images(args)
     print0("[decoder] encoding the training images with the frozen CLIP ...")
-    clip_tokens = encode_all(enc.tokens, images, device)
-    dec = blip3o.PixelDecoder(cfg.decoder, cfg.clip.image_size)
-    set_unit_scale(dec.cond_scale, clip_tokens)
+    tokens = encode_all(enc.target_tokens, images, device)  # (N, 64, S)
+    box = torch.from_numpy(np.stack([data.scene_labels(s)[2] for s in scenes]))  # (N, 4, 4)
+    present = box[..., 2] > 0  # (N, 4): a slot holds an object when its box is not empty
+    dec = blip3o.PixelDecoder(cfg.decoder, tokens.shape[-1], cfg.clip.image_size)
+    set_unit_scale(dec.cond_scale, tokens)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
-        return data.as_float(images[idx]).to(device), clip_tokens[idx].to(device)
+        return (data.as_float(images[idx]).to(device), tokens[idx].to(device), box[idx].to(device),
+                present[idx].to(device))
 
-    def loss(dec, images_b, ctok, rng):
-        value, t, per = dec.loss(images_b, ctok, rng=rng)
-        return value, t_bin_logs(t, per)
+    def loss(dec, images_b, tokens_b, box_b, present_b, rng):
+        return dec.loss(images_b, tokens_b, box_b, present_b, rng=rng)
 
     return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m), {},
                 ema_prefix="decoder.", **stage_hparams(args, "decoder"))
@@ -774,7 +782,7 @@ def generation_data(args, device, target: str):
     enc, tok = load_clip(args, device)
     images, scenes = toy_images(args)
     if target == "clip":
-        targets = encode_all(enc.tokens, images, device)
+        targets = encode_all(enc.target_tokens, images, device)
     else:
         folder = Path(args.out) / "vae"
         meta, tensors, _ = pipeline.load_checkpoint(folder, stage="vae")
@@ -887,9 +895,9 @@ def plan_joint(args, device) -> Plan:
     hparams = stage_hparams(args, "joint")
     if hparams["batch"] < 2:
         raise UserError("--stage joint splits each micro-batch between the two tasks: --batch-size >= 2")
-    tok, _, targets, phrasings = generation_data(args, device, "clip")
-    clip_tokens = targets  # the same frozen CLIP features feed the understanding rows (N, 64, D_clip)
-    _, scenes = toy_images(args)
+    tok, enc, targets, phrasings = generation_data(args, device, "clip")
+    images, scenes = toy_images(args)
+    clip_tokens = encode_all(enc.tokens, images, device)  # what the understanding rows read (N, 64, D_clip)
     rows = qa_table(scenes, args.seed)
     # The stage-1 VLM, unfrozen and trained in fp32: loaded on the CPU, since on CUDA load_lm hands over
     # a bf16 copy for frozen use, and rounding the stage-1 weights would change the starting point.
@@ -1083,14 +1091,14 @@ def plan_generate_stream(args, device) -> Plan:
     if args.grad_checkpointing:
         enable_grad_checkpointing(vlm.lm)
     stream = StreamBatches(open_stream(args, cfg.clip.image_size, rank, world))
-    gen_model = new_generator(args, vlm, args.loss, cfg.clip.width)
+    gen_model = new_generator(args, vlm, args.loss, enc.target_width)
     if cfg.clip.name is None:
         # The toy normalizes its targets (Generator.target_scale): the std of the first samples, read by
         # a reader of its own so every rank computes the same number. The paper does not normalize.
         first = StreamBatches(open_stream(args, cfg.clip.image_size, 0, 1))
         images, _ = first.take(64)
         with torch.no_grad(), pipeline.autocast(device):
-            set_unit_scale(gen_model.target_scale, enc.tokens(images.to(device)).float())
+            set_unit_scale(gen_model.target_scale, enc.target_tokens(images.to(device)).float())
     step_module = generation_objective(gen_model, vlm, args)
     bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
     if tok.pad_token is None:  # right padding is never attended to (causal LM): any id will do
@@ -1100,7 +1108,7 @@ def plan_generate_stream(args, device) -> Plan:
     def chunk_fn(step, chunk, size, rng):
         images, captions = stream.take(size)
         with torch.no_grad(), pipeline.autocast(device):
-            targets = enc.tokens(images.to(device)).float()  # (B, 64, D_clip)
+            targets = enc.target_tokens(images.to(device)).float()  # (B, 64, D_target)
         texts = [cfg.prompt_template.format(c) for c in captions]
         lengths = [blip3o.token_count(tok, t, bos) for t in texts]
         stream.truncated += sum(n > limit for n in lengths)

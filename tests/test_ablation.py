@@ -83,7 +83,7 @@ def test_each_design_trains_and_samples(variant, tiny_run, tmp_path):
     pipe = pipeline.load_run(run, variant, need=("clip", "understand", "generate"))
     assert (pipe.generator.loss_type, pipe.target) == (loss, target)
     images = pipe.generate_images(["a photo of a red circle", "a photo of two squares"], steps=2,
-                                  decoder_steps=2, rng=torch.Generator().manual_seed(0))
+                                  rng=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 32, 32)
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
 
@@ -130,7 +130,7 @@ def test_joint_changes_the_lm_sequential_leaves_it_bit_identical(tiny_run, tmp_p
 def test_diversity_mse_is_deterministic_flow_is_not(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("geneval-*"))
-    rc = ablation.main(["diversity", "--run", str(run), "--seeds", "3", "--steps", "2", "--decoder-steps", "2",
+    rc = ablation.main(["diversity", "--run", str(run), "--seeds", "3", "--steps", "2",
                           "--prompts", "a photo of a red circle", "a photo of two squares"])
     assert rc == 0
     m = last_json(capsys.readouterr().out)

@@ -1,4 +1,4 @@
-"""Properties of the Next-DiT: shapes, how the condition enters, grouped-query attention, spatial_cond."""
+"""Properties of the Next-DiT: shapes, how the condition enters, grouped-query attention."""
 import pytest
 import torch
 
@@ -89,19 +89,15 @@ def test_padded_condition_tokens_are_ignored():
 
 
 @torch.no_grad()
-def test_condition_is_a_set_unless_spatial():
+def test_condition_is_a_set():
     x, t = torch.randn(2, 64, 12), torch.rand(2)
     cond = torch.randn(2, 64, 20)
     perm = torch.randperm(64)
-    # Cross-attention keys carry no position: permuting the condition tokens changes nothing...
+    # Cross-attention keys carry no position: permuting the condition tokens changes nothing.
     model = randomized(tiny())
     # The attention and the mean sum over the permuted tokens in another order (fp32 reassociation).
     torch.testing.assert_close(model(x, t, cond[:, perm]), model(x, t, cond), atol=1e-4, rtol=1e-4)
-    # ...while spatial_cond adds token i of the condition to grid position i.
-    spatial = randomized(tiny(spatial_cond=True))
-    assert not torch.allclose(spatial(x, t, cond[:, perm]), spatial(x, t, cond), atol=1e-2)
-    with pytest.raises(ValueError, match="spatial_cond"):
-        spatial(x, t, cond[:, :5])
+    assert not torch.allclose(model(x, t, torch.randn_like(cond)), model(x, t, cond), atol=1e-2)
 
 
 @torch.no_grad()
@@ -123,7 +119,7 @@ def test_grouped_query_attention_is_multi_head_with_shared_kv(kv_heads):
 
 
 def test_gradients_reach_every_parameter():
-    model = randomized(tiny(spatial_cond=True))
+    model = randomized(tiny())
     v = model(torch.randn(2, 64, 12), torch.rand(2), torch.randn(2, 64, 20))
     v.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

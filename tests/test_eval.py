@@ -98,8 +98,8 @@ def test_command_prints_json_last(command, tiny_run):
         "clip": ["--n", "20"],
         "understand": ["--n", "12", "--captions", "4"],
         "clipgen": ["--per-tag", "1", "--samples", "2", "--steps", "2"],
-        "recon": ["--n", "6", "--decoder-steps", "2"],
-        "toygeneval": ["--per-tag", "1", "--per-prompt", "1", "--steps", "2", "--decoder-steps", "2"],
+        "recon": ["--n", "6"],
+        "toygeneval": ["--per-tag", "1", "--per-prompt", "1", "--steps", "2"],
     }[command]
     res = run_cli(command, "--run", tiny_run, *args)
     assert res.returncode == 0, res.stderr
@@ -170,7 +170,7 @@ def test_full_report_writes_files_and_caches(tiny_run, tmp_path, monkeypatch, ca
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("geneval-*", "REPORT.md", "metrics.json"))
     small = dict(clip_images=20, questions=12, captions=4, recon_images=8, geneval_per_tag=1, per_prompt=2,
-                 ablation_per_tag=1, ablation_samples=1, steps=2, decoder_steps=2)
+                 ablation_per_tag=1, ablation_samples=1, steps=2)
     for k, v in small.items():
         monkeypatch.setitem(evaluation.REPORT, k, v)
 

@@ -33,7 +33,7 @@ def test_toy_clip_gives_64_tokens_and_their_embedding(parts):
     tok, cfg, clip, _, images = parts
     tokens = clip.tokens(images)
     assert tokens.shape == (3, 64, cfg.clip.width)
-    # the embedding of the 64 tokens alone is the image embedding (what lets generated tokens be scored)
+    # the embedding of the 64 tokens alone is the image embedding (what the contrastive loss reuses)
     # Two code paths over the same ops (tokens then pooling, or open_clip's encode_image): default fp32 tol.
     torch.testing.assert_close(clip.embed_tokens(tokens), clip.encode_image(images))
 
@@ -58,6 +58,64 @@ def test_dense_objective_trains_the_tokens_and_ignores_background_boxes(parts):
         torch.testing.assert_close(clip.dense_loss(tokens, colour, shape, moved), loss.detach())
         moved[~background] += 0.25  # ... while a wrong box on an object token costs
         assert clip.dense_loss(tokens, colour, shape, moved) > loss.detach()
+
+
+def test_scene_tokens_each_name_the_whole_scene_and_leave_the_patch_tokens_alone(parts):
+    tok, cfg, _, _, _ = parts
+    clip = blip3o.ImageEncoder(cfg.clip)  # trainable copy; the toy config has the scene blocks
+    images, scenes = data.make_image_set(4, split="train", seed=3)
+    colour, shape, box = (torch.from_numpy(np.stack(x)) for x in zip(*[data.scene_labels(s) for s in scenes]))
+    scene = clip.target_tokens(images.float() / 255)
+    assert scene.shape == (4, 64, cfg.clip.scene_width)
+    clip.scene_loss(scene, colour, shape, box).backward()
+    # The scene blocks train on their own objective; the patch tokens (what the LM reads) get no gradient.
+    assert clip.scene_head.weight.grad.abs().sum() > 0 and clip.scene_pos.grad.abs().sum() > 0
+    assert clip.model.visual.conv1.weight.grad is None
+    # Every token is scored: a head that reads the right scene from the mean but not from each token costs.
+    with torch.no_grad():
+        same = scene.mean(1, keepdim=True).expand_as(scene)
+        spread = same + torch.randn_like(scene) * 3
+        assert clip.scene_loss(spread, colour, shape, box) > clip.scene_loss(same, colour, shape, box)
+    c, s, b = clip.read_scene(scene)
+    assert c.shape == s.shape == (4, blip3o.SCENE_SLOTS) and b.shape == (4, blip3o.SCENE_SLOTS, 4)
+
+
+def test_scene_labels_draw_back_to_the_same_image():
+    """What the scene tokens are trained to say is enough to draw the image exactly (the 'tokens say' score)."""
+    images, scenes = data.make_image_set(60, split="test", seed=5)
+    for img, scene in zip(images, scenes):
+        colour, shape, box = data.scene_labels(scene)
+        assert (shape < len(data.SHAPES)).sum() == len(scene.objects)
+        drawn = data.draw_objects(data.objects_from_slots(colour, shape, box))
+        assert np.array_equal(drawn, img.permute(1, 2, 0).numpy())
+
+
+def test_pixel_decoder_reads_objects_and_learns_to_draw_them():
+    torch.manual_seed(0)
+    cfg = blip3o.DecoderConfig(width=32, layers=2)
+    dec = blip3o.PixelDecoder(cfg, token_dim=8)
+    images, scenes = data.make_image_set(8, split="train", seed=1)
+    images = images.float() / 255
+    box = torch.from_numpy(np.stack([data.scene_labels(s)[2] for s in scenes]))
+    present = box[..., 2] > 0
+    tokens = torch.randn(8, 1, 8).expand(8, 64, 8)  # one scene vector per image, repeated on every token
+    out = dec(tokens)
+    assert out.shape == (8, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+    # The renderer draws every patch from every object: moving one object's centre changes the picture.
+    centres, what = dec.read(tokens)
+    moved = centres.clone()
+    moved[:, 0] += 4
+    assert not torch.allclose(dec.draw(moved, what), dec.draw(centres, what))
+    # Trained on these 8 images (jittered centres, fixed targets), the pixel loss falls.
+    opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
+    rng = torch.Generator().manual_seed(0)
+    first = dec.loss(images, tokens, box, present, rng=rng)[1]
+    for _ in range(150):
+        loss, logs = dec.loss(images, tokens, box, present, rng=rng)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert logs["loss_pixels"] < 0.5 * first["loss_pixels"] and logs["loss_where"] < 0.5 * first["loss_where"]
 
 
 def test_understanding_loss_masks_everything_but_the_answers(parts):

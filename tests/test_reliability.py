@@ -158,7 +158,7 @@ def test_sample_over_long_prompt_is_refused(tiny_run, tmp_path):
     refused with the numbers, nothing written. (Not truncated: the image would silently miss part of
     what was asked for.)"""
     long_prompt = "a photo of " + " ".join(["a red circle and"] * 30) + " a blue square"
-    res = in_process("sample.py", "--run", tiny_run, "--prompt", long_prompt, "--steps", "1", "--decoder-steps", "1",
+    res = in_process("sample.py", "--run", tiny_run, "--prompt", long_prompt, "--steps", "1",
               "--num-samples", "1", "--out", tmp_path / "s.png")
     assert_one_line_error(res, "is longer than the backbone allows (96 with the 64 queries)")
     assert not (tmp_path / "s.png").exists()
@@ -322,7 +322,7 @@ def test_unknown_words_are_refused_by_name(tiny_run, tmp_path, image, capsys):
 
     out = tmp_path / "s.png"
     prompt = ["--run", str(tiny_run), "--prompt", "a photo of a purple dragon riding a bike", "--steps", "1",
-              "--decoder-steps", "1", "--num-samples", "1", "--out", str(out)]
+              "--num-samples", "1", "--out", str(out)]
     one_line_error(capsys, sample.main(prompt), "does not know the words 'dragon', 'riding', 'bike'",
                    f"knows {len(__import__('data').VOCAB)} words", "--allow-unknown-words")
     assert not out.exists()

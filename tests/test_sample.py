@@ -18,7 +18,7 @@ from conftest import GENEVAL_METADATA, in_process, make_release, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL_GENEVAL = Path(GENEVAL_METADATA)
-FAST = ["--steps", "2", "--decoder-steps", "2"]
+FAST = ["--steps", "2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,9 +91,9 @@ def test_generate_grid_columns_follow_seeds(tiny_run):
     """Sample j of every prompt uses seed + j: seed 0 with 2 samples and seed 1 with 1 share a column."""
     pipe = pipeline.load_run(tiny_run)
     prompts = ["a photo of a circle", "a photo of a blue square"]
-    two, tokens = sample.generate_grid(pipe, prompts, 2, seed=0, steps=2, decoder_steps=2)
-    one, _ = sample.generate_grid(pipe, prompts, 1, seed=1, steps=2, decoder_steps=2)
-    assert two.shape == (2, 2, 3, 32, 32) and tokens.shape == (2, 2, 64, pipe.config.clip.width)
+    two, tokens = sample.generate_grid(pipe, prompts, 2, seed=0, steps=2)
+    one, _ = sample.generate_grid(pipe, prompts, 1, seed=1, steps=2)
+    assert two.shape == (2, 2, 3, 32, 32) and tokens.shape == (2, 2, 64, pipe.config.clip.scene_width)
     # The same noise through the same modules and shapes, in one process: bit-equal.
     assert torch.equal(two[:, 1], one[:, 0])
     assert (two[:, 0] - two[:, 1]).abs().max() > 1e-3  # another seed, another sample
@@ -110,7 +110,7 @@ def test_answer_caption_and_reconstruct(tiny_run, tmp_path, capsys):
         sampled.append(capsys.readouterr().out)
     assert sampled[0] == sampled[1] and f"Q: {data.caption_question}" in sampled[0]
     out = tmp_path / "recon.png"
-    assert cli("--run", tiny_run, "--reconstruct", img, "--decoder-steps", "2", "--out", out) == 0
+    assert cli("--run", tiny_run, "--reconstruct", img, "--out", out) == 0
     with Image.open(out) as im:
         assert im.height == 4 * 32 + 4  # one row: original and reconstruction side by side
 
@@ -151,13 +151,13 @@ def test_help_shows_examples():
 def test_official_checkpoint_features_and_decode(tiny_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    width = pipeline.load_run(tiny_run).config.clip.width  # so the toy pixel decoder can read them
+    width = pipeline.load_run(tiny_run).config.clip.scene_width  # so the toy pixel decoder can read them
     ckpt, backbone = make_release(tmp_path, width)
     out = tmp_path / "feats.safetensors"
     args = ["--run", tiny_run, "--official-checkpoint", ckpt, "--backbone", backbone, "--prompt",
             "a photo of a red circle", "--prompt", "a photo of two squares", "--num-samples", "2",
             "--steps", "3", "--out", out]
-    assert cli(*args, "--decode", "--decoder-steps", "2") == 0
+    assert cli(*args, "--decode") == 0
     printed = capsys.readouterr().out
     assert "skipped" in printed and "model.embed_tokens" in printed  # the loader's report
     feats = load_file(out)["features"]
