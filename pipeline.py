@@ -7,7 +7,8 @@
 - `load_run`: every trained piece of a toy run (RUN/clip, RUN/understand, RUN/decoder, RUN/generate/...)
   rebuilt from its checkpoints alone, as one `Pipeline` with the methods the scripts call.
 - `load_official_generation_weights`: the released BLIP3-o stage-2 weights (the 64 queries and the
-  Next-DiT, from BLIP3o/BLIP3o-Model-8B or -4B) read straight into our modules, shard by shard.
+  Next-DiT, from BLIP3o/BLIP3o-Model-8B or -4B) read straight into our modules, shard by shard;
+  `load_official_embedding_row`: the trained input embedding of the token [IMG] that precedes the queries.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from blip3o import (
 
 OFFICIAL_DIT_PREFIX = "model.dit.model."
 OFFICIAL_QUERIES_KEY = "model.latent_queries"
+OFFICIAL_EMBED_KEY = "model.embed_tokens.weight"  # the backbone's input embeddings (rows for [IMG] & co.)
 
 
 def official_key_map(dit: NextDiT) -> dict[str, str]:
@@ -95,6 +97,22 @@ class LoadReport:
             for key in getattr(self, what):
                 lines.append(f"{what}: {key}")
         return "\n".join(lines)
+
+
+def load_official_embedding_row(path, token_id: int) -> torch.Tensor | None:
+    """Row `token_id` (H,) of a released checkpoint's `model.embed_tokens.weight`; None if it has no such row.
+
+    Read as a slice, so the (vocabulary, H) table itself never loads. BLIP3o's training adds [IMG], [/IMG]
+    and <image> after Qwen's own tokens and sets their rows to the mean of the others (its train.py,
+    smart_tokenizer_and_embedding_resize): the stock backbone's row at that id is not the trained one.
+    """
+    path = Path(path)
+    for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+        with safe_open(os.fspath(file), framework="pt") as f:
+            if OFFICIAL_EMBED_KEY in f.keys():
+                table = f.get_slice(OFFICIAL_EMBED_KEY)
+                return table[token_id:token_id + 1][0] if token_id < table.get_shape()[0] else None
+    return None
 
 
 def _top_prefix(key: str) -> str:

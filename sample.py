@@ -191,12 +191,25 @@ def read_image(path, image_size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
+# The generation input of the released model, as BLIP3o's inference builds it (NOTES.md, "The generation
+# input"): the caption in Qwen's ChatML template with the assistant turn left open (inference.py,
+# add_template, with conversation.py's conv_qwen), then the token [IMG] (generate_image appends it), then
+# the 64 queries. Training saw the same, except that it closed the empty assistant turn before [IMG].
+OFFICIAL_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                     "<|im_start|>user\nPlease generate image based on the following caption: {}<|im_end|>\n"
+                     "<|im_start|>assistant\n")
+IMG_TOKEN = "[IMG]"  # added by BLIP3o's training after Qwen's own tokens: id 151665 in the released tokenizer
+
+
+
 def load_official(checkpoint, backbone, device: torch.device):
     """-> (generator with the released queries and DiT, frozen LM, tokenizer).
 
     The DiT and queries come from pipeline.load_official_generation_weights (its report is printed; an
-    incomplete load is refused). The backbone (Qwen2.5-VL at real scale) loads from its own path with
-    its tokenizer; the LM runs in bf16 on CUDA, fp32 elsewhere, the DiT in fp32 (under autocast on CUDA).
+    incomplete load is refused). The backbone (Qwen2.5-VL at real scale) loads from its own path; the
+    tokenizer from the checkpoint when it ships one (as BLIP3o's builder.py loads it), else from the
+    backbone; [IMG]'s input embedding from the checkpoint. The LM runs in bf16 on CUDA, fp32 elsewhere,
+    the DiT in fp32 (under autocast on CUDA).
     """
     try:
         queries, dit, report = pipeline.load_official_generation_weights(checkpoint, device=device,
@@ -207,15 +220,25 @@ def load_official(checkpoint, backbone, device: torch.device):
     if queries is None or report.missing or report.mismatched:
         raise UserError(f"{checkpoint} is incomplete: {len(report.missing)} missing, "
                         f"{len(report.mismatched)} mis-shaped tensors (listed above)")
+    tok_dir = checkpoint if (Path(checkpoint) / "tokenizer_config.json").is_file() else backbone
     try:
+        tok = blip3o.load_tokenizer(str(tok_dir))
         lm = blip3o.build_backbone(blip3o.LMConfig(name=str(backbone)), device=device,
                                    dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        tok = blip3o.load_tokenizer(str(backbone))
     except (OSError, ValueError) as e:  # no such folder / hub id, or no config / tokenizer in it
         raise UserError(f"cannot load the backbone {backbone}: {str(e).splitlines()[0]}") from None
     lm.requires_grad_(False).eval()
     if tok.pad_token is None:  # right padding is never attended to (causal LM), any id will do
         tok.pad_token = tok.eos_token
+    if IMG_TOKEN not in tok.get_vocab():  # looked up by name, never by a hard-coded id
+        raise UserError(f"the tokenizer in {tok_dir} has no {IMG_TOKEN} token (BLIP3-o's training adds it): "
+                        "use the released checkpoint's own tokenizer (its folder ships one)")
+    img, table = tok.convert_tokens_to_ids(IMG_TOKEN), lm.get_input_embeddings().weight  # table: (V, D_lm)
+    row = pipeline.load_official_embedding_row(checkpoint, img)
+    if row is not None:
+        table.data[img] = row.to(table.device, table.dtype)  # trained; the frozen backbone's others: stock
+    print(f"tokenizer: {tok_dir}, {IMG_TOKEN} = id {img}, its embedding from "
+          f"{'the checkpoint' if row is not None else 'the backbone (the checkpoint has none)'}")
     lm_dim = lm.config.get_text_config().hidden_size
     if queries.shape[1] != lm_dim:
         raise UserError(f"the checkpoint's queries are {queries.shape[1]} wide, the backbone {lm_dim}: "
@@ -229,16 +252,28 @@ def load_official(checkpoint, backbone, device: torch.device):
     return generator, lm, tok
 
 
+def official_prompt_ids(tok, texts, template: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> ids (B, T) right-padded, lengths (B,): each text in OFFICIAL_TEMPLATE (or bare), then [IMG].
+
+    Tokenized as the official generate_image does: tokenizer(text), which for Qwen adds no <bos>.
+    Generator.condition puts each row's 64 queries right after its own [IMG], at positions len .. len + 63,
+    so the padding of a batch never moves them: every row reads exactly what it would read alone.
+    """
+    img = tok.convert_tokens_to_ids(IMG_TOKEN)
+    rows = [tok(OFFICIAL_TEMPLATE.format(t) if template else t)["input_ids"] + [img] for t in texts]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])  # (B, T)
+    return ids, torch.tensor([len(r) for r in rows])
+
+
 @torch.no_grad()
 def official_features(generator, lm, tok, prompts, num_samples: int, seed: int, steps: int, guidance: float,
                       device: torch.device, template: bool = True) -> torch.Tensor:
     """Prompts -> CLIP features (P, S, 64, D) from the released model; sample j uses seed + j.
 
-    template=False feeds the texts to the LM as they are (the released decoder's negative prompt " ")."""
-    texts = generator.prompts(prompts) if template else list(prompts)
-    bos = tok.bos_token_id is not None  # Qwen's tokenizer has no <bos>
-    length = max(blip3o.token_count(tok, t, bos) for t in texts)
-    ids, lens = blip3o.encode_texts(tok, texts, length, bos=bos, eos=False)
+    template=False feeds the texts bare, still followed by [IMG] (the released decoder's negative prompt " ").
+    The DiT's own guidance is the official one: its unconditional branch is an all-zeros condition."""
+    ids, lens = official_prompt_ids(tok, prompts, template)
     with pipeline.autocast(device):
         cond = generator.condition(lm, ids.to(device), lens.to(device))  # (P, 64, D_lm)
         columns = [generator.sample(cond, steps=steps, guidance=guidance,
@@ -431,8 +466,9 @@ def run_official(args, device):
         if args.decode:
             decode_with_run(args, feats, out, device)
         return
-    # The unconditional input of the decoder's guidance: the features the model generates for " ", once
-    # (BLIP3o's pipeline_llava_gen.py, _prepare_and_encode_inputs, caches them; released.NEGATIVE_PROMPT).
+    # The unconditional input of the decoder's guidance: the features the model generates for the bare text
+    # " " (no template; [IMG] and the queries follow it as always), once (BLIP3o's pipeline_llava_gen.py,
+    # _prepare_and_encode_inputs, caches them; released.NEGATIVE_PROMPT).
     negative = official_features(generator, lm, tok, [released.NEGATIVE_PROMPT], 1, args.seed, args.steps,
                                  args.guidance, device, template=False)[0]  # (1, 64, D)
     del generator, lm  # done with the LM and the DiT: their memory goes to the UNet

@@ -94,8 +94,9 @@ def in_process(script, *args, env=None):
 
 
 def make_release(tmp_path, clip_width: int, drop: str | None = None):
-    """A tiny released-style checkpoint (queries + DiT under official names, a backbone tensor to skip,
-    two shards) and a tiny Qwen2 backbone folder with the toy tokenizer."""
+    """A tiny released-style checkpoint (queries + DiT under official names, the input embeddings, two
+    shards, its own tokenizer with [IMG]) and a tiny Qwen2 backbone folder whose tokenizer, like the stock
+    Qwen's, has the ChatML tokens but no [IMG]. Both tokenizers: the toy one with those tokens added."""
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -104,13 +105,15 @@ def make_release(tmp_path, clip_width: int, drop: str | None = None):
 
     torch.manual_seed(0)
     tok = blip3o.build_toy_tokenizer(data.VOCAB)
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
     backbone = tmp_path / "backbone"
+    tok.save_pretrained(backbone)
+    tok.add_tokens(["[IMG]", "[/IMG]"], special_tokens=True)  # BLIP3o's training adds these (and <image>)
     lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
                                       max_position_embeddings=256, pad_token_id=0, bos_token_id=3,
                                       eos_token_id=2))
     lm.save_pretrained(backbone)
-    tok.save_pretrained(backbone)
     dit = blip3o.NextDiT(blip3o.DiTConfig(in_channels=clip_width, hidden_size=32, num_layers=2, num_heads=2,
                                           num_kv_heads=2, cond_dim=32))
     with torch.no_grad():
@@ -119,7 +122,7 @@ def make_release(tmp_path, clip_width: int, drop: str | None = None):
                 p.normal_()  # open the cross-attention, so the prompt matters
     state = {"model.dit.model." + k: v.contiguous() for k, v in dit.state_dict().items()}
     state["model.latent_queries"] = torch.randn(1, 64, 32)
-    state["model.embed_tokens.weight"] = torch.randn(len(tok), 32)  # the backbone: skipped by the loader
+    state["model.embed_tokens.weight"] = torch.randn(len(tok), 32)  # skipped, but for [IMG]'s row
     if drop is not None:
         state.pop(drop)
     ckpt = tmp_path / "release"
@@ -127,4 +130,5 @@ def make_release(tmp_path, clip_width: int, drop: str | None = None):
     keys = sorted(state)
     save_file({k: state[k] for k in keys[::2]}, ckpt / "model-00001-of-00002.safetensors")
     save_file({k: state[k] for k in keys[1::2]}, ckpt / "model-00002-of-00002.safetensors")
+    tok.save_pretrained(ckpt)
     return ckpt, backbone

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import blip3o
 import data
 import pipeline
 import sample
@@ -176,6 +177,94 @@ def test_official_checkpoint_incomplete_is_refused(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # (above it: save_pretrained's progress)
     assert err.startswith("error: ") and "1 missing" in err
+
+
+def test_official_checkpoint_tokenizer_and_img_row(tmp_path, capsys):
+    """The checkpoint's own tokenizer (it has [IMG]), [IMG]'s trained row from the checkpoint; a tokenizer
+    without [IMG] (the stock backbone's, once the checkpoint's is gone) is refused in one line."""
+    from safetensors import safe_open
+
+    ckpt, backbone = make_release(tmp_path, 16)
+    _, lm, tok = sample.load_official(ckpt, backbone, torch.device("cpu"))
+    img = tok.get_vocab()["[IMG]"]
+    key = "model.embed_tokens.weight"
+    (shard,) = [f for f in ckpt.glob("*.safetensors") if key in safe_open(f, "pt").keys()]
+    row = safe_open(shard, "pt").get_tensor(key)[img]
+    assert torch.equal(lm.get_input_embeddings().weight[img], row)
+    assert f"[IMG] = id {img}, its embedding from the checkpoint" in capsys.readouterr().out
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        (ckpt / name).unlink()
+    rc = sample.main(["--official-checkpoint", str(ckpt), "--backbone", str(backbone), "--prompt", "a circle",
+                      "--features-only"])
+    err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert rc == 2 and err.startswith("error: ") and f"the tokenizer in {backbone} has no [IMG] token" in err
+
+
+# --- the released model's generation input, exactly as BLIP3o's inference builds it ---------------------
+
+
+def qwen_style_tokenizer(folder):
+    """A saved Qwen2 tokenizer in miniature: byte-level BPE over the 256 byte symbols, no merges (each
+    byte is one token, so the expected ids can be spelled piece by piece), <|endoftext|>, the ChatML
+    tokens, and BLIP3o's [IMG], [/IMG], <image> added after them as its training adds them."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import AutoTokenizer, Qwen2Tokenizer
+
+    tok = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[])
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.add_tokens(["[IMG]", "[/IMG]", "<image>"], special_tokens=True)
+    tok.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+CAPTIONS = ["a cat", "two dogs playing on a beach at sunset"]  # different lengths: right padding
+
+
+def test_official_prompt_ids_are_the_official_sequence(tmp_path):
+    tok = qwen_style_tokenizer(tmp_path)
+    vocab = tok.get_vocab()
+    start, end, img = vocab["<|im_start|>"], vocab["<|im_end|>"], vocab["[IMG]"]
+    assert img == 259  # looked up by name: 151665 only in the released tokenizer
+
+    def text(s):  # plain text, byte by byte
+        ids = tok(s)["input_ids"]
+        assert len(ids) == len(s.encode())
+        return ids
+
+    ids, lens = sample.official_prompt_ids(tok, CAPTIONS)
+    assert ids.shape == (2, max(lens)) and lens[0] < lens[1]
+    for b, caption in enumerate(CAPTIONS):
+        # conversation.py's conv_qwen through inference.py's add_template, then generate_image's [IMG]
+        expected = ([start] + text("system\nYou are a helpful assistant.") + [end] + text("\n")
+                    + [start] + text(f"user\nPlease generate image based on the following caption: {caption}")
+                    + [end] + text("\n") + [start] + text("assistant\n") + [img])
+        assert lens[b] == len(expected) and ids[b, :lens[b]].tolist() == expected
+        assert (ids[b, lens[b]:] == tok.pad_token_id).all()
+    ids, lens = sample.official_prompt_ids(tok, [" "], template=False)  # the decoder's negative prompt
+    assert ids.tolist() == [text(" ") + [img]] and lens.tolist() == [2]
+
+
+def test_official_queries_read_their_own_prompt(tmp_path):
+    """Batched and right-padded, each caption's queries sit at positions len .. len + 63 right after its own
+    [IMG] and read what the official generate_image reads for that caption alone: the LM over [prompt ids,
+    64 queries] with an all-ones mask and default positions, the last 64 final (post-norm) hidden states."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = qwen_style_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    lm = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                      max_position_embeddings=512)).eval()
+    gen = blip3o.Generator(blip3o.get_config("toy"), lm_dim=32)
+    ids, lens = sample.official_prompt_ids(tok, CAPTIONS)
+    with torch.no_grad():
+        cond = gen.condition(lm, ids, lens)  # (2, 64, 32)
+        for b, caption in enumerate(CAPTIONS):
+            alone = torch.tensor([tok(sample.OFFICIAL_TEMPLATE.format(caption))["input_ids"] + [259]])
+            seq = torch.cat([lm.model.embed_tokens(alone), gen.queries[None]], 1)  # (1, T_b + 64, 32)
+            out = lm.model(inputs_embeds=seq, attention_mask=torch.ones(seq.shape[:2]),
+                           output_hidden_states=True)
+            torch.testing.assert_close(cond[b], out.hidden_states[-1][0, -64:], rtol=1e-5, atol=1e-5)
 
 
 def test_grid_labels_keep_their_spaces():
