@@ -2,7 +2,7 @@
 
     image --CLIP--> 64 patch tokens (B, 64, D_clip) --projector--> LM  ........ stage 1: understanding
     prompt + 64 learnable queries --frozen LM--> query states (B, 64, D_lm)
-        --Next-DiT + flow matching--> 64 CLIP tokens --pixel decoder (diffusion)--> image  ... stage 2
+        --Next-DiT + flow matching--> 64 CLIP features --pixel decoder--> image  ........ stage 2
 
 Read it top to bottom; every name is defined before it is used, so the stage-2 generator comes after
 the two pieces it is built from (the Next-DiT and flow matching):
@@ -10,9 +10,10 @@ the two pieces it is built from (the Next-DiT and flow matching):
 1. Config and presets: `toy` (trains on a laptop CPU in minutes), `blip3o-4b`, `blip3o-8b` (the paper's).
 2. Tokenizer: a word-level tokenizer built offline for the toy; `AutoTokenizer` for real backbones.
 3. Image encoder: an open_clip CLIP; its last block's patch tokens, average-pooled to an 8x8 grid, are what
-   the LM reads *and* what the generator learns to produce (paper section 3: "CLIP + Flow Matching").
-   The toy CLIP also learns per-token semantics (each token names the object under it), as a web-scale
-   CLIP's patch features carry them.
+   the LM reads and, at real scale, what the generator learns to produce (paper section 3: "CLIP + Flow
+   Matching"; EVA-CLIP's features are deep and global). The toy CLIP learns per-token semantics (each
+   token names the object under it), and two scene blocks on top give the toy's generation target: 64
+   tokens that each describe the whole scene, as EVA-CLIP's pooled features do.
 4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only
    (the toy merges each 2x2 block of CLIP tokens into one LM token as Qwen2-VL does, and also trains on
    text-only rows, so its LM can read a caption as a real backbone can).
@@ -21,8 +22,9 @@ the two pieces it is built from (the Next-DiT and flow matching):
 7. Generation (stage 2): 64 learnable queries appended to the prompt; the frozen LM's last hidden states
    at those positions condition a Next-DiT trained by flow matching, or, for the ablation, a linear map
    trained with MSE.
-8. Pixels: a pixel decoder (the same Next-DiT over 4x4 image patches, conditioned on CLIP tokens) and a
-   small VAE for the "VAE + Flow" ablation.
+8. Pixels: the toy pixel decoder (reads where and what each object is from the generated features, then
+   draws every patch; deterministic, as BLIP3-o's decoder at inference) and a small VAE for the
+   "VAE + Flow" ablation.
 Checkpoints, devices, a whole run rebuilt (`load_run`) and the released weights' loader: pipeline.py.
 
 Flow-matching convention (the paper's, used everywhere in this repository):
@@ -163,11 +165,12 @@ class DecoderConfig:
     layers: int = 3  # hidden layers of the renderer MLP
     patch: int = 4  # each of the 64 grid cells renders a patch x patch block of pixels
     octaves: int = 5  # Fourier features of positions, periods 64, 32, 16, 8, 4 px (at 32 px)
-    # Training only: each object's centre is moved by up to this many pixels (uniform) while the target
-    # image stays put, so the decoder learns to draw a crisp object from a centre that is slightly off, as
-    # the centres read from *generated* tokens are. Less than half the 4-pixel lattice step, so the
-    # right drawing stays unambiguous.
-    jitter: float = 1.8
+    # Objects' places (box corners) and sizes are read on a grid this many pixels apart: the toy's patch
+    # lattice, where every object's box lies.
+    position_step: int = 4
+    # Training only: Gaussian noise of this std (the tokens have unit std) on the pooled scene token the
+    # classifiers read, about how far generated tokens land from real ones (NOTES.md).
+    noise: float = 0.35
 
 
 @dataclass
@@ -450,11 +453,14 @@ class ImageEncoder(nn.Module):
         return tokens if self.scene is None else self.scene_tokens(tokens)
 
     def scene_loss(self, scene: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor):
-        """Every scene token (B, 64, S) predicts all SCENE_SLOTS objects: labels (B, 4), (B, 4), (B, 4, 4)."""
+        """Every scene token (B, 64, S) predicts all SCENE_SLOTS objects: labels (B, 4), (B, 4), (B, 4, 4).
+
+        Boxes are scored in patch units (x grid), so a place one patch off costs as much as a wrong colour:
+        the decoder must read each object's place to the patch."""
         out = self.scene_head(scene).unflatten(-1, (SCENE_SLOTS, OBJECT_OUTPUTS))  # (B, 64, 4, 19)
         n = out.shape[1]
         return object_loss(out, colour[:, None].expand(-1, n, -1), shape[:, None].expand(-1, n, -1),
-                           box[:, None].expand(-1, n, -1, -1))
+                           box[:, None].expand(-1, n, -1, -1) * self.cfg.grid)
 
     @torch.no_grad()
     def read_scene(self, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -462,7 +468,7 @@ class ImageEncoder(nn.Module):
         colour ids (B, 4), shape ids (B, 4) (the last id of each = no object) and boxes (B, 4, 4) in [0, 1]."""
         out = self.scene_head(scene.mean(1)).unflatten(-1, (SCENE_SLOTS, OBJECT_OUTPUTS))  # (B, 4, 19)
         c_logits, s_logits, box = out.split([DENSE_COLOURS, DENSE_SHAPES, 4], dim=-1)
-        return c_logits.argmax(-1), s_logits.argmax(-1), box
+        return c_logits.argmax(-1), s_logits.argmax(-1), box / self.cfg.grid
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embeddings (B, embed_dim) for contrastive training / zero-shot."""
@@ -1105,14 +1111,11 @@ def guided_velocity(model, x, t, cond, guidance, cond_mask=None):
 
 
 @torch.no_grad()
-def euler_sample(model, cond, num_tokens, channels, *, steps=30, guidance=3.0, cond_mask=None, rng=None, x0=None,
-                 temperature: float = 1.0):
+def euler_sample(model, cond, num_tokens, channels, *, steps=30, guidance=3.0, cond_mask=None, rng=None, x0=None):
     """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 with `steps` Euler steps; returns x1.
 
     Defaults are the paper's sampling settings (30 steps, guidance 3.0). x0 (B, num_tokens, channels) may
-    be given for reproducible starts; otherwise it is drawn with `rng` (on cond's device, in cond's
-    dtype) and scaled by `temperature` (1: the model's distribution; < 1: starts nearer the noise mean,
-    trading diversity for cleaner samples, like Glow's sampling temperature).
+    be given for reproducible starts; otherwise it is drawn with `rng` (on cond's device, in cond's dtype).
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -1120,8 +1123,7 @@ def euler_sample(model, cond, num_tokens, channels, *, steps=30, guidance=3.0, c
         raise ValueError(f"guidance must be >= 0, got {guidance}")
     B = cond.shape[0]
     if x0 is None:
-        x0 = temperature * torch.randn(B, num_tokens, channels, device=cond.device, dtype=cond.dtype,
-                                       generator=rng)
+        x0 = torch.randn(B, num_tokens, channels, device=cond.device, dtype=cond.dtype, generator=rng)
     x, dt = x0, 1.0 / steps
     for i in range(steps):
         t = torch.full((B,), i * dt, device=x.device, dtype=torch.float32)
@@ -1225,15 +1227,8 @@ class Generator(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, (H/p)*(W/p), p*p*3) row-major patches (the DiT's token layout)."""
-    B, C, H, W = images.shape
-    x = images.reshape(B, C, H // patch, patch, W // patch, patch)  # (B, C, h, p, w, p)
-    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // patch) * (W // patch), patch * patch * C)
-
-
 def unpatchify(tokens: torch.Tensor, patch: int, channels: int = 3) -> torch.Tensor:
-    """Inverse of `patchify`: (B, h*w, p*p*C) -> (B, C, h*p, w*p) for a square grid."""
+    """Patches (B, h*w, p*p*C), row-major, each (p, p, C) -> images (B, C, h*p, w*p) for a square grid."""
     B, N, _ = tokens.shape
     g = int(math.isqrt(N))
     x = tokens.reshape(B, g, g, patch, patch, channels)  # (B, h, w, p, p, C)
@@ -1250,24 +1245,35 @@ def fourier_features(pos: torch.Tensor, octaves: int, image_size: int) -> torch.
 
 
 class PixelDecoder(nn.Module):
-    """Scene tokens -> image in one forward pass: where each object is, what it is, then every patch drawn.
+    """Scene tokens -> image in one forward pass: read each object as codes, then draw every patch.
 
-    The pooled scene tokens give each of the SCENE_SLOTS objects a centre (`where`, a linear read-out,
-    trained against the true centres) and features (`what`). A renderer MLP then draws each 4x4 patch of
-    the image once per object from (the object's features, Fourier features of the object's centre and of
-    the patch's centre, their offset), and the image is the background plus the sum over objects: a
-    spatial-broadcast decoder. Objects do not overlap in the toy world, so the sum is exact.
-    Deterministic, as BLIP3-o's decoder at inference ("the model performs deterministic reconstruction"):
-    the variety of the pictures comes from the first diffusion stage. At real scale BLIP3-o reuses
-    Emu2-Gen's SDXL UNet (a diffusion decoder) instead; see released.py.
+    Reading: from the pooled scene tokens, classifiers give each of the SCENE_SLOTS objects a colour and
+    a shape (each with a "no object" class), a size and a place (its box's top-left corner), the sizes
+    and places on a grid of `position_step` pixels (Pix2Seq's quantised coordinates). Reading to codes
+    and drawing from the most likely code is what lets the decoder draw *generated* features as crisply
+    as real ones: a generated token a little off the real ones still reads as the same codes.
+    Drawing: each code has a learned embedding; a renderer MLP draws each 4x4 patch once per object, from
+    the object's embeddings and Fourier features of its place and of the patch's offset from it, as a
+    coverage in [0, 1] per pixel that paints the object's colour (a learned palette) over a learned
+    background; objects do not overlap in the toy world, so their paints add up (a spatial-broadcast
+    decoder). Trained on real scenes, drawing from their true codes while the classifiers learn to read
+    them. Deterministic, as BLIP3-o's decoder at inference ("the model performs deterministic
+    reconstruction"): the variety of the pictures comes from the first diffusion stage. At real scale
+    BLIP3-o reuses Emu2-Gen's SDXL UNet (a diffusion decoder) instead; see released.py.
     """
 
     def __init__(self, cfg: DecoderConfig, token_dim: int, image_size: int = 32):
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
         W, P = cfg.width, image_size // cfg.patch  # P x P patches
-        self.where = nn.Linear(token_dim, SCENE_SLOTS * 2)  # each object's centre / image size
-        self.what = nn.Linear(token_dim, SCENE_SLOTS * W)
+        self.points = image_size // cfg.position_step  # grid points per axis for places and sizes
+        # One classifier per code of each object: colour, shape, size, x, y.
+        self.classes = (DENSE_COLOURS, DENSE_SHAPES, self.points, self.points, self.points)
+        self.reader = nn.Sequential(nn.Linear(token_dim, 2 * W), nn.GELU(),
+                                    nn.Linear(2 * W, SCENE_SLOTS * sum(self.classes)))
+        self.embed = nn.ModuleList([nn.Embedding(n, W) for n in self.classes[:3]])  # colour, shape, size
+        self.palette = nn.Embedding(DENSE_COLOURS, 3)  # each colour relative to the background, [-1, 1] units
+        self.background = nn.Parameter(torch.zeros(3))
         cells = (torch.arange(P, dtype=torch.float32) + 0.5) * cfg.patch  # patch centres along one axis
         centres = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), -1).reshape(P * P, 2)  # (64, (x, y))
         self.register_buffer("patch_centres", centres, persistent=False)
@@ -1275,44 +1281,53 @@ class PixelDecoder(nn.Module):
         for _ in range(cfg.layers):
             layers += [nn.Linear(d_in, W), nn.GELU()]
             d_in = W
-        self.render = nn.Sequential(*layers, nn.Linear(W, 3 * cfg.patch ** 2))
+        self.render = nn.Sequential(*layers, nn.Linear(W, cfg.patch ** 2))  # coverage logit of each pixel
         self.register_buffer("cond_scale", torch.ones(()))  # scene tokens / cond_scale: unit std
 
-    def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens (B, 64, S) -> object centres in pixels (B, 4, 2) and object features (B, 4, W)."""
+    def read(self, tokens: torch.Tensor, noise: float = 0.0, rng=None) -> list[torch.Tensor]:
+        """tokens (B, 64, S) -> logits of each code, [(B, 4, classes)] for colour, shape, size, x, y."""
         pooled = (tokens / self.cond_scale).mean(1)  # (B, S): every scene token describes the whole scene
-        centres = self.where(pooled).unflatten(-1, (SCENE_SLOTS, 2)) * self.image_size
-        return centres, self.what(pooled).unflatten(-1, (SCENE_SLOTS, self.cfg.width))
+        if noise > 0:
+            pooled = pooled + noise * torch.randn(pooled.shape, device=pooled.device, generator=rng)
+        return list(self.reader(pooled).unflatten(-1, (SCENE_SLOTS, -1)).split(self.classes, dim=-1))
 
-    def draw(self, centres: torch.Tensor, what: torch.Tensor) -> torch.Tensor:
-        """Objects (B, 4, 2) centres in pixels and (B, 4, W) features -> images (B, 3, H, W) in [-1, 1]."""
-        B, K, _ = centres.shape
-        octaves, size = self.cfg.octaves, self.image_size
-        patch = fourier_features(self.patch_centres, octaves, size)[None, :, None].expand(B, -1, K, -1)  # (B, 64, K, F)
-        obj = fourier_features(centres, octaves, size)[:, None].expand_as(patch)  # (B, 64, K, F)
-        offset = (self.patch_centres[None, :, None] - centres[:, None]) / size  # (B, 64, K, 2)
-        feats = what[:, None].expand(-1, patch.shape[1], -1, -1)  # (B, 64, K, W)
-        pixels = self.render(torch.cat([feats, obj, patch, offset], -1)).sum(2)  # (B, 64, 3 * p * p)
-        return unpatchify(pixels, self.cfg.patch)
+    def draw(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, 4, 5) long: colour, shape, size, x, y of each object -> images (B, 3, H, W) in [-1, 1]."""
+        size, n, step = self.image_size, self.patch_centres.shape[0], self.cfg.position_step
+        what = sum(emb(codes[..., i]) for i, emb in enumerate(self.embed))  # (B, 4, W)
+        corners = codes[..., 3:].float() * step  # (B, 4, 2) in pixels
+        offset = self.patch_centres[None, :, None] - corners[:, None]  # (B, 64, 4, 2) in pixels
+        place = fourier_features(corners, self.cfg.octaves, size)[:, None].expand(-1, n, -1, -1)  # (B, 64, 4, F)
+        inputs = torch.cat([what[:, None].expand(-1, n, -1, -1), place,
+                            fourier_features(offset, self.cfg.octaves, size), offset / size], -1)
+        cover = torch.sigmoid(self.render(inputs))  # (B, 64, 4, p * p)
+        paint = cover[..., None] * self.palette(codes[..., 0])[:, None, :, None]  # (B, 64, 4, p * p, 3)
+        pixels = paint.sum(2) + self.background  # (B, 64, p * p, 3): every object over the background
+        return unpatchify(pixels.flatten(2), self.cfg.patch)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Scene tokens (B, 64, S) -> images (B, 3, H, W) in [0, 1]."""
-        return (self.draw(*self.read(tokens)) + 1).div(2).clamp(0, 1)
+        """Scene tokens (B, 64, S) -> images (B, 3, H, W) in [0, 1], each object drawn from its likeliest codes."""
+        codes = torch.stack([logits.argmax(-1) for logits in self.read(tokens)], -1)  # (B, 4, 5)
+        return (self.draw(codes) + 1).div(2).clamp(0, 1)
 
-    def loss(self, images: torch.Tensor, tokens: torch.Tensor, box: torch.Tensor, present: torch.Tensor, rng=None):
-        """MSE to the image in [-1, 1], plus L1 of the centre read-out on the objects that are there.
+    def codes(self, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """True objects (data.scene_labels: (B, 4), (B, 4), (B, 4, 4) box in [0, 1]) -> codes (B, 4, 5)."""
+        grid = (box * self.image_size / self.cfg.position_step).round().long()  # (B, 4, 4)
+        extent = (grid[..., 2] - grid[..., 0] - 1).clamp(0, self.points - 1)  # size in steps, minus one
+        return torch.stack([colour, shape, extent, grid[..., 0].clamp(0, self.points - 1),
+                            grid[..., 1].clamp(0, self.points - 1)], -1)
 
-        box (B, 4, 4) in [0, 1] and present (B, 4) bool are the true objects in reading order. The
-        renderer draws from the true centres, each moved by up to cfg.jitter pixels (see DecoderConfig),
-        and from the read-out where a slot is empty; the target image stays the unmoved one."""
-        centres, what = self.read(tokens)
-        true = (box[..., :2] + box[..., 2:]) / 2 * self.image_size  # (B, 4, 2) in pixels
-        m = present[..., None].to(centres.dtype)  # (B, 4, 1)
-        l_where = ((centres - true).abs() * m).sum() / m.sum().clamp(min=1) / self.image_size
-        shake = (torch.rand(centres.shape, device=centres.device, generator=rng) * 2 - 1) * self.cfg.jitter
-        drawn = torch.where(present[..., None], true, centres.detach()) + shake
-        l_pixels = F.mse_loss(self.draw(drawn, what), images * 2 - 1)
-        return l_pixels + l_where, {"loss_pixels": float(l_pixels.detach()), "loss_where": float(l_where.detach())}
+    def loss(self, images: torch.Tensor, tokens: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor,
+             box: torch.Tensor, rng=None):
+        """MSE of the image drawn from the true codes (in [-1, 1]), plus the codes' cross-entropy.
+
+        The labels are the true objects in reading order (data.scene_labels); an empty slot's colour and
+        shape are "no object", and its size and place are read as 0 (the renderer learns to draw nothing)."""
+        true = self.codes(colour, shape, box)  # (B, 4, 5)
+        l_codes = sum(F.cross_entropy(logits.flatten(0, 1), true[..., i].flatten())
+                      for i, logits in enumerate(self.read(tokens, self.cfg.noise, rng)))
+        l_pixels = F.mse_loss(self.draw(true), images * 2 - 1)
+        return l_pixels + l_codes, {"loss_pixels": float(l_pixels.detach()), "loss_codes": float(l_codes.detach())}
 
 
 class VAE(nn.Module):

@@ -656,6 +656,9 @@ def summary_table(record: dict, run) -> str:
     if "toygeneval" in record["metrics"]:
         tags = record["metrics"]["toygeneval"]["per_tag"]
         text += "\ntoy GenEval per tag: " + ", ".join(f"{t} {a:.2f}" for t, a in tags.items())
+        if "tokens_say" in record["metrics"]["toygeneval"]:
+            text += f"\nthe same samples drawn from what their tokens say: " \
+                    f"{record['metrics']['toygeneval']['tokens_say']['overall']:.3f}"
     return text + f"\nfull report: {Path(run) / 'REPORT.md'} (metrics.json, samples.png beside it)"
 
 
@@ -709,19 +712,23 @@ def generation_markdown(m: dict, record: dict) -> list[str]:
     md = []
     if "toygeneval" in m:
         g = m["toygeneval"]
-        md += ["", "## Toy GenEval (text -> CLIP tokens -> pixels, scored from pixels)", "",
+        said = g.get("tokens_say", {"per_tag": {}})
+        md += ["", "## Toy GenEval (text -> CLIP features -> pixels, scored from pixels)", "",
                f"{g['images']} images of the held-out prompt set in `{Path(g['folder']).name}/` "
-               "(GenEval layout, `results.jsonl` beside it); overall = mean over tags.", "",
-               "| tag | images | accuracy |", "| --- | --- | --- |"]
-        md += [f"| {t} | {g['images_per_tag'][t]} | {a:.3f} |" for t, a in g["per_tag"].items()]
-        md.append(f"| **overall** | {g['images']} | **{g['overall']:.3f}** |")
+               "(GenEval layout, `results.jsonl` beside it); overall = mean over tags. *Tokens say*: the same "
+               "samples drawn exactly from the objects the CLIP's scene head reads in their generated tokens "
+               "(the generator's share of the errors; the rest is the pixel decoder's).", "",
+               "| tag | images | decoded | tokens say |", "| --- | --- | --- | --- |"]
+        md += [f"| {t} | {g['images_per_tag'][t]} | {a:.3f} | {fmt(said['per_tag'].get(t))} |"
+               for t, a in g["per_tag"].items()]
+        md.append(f"| **overall** | {g['images']} | **{g['overall']:.3f}** | {fmt(said.get('overall'))} |")
     if "samples.png" in record["pictures"]:
         md += ["", "Samples (4 seeds per held-out prompt):", "", "![samples](samples.png)"]
 
     if m.get("clipgen"):
-        md += ["", "## Generated CLIP features, scored in CLIP space", "",
+        md += ["", "## Generated samples, scored in CLIP space", "",
                "Top-1 retrieval of the right prompt among all prompts of its tag (both splits), by the "
-               "toy CLIP embedding of each generated sample. Ablations appear when trained.", ""]
+               "toy CLIP embedding of each decoded sample. Ablations appear when trained.", ""]
         variants = list(m["clipgen"])
         tags = list(dict.fromkeys(t for v in variants for t in m["clipgen"][v]["per_tag"]))
         md += ["| tag | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]

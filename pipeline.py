@@ -51,7 +51,7 @@ def dit_config_from_state(state, **overrides) -> DiTConfig:
 
     Widths come from the weight shapes, depth from the layer indices, heads from the per-head `gate`,
     KV heads from `attn1.to_k`, and the FFN width is taken as stored (4864 in the release, whatever
-    diffusers would compute). What shapes cannot tell (grid_size, spatial_cond, eps) comes from
+    diffusers would compute). What shapes cannot tell (grid_size, eps) comes from
     `overrides` or the defaults.
     """
     gate_keys = [k for k in state if k.endswith("layers.0.gate")]

@@ -516,7 +516,7 @@ def render_official(decoder, feats, negative, args, device, out: Path):
 def decode_with_run(args, feats, out: Path, device):
     """--decode: the features through RUN's own (toy) pixel decoder, when its width matches."""
     pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
-    width = pipe.decoder.where.in_features
+    width = pipe.decoder.what.in_features
     if width != feats.shape[-1]:
         raise UserError(f"the pixel decoder in {args.run} reads {width}-wide CLIP tokens, the released "
                         f"model makes {feats.shape[-1]}-wide ones (drop --decode to use the checkpoint's "

@@ -58,7 +58,7 @@ PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` t
 # Toy defaults per stage: steps, micro-batch, learning rate. Sized so each stage takes a few minutes on
 # 2 CPU cores and reaches the README's numbers.
 TOY = {
-    "clip": dict(steps=1500, batch=128, lr=2e-3),
+    "clip": dict(steps=3000, batch=128, lr=2e-3),
     "understand": dict(steps=2400, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
     "decoder": dict(steps=1600, batch=64, lr=1e-3),
     "vae": dict(steps=600, batch=64, lr=2e-3),
@@ -709,18 +709,17 @@ def plan_decoder(args, device) -> Plan:
     images, scenes = toy_images(args)
     print0("[decoder] encoding the training images with the frozen CLIP ...")
     tokens = encode_all(enc.target_tokens, images, device)  # (N, 64, S)
-    box = torch.from_numpy(np.stack([data.scene_labels(s)[2] for s in scenes]))  # (N, 4, 4)
-    present = box[..., 2] > 0  # (N, 4): a slot holds an object when its box is not empty
+    # The objects of each image in reading order: (N, 4) colour, (N, 4) shape, (N, 4, 4) box.
+    objects = [torch.from_numpy(np.stack(x)) for x in zip(*(data.scene_labels(s) for s in scenes))]
     dec = blip3o.PixelDecoder(cfg.decoder, tokens.shape[-1], cfg.clip.image_size)
     set_unit_scale(dec.cond_scale, tokens)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
-        return (data.as_float(images[idx]).to(device), tokens[idx].to(device), box[idx].to(device),
-                present[idx].to(device))
+        return (data.as_float(images[idx]).to(device), tokens[idx].to(device), *(x[idx].to(device) for x in objects))
 
-    def loss(dec, images_b, tokens_b, box_b, present_b, rng):
-        return dec.loss(images_b, tokens_b, box_b, present_b, rng=rng)
+    def loss(dec, images_b, tokens_b, colour, shape, box, rng):
+        return dec.loss(images_b, tokens_b, colour, shape, box, rng=rng)
 
     return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m), {},
                 ema_prefix="decoder.", **stage_hparams(args, "decoder"))

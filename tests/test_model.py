@@ -90,32 +90,37 @@ def test_scene_labels_draw_back_to_the_same_image():
         assert np.array_equal(drawn, img.permute(1, 2, 0).numpy())
 
 
-def test_pixel_decoder_reads_objects_and_learns_to_draw_them():
+def test_pixel_decoder_reads_codes_and_learns_to_draw_them():
     torch.manual_seed(0)
     cfg = blip3o.DecoderConfig(width=32, layers=2)
     dec = blip3o.PixelDecoder(cfg, token_dim=8)
     images, scenes = data.make_image_set(8, split="train", seed=1)
     images = images.float() / 255
-    box = torch.from_numpy(np.stack([data.scene_labels(s)[2] for s in scenes]))
-    present = box[..., 2] > 0
+    colour, shape, box = (torch.from_numpy(np.stack(x)) for x in zip(*[data.scene_labels(s) for s in scenes]))
     tokens = torch.randn(8, 1, 8).expand(8, 64, 8)  # one scene vector per image, repeated on every token
     out = dec(tokens)
     assert out.shape == (8, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
-    # The renderer draws every patch from every object: moving one object's centre changes the picture.
-    centres, what = dec.read(tokens)
-    moved = centres.clone()
-    moved[:, 0] += 4
-    assert not torch.allclose(dec.draw(moved, what), dec.draw(centres, what))
-    # Trained on these 8 images (jittered centres, fixed targets), the pixel loss falls.
+    logits = dec.read(tokens)
+    assert [x.shape[-1] for x in logits] == [11, 4, 8, 8, 8]  # colour, shape, size, x, y (4-pixel grid)
+    # The codes of a scene: a 12-pixel box at (8, 4) is size code 2 (3 steps), place (2, 1).
+    codes = dec.codes(colour, shape, box)
+    for k, o in enumerate(data._reading_order(scenes[0].objects)):
+        x0, y0, x1, _ = o.box
+        assert codes[0, k].tolist() == [data.COLORS.index(o.color), data.SHAPES.index(o.shape),
+                                        (x1 - x0) // 4 - 1, x0 // 4, y0 // 4]
+    # The renderer draws every patch from every object: moving an object changes the picture.
+    moved = codes.clone()
+    moved[:, 0, 3] = (moved[:, 0, 3] + 2) % 8
+    assert not torch.allclose(dec.draw(moved), dec.draw(codes))
+    # Trained on these 8 images, the pixel loss and the codes' loss fall.
     opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
-    rng = torch.Generator().manual_seed(0)
-    first = dec.loss(images, tokens, box, present, rng=rng)[1]
+    first = dec.loss(images, tokens, colour, shape, box)[1]
     for _ in range(150):
-        loss, logs = dec.loss(images, tokens, box, present, rng=rng)
+        loss, logs = dec.loss(images, tokens, colour, shape, box)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert logs["loss_pixels"] < 0.5 * first["loss_pixels"] and logs["loss_where"] < 0.5 * first["loss_where"]
+    assert logs["loss_pixels"] < 0.5 * first["loss_pixels"] and logs["loss_codes"] < 0.5 * first["loss_codes"]
 
 
 def test_understanding_loss_masks_everything_but_the_answers(parts):
