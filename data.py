@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from blip3o import PROMPT_TEMPLATE  # the paper's generation prompt: its words are in the toy vocabulary
+from blip3o import PROMPT_TEMPLATE, toy_words  # the paper's generation prompt: its words are in the vocabulary
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world
@@ -560,12 +560,12 @@ def _vocab() -> list:
     words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
     words |= {w for rel in RELATIONS for w in rel.split()}
     words |= set("what color is the shape object how many are there where relative to ?".split())
-    words |= set(caption_question.split()) | set(PROMPT_TEMPLATE.format("").split())
+    words |= set(caption_question.split()) | set(toy_words(PROMPT_TEMPLATE.format("")))
     return sorted(words)
 
 
-# Every word of every prompt, caption, question and answer (plus the generation template), exact case,
-# punctuation as separate words: a word-level tokenizer built from this list never meets an unknown word.
+# Every word of every prompt, caption, question and answer (plus the generation template) as the toy
+# tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word here.
 VOCAB = _vocab()
 
 
