@@ -25,7 +25,7 @@ What it measures, in the order it runs:
   batch 64); --fused-adamw and --compile are what train.py uses on a GPU (fused AdamW always on CUDA,
   --compile when asked).
 - sampling: a trained run (--run, rebuilt with pipeline.load_run): text -> image images/s through both
-  diffusion stages at their default steps (Pipeline.generate_images: 30 Euler steps with CFG 3.0 for the
+  diffusion stages at their default steps (Pipeline.generate_images: 30 Euler steps at guidance 3.0 for the
   CLIP features, then the pixel decoder's default steps), and text -> CLIP features alone
   (Pipeline.generate_tokens), at batch 1 and 16 (--sample-batches); median of 3 repetitions. A run
   without its generation checkpoints is reported as skipped, with the command that trains it.
@@ -317,9 +317,9 @@ def bench_sampling(args):
     reps = min(3, args.rounds)  # --rounds below 3: a quick check, not a figure to publish
     # GenEval-style prompts of the held-out split, all different, so a batch pads like a real one does.
     prompts = [data.make_scene(i, "test").prompt for i in range(max(args.sample_batches))]
-    print(f"sampling: run {args.run}; CLIP features: {defaults['steps']} Euler steps, CFG {defaults['guidance']} "
-          f"(conditional + unconditional in one batched pass); pixels: {defaults['decoder_steps']} steps, "
-          f"CFG {defaults['decoder_guidance']}; median of {reps}")
+    print(f"sampling: run {args.run}; CLIP features: {defaults['steps']} Euler steps, "
+          f"guidance {defaults['guidance']} (conditional + unconditional in one batched pass); "
+          f"pixels: {defaults['decoder_steps']} steps, guidance {defaults['decoder_guidance']}; median of {reps}")
     result = {"run": str(args.run), "defaults": defaults, "repetitions": reps}
     for batch in args.sample_batches:
         captions = prompts[:batch]
