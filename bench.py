@@ -317,8 +317,9 @@ def bench_sampling(args):
     reps = min(3, args.rounds)  # --rounds below 3: a quick check, not a figure to publish
     # GenEval-style prompts of the held-out split, all different, so a batch pads like a real one does.
     prompts = [data.make_scene(i, "test").prompt for i in range(max(args.sample_batches))]
-    print(f"sampling: run {args.run}; CLIP features: {defaults['steps']} Euler steps, CFG {defaults['guidance']} "
-          f"(conditional + unconditional in one batched pass); pixels: one decoder pass; median of {reps}")
+    print(f"sampling: run {args.run}; CLIP features: {defaults['steps']} Euler steps, "
+          f"guidance {defaults['guidance']} (conditional + unconditional in one batched pass); "
+          f"pixels: one decoder pass; median of {reps}")
     result = {"run": str(args.run), "defaults": defaults, "repetitions": reps}
     for batch in args.sample_batches:
         captions = prompts[:batch]

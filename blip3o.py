@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -270,6 +271,7 @@ def get_config(preset: str) -> Config:
 PAD, UNK, EOS, BOS, IMAGE = "<pad>", "<unk>", "<eos>", "<bos>", "<image>"
 SPECIAL_TOKENS = [PAD, UNK, EOS, BOS, IMAGE]
 PAD_ID, EOS_ID = SPECIAL_TOKENS.index(PAD), SPECIAL_TOKENS.index(EOS)
+PUNCTUATION = ".,;:!?"  # split off the word it follows or precedes: "circle?" is "circle ?"
 
 
 def build_toy_tokenizer(words):
@@ -278,16 +280,32 @@ def build_toy_tokenizer(words):
     Returns a transformers `PreTrainedTokenizerFast`, so `save_pretrained` / `AutoTokenizer.from_pretrained`
     work exactly as for a real backbone's tokenizer. Pad is id 0 and <eos> id 2, open_clip's defaults.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for w in sorted(set(words) - set(SPECIAL_TOKENS)):
         vocab[w] = len(vocab)
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    _read_as_typed(core)
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK, eos_token=EOS,
                                    bos_token=BOS, extra_special_tokens={"image_token": IMAGE})
+
+
+def _read_as_typed(core) -> None:
+    """Text as people type it: lower-cased, split at spaces, and PUNCTUATION split off its word, so
+    "What color is the circle?" reads as "what color is the circle ?" (toy_words gives the same split).
+    An apostrophe stays inside its word: "what's" is one word, refused by name if the vocabulary lacks it."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Split(Regex(f"[{PUNCTUATION}]"), "isolated")])
+
+
+def toy_words(text: str) -> list[str]:
+    """The words the toy tokenizer reads in `text` (see _read_as_typed): what its vocabulary must hold."""
+    return re.findall(rf"[^\s{PUNCTUATION}]+|[{PUNCTUATION}]", text.lower())
 
 
 def load_tokenizer(path_or_name: str):
@@ -334,9 +352,9 @@ def unknown_words(tokenizer, texts) -> list[str]:
     backbone's BPE tokenizer spells any word in pieces, so it has none (returns [])."""
     if not _is_word_level(tokenizer):
         return []
-    vocab = tokenizer.get_vocab()
-    split = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str
-    words = [w for text in texts for w, _ in split(text)]
+    vocab, core = tokenizer.get_vocab(), tokenizer.backend_tokenizer
+    norm = core.normalizer.normalize_str if core.normalizer is not None else str
+    words = [w for text in texts for w, _ in core.pre_tokenizer.pre_tokenize_str(norm(text))]
     return list(dict.fromkeys(w for w in words if w not in vocab))
 
 

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from blip3o import PROMPT_TEMPLATE  # the paper's generation prompt: its words are in the toy vocabulary
+from blip3o import PROMPT_TEMPLATE, toy_words  # the paper's generation prompt: its words are in the vocabulary
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world
@@ -484,16 +484,14 @@ def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, n
         x0, y0, x1, y1 = o.box
         owner[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = k
     cells = owner.reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, cell * cell)
-    colour = np.full(grid * grid, len(COLORS), dtype=np.int64)
-    shape = np.full(grid * grid, len(SHAPES), dtype=np.int64)
-    box = np.zeros((grid * grid, 4), dtype=np.float32)
-    for i, pixels in enumerate(cells):
-        counts = np.bincount(pixels[pixels >= 0], minlength=len(scene.objects))
-        if counts.size and counts.max() * 4 >= cell * cell:
-            o = scene.objects[int(counts.argmax())]
-            colour[i], shape[i] = COLORS.index(o.color), SHAPES.index(o.shape)
-            box[i] = np.asarray(o.box, dtype=np.float32) / size
-    return colour, shape, box
+    objs = scene.objects
+    counts = (cells[:, :, None] == np.arange(len(objs))).sum(1)  # (grid*grid, K) pixels of each object
+    best, owned = counts.argmax(1), counts.max(1) * 4 >= cell * cell  # (grid*grid,) each
+    colour = np.where(owned, np.array([COLORS.index(o.color) for o in objs])[best], len(COLORS))
+    shape = np.where(owned, np.array([SHAPES.index(o.shape) for o in objs])[best], len(SHAPES))
+    box = np.array([o.box for o in objs], dtype=np.float32)[best] / size  # (grid*grid, 4)
+    box = np.where(owned[:, None], box, 0).astype(np.float32)
+    return colour.astype(np.int64), shape.astype(np.int64), box
 
 
 def scene_labels(scene: Scene, slots: int = MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -591,12 +589,12 @@ def _vocab() -> list:
     words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
     words |= {w for rel in RELATIONS for w in rel.split()}
     words |= set("what color is the shape object how many are there where relative to ?".split())
-    words |= set(caption_question.split()) | set(PROMPT_TEMPLATE.format("").split())
+    words |= set(caption_question.split()) | set(toy_words(PROMPT_TEMPLATE.format("")))
     return sorted(words)
 
 
-# Every word of every prompt, caption, question and answer (plus the generation template), exact case,
-# punctuation as separate words: a word-level tokenizer built from this list never meets an unknown word.
+# Every word of every prompt, caption, question and answer (plus the generation template) as the toy
+# tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word here.
 VOCAB = _vocab()
 
 

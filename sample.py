@@ -8,7 +8,7 @@ there are no model flags. Examples:
     python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --guidance 3.0 --steps 30
     python sample.py --prompt "a photo of a red circle" --variant mse-clip      # the CLIP + MSE ablation
     python sample.py --reconstruct img.png        # image -> 64 CLIP tokens -> pixel decoder, side by side
-    python sample.py --image img.png --question "what color is the circle ?"
+    python sample.py --image img.png --question "what color is the circle?"
     python sample.py --image img.png --caption --temperature 0.7 --seed 3      # sampled, not greedy
     python sample.py --geneval tests/data/geneval_evaluation_metadata.jsonl --outdir out/geneval
         -> GenEval's layout (out/geneval/00000/metadata.jsonl, samples/0000.png ...); score it with
@@ -299,7 +299,7 @@ def parse_args(argv=None):
     mode.add_argument("--prompt", action="append", default=[], help="a caption; repeat for several rows")
     mode.add_argument("--reconstruct", metavar="IMAGE", help="image -> CLIP tokens -> pixels, side by side")
     mode.add_argument("--image", metavar="PATH", help="an image to ask about (with --question or --caption)")
-    mode.add_argument("--question", help="a question about --image, e.g. 'what color is the circle ?'")
+    mode.add_argument("--question", help="a question about --image, e.g. 'what color is the circle?'")
     mode.add_argument("--caption", action="store_true", help=f"caption --image ('{data.caption_question}')")
     mode.add_argument("--geneval", metavar="METADATA.jsonl", help="GenEval prompts -> GenEval folder layout")
     mode.add_argument("--official-checkpoint", metavar="DIR", help="released BLIP3-o weights (with --backbone)")

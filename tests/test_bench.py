@@ -23,7 +23,7 @@ def test_sampling_benchmark_reports_json(tiny_run):
     assert list(result) == ["machine", "sampling"]  # --only runs just what was asked
     sampling = result["sampling"]
     assert "skipped" not in sampling
-    # The benchmark samples as a user would: Pipeline.generate_images' own defaults (30 steps, CFG 3.0).
+    # The benchmark samples as a user would: Pipeline.generate_images' own defaults (30 steps, guidance 3.0).
     assert sampling["defaults"]["steps"] == 30 and sampling["defaults"]["guidance"] == 3.0
     for kind in ("text_to_image", "text_to_clip"):
         figures = sampling["batch_2"][kind]

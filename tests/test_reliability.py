@@ -334,6 +334,21 @@ def test_unknown_words_are_refused_by_name(tiny_run, tmp_path, image, capsys):
     assert sample.main([*question, "--allow-unknown-words"]) == 0
 
 
+def test_questions_and_prompts_as_people_type_them(tiny_run, image, capsys):
+    import data
+    import sample
+
+    toy = blip3o.build_toy_tokenizer(data.VOCAB)
+    typed = ["What color is the shape?", "A photo of a red Circle.", "where is the circle relative to the square?"]
+    spaced = ["what color is the shape ?", "a photo of a red circle .", "where is the circle relative to the square ?"]
+    assert blip3o.unknown_words(toy, typed) == []
+    assert torch.equal(blip3o.encode_texts(toy, typed, 16)[0], blip3o.encode_texts(toy, spaced, 16)[0])
+    assert blip3o.unknown_words(toy, ["What's the shape?", "Circle."]) == ["what's"]
+    question = ["--run", str(tiny_run), "--image", str(image), "--question"]
+    assert sample.main([*question, "what color is the shape?"]) == 0
+    one_line_error(capsys, sample.main([*question, "What's the shape?"]), "does not know the word \"what's\"")
+
+
 def test_a_bpe_tokenizer_knows_every_word():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -1,10 +1,8 @@
 """Data at scale: tar shards and image folders split across ranks and workers, bad samples skipped."""
 import io
 import json
-import os
 import random
 import struct
-import tarfile
 import zlib
 
 import numpy as np
