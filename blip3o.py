@@ -169,9 +169,6 @@ class DecoderConfig:
     # Objects' places (box corners) and sizes are read on a grid this many pixels apart: the toy's patch
     # lattice, where every object's box lies.
     position_step: int = 4
-    # Training only: Gaussian noise of this std (the tokens have unit std) on the pooled scene token the
-    # classifiers read, about how far generated tokens land from real ones (NOTES.md).
-    noise: float = 0.35
 
 
 @dataclass
@@ -1263,19 +1260,19 @@ def fourier_features(pos: torch.Tensor, octaves: int, image_size: int) -> torch.
 
 
 class PixelDecoder(nn.Module):
-    """Scene tokens -> image in one forward pass: read each object as codes, then draw every patch.
+    """Scene tokens -> image in one forward pass: where and what each object is, then every patch drawn.
 
-    Reading: from the pooled scene tokens, classifiers give each of the SCENE_SLOTS objects a colour and
-    a shape (each with a "no object" class), a size and a place (its box's top-left corner), the sizes
-    and places on a grid of `position_step` pixels (Pix2Seq's quantised coordinates). Reading to codes
-    and drawing from the most likely code is what lets the decoder draw *generated* features as crisply
-    as real ones: a generated token a little off the real ones still reads as the same codes.
-    Drawing: each code has a learned embedding; a renderer MLP draws each 4x4 patch once per object, from
-    the object's embeddings and Fourier features of its place and of the patch's offset from it, as a
-    coverage in [0, 1] per pixel that paints the object's colour (a learned palette) over a learned
-    background; objects do not overlap in the toy world, so their paints add up (a spatial-broadcast
-    decoder). Trained on real scenes, drawing from their true codes while the classifiers learn to read
-    them. Deterministic, as BLIP3-o's decoder at inference ("the model performs deterministic
+    From the pooled scene tokens each of the SCENE_SLOTS objects gets a place (its box's top-left corner,
+    classified over the `position_step` grid per axis, like Pix2Seq's quantised coordinates), a colour
+    (classified, with a "no object" class) and features (`what`, for its shape and size). A renderer MLP
+    draws each 4x4 patch once per object, from the object's features and Fourier features of its place
+    and of the patch's offset from it, as a coverage in [0, 1] per pixel that paints the object's colour
+    (a learned palette) over a learned background; objects do not overlap in the toy world, so their
+    paints add up (a spatial-broadcast decoder). Places and colours are drawn from the likeliest class,
+    so a generated feature a little off the real ones still draws a definite place in an exact colour
+    (a decoder that draws straight from the features puts generated objects in blended colours; NOTES.md).
+    Trained on real scenes, drawing from their true places and colours while the classifiers learn to
+    read them. Deterministic, as BLIP3-o's decoder at inference ("the model performs deterministic
     reconstruction"): the variety of the pictures comes from the first diffusion stage. At real scale
     BLIP3-o reuses Emu2-Gen's SDXL UNet (a diffusion decoder) instead; see released.py.
     """
@@ -1284,13 +1281,15 @@ class PixelDecoder(nn.Module):
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
         W, P = cfg.width, image_size // cfg.patch  # P x P patches
-        self.points = image_size // cfg.position_step  # grid points per axis for places and sizes
-        # One classifier per code of each object: colour, shape, size, x, y.
-        self.classes = (DENSE_COLOURS, DENSE_SHAPES, self.points, self.points, self.points)
-        self.reader = nn.Sequential(nn.Linear(token_dim, 2 * W), nn.GELU(),
-                                    nn.Linear(2 * W, SCENE_SLOTS * sum(self.classes)))
-        self.embed = nn.ModuleList([nn.Embedding(n, W) for n in self.classes[:3]])  # colour, shape, size
-        self.palette = nn.Embedding(DENSE_COLOURS, 3)  # each colour relative to the background, [-1, 1] units
+        self.points = image_size // cfg.position_step  # grid points per axis an object's corner can take
+        # (x, y) logits of each corner: an MLP, as a linear map cannot cut one coordinate into sharp bins.
+        self.where = nn.Sequential(nn.Linear(token_dim, W), nn.GELU(), nn.Linear(W, SCENE_SLOTS * 2 * self.points))
+        self.colour = nn.Linear(token_dim, SCENE_SLOTS * DENSE_COLOURS)  # colour logits, last = no object
+        self.what = nn.Linear(token_dim, SCENE_SLOTS * W)
+        # Each colour relative to the background, in [-1, 1] units. It starts at zero: a large random paint
+        # makes the renderer shut every pixel's coverage at once, and a saturated sigmoid learns nothing.
+        self.palette = nn.Embedding(DENSE_COLOURS, 3)
+        nn.init.zeros_(self.palette.weight)
         self.background = nn.Parameter(torch.zeros(3))
         cells = (torch.arange(P, dtype=torch.float32) + 0.5) * cfg.patch  # patch centres along one axis
         centres = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), -1).reshape(P * P, 2)  # (64, (x, y))
@@ -1302,50 +1301,44 @@ class PixelDecoder(nn.Module):
         self.render = nn.Sequential(*layers, nn.Linear(W, cfg.patch ** 2))  # coverage logit of each pixel
         self.register_buffer("cond_scale", torch.ones(()))  # scene tokens / cond_scale: unit std
 
-    def read(self, tokens: torch.Tensor, noise: float = 0.0, rng=None) -> list[torch.Tensor]:
-        """tokens (B, 64, S) -> logits of each code, [(B, 4, classes)] for colour, shape, size, x, y."""
+    def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11), features (B, 4, W)."""
         pooled = (tokens / self.cond_scale).mean(1)  # (B, S): every scene token describes the whole scene
-        if noise > 0:
-            pooled = pooled + noise * torch.randn(pooled.shape, device=pooled.device, generator=rng)
-        return list(self.reader(pooled).unflatten(-1, (SCENE_SLOTS, -1)).split(self.classes, dim=-1))
+        return (self.where(pooled).unflatten(-1, (SCENE_SLOTS, 2, self.points)),
+                self.colour(pooled).unflatten(-1, (SCENE_SLOTS, DENSE_COLOURS)),
+                self.what(pooled).unflatten(-1, (SCENE_SLOTS, self.cfg.width)))
 
-    def draw(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, 4, 5) long: colour, shape, size, x, y of each object -> images (B, 3, H, W) in [-1, 1]."""
-        size, n, step = self.image_size, self.patch_centres.shape[0], self.cfg.position_step
-        what = sum(emb(codes[..., i]) for i, emb in enumerate(self.embed))  # (B, 4, W)
-        corners = codes[..., 3:].float() * step  # (B, 4, 2) in pixels
+    def draw(self, corners: torch.Tensor, colours: torch.Tensor, what: torch.Tensor) -> torch.Tensor:
+        """Objects: corners (B, 4, 2) grid points, colour ids (B, 4), features (B, 4, W) -> (B, 3, H, W) in [-1, 1]."""
+        size, n = self.image_size, self.patch_centres.shape[0]
+        corners = corners.float() * self.cfg.position_step  # (B, 4, 2) in pixels
         offset = self.patch_centres[None, :, None] - corners[:, None]  # (B, 64, 4, 2) in pixels
         place = fourier_features(corners, self.cfg.octaves, size)[:, None].expand(-1, n, -1, -1)  # (B, 64, 4, F)
         inputs = torch.cat([what[:, None].expand(-1, n, -1, -1), place,
                             fourier_features(offset, self.cfg.octaves, size), offset / size], -1)
         cover = torch.sigmoid(self.render(inputs))  # (B, 64, 4, p * p)
-        paint = cover[..., None] * self.palette(codes[..., 0])[:, None, :, None]  # (B, 64, 4, p * p, 3)
+        paint = cover[..., None] * self.palette(colours)[:, None, :, None]  # (B, 64, 4, p * p, 3)
         pixels = paint.sum(2) + self.background  # (B, 64, p * p, 3): every object over the background
         return unpatchify(pixels.flatten(2), self.cfg.patch)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Scene tokens (B, 64, S) -> images (B, 3, H, W) in [0, 1], each object drawn from its likeliest codes."""
-        codes = torch.stack([logits.argmax(-1) for logits in self.read(tokens)], -1)  # (B, 4, 5)
-        return (self.draw(codes) + 1).div(2).clamp(0, 1)
+        """Scene tokens (B, 64, S) -> images (B, 3, H, W) in [0, 1], places and colours the likeliest."""
+        where, colour, what = self.read(tokens)
+        return (self.draw(where.argmax(-1), colour.argmax(-1), what) + 1).div(2).clamp(0, 1)
 
-    def codes(self, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-        """True objects (data.scene_labels: (B, 4), (B, 4), (B, 4, 4) box in [0, 1]) -> codes (B, 4, 5)."""
-        grid = (box * self.image_size / self.cfg.position_step).round().long()  # (B, 4, 4)
-        extent = (grid[..., 2] - grid[..., 0] - 1).clamp(0, self.points - 1)  # size in steps, minus one
-        return torch.stack([colour, shape, extent, grid[..., 0].clamp(0, self.points - 1),
-                            grid[..., 1].clamp(0, self.points - 1)], -1)
+    def loss(self, images: torch.Tensor, tokens: torch.Tensor, colour: torch.Tensor, box: torch.Tensor):
+        """MSE to the image in [-1, 1] drawn from the true places and colours, plus their cross-entropy.
 
-    def loss(self, images: torch.Tensor, tokens: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor,
-             box: torch.Tensor, rng=None):
-        """MSE of the image drawn from the true codes (in [-1, 1]), plus the codes' cross-entropy.
-
-        The labels are the true objects in reading order (data.scene_labels); an empty slot's colour and
-        shape are "no object", and its size and place are read as 0 (the renderer learns to draw nothing)."""
-        true = self.codes(colour, shape, box)  # (B, 4, 5)
-        l_codes = sum(F.cross_entropy(logits.flatten(0, 1), true[..., i].flatten())
-                      for i, logits in enumerate(self.read(tokens, self.cfg.noise, rng)))
-        l_pixels = F.mse_loss(self.draw(true), images * 2 - 1)
-        return l_pixels + l_codes, {"loss_pixels": float(l_pixels.detach()), "loss_codes": float(l_codes.detach())}
+        colour (B, 4) and box (B, 4, 4) in [0, 1] are the true objects in reading order (data.scene_labels);
+        an empty slot is drawn at its read place, and must learn to draw nothing."""
+        where, c_logits, what = self.read(tokens)
+        present = colour < DENSE_COLOURS - 1  # (B, 4)
+        true = (box[..., :2] * self.points).round().long().clamp(0, self.points - 1)  # (B, 4, 2) grid points
+        l_read = F.cross_entropy(where[present].flatten(0, 1), true[present].flatten()) + \
+            F.cross_entropy(c_logits.flatten(0, 1), colour.flatten())
+        corners = torch.where(present[..., None], true, where.detach().argmax(-1))
+        l_pixels = F.mse_loss(self.draw(corners, colour, what), images * 2 - 1)
+        return l_pixels + l_read, {"loss_pixels": float(l_pixels.detach()), "loss_read": float(l_read.detach())}
 
 
 class VAE(nn.Module):

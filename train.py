@@ -60,7 +60,7 @@ PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` t
 TOY = {
     "clip": dict(steps=3000, batch=128, lr=2e-3),
     "understand": dict(steps=2400, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
-    "decoder": dict(steps=1600, batch=64, lr=1e-3),
+    "decoder": dict(steps=4000, batch=64, lr=1e-3),
     "vae": dict(steps=600, batch=64, lr=2e-3),
     "generate": dict(steps=3200, batch=16, lr=2e-3),  # prompts; x2 noise draws each
     "joint": dict(steps=1000, batch=64, lr=1e-3),
@@ -719,7 +719,7 @@ def plan_decoder(args, device) -> Plan:
         return (data.as_float(images[idx]).to(device), tokens[idx].to(device), *(x[idx].to(device) for x in objects))
 
     def loss(dec, images_b, tokens_b, colour, shape, box, rng):
-        return dec.loss(images_b, tokens_b, colour, shape, box, rng=rng)
+        return dec.loss(images_b, tokens_b, colour, box)
 
     return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m), {},
                 ema_prefix="decoder.", **stage_hparams(args, "decoder"))

@@ -90,37 +90,36 @@ def test_scene_labels_draw_back_to_the_same_image():
         assert np.array_equal(drawn, img.permute(1, 2, 0).numpy())
 
 
-def test_pixel_decoder_reads_codes_and_learns_to_draw_them():
+def test_pixel_decoder_reads_objects_and_learns_to_draw_them():
     torch.manual_seed(0)
     cfg = blip3o.DecoderConfig(width=32, layers=2)
     dec = blip3o.PixelDecoder(cfg, token_dim=8)
     images, scenes = data.make_image_set(8, split="train", seed=1)
     images = images.float() / 255
-    colour, shape, box = (torch.from_numpy(np.stack(x)) for x in zip(*[data.scene_labels(s) for s in scenes]))
+    colour, _, box = (torch.from_numpy(np.stack(x)) for x in zip(*[data.scene_labels(s) for s in scenes]))
     tokens = torch.randn(8, 1, 8).expand(8, 64, 8)  # one scene vector per image, repeated on every token
     out = dec(tokens)
     assert out.shape == (8, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
-    logits = dec.read(tokens)
-    assert [x.shape[-1] for x in logits] == [11, 4, 8, 8, 8]  # colour, shape, size, x, y (4-pixel grid)
-    # The codes of a scene: a 12-pixel box at (8, 4) is size code 2 (3 steps), place (2, 1).
-    codes = dec.codes(colour, shape, box)
-    for k, o in enumerate(data._reading_order(scenes[0].objects)):
-        x0, y0, x1, _ = o.box
-        assert codes[0, k].tolist() == [data.COLORS.index(o.color), data.SHAPES.index(o.shape),
-                                        (x1 - x0) // 4 - 1, x0 // 4, y0 // 4]
-    # The renderer draws every patch from every object: moving an object changes the picture.
-    moved = codes.clone()
-    moved[:, 0, 3] = (moved[:, 0, 3] + 2) % 8
-    assert not torch.allclose(dec.draw(moved), dec.draw(codes))
-    # Trained on these 8 images, the pixel loss and the codes' loss fall.
+    where, colours, what = dec.read(tokens)
+    assert where.shape == (8, blip3o.SCENE_SLOTS, 2, 8)  # (x, y) of each corner over 0, 4, ..., 28 px
+    assert colours.shape == (8, blip3o.SCENE_SLOTS, 11)  # 10 colours + no object
+    # The renderer draws every patch from every object: moving an object changes the picture (once the
+    # palette, zero at the start, has colours).
+    with torch.no_grad():
+        dec.palette.weight.normal_()
+    corners = where.argmax(-1)
+    moved = corners.clone()
+    moved[:, 0, 0] = (moved[:, 0, 0] + 2) % 8
+    assert not torch.allclose(dec.draw(moved, colour, what), dec.draw(corners, colour, what))
+    # Trained on these 8 images, the pixel loss and the read-out's loss fall.
     opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
-    first = dec.loss(images, tokens, colour, shape, box)[1]
+    first = dec.loss(images, tokens, colour, box)[1]
     for _ in range(150):
-        loss, logs = dec.loss(images, tokens, colour, shape, box)
+        loss, logs = dec.loss(images, tokens, colour, box)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert logs["loss_pixels"] < 0.5 * first["loss_pixels"] and logs["loss_codes"] < 0.5 * first["loss_codes"]
+    assert logs["loss_pixels"] < 0.5 * first["loss_pixels"] and logs["loss_read"] < 0.5 * first["loss_read"]
 
 
 def test_understanding_loss_masks_everything_but_the_answers(parts):
