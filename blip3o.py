@@ -409,7 +409,7 @@ class ImageEncoder(nn.Module):
                               pool_type="none", pad_id=PAD_ID, eos_id=EOS_ID),
             )
             # The toy image embedding is the mean of the (normalised) patch tokens instead of a CLS
-            # token, so a set of 64 *generated* tokens has a CLIP embedding too (see `embed_tokens`).
+            # token, so the patch tokens alone give the embedding (see `embed_tokens`).
             self.model.visual.pool_type = "avg"
         else:
             # A named open_clip model; "image_size" forces the resolution (EVA02-E-14-plus: 224 -> 448).
@@ -490,7 +490,7 @@ class ImageEncoder(nn.Module):
         return F.normalize(self.model.encode_image(self.normalize(images)), dim=-1)
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Unit-norm CLIP image embeddings (B, embed_dim) of patch tokens (B, 64, D), e.g. generated ones.
+        """Unit-norm CLIP image embeddings (B, embed_dim) of patch tokens (B, 64, D) already computed.
 
         Exactly what `encode_image` computes after the last block for the toy's average-pooled tower:
         mean over tokens of ln_post(token), then the projection. Real towers pool a CLS token (and pool
