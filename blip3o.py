@@ -52,6 +52,9 @@ import torch.nn.functional as F
 
 # The paper's generation prompt: the caption goes where {} is.
 PROMPT_TEMPLATE = "Please generate an image based on the following caption: {}"
+# The paper's sampling settings, read by every script: Euler steps from noise to CLIP features, and the
+# classifier-free guidance scale.
+SAMPLE_STEPS, GUIDANCE = 30, 3.0
 
 
 @dataclass
@@ -1126,7 +1129,8 @@ def guided_velocity(model, x, t, cond, guidance, cond_mask=None):
 
 
 @torch.no_grad()
-def euler_sample(model, cond, num_tokens, channels, *, steps=30, guidance=3.0, cond_mask=None, rng=None, x0=None):
+def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, cond_mask=None, rng=None,
+                 x0=None):
     """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 with `steps` Euler steps; returns x1.
 
     Defaults are the paper's sampling settings (30 steps, guidance 3.0). x0 (B, num_tokens, channels) may
@@ -1224,7 +1228,7 @@ class Generator(nn.Module):
                                   rng=rng)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, steps: int = 30, guidance: float = 3.0, rng=None) -> torch.Tensor:
+    def sample(self, cond: torch.Tensor, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE, rng=None) -> torch.Tensor:
         """Query states (B, 64, D_lm) -> generated target tokens (B, 64, D_target), unscaled."""
         if self.loss_type == "mse":
             x1 = self.mse(cond)

@@ -1,7 +1,7 @@
 """Command-line plumbing shared by the scripts (train.py, sample.py, eval.py, ablation.py).
 
 A mistake in the command line or in a run folder is reported in one line on stderr with exit status 2,
-never a traceback: the scripts raise `UserError` (or blip3o's `CheckpointError`) and `run_main` turns
+never a traceback: the scripts raise `UserError` (or pipeline's `CheckpointError`) and `run_main` turns
 it into that line.
 """
 import argparse
@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+import blip3o
 import pipeline
 
 
@@ -97,7 +98,7 @@ def metrics_main(run_command, args) -> int:
 
 
 def add_sampling_options(c) -> None:
-    """The generation diffusion's knobs, the paper's defaults: text -> CLIP features in 30 Euler steps with
-    guidance 3.0. (The toy pixel decoder is one forward pass and has none.)"""
-    c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> CLIP features (paper: 30)")
-    c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (paper: 3.0)")
+    """The generation diffusion's knobs, defaulting to the paper's (blip3o.SAMPLE_STEPS, GUIDANCE). The
+    toy pixel decoder is one forward pass and has none."""
+    c.add_argument("--steps", type=int, default=blip3o.SAMPLE_STEPS, help="Euler steps, text -> CLIP features")
+    c.add_argument("--guidance", type=float, default=blip3o.GUIDANCE, help="classifier-free guidance scale")

@@ -39,6 +39,7 @@ Nothing runs at import time.
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -1190,3 +1191,110 @@ def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -
     if tar is not None:
         tar.close()
     return paths
+
+
+class DataError(ValueError):
+    """Training data that cannot be read as asked (train.py reports it in one line, exit status 2)."""
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's brace notation: 'a/{000..002}.tar' -> a/000.tar a/001.tar a/002.tar; '{x,y}' too."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    if ".." in body:
+        lo, hi = body.split("..", 1)
+        if not (lo.isdigit() and hi.isdigit()):
+            raise DataError(f"--data: cannot expand {{{body}}} (numbers expected, as in {{00000..00099}})")
+        items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [name for item in items for name in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def open_source(source: str, captions: str | None, image_size: int, rank: int, world: int):
+    """This rank's reader of train.py's --data: tar shards (glob / brace list), or a folder + --captions."""
+    if captions:
+        if not os.path.isdir(source) or not os.path.isfile(captions):
+            raise DataError(f"--data {source} must be a folder and --captions {captions} a JSONL file")
+        return ImageFolderCaptions(source, captions, image_size, rank=rank, world_size=world)
+    shards = []
+    for name in expand_braces(source):
+        if glob.has_magic(name):
+            shards += sorted(glob.glob(name))
+        elif os.path.isfile(name):
+            shards.append(name)
+        else:
+            raise DataError(f"--data: no shard {name}")
+    if not shards:
+        raise DataError(f"--data {source!r} matches no files")
+    return TarShards(shards, image_size, rank=rank, world_size=world)
+
+
+class StreamBatches:
+    """This rank's endless stream of (images, captions) batches, pass after pass, resumable.
+
+    Samples are read in the training process (no DataLoader workers), so the position saved with a
+    checkpoint is exactly what the finished steps consumed. The reader skips bad samples and counts
+    them per pass; the counts here add up over passes and resumes, and go into the checkpoint.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.epoch = 0  # passes completed over this rank's share
+        self.counts = {"ok": 0, "skipped": {}}  # finished passes (and the part of this one before a resume)
+        self.truncated = 0  # prompts cut to the backbone's length limit
+        self._it, self._yielded, self._fresh = None, 0, True
+
+    def take(self, n: int) -> tuple[torch.Tensor, list]:
+        """The next n good samples -> images (n, 3, S, S) in [0, 1] and n captions."""
+        images, captions = [], []
+        while len(images) < n:
+            if self._it is None:
+                self._it, self._yielded, self._fresh = iter(self.dataset), 0, self.dataset.start == 0
+            try:
+                image, caption = next(self._it)
+            except StopIteration:
+                if self._yielded == 0 and self._fresh:  # a whole pass without one sample: would spin forever
+                    raise DataError(f"--data: no samples for rank {self.dataset.rank} of "
+                                    f"{self.dataset.world_size}") from None
+                self.counts = self.totals()  # the pass's counts join the totals (and are zeroed: once only)
+                self.dataset.stats = {"ok": 0, "skipped": {}}
+                self._it, self.epoch = None, self.epoch + 1
+                continue
+            except RuntimeError as e:  # the reader's "no readable samples" (every sample was bad)
+                raise DataError(f"--data: {e}") from None
+            self._yielded += 1
+            images.append(image)
+            captions.append(caption)
+        return torch.stack(images), captions
+
+    def totals(self) -> dict:
+        skipped = dict(self.counts["skipped"])
+        for reason, k in self.dataset.stats["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + k
+        return {"ok": self.counts["ok"] + self.dataset.stats["ok"], "skipped": skipped}
+
+    def state(self) -> dict:
+        """This rank's position and counts, as saved (for every rank) in the checkpoint."""
+        return {"epoch": self.epoch, "position": self.dataset.state_dict()["position"],
+                "truncated": self.truncated, **self.totals()}
+
+    def load_state(self, mine: dict) -> None:
+        """Continue where this rank's saved `state()` stopped reading."""
+        self.epoch, self.truncated = mine["epoch"], mine["truncated"]
+        self.counts = {"ok": mine["ok"], "skipped": dict(mine["skipped"])}
+        self.dataset.load_state_dict({"position": mine["position"]})
+
+
+def stream_summary(ranks: list) -> str:
+    """One line for the log: samples read and skipped (with reasons), summed over every rank's state()."""
+    ok, skipped, truncated = 0, {}, 0
+    for r in ranks:
+        ok, truncated = ok + r["ok"], truncated + r["truncated"]
+        for reason, k in r["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + k
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
+    return (f"{ok} samples read, {sum(skipped.values())} skipped ({reasons}), {truncated} prompts "
+            f"truncated; {max(r['epoch'] for r in ranks)} full passes, {len(ranks)} rank(s)")

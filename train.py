@@ -30,12 +30,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -182,7 +180,7 @@ class Plan:
     ema_prefix: str | None = None
     # --fsdp: (inner module) -> the modules fully_shard made FSDP roots (only stages that support it).
     shard_fn: object = None
-    # A streamed dataset (StreamBatches) whose read position is checkpointed per rank; None: the toy's
+    # A streamed dataset (data.StreamBatches) whose read position is checkpointed per rank; None: the toy's
     # indexed data, which needs no position (chunk c of step s is a pure function of (seed, s, c)).
     stream: object = None
 
@@ -330,8 +328,13 @@ def restore(plan: Plan, model: Objective, folder: Path, args) -> Restored:
                 raise pipeline.CheckpointError(f"{folder}: {k} is {tuple(tensors[k].shape)} in the "
                                              f"checkpoint, {tuple(v.shape)} in the model")
             v.copy_(tensors[k])
-    if plan.stream is not None:
-        plan.stream.load_state(meta["state"].get("data"), rank, world)
+    saved = meta["state"].get("data")
+    if plan.stream is not None and saved is not None:
+        if saved["world"] == world:
+            plan.stream.load_state(saved["ranks"][rank])
+        else:
+            print0(f"warning: the data position was saved by {saved['world']} ranks, this run has {world}: "
+                   "the data stream starts again from the beginning")
     source = pipeline.previous_path(folder) if damaged_latest else folder
     print0(f"[{plan.name}] resuming at step {meta['state']['step']} from {source}")
     return Restored(meta["state"]["step"], meta["state"]["history"], tensors, opt_state, damaged_latest)
@@ -399,8 +402,8 @@ def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step:
     loop = {"step": step, "done": done, "history": history,
             "data_position": step * plan.batch * args.grad_accum * world, "optimizer_format": optimizer_format(args)}
     if plan.stream is not None:
-        loop["data"] = plan.stream.state(world)
-        print0(f"[{plan.name}] data: {plan.stream.summary(loop['data'])}")
+        loop["data"] = {"world": world, "ranks": gather_objects(plan.stream.state())}  # a collective
+        print0(f"[{plan.name}] data: {data.stream_summary(loop['data']['ranks'])}")
     if rank != 0:
         return
     meta = {"stage": plan.name, "config": args.config.to_dict(), "state": loop, **plan.meta,
@@ -957,127 +960,6 @@ def enable_grad_checkpointing(lm) -> None:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data at scale (--data): WebDataset shards or an image folder, streamed, encoded by CLIP as they come
-# ----------------------------------------------------------------------------------------------------
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """WebDataset's brace notation: 'a/{000..002}.tar' -> a/000.tar a/001.tar a/002.tar; '{x,y}' too."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
-        return [pattern]
-    body = m.group(1)
-    if ".." in body:
-        lo, hi = body.split("..", 1)
-        if not (lo.isdigit() and hi.isdigit()):
-            raise UserError(f"--data: cannot expand {{{body}}} (numbers expected, as in {{00000..00099}})")
-        items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [name for item in items for name in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
-
-
-def open_stream(args, image_size: int, rank: int, world: int):
-    """This rank's reader of --data: tar shards (glob / brace list), or a folder with --captions JSONL."""
-    if args.captions:
-        if not Path(args.data).is_dir() or not Path(args.captions).is_file():
-            raise UserError(f"--data {args.data} must be a folder and --captions {args.captions} a JSONL file")
-        return data.ImageFolderCaptions(args.data, args.captions, image_size, rank=rank, world_size=world)
-    shards = []
-    for name in expand_braces(args.data):
-        if glob.has_magic(name):
-            shards += sorted(glob.glob(name))
-        elif Path(name).is_file():
-            shards.append(name)
-        else:
-            raise UserError(f"--data: no shard {name}")
-    if not shards:
-        raise UserError(f"--data {args.data!r} matches no files")
-    return data.TarShards(shards, image_size, rank=rank, world_size=world)
-
-
-class StreamBatches:
-    """This rank's endless stream of (images, captions) batches, pass after pass, resumable.
-
-    Samples are read in the training process (no DataLoader workers), so the position saved with a
-    checkpoint is exactly what the finished steps consumed. The reader skips bad samples and counts
-    them per pass; the counts here add up over passes and resumes, and go into the checkpoint.
-    """
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-        self.epoch = 0  # passes completed over this rank's share
-        self.counts = {"ok": 0, "skipped": {}}  # finished passes (and the part of this one before a resume)
-        self.truncated = 0  # prompts cut to the backbone's length limit
-        self._it, self._yielded, self._fresh = None, 0, True
-
-    def take(self, n: int) -> tuple[torch.Tensor, list]:
-        """The next n good samples -> images (n, 3, S, S) in [0, 1] and n captions."""
-        images, captions = [], []
-        while len(images) < n:
-            if self._it is None:
-                self._it, self._yielded, self._fresh = iter(self.dataset), 0, self.dataset.start == 0
-            try:
-                image, caption = next(self._it)
-            except StopIteration:
-                if self._yielded == 0 and self._fresh:  # a whole pass without one sample: would spin forever
-                    raise UserError(f"--data: no samples for rank {self.dataset.rank} of "
-                                    f"{self.dataset.world_size}") from None
-                self._merge()
-                self._it, self.epoch = None, self.epoch + 1
-                continue
-            except RuntimeError as e:  # the reader's "no readable samples" (every sample was bad)
-                raise UserError(f"--data: {e}") from None
-            self._yielded += 1
-            images.append(image)
-            captions.append(caption)
-        return torch.stack(images), captions
-
-    def _merge(self) -> None:
-        """Add the reader's per-pass counts to the running totals (and zero them, so none count twice)."""
-        self.counts = self.totals()
-        self.dataset.stats = {"ok": 0, "skipped": {}}
-
-    def totals(self) -> dict:
-        skipped = dict(self.counts["skipped"])
-        for reason, k in self.dataset.stats["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + k
-        return {"ok": self.counts["ok"] + self.dataset.stats["ok"], "skipped": skipped}
-
-    def state(self, world: int) -> dict:
-        """Every rank's position and counts (a collective), as saved in the checkpoint."""
-        mine = {"epoch": self.epoch, "position": self.dataset.state_dict()["position"],
-                "truncated": self.truncated, **self.totals()}
-        return {"world": world, "ranks": gather_objects(mine)}
-
-    def load_state(self, saved: dict | None, rank: int, world: int) -> None:
-        """Continue where the checkpoint's steps stopped reading (needs the same number of ranks)."""
-        if saved is None:
-            return
-        if saved["world"] != world:
-            print0(f"warning: the data position was saved by {saved['world']} ranks, this run has {world}: "
-                   "the data stream starts again from the beginning")
-            return
-        mine = saved["ranks"][rank]
-        self.epoch, self.truncated = mine["epoch"], mine["truncated"]
-        self.counts = {"ok": mine["ok"], "skipped": dict(mine["skipped"])}
-        self.dataset.load_state_dict({"position": mine["position"]})
-
-    @staticmethod
-    def summary(state: dict) -> str:
-        """One line for the log: samples read and skipped (with reasons), summed over the ranks."""
-        ok, skipped, truncated = 0, {}, 0
-        for r in state["ranks"]:
-            ok, truncated = ok + r["ok"], truncated + r["truncated"]
-            for reason, k in r["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + k
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
-        passes = max(r["epoch"] for r in state["ranks"])
-        return (f"{ok} samples read, {sum(skipped.values())} skipped ({reasons}), {truncated} prompts "
-                f"truncated; {passes} full passes, {state['world']} rank(s)")
-
-
 def plan_generate_stream(args, device) -> Plan:
     """Stage 2 on streamed image-caption data (--data): each rank reads its share of the samples, the
     frozen CLIP encodes the images as they arrive, and captions become prompts with the paper's template."""
@@ -1089,12 +971,12 @@ def plan_generate_stream(args, device) -> Plan:
     vlm = load_lm(args, tok, device)
     if args.grad_checkpointing:
         enable_grad_checkpointing(vlm.lm)
-    stream = StreamBatches(open_stream(args, cfg.clip.image_size, rank, world))
+    stream = data.StreamBatches(data.open_source(args.data, args.captions, cfg.clip.image_size, rank, world))
     gen_model = new_generator(args, vlm, args.loss, enc.target_width)
     if cfg.clip.name is None:
         # The toy normalizes its targets (Generator.target_scale): the std of the first samples, read by
         # a reader of its own so every rank computes the same number. The paper does not normalize.
-        first = StreamBatches(open_stream(args, cfg.clip.image_size, 0, 1))
+        first = data.StreamBatches(data.open_source(args.data, args.captions, cfg.clip.image_size, 0, 1))
         images, _ = first.take(64)
         with torch.no_grad(), pipeline.autocast(device):
             set_unit_scale(gen_model.target_scale, enc.target_tokens(images.to(device)).float())
@@ -1242,7 +1124,7 @@ def main(argv=None) -> int:
             import eval as evaluation
 
             evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
-    except (UserError, pipeline.CheckpointError) as e:
+    except (UserError, data.DataError, pipeline.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:

@@ -216,9 +216,9 @@ def write_toy_shards(folder, n: int, per_shard: int) -> list[str]:
 
 
 def test_expand_braces():
-    assert train.expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
-    assert train.expand_braces("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
-    assert train.expand_braces("plain.tar") == ["plain.tar"]
+    assert data.expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert data.expand_braces("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
+    assert data.expand_braces("plain.tar") == ["plain.tar"]
 
 
 def test_shards_train_and_resume_at_the_saved_position(run, tmp_path, monkeypatch, capsys):
