@@ -184,25 +184,21 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     num_queries: int = 64  # learnable queries (paper: 64)
     prompt_template: str = PROMPT_TEMPLATE
+    # Stage-2 training where the toy departs from the paper (the README's "Where the toy differs"):
+    time_sampling: str = "uniform"  # flow matching's t ~ U(0, 1) (paper); "logit_normal": SD3's
+    noise_repeats: int = 1  # noise draws per prompt and step, sharing one LM pass (Generator.loss)
+    query_init: str = "normal"  # queries start N(0, 1) (official); "embedding": at the LM embeddings' std
+    target_norm: bool = False  # divide the targets by their std (Stable Diffusion's latent scaling)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        d = dict(d)
-        dec = d.get("decoder")
-        return cls(
-            preset=d["preset"],
-            clip=CLIPConfig(**{**d["clip"], "image_mean": tuple(d["clip"]["image_mean"]),
-                               "image_std": tuple(d["clip"]["image_std"])}),
-            lm=LMConfig(**d["lm"]),
-            dit=DiTConfig(**d["dit"]),
-            decoder=DecoderConfig(**dec) if dec is not None else None,
-            vae=VAEConfig(**d["vae"]),
-            num_queries=d["num_queries"],
-            prompt_template=d["prompt_template"],
-        )
+        clip = {**d["clip"], "image_mean": tuple(d["clip"]["image_mean"]), "image_std": tuple(d["clip"]["image_std"])}
+        return cls(**{**d, "clip": CLIPConfig(**clip), "lm": LMConfig(**d["lm"]), "dit": DiTConfig(**d["dit"]),
+                      "decoder": DecoderConfig(**d["decoder"]) if d.get("decoder") else None,
+                      "vae": VAEConfig(**d["vae"])})
 
 
 # The real backbones' published config.json numbers (Qwen2.5-VL-3B / 7B-Instruct), for meta-device builds.
@@ -231,7 +227,15 @@ def _toy() -> Config:
     # Generation head: a small Next-DiT over the 64 scene tokens, conditioned on the 64 query states.
     dit = DiTConfig(in_channels=clip.scene_width, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
                     ffn_dim=256, cond_dim=lm.hidden_size, grid_size=clip.grid)
-    return Config(preset="toy", clip=clip, lm=lm, dit=dit, decoder=DecoderConfig())
+    # Stage 2, where the toy departs from the paper (NOTES.md has the measurements):
+    # - logit-normal t (SD3) trains the middle of the path, where layout and colour are decided, more often;
+    # - 2 noise draws per prompt: the frozen LM's pass is 40 % of a toy step, and sharing it makes steps
+    #   ~25 % cheaper;
+    # - the toy LM's embeddings have std ~0.09, so N(0, 1) queries would drown the prompt: they start at
+    #   the embeddings' scale instead;
+    # - unit-std targets (the scene tokens' scale is whatever the CLIP stage made it).
+    return Config(preset="toy", clip=clip, lm=lm, dit=dit, decoder=DecoderConfig(), time_sampling="logit_normal",
+                  noise_repeats=2, query_init="embedding", target_norm=True)
 
 
 def _real(preset: str, lm_name: str, arch: dict) -> Config:
@@ -327,9 +331,24 @@ def encode_texts(tokenizer, texts, length: int, bos: bool = False, eos: bool = T
     return torch.tensor(rows, dtype=torch.long), torch.tensor(lens, dtype=torch.long)
 
 
-def token_count(tokenizer, text: str, bos: bool) -> int:
-    """How many ids encode_texts(..., bos=bos, eos=False) gives `text`: its tokens, plus <bos> if bos."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(bos)
+def encode_prompts(tokenizer, captions, length: int | None = None, template: str = PROMPT_TEMPLATE,
+                   limit: int | None = None):
+    """Captions -> generation prompts: ids (B, T) right-padded, lengths (B,), lengths before any cut (B,).
+
+    Each caption goes into the template, after <bos> if the tokenizer has one (the toy's does, Qwen's
+    does not), with no <eos>: the 64 queries follow. T is `length` (longer prompts are cut) or the longest.
+    A prompt longer than `limit` tokens raises ValueError."""
+    if not all(c.strip() for c in captions):
+        raise ValueError("empty prompt")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    rows = [bos + tokenizer(template.format(c), add_special_tokens=False)["input_ids"] for c in captions]
+    full = torch.tensor([len(r) for r in rows])
+    if limit is not None and int(full.max()) > limit:
+        raise ValueError(f"prompt of {int(full.max())} tokens is longer than the backbone allows ({limit} beside the queries)")
+    T = length or int(full.max())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([r[:T] + [pad] * (T - len(r[:T])) for r in rows])  # (B, T): padding is never attended
+    return ids, full.clamp(max=T), full
 
 
 def decode_ids(tokenizer, ids) -> str:
@@ -552,9 +571,9 @@ def build_backbone(cfg: LMConfig, device=None, dtype=None):
     """The causal LM: a tiny Qwen2 from a config (toy), a real one from `cfg.name`, or on `meta`.
 
     Real Qwen2.5-VL checkpoints load with their vision tower (it serves real understanding); BLIP3-o's
-    generation path drives only its language model through `inputs_embeds` (see `lm_decoder`).
+    generation path drives only its language model through `inputs_embeds` (see Generator.condition).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
     if cfg.name is None:
         hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -582,15 +601,6 @@ def _auto_class(hf_cfg):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     return AutoModelForImageTextToText if hasattr(hf_cfg, "vision_config") else AutoModelForCausalLM
-
-
-def lm_decoder(lm) -> nn.Module:
-    """The decoder stack (embeddings -> blocks -> final norm) of a causal LM, without its LM head.
-
-    Its `last_hidden_state` is taken *after* the final norm, which is where BLIP3-o reads the queries.
-    For Qwen2.5-VL this is the language model inside the multimodal wrapper.
-    """
-    return lm.get_decoder()
 
 
 def text_positions(embeds: torch.Tensor) -> torch.Tensor:
@@ -645,9 +655,9 @@ class VisionLanguageModel(nn.Module):
         self.projector = Projector(clip_dim, lm.config.get_text_config().hidden_size, merge)
         self.image_token_id = image_token_id
 
-    def image_tokens(self, clip_tokens: int) -> int:
-        """How many <image> placeholders an image of `clip_tokens` CLIP tokens needs in the sequence."""
-        return clip_tokens // self.projector.merge ** 2
+    def image_tokens(self, num_clip_tokens: int) -> int:
+        """How many <image> placeholders an image of `num_clip_tokens` CLIP tokens needs in the sequence."""
+        return num_clip_tokens // self.projector.merge ** 2
 
     def embed(self, input_ids: torch.Tensor, clip_tokens: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the projected image tokens scattered into the placeholder slots.
@@ -712,44 +722,13 @@ class VisionLanguageModel(nn.Module):
         return out
 
 
-def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length: int | None = None):
-    """Questions (+ answers) -> (input_ids, labels or None, lengths). Image placeholders first.
-
-    Layout: <bos> <image>*image_tokens question [answer <eos>]; labels keep only the answer and <eos>.
-    image_tokens: VisionLanguageModel.image_tokens (64 CLIP tokens -> 64, or 16 with the toy's merger).
-    """
-    img = [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
-    rows, labels, lens = [], [], []
-    for i, q in enumerate(questions):
-        prompt = [tokenizer.bos_token_id] + img + tokenizer(q, add_special_tokens=False)["input_ids"]
-        target = []
-        if answers is not None:
-            target = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
-        lens.append(len(prompt) + len(target))
-    ids, lab = _pad_right(rows, labels, tokenizer.pad_token_id, length)
-    return ids, (lab if answers is not None else None), torch.tensor(lens)
-
-
-def _pad_right(rows, labels, pad_id: int, length: int | None = None):
-    """Token rows and their label rows -> (ids, labels) tensors (B, T), right-padded (labels with -100)."""
-    longest = max(len(r) for r in rows)
-    T = length or longest
-    if longest > T:
-        raise ValueError(f"sequence of {longest} tokens exceeds the backbone's limit {T}")
-    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
-    return ids, lab
-
-
 def build_conversation_batch(tokenizer, image_tokens: int, conversations, length: int | None = None):
     """Several question/answer turns about one image per row -> (input_ids, labels, lengths).
 
     Layout: <bos> <image>*image_tokens q1 a1 <eos> q2 a2 <eos> ... (LLaVA's multi-turn format). The image
     tokens are the bulk of every sequence, so packing a few turns per image gives several times the
     supervision for little more compute. Labels keep only the answers and their <eos>; image_tokens 0
-    builds text-only rows.
+    builds text-only rows, and an answer None ends the row after its question (a prompt to answer).
     """
     img = [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
     rows, labels = [], []
@@ -758,13 +737,25 @@ def build_conversation_batch(tokenizer, image_tokens: int, conversations, length
         lab = [-100] * len(row)
         for q, a in turns:
             q_ids = tokenizer(q, add_special_tokens=False)["input_ids"]
-            a_ids = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            a_ids = [] if a is None else tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             row += q_ids + a_ids
             lab += [-100] * len(q_ids) + a_ids
         rows.append(row)
         labels.append(lab)
-    ids, lab = _pad_right(rows, labels, tokenizer.pad_token_id, length)
-    return ids, lab, torch.tensor([len(r) for r in rows])
+    T = length or max(len(r) for r in rows)
+    if max(len(r) for r in rows) > T:
+        raise ValueError(f"sequence of {max(len(r) for r in rows)} tokens exceeds the backbone's limit {T}")
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (T - len(r)) for r in rows])  # (B, T), right-padded
+    return ids, torch.tensor([r + [-100] * (T - len(r)) for r in labels]), torch.tensor([len(r) for r in rows])
+
+
+def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length: int | None = None):
+    """One question (+ its answer) per row: a conversation of one turn -> (input_ids, labels, lengths).
+
+    answers None: each row ends after its question, for the model to answer, and labels is None."""
+    turns = [[(q, None if answers is None else answers[i])] for i, q in enumerate(questions)]
+    ids, labels, lens = build_conversation_batch(tokenizer, image_tokens, turns, length)
+    return ids, (labels if answers is not None else None), lens
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -861,11 +852,10 @@ class Attention(nn.Module):
         if out_proj:
             self.to_out = nn.ModuleList([nn.Linear(num_heads * self.head_dim, dim, bias=False)])
 
-    def forward(self, x, context, rope, rope_keys: bool, mask=None) -> torch.Tensor:
+    def forward(self, x, context, rope, rope_keys: bool) -> torch.Tensor:
         """x (B, N, dim) attends to context (B, L, context_dim); returns the heads (B, H, N, head_dim).
 
         RoPE always rotates the queries; the keys only when they live on the same grid (self-attention).
-        mask: None or bool (B, 1, 1, L), True = attend.
         """
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, N, H, hd)
         k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, L, Hkv, hd)
@@ -876,7 +866,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for SDPA
         # Default scale 1/sqrt(head_dim) in both attentions, as the official model.
         gqa = self.num_kv_heads != self.num_heads
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, N, hd)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # (B, H, N, hd)
 
 
 class AdaRMSNormZero(nn.Module):
@@ -929,11 +919,11 @@ class NextDiTBlock(nn.Module):
         self.feed_forward = SwiGLU(D, cfg.ffn_dim)
         self.ffn_norm2 = RMSNorm(D, eps)
 
-    def forward(self, x, cond, cond_mask, temb, rope):
-        """x (B, N, D), cond (B, L, D) projected condition, cond_mask None or (B, 1, 1, L), temb (B, T)."""
+    def forward(self, x, cond, temb, rope):
+        """x (B, N, D), cond (B, L, D) the projected condition, temb (B, T)."""
         h, gate_msa, scale_mlp, gate_mlp = self.norm1(x, temb)  # h (B, N, D)
         self_attn = self.attn1(h, h, rope, rope_keys=True)  # (B, H, N, hd)
-        cross_attn = self.attn2(h, self.norm1_context(cond), rope, rope_keys=False, mask=cond_mask)  # (B, H, N, hd)
+        cross_attn = self.attn2(h, self.norm1_context(cond), rope, rope_keys=False)  # (B, H, N, hd)
         mixed = self_attn + self.gate.tanh()[None, :, None, None] * cross_attn  # (B, H, N, hd)
         mixed = mixed.transpose(1, 2).flatten(2)  # (B, N, H * hd)
         x = x + gate_msa.tanh()[:, None] * self.norm2(self.attn2.to_out[0](mixed))
@@ -977,21 +967,16 @@ class _TimestepMLP(nn.Module):
 
 
 class _TimeCaptionEmbed(nn.Module):
-    """Conditioning vector of the adaLN: timestep MLP + Linear(LayerNorm(masked mean of the condition))."""
+    """Conditioning vector of the adaLN: timestep MLP + Linear(LayerNorm(mean of the condition tokens))."""
 
     def __init__(self, dim: int, cond_width: int):
         super().__init__()
         self.timestep_embedder = _TimestepMLP(dim)
         self.caption_embedder = nn.Sequential(nn.LayerNorm(cond_width), nn.Linear(cond_width, dim))
 
-    def forward(self, timestep, cond, cond_mask):
+    def forward(self, timestep, cond):
         t_emb = self.timestep_embedder(timestep_embedding(timestep).to(cond.dtype))  # (B, T)
-        if cond_mask is None:
-            pooled = cond.mean(dim=1)  # (B, D)
-        else:
-            m = cond_mask.to(cond.dtype)[..., None]  # (B, L, 1)
-            pooled = (cond * m).sum(dim=1) / m.sum(dim=1)  # (B, D)
-        return t_emb + self.caption_embedder(pooled)  # (B, T)
+        return t_emb + self.caption_embedder(cond.mean(dim=1))  # (B, T)
 
 
 class _FinalLayer(nn.Module):
@@ -1013,10 +998,10 @@ class _FinalLayer(nn.Module):
 class NextDiT(nn.Module):
     """The BLIP3-o diffusion transformer: Lumina-Next's Next-DiT with a condition MLP in front.
 
-    forward(x, t, cond, cond_mask=None) -> v, all in the paper's convention:
+    forward(x, t, cond) -> v, all in the paper's convention:
       x (B, N, in_channels) noisy tokens, row-major on the grid_size x grid_size grid;
-      t (B,) in [0, 1], 0 = noise, 1 = data; cond (B, L, cond_dim); cond_mask None or bool (B, L), True =
-      a real token (every row needs at least one); returns the velocity v = x1 - x0, (B, N, in_channels).
+      t (B,) in [0, 1], 0 = noise, 1 = data; cond (B, L, cond_dim), every token real (BLIP3-o's condition
+      is always its 64 query states, so no mask); returns the velocity v = x1 - x0, (B, N, in_channels).
     Inside it speaks the released model's convention (diffusers' Lumina pipeline):
     noise level sigma = 1 - t, timestep = 1000 * sigma fed to the sinusoidal embedding, and the network
     predicts noise - data, so its output is negated. Released weights therefore run unchanged.
@@ -1068,18 +1053,17 @@ class NextDiT(nn.Module):
             layer.compile(**kwargs)
         return self
 
-    def forward(self, x, t, cond, cond_mask=None):
+    def forward(self, x, t, cond):
         B, N, _ = x.shape
         if N != self.cfg.num_tokens:
             raise ValueError(f"expected {self.cfg.num_tokens} tokens ({self.cfg.grid_size}^2 grid), got {N}")
         t = t.expand(B) if t.dim() == 0 else t
         cond = self.caption_projection(cond)  # (B, L, D): every block and the pooled path see this
         h = self.patch_embedder(x)  # (B, N, D)
-        temb = self.time_caption_embed(1000.0 * (1.0 - t), cond, cond_mask)  # (B, T), official timestep
+        temb = self.time_caption_embed(1000.0 * (1.0 - t), cond)  # (B, T), official timestep
         rope = rope_2d(self.cfg.grid_size, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)
-        mask = None if cond_mask is None else cond_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
         for layer in self.layers:
-            h = layer(h, cond, mask, temb, rope)
+            h = layer(h, cond, temb, rope)
         return -self.norm_out(h, temb)  # official output is noise - data; ours is data - noise
 
 
@@ -1088,7 +1072,7 @@ class NextDiT(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-def flow_matching_loss(model, x1, cond, cond_mask=None, *, cond_drop=0.1, time_sampling="uniform", rng=None):
+def flow_matching_loss(model, x1, cond, *, cond_drop=0.1, time_sampling="uniform", rng=None):
     """Rectified-flow loss || v_theta(x_t, t, cond) - (x1 - x0) ||^2 on a batch of targets x1 (B, N, C).
 
     t ~ U(0, 1) ("uniform", the paper) or sigmoid(N(0, 1)) ("logit_normal", SD3's choice, which spends
@@ -1109,28 +1093,25 @@ def flow_matching_loss(model, x1, cond, cond_mask=None, *, cond_drop=0.1, time_s
     if cond_drop > 0:
         drop = torch.rand(B, device=device, generator=rng) < cond_drop  # (B,)
         cond = cond.masked_fill(drop.view(B, *([1] * (cond.dim() - 1))), 0.0)
-    per_sample = (model(xt, t, cond, cond_mask) - (x1 - x0)).float().pow(2).flatten(1).mean(dim=1)  # (B,)
+    per_sample = (model(xt, t, cond) - (x1 - x0)).float().pow(2).flatten(1).mean(dim=1)  # (B,)
     return per_sample.mean(), t, per_sample
 
 
-def guided_velocity(model, x, t, cond, guidance, cond_mask=None):
+def guided_velocity(model, x, t, cond, guidance):
     """Guided velocity v_u + guidance * (v_c - v_u), both branches in one batched forward.
 
-    The unconditional branch sees an all-zeros condition, as in training's condition dropout; it reuses
-    cond_mask, which cannot change anything there (identical zero tokens pool and attend the same way).
+    The unconditional branch sees an all-zeros condition, as in training's condition dropout.
     guidance == 1 is plain conditional sampling and skips the unconditional half.
     """
     if guidance == 1:
-        return model(x, t, cond, cond_mask)
-    mask2 = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]), mask2)  # (2B, N, C)
+        return model(x, t, cond)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))  # (2B, N, C)
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
 @torch.no_grad()
-def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, cond_mask=None, rng=None,
-                 x0=None):
+def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, rng=None, x0=None):
     """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 with `steps` Euler steps; returns x1.
 
     Defaults are the paper's sampling settings (30 steps, guidance 3.0). x0 (B, num_tokens, channels) may
@@ -1146,7 +1127,7 @@ def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guida
     x, dt = x0, 1.0 / steps
     for i in range(steps):
         t = torch.full((B,), i * dt, device=x.device, dtype=torch.float32)
-        x = x + dt * guided_velocity(model, x, t, cond, guidance, cond_mask)
+        x = x + dt * guided_velocity(model, x, t, cond, guidance)
     return x
 
 
@@ -1188,6 +1169,7 @@ class Generator(nn.Module):
         self.loss_type = loss
         self.num_queries = cfg.num_queries
         self.template = cfg.prompt_template
+        self.max_prompt = cfg.lm.max_length - cfg.num_queries  # the prompt and the queries share the context
         # The queries: a plain parameter of (64, D_lm), initialised N(0, 1) as in the official code.
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, lm_dim))
         if loss == "flow":
@@ -1213,32 +1195,48 @@ class Generator(nn.Module):
         index = slots[..., None].expand(B, Q, D)
         queries = self.queries.to(seq.dtype)[None].expand(B, Q, D)
         seq = seq.scatter(1, index, queries)  # (B, T + Q, D), differentiable w.r.t. the queries
-        out = lm_decoder(lm)(inputs_embeds=seq, position_ids=text_positions(seq), use_cache=False)
+        # The LM's decoder stack without its head: the hidden states after its last norm.
+        out = lm.get_decoder()(inputs_embeds=seq, position_ids=text_positions(seq), use_cache=False)
         hidden = out.last_hidden_state  # (B, T + Q, D), post final norm
         return hidden.gather(1, index).float()  # (B, Q, D)
 
-    def loss(self, cond: torch.Tensor, target: torch.Tensor, cond_drop: float = 0.1,
-             time_sampling: str = "uniform", rng=None):
-        """target (B, 64, D_target) raw tokens -> (scalar loss, t (B,) or None, per-sample loss (B,))."""
-        x1 = target / self.target_scale
+    def loss(self, lm, prompt_ids, prompt_lens, target, *, time_sampling: str = "uniform",
+             noise_repeats: int = 1, cond_drop: float = 0.1, rng=None):
+        """Stage 2's training loss: prompts (B, T), lengths (B,) and their raw target tokens (B, 64, D_target)
+        -> (scalar loss, t (B,) or None, per-sample loss (B,)).
+
+        noise_repeats > 1 computes each prompt's condition once and noises its target that many times (own
+        t, own noise), as MAR does for its diffusion head: one LM pass serves several DiT samples."""
+        cond = self.condition(lm, prompt_ids, prompt_lens)  # (B, 64, D_lm)
+        cond, x1 = cond.repeat_interleave(noise_repeats, 0), target.repeat_interleave(noise_repeats, 0)
+        x1 = x1 / self.target_scale
         if self.loss_type == "mse":
             per = (self.mse(cond) - x1).pow(2).mean(dim=(1, 2))
             return per.mean(), None, per
-        return flow_matching_loss(self.dit, x1, cond, cond_drop=cond_drop, time_sampling=time_sampling,
-                                  rng=rng)
+        return flow_matching_loss(self.dit, x1, cond, cond_drop=cond_drop, time_sampling=time_sampling, rng=rng)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE, rng=None) -> torch.Tensor:
+    def sample(self, cond: torch.Tensor, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
+               rng=None) -> torch.Tensor:
         """Query states (B, 64, D_lm) -> generated target tokens (B, 64, D_target), unscaled."""
         if self.loss_type == "mse":
             x1 = self.mse(cond)
         else:
-            x1 = euler_sample(self.dit, cond, self.dit.cfg.grid_size ** 2,
-                              self.target_dim, steps=steps, guidance=guidance, rng=rng)
+            x1 = euler_sample(self.dit, cond, self.dit.cfg.num_tokens, self.target_dim, steps=steps,
+                              guidance=guidance, rng=rng)
         return x1 * self.target_scale
 
-    def prompts(self, captions):
-        return [self.template.format(c) for c in captions]
+
+@torch.no_grad()
+def generate(generator: Generator, lm, tokenizer, captions, steps: int = SAMPLE_STEPS,
+             guidance: float = GUIDANCE, rng=None) -> torch.Tensor:
+    """Text -> image features, BLIP3-o's generation up to the pixel decoder: captions -> prompts (the
+    paper's template) -> the frozen LM reads each with the 64 queries -> query states -> the Next-DiT
+    integrates noise to target tokens in `steps` Euler steps with classifier-free guidance -> (B, 64, D)."""
+    ids, lens, _ = encode_prompts(tokenizer, captions, template=generator.template, limit=generator.max_prompt)
+    device = generator.queries.device
+    cond = generator.condition(lm, ids.to(device), lens.to(device))  # (B, 64, D_lm)
+    return generator.sample(cond, steps, guidance, rng)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -140,9 +140,7 @@ def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int = 4, seed: 
     if not prompts:
         raise UserError("no prompts to generate")
     if pipe.generator is not None:  # refuse empty or over-long prompts before any progress bar is drawn
-        if any(not p.strip() for p in prompts):
-            raise ValueError("empty prompt")
-        pipe.encode_prompts(prompts)
+        pipe.check_prompts(prompts)
     image_cols, token_cols = [], []
     with tqdm(total=len(prompts) * num_samples, desc="generating", unit="image", disable=quiet,
               file=sys.stderr, dynamic_ncols=True) as bar:
