@@ -20,8 +20,8 @@ the two pieces it is built from (the Next-DiT and flow matching):
 5. Next-DiT (Lumina-Next): the diffusion transformer, building blocks first.
 6. Flow matching: the loss and the Euler sampler with classifier-free guidance.
 7. Generation (stage 2): 64 learnable queries appended to the prompt; the frozen LM's last hidden states
-   at those positions condition a Next-DiT trained by flow matching, or, for the ablation, a linear map
-   trained with MSE.
+   at those positions condition a Next-DiT trained by flow matching (`Generator.loss`), or, for the
+   ablation, a linear map trained with MSE; `generate` is text to features, end to end.
 8. Pixels: the toy pixel decoder (reads where and what each object is from the generated features, then
    draws every patch; deterministic, as BLIP3-o's decoder at inference) and a small VAE for the
    "VAE + Flow" ablation.
@@ -78,12 +78,11 @@ class DiTConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size {self.hidden_size}, num_heads {self.num_heads} and num_kv_heads "
+                             f"{self.num_kv_heads} must each divide the one before")
         if (self.hidden_size // self.num_heads) % 4:
-            raise ValueError("2-D RoPE splits each head in (row, column) x (cos, sin): head dim must be a multiple of 4")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError("2-D RoPE splits each head in (row, column) x (cos, sin): head_dim % 4 != 0")
         if self.ffn_dim is None:
             # Lumina-Next's FeedForward: int(2/3 * 4 * dim), rounded up to a multiple of 256.
             self.ffn_dim = 256 * math.ceil(int(2 * 4 * self.hidden_size / 3) / 256)
@@ -195,10 +194,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        clip = {**d["clip"], "image_mean": tuple(d["clip"]["image_mean"]), "image_std": tuple(d["clip"]["image_std"])}
-        return cls(**{**d, "clip": CLIPConfig(**clip), "lm": LMConfig(**d["lm"]), "dit": DiTConfig(**d["dit"]),
-                      "decoder": DecoderConfig(**d["decoder"]) if d.get("decoder") else None,
-                      "vae": VAEConfig(**d["vae"])})
+        clip = {**d["clip"], "image_mean": tuple(d["clip"]["image_mean"]),
+                "image_std": tuple(d["clip"]["image_std"])}  # JSON has lists
+        return cls(**{**d, "clip": CLIPConfig(**clip), "lm": LMConfig(**d["lm"]),
+                      "dit": DiTConfig(**d["dit"]), "vae": VAEConfig(**d["vae"]),
+                      "decoder": DecoderConfig(**d["decoder"]) if d.get("decoder") else None})
 
 
 # The real backbones' published config.json numbers (Qwen2.5-VL-3B / 7B-Instruct), for meta-device builds.
@@ -234,8 +234,8 @@ def _toy() -> Config:
     # - the toy LM's embeddings have std ~0.09, so N(0, 1) queries would drown the prompt: they start at
     #   the embeddings' scale instead;
     # - unit-std targets (the scene tokens' scale is whatever the CLIP stage made it).
-    return Config(preset="toy", clip=clip, lm=lm, dit=dit, decoder=DecoderConfig(), time_sampling="logit_normal",
-                  noise_repeats=2, query_init="embedding", target_norm=True)
+    return Config(preset="toy", clip=clip, lm=lm, dit=dit, decoder=DecoderConfig(),
+                  time_sampling="logit_normal", noise_repeats=2, query_init="embedding", target_norm=True)
 
 
 def _real(preset: str, lm_name: str, arch: dict) -> Config:
@@ -303,8 +303,8 @@ def _read_as_typed(core) -> None:
     from tokenizers import Regex, normalizers, pre_tokenizers
 
     core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                  pre_tokenizers.Split(Regex(f"[{PUNCTUATION}]"), "isolated")])
+    punctuation = pre_tokenizers.Split(Regex(f"[{PUNCTUATION}]"), "isolated")
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), punctuation])
 
 
 def toy_words(text: str) -> list[str]:
@@ -344,7 +344,8 @@ def encode_prompts(tokenizer, captions, length: int | None = None, template: str
     rows = [bos + tokenizer(template.format(c), add_special_tokens=False)["input_ids"] for c in captions]
     full = torch.tensor([len(r) for r in rows])
     if limit is not None and int(full.max()) > limit:
-        raise ValueError(f"prompt of {int(full.max())} tokens is longer than the backbone allows ({limit} beside the queries)")
+        raise ValueError(f"prompt of {int(full.max())} tokens is longer than the backbone allows "
+                         f"({limit} beside the queries)")
     T = length or int(full.max())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.tensor([r[:T] + [pad] * (T - len(r[:T])) for r in rows])  # (B, T): padding is never attended
@@ -392,7 +393,7 @@ OBJECT_OUTPUTS = DENSE_COLOURS + DENSE_SHAPES + 4  # one object: colour logits, 
 SCENE_SLOTS = 4  # objects a scene token describes, in reading order (the toy world has at most 4)
 
 
-def object_loss(out: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+def object_loss(out: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor):
     """Predicted objects out (..., OBJECT_OUTPUTS) against labels colour (...), shape (...), box (..., 4).
 
     Cross-entropy on colour and shape (the last class of each is "nothing here"), L1 summed over the 4 box
@@ -458,8 +459,8 @@ class ImageEncoder(nn.Module):
             self.scene_out = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, cfg.scene_width))
             self.scene_head = nn.Linear(cfg.scene_width, SCENE_SLOTS * OBJECT_OUTPUTS)
         # On the model's device from the start (the meta device too: a CPU buffer would not mix with it).
-        self.register_buffer("mean", torch.tensor(cfg.image_mean, device=device).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.image_std, device=device).view(1, 3, 1, 1), persistent=False)
+        for name, value in (("mean", cfg.image_mean), ("std", cfg.image_std)):
+            self.register_buffer(name, torch.tensor(value, device=device).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
@@ -501,8 +502,8 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def read_scene(self, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What scene tokens (B, 64, S), real or generated, say: the head on their mean token ->
-        colour ids (B, 4), shape ids (B, 4) (the last id of each = no object) and boxes (B, 4, 4) in [0, 1]."""
+        """What scene tokens (B, 64, S), real or generated, say: the head on their mean token -> colour ids
+        (B, 4), shape ids (B, 4) (the last id of each = no object) and boxes (B, 4, 4) in [0, 1]."""
         out = self.scene_head(scene.mean(1)).unflatten(-1, (SCENE_SLOTS, OBJECT_OUTPUTS))  # (B, 4, 19)
         c_logits, s_logits, box = out.split([DENSE_COLOURS, DENSE_SHAPES, 4], dim=-1)
         return c_logits.argmax(-1), s_logits.argmax(-1), box / self.cfg.grid
@@ -636,7 +637,8 @@ class Projector(nn.Module):
             g = math.isqrt(N)
             if g * g != N or g % m:
                 raise ValueError(f"{N} image tokens are not a square grid divisible into {m}x{m} blocks")
-            x = x.reshape(B, g // m, m, g // m, m, C).permute(0, 1, 3, 2, 4, 5).reshape(B, N // (m * m), m * m * C)
+            x = x.reshape(B, g // m, m, g // m, m, C).permute(0, 1, 3, 2, 4, 5)  # (B, g/m, g/m, m, m, C)
+            x = x.reshape(B, N // (m * m), m * m * C)
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 
@@ -737,16 +739,18 @@ def build_conversation_batch(tokenizer, image_tokens: int, conversations, length
         lab = [-100] * len(row)
         for q, a in turns:
             q_ids = tokenizer(q, add_special_tokens=False)["input_ids"]
-            a_ids = [] if a is None else tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            a_ids = [] if a is None else tokenizer(a, add_special_tokens=False)["input_ids"] + [EOS_ID]
             row += q_ids + a_ids
             lab += [-100] * len(q_ids) + a_ids
         rows.append(row)
         labels.append(lab)
-    T = length or max(len(r) for r in rows)
-    if max(len(r) for r in rows) > T:
-        raise ValueError(f"sequence of {max(len(r) for r in rows)} tokens exceeds the backbone's limit {T}")
+    longest = max(len(r) for r in rows)
+    T = length or longest
+    if longest > T:
+        raise ValueError(f"sequence of {longest} tokens exceeds the backbone's limit {T}")
     ids = torch.tensor([r + [tokenizer.pad_token_id] * (T - len(r)) for r in rows])  # (B, T), right-padded
-    return ids, torch.tensor([r + [-100] * (T - len(r)) for r in labels]), torch.tensor([len(r) for r in rows])
+    labels = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
+    return ids, labels, torch.tensor([len(r) for r in rows])
 
 
 def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length: int | None = None):
@@ -786,7 +790,8 @@ class RMSNorm(nn.Module):
 def timestep_embedding(timestep: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (B,) -> (B, dim), cosines first (diffusers Timesteps(flip_sin_to_cos=True))."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
+    k = torch.arange(half, dtype=torch.float32, device=timestep.device)
+    freqs = torch.exp(-math.log(max_period) * k / half)
     args = timestep.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
@@ -799,7 +804,7 @@ def rope_2d(grid_size: int, head_dim: int, theta: float, device=None) -> torch.T
     frequency k (row and column interleaved), frequencies theta^(-4k/head_dim), k < head_dim/4. The
     official table is built for a 384 x 384 grid and sliced to 8 x 8, which equals building it for 8 x 8.
     It is cheap, so it is recomputed per call rather than stored in checkpoints. Stored as real (cos, sin)
-    pairs, which view_as_complex reads as e^(i angle) at no cost: a compiled block then sees no complex tensor.
+    pairs, which view_as_complex reads as e^(i angle) at no cost: a compiled block sees no complex tensor.
     """
     axis_dim = head_dim // 2  # dims per axis
     freqs = 1.0 / (theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float32, device=device) / axis_dim))
@@ -814,7 +819,7 @@ def rope_2d(grid_size: int, head_dim: int, theta: float, device=None) -> torch.T
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, N, H, head_dim) by `rope` (N, head_dim/2, 2) = (cos, sin).
+    """Rotate the pairs (x[2i], x[2i+1]) of x (B, N, H, head_dim) by `rope` (N, head_dim/2, 2) = (cos, sin).
 
     Lumina's complex product (a + ib) * e^(i angle), in fp32 as diffusers does. One complex multiply is
     also the fastest eager form on CPU: the real version (a cos - b sin, a sin + b cos) reads x with
@@ -827,7 +832,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, H, head_dim/2) each
         return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, N, H, head_dim/2)
-    return torch.view_as_real(pairs * torch.view_as_complex(rope)[:, None]).flatten(-2).type_as(x)  # (B, N, H, hd)
+    rotated = pairs * torch.view_as_complex(rope)[:, None]  # (B, N, H, head_dim/2)
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, N, H, head_dim)
 
 
 class Attention(nn.Module):
@@ -857,9 +863,10 @@ class Attention(nn.Module):
 
         RoPE always rotates the queries; the keys only when they live on the same grid (self-attention).
         """
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, N, H, hd)
-        k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, L, Hkv, hd)
-        v = self.to_v(context).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, L, Hkv, hd)
+        hd = self.head_dim
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, hd))  # (B, N, H, hd)
+        k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_kv_heads, hd))  # (B, L, Hkv, hd)
+        v = self.to_v(context).unflatten(-1, (self.num_kv_heads, hd))  # (B, L, Hkv, hd)
         q = apply_rope(q, rope)
         if rope_keys:
             k = apply_rope(k, rope)
@@ -1032,7 +1039,8 @@ class NextDiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for lin in (self.time_caption_embed.timestep_embedder.linear_1, self.time_caption_embed.timestep_embedder.linear_2):
+        timestep_mlp = self.time_caption_embed.timestep_embedder
+        for lin in (timestep_mlp.linear_1, timestep_mlp.linear_2):
             nn.init.normal_(lin.weight, std=0.02)
         # Zero: the final layer (the model starts by predicting v = 0) and the gates. The adaLN modulation
         # and the pooled-condition projection keep their xavier init, as in diffusers' port that BLIP3-o
@@ -1111,7 +1119,8 @@ def guided_velocity(model, x, t, cond, guidance):
 
 
 @torch.no_grad()
-def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, rng=None, x0=None):
+def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, rng=None,
+                 x0=None):
     """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 with `steps` Euler steps; returns x1.
 
     Defaults are the paper's sampling settings (30 steps, guidance 3.0). x0 (B, num_tokens, channels) may
@@ -1213,7 +1222,8 @@ class Generator(nn.Module):
         if self.loss_type == "mse":
             per = (self.mse(cond) - x1).pow(2).mean(dim=(1, 2))
             return per.mean(), None, per
-        return flow_matching_loss(self.dit, x1, cond, cond_drop=cond_drop, time_sampling=time_sampling, rng=rng)
+        return flow_matching_loss(self.dit, x1, cond, cond_drop=cond_drop, time_sampling=time_sampling,
+                                  rng=rng)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
@@ -1233,7 +1243,8 @@ def generate(generator: Generator, lm, tokenizer, captions, steps: int = SAMPLE_
     """Text -> image features, BLIP3-o's generation up to the pixel decoder: captions -> prompts (the
     paper's template) -> the frozen LM reads each with the 64 queries -> query states -> the Next-DiT
     integrates noise to target tokens in `steps` Euler steps with classifier-free guidance -> (B, 64, D)."""
-    ids, lens, _ = encode_prompts(tokenizer, captions, template=generator.template, limit=generator.max_prompt)
+    ids, lens, _ = encode_prompts(tokenizer, captions, template=generator.template,
+                                  limit=generator.max_prompt)
     device = generator.queries.device
     cond = generator.condition(lm, ids.to(device), lens.to(device))  # (B, 64, D_lm)
     return generator.sample(cond, steps, guidance, rng)
@@ -1285,7 +1296,8 @@ class PixelDecoder(nn.Module):
         W, P = cfg.width, image_size // cfg.patch  # P x P patches
         self.points = image_size // cfg.position_step  # grid points per axis an object's corner can take
         # (x, y) logits of each corner: an MLP, as a linear map cannot cut one coordinate into sharp bins.
-        self.where = nn.Sequential(nn.Linear(token_dim, W), nn.GELU(), nn.Linear(W, SCENE_SLOTS * 2 * self.points))
+        self.where = nn.Sequential(nn.Linear(token_dim, W), nn.GELU(),
+                                   nn.Linear(W, SCENE_SLOTS * 2 * self.points))
         self.colour = nn.Linear(token_dim, SCENE_SLOTS * DENSE_COLOURS)  # colour logits, last = no object
         self.what = nn.Linear(token_dim, SCENE_SLOTS * W)
         # Each colour relative to the background, in [-1, 1] units. It starts at zero: a large random paint
@@ -1294,7 +1306,7 @@ class PixelDecoder(nn.Module):
         nn.init.zeros_(self.palette.weight)
         self.background = nn.Parameter(torch.zeros(3))
         cells = (torch.arange(P, dtype=torch.float32) + 0.5) * cfg.patch  # patch centres along one axis
-        centres = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), -1).reshape(P * P, 2)  # (64, (x, y))
+        centres = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), -1).reshape(P * P, 2)  # (64, 2)
         self.register_buffer("patch_centres", centres, persistent=False)
         layers, d_in = [], W + 2 * 4 * cfg.octaves + 2
         for _ in range(cfg.layers):
@@ -1304,18 +1316,19 @@ class PixelDecoder(nn.Module):
         self.register_buffer("cond_scale", torch.ones(()))  # scene tokens / cond_scale: unit std
 
     def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11), features (B, 4, W)."""
+        """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11), features (B, 4, W)"""
         pooled = (tokens / self.cond_scale).mean(1)  # (B, S): every scene token describes the whole scene
         return (self.where(pooled).unflatten(-1, (SCENE_SLOTS, 2, self.points)),
                 self.colour(pooled).unflatten(-1, (SCENE_SLOTS, DENSE_COLOURS)),
                 self.what(pooled).unflatten(-1, (SCENE_SLOTS, self.cfg.width)))
 
     def draw(self, corners: torch.Tensor, colours: torch.Tensor, what: torch.Tensor) -> torch.Tensor:
-        """Objects: corners (B, 4, 2) grid points, colour ids (B, 4), features (B, 4, W) -> (B, 3, H, W) in [-1, 1]."""
+        """Objects (corners (B, 4, 2) on the grid, colour ids (B, 4), features (B, 4, W)) -> (B, 3, H, W)
+        in [-1, 1]."""
         size, n = self.image_size, self.patch_centres.shape[0]
         corners = corners.float() * self.cfg.position_step  # (B, 4, 2) in pixels
         offset = self.patch_centres[None, :, None] - corners[:, None]  # (B, 64, 4, 2) in pixels
-        place = fourier_features(corners, self.cfg.octaves, size)[:, None].expand(-1, n, -1, -1)  # (B, 64, 4, F)
+        place = fourier_features(corners, self.cfg.octaves, size)[:, None].expand(-1, n, -1, -1)  # (B,64,4,F)
         inputs = torch.cat([what[:, None].expand(-1, n, -1, -1), place,
                             fourier_features(offset, self.cfg.octaves, size), offset / size], -1)
         cover = torch.sigmoid(self.render(inputs))  # (B, 64, 4, p * p)
@@ -1340,7 +1353,8 @@ class PixelDecoder(nn.Module):
             F.cross_entropy(c_logits.flatten(0, 1), colour.flatten())
         corners = torch.where(present[..., None], true, where.detach().argmax(-1))
         l_pixels = F.mse_loss(self.draw(corners, colour, what), images * 2 - 1)
-        return l_pixels + l_read, {"loss_pixels": float(l_pixels.detach()), "loss_read": float(l_read.detach())}
+        logs = {"loss_pixels": float(l_pixels.detach()), "loss_read": float(l_read.detach())}
+        return l_pixels + l_read, logs
 
 
 class VAE(nn.Module):
