@@ -6,17 +6,17 @@ The toy pipeline cannot download images, so it draws them. The *shapes world* is
     SHAPES = circle, square, triangle        COLORS = GenEval's ten colour names, one exact RGB each
 
 Every image comes from a `Scene` (its object list), so its caption, its questions and its GenEval score
-are exact. Each object fills an 8 or 12 px box placed on the CLIP's 4-px patch lattice, with at least one
-patch of background between any two (see `_layout`); drawing uses no anti-aliasing, so a detector that
-groups pixels by colour into connected components finds every object again. That detector plus
-GenEval's rules is the scorer of section 3: GenEval's Mask2Former + CLIP
-detector is replaced by pixel arithmetic, its rules are kept.
+are exact. Each object fills an 8 or 12 px box on the CLIP's 4-px patch lattice, at least one patch of
+background apart (see `_place`), and is drawn without anti-aliasing, so a detector that groups pixels by
+colour into connected components finds every object again. That detector plus GenEval's rules is the
+scorer of section 3: pixel arithmetic replaces GenEval's Mask2Former + CLIP detector, its rules are kept.
 
 Prompts follow GenEval's six tags and phrasing (the official `evaluation_metadata.jsonl` records):
 
     single_object  "a photo of a circle"                      two_object "a photo of a circle and a square"
     counting       "a photo of three squares" (exclude four)  colors     "a photo of a red circle"
-    position       "a photo of a circle left of a square"     color_attr "a photo of a red circle and a blue square"
+    position       "a photo of a circle left of a square"
+    color_attr     "a photo of a red circle and a blue square"
 
 Held-out compositions (the generalisation test). HELDOUT_COMBOS are pairs of coloured objects ("a red
 circle" with "a blue square") that never share a train image; every single (colour, shape) pair is seen.
@@ -33,8 +33,7 @@ Sections, in the order data flows:
   2. understanding data: questions with one-word answers
   3. GenEval: prompts, rendering any in-world record, the pixel detector and the scorer, folder layout
   4. the training image set: many scenes drawn at once (uint8 tensors)
-  5. data at scale: WebDataset-style tar shards and image folders, robust to bad samples
-Nothing runs at import time.
+  5. data at scale: WebDataset-style tar shards and image folders, robust to bad samples, streamed to train.py
 """
 from __future__ import annotations
 
@@ -42,6 +41,7 @@ import functools
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -61,9 +61,9 @@ from blip3o import PROMPT_TEMPLATE, toy_words  # the paper's generation prompt: 
 # ----------------------------------------------------------------------------------------------------
 
 SHAPES = ("circle", "square", "triangle")
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")  # GenEval's
-# One exact RGB per colour, chosen far apart (>= 90 apart in RGB, and far from each other's blends with the
-# background) so that noisy or blurred pixels still map back to the right name.
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+# One exact RGB per colour, far apart (and far from each other's blends with the background), so that
+# noisy or blurred pixels still map back to the right name.
 COLOR_RGB = {
     "red": (220, 20, 20),
     "orange": (255, 140, 0),
@@ -82,11 +82,9 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 RELATIONS = ("left of", "right of", "above", "below")
 MAX_OBJECTS = 4
 
-# Held-out colour compositions: pairs of coloured objects (of two different shapes) that never share a
-# training image, about one in six of the 300 such pairs, picked by a fixed arithmetic rule. Every
-# (colour, shape) pair on its own is seen in training: with single pairs held out instead, a CLIP trained
-# for minutes learns "red is never a square" as a shortcut and classifies held-out pairs at 0.02-0.3
-# (NOTES.md), which tests the shortcut rather than composition.
+# Held-out colour compositions: about one in six of the 300 pairs of coloured objects of two different
+# shapes, picked by a fixed arithmetic rule. Holding out single (colour, shape) pairs instead would teach
+# a shortcut ("red is never a square") rather than test composition (NOTES.md).
 def _combo(a: tuple, b: tuple) -> frozenset:
     """An unordered pair of (colour, shape) objects."""
     return frozenset((a, b))
@@ -133,9 +131,7 @@ class Scene:
 
 
 def stable_seed(*parts) -> int:
-    """A 64-bit seed from any tuple of str/int parts, identical in every process.
-
-    Python's hash() of a str is salted per process, so it would make worker processes disagree."""
+    """A 64-bit seed from str/int parts, identical in every process (unlike hash(), salted per process)."""
     text = "/".join(str(p) for p in parts)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
@@ -150,20 +146,15 @@ def plural(word: str) -> str:
     return word + ("es" if word.endswith("s") else "s")
 
 
-def _box_centre_size(box):
-    x0, y0, x1, y1 = box
-    return np.array([(x0 + x1) / 2, (y0 + y1) / 2]), np.array([x1 - x0, y1 - y0])
-
-
 def relation_direction(box_a, box_b) -> tuple[float, float]:
     """GenEval's direction of A relative to B as (dx, dy), image y pointing down.
 
     The centre offset A - B is shrunk towards zero by POSITION_THRESHOLD x (size A + size B) on each axis,
     then divided by the length of the *unshrunk* offset; (0, 0) when the shrunk offset vanishes."""
-    centre_a, size_a = _box_centre_size(box_a)
-    centre_b, size_b = _box_centre_size(box_b)
-    offset = centre_a - centre_b
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (size_a + size_b), 0) * np.sign(offset)
+    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)  # (x0, y0, x1, y1)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    sizes = a[2:] - a[:2] + b[2:] - b[:2]
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * sizes, 0) * np.sign(offset)
     if np.all(np.abs(revised) < 1e-3):
         return 0.0, 0.0
     dx, dy = revised / np.linalg.norm(offset)
@@ -173,16 +164,8 @@ def relation_direction(box_a, box_b) -> tuple[float, float]:
 def relative_position(box_a, box_b) -> set:
     """The set of GenEval relations that hold for A relative to B (a diagonal offset gives two)."""
     dx, dy = relation_direction(box_a, box_b)
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
+    return {rel for rel, holds in (("left of", dx < -0.5), ("right of", dx > 0.5),
+                                   ("above", dy < -0.5), ("below", dy > 0.5)) if holds}
 
 
 def clear_relation(box_a, box_b) -> str | None:
@@ -197,12 +180,8 @@ def clear_relation(box_a, box_b) -> str | None:
 
 def _shows_heldout_relation(objects) -> bool:
     """True when any two objects of different shapes satisfy a held-out relation under GenEval's rule."""
-    for a in objects:
-        for b in objects:
-            if a.shape != b.shape and any((a.shape, rel, b.shape) in HELDOUT_RELATIONS
-                                          for rel in relative_position(a.box, b.box)):
-                return True
-    return False
+    return any((a.shape, rel, b.shape) in HELDOUT_RELATIONS for a in objects for b in objects
+               if a.shape != b.shape for rel in relative_position(a.box, b.box))
 
 
 # --- GenEval records: the prompt space of every tag -------------------------------------------------
@@ -230,18 +209,13 @@ def _record(tag: str, include: list, exclude: list | None = None) -> dict:
     return record
 
 
-def _check_split(split: str) -> None:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-
 @functools.lru_cache(maxsize=None)
 def _prompt_space(tag: str, split: str) -> tuple:
     """Every GenEval record of `tag` allowed in `split` (as JSON strings, so the cache stays immutable)."""
-    _check_split(split)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     test = split == "test"
     pairs = [(c, s) for s in SHAPES for c in COLORS]
-    records = []
     if tag == "single_object":
         records = [_record(tag, [{"class": s, "count": 1}]) for s in SHAPES]
     elif tag == "two_object":
@@ -251,14 +225,14 @@ def _prompt_space(tag: str, split: str) -> tuple:
         records = [_record(tag, [{"class": s, "count": n}], [{"class": s, "count": n + 1}])
                    for s in SHAPES for n in (2, 3, 4)]
     elif tag == "colors":
-        records = [_record(tag, [{"class": s, "count": 1, "color": c}])
-                   for c, s in pairs]
+        records = [_record(tag, [{"class": s, "count": 1, "color": c}]) for c, s in pairs]
     elif tag == "position":
         records = [_record(tag, [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}])
                    for a in SHAPES for b in SHAPES for rel in RELATIONS
                    if a != b and ((a, rel, b) in HELDOUT_RELATIONS) == test]
     elif tag == "color_attr":
-        records = [_record(tag, [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}])
+        records = [_record(tag, [{"class": s1, "count": 1, "color": c1},
+                                 {"class": s2, "count": 1, "color": c2}])
                    for c1, s1 in pairs for c2, s2 in pairs
                    if s1 != s2 and (_combo((c1, s1), (c2, s2)) in HELDOUT_COMBOS) == test]
     else:
@@ -303,12 +277,6 @@ def in_world(metadata: dict) -> bool:
     return True
 
 
-def _shows_heldout_combo(specs) -> bool:
-    """True when two objects of different shapes form a held-out colour composition."""
-    return any(_combo((c1, s1), (c2, s2)) in HELDOUT_COMBOS
-               for s1, c1, *_ in specs for s2, c2, *_ in specs if s1 != s2)
-
-
 def _choose_colors(includes: list, rng: random.Random, split: str | None) -> list:
     """One (shape, colour, include index) per object: the record's colours, free ones drawn at random.
 
@@ -319,23 +287,11 @@ def _choose_colors(includes: list, rng: random.Random, split: str | None) -> lis
     for _ in range(1000):  # rejection sampling of the free colours; a handful of tries in practice
         for spec, colour in zip(specs, fixed):
             spec[1] = colour if colour is not None else rng.choice(COLORS)
-        if split is None or len({spec[0] for spec in specs}) < 2:
-            return specs
-        if _shows_heldout_combo(specs) == (split == "test"):
+        heldout = any(_combo((c1, s1), (c2, s2)) in HELDOUT_COMBOS
+                      for s1, c1, _ in specs for s2, c2, _ in specs if s1 != s2)
+        if split is None or len({spec[0] for spec in specs}) < 2 or heldout == (split == "test"):
             return specs
     raise ValueError(f"no colouring of {includes} fits the {split!r} split's held-out compositions")
-
-
-def _layout(image_size: int) -> tuple[tuple, int, int]:
-    """(object sizes, gap between objects, lattice step) in pixels for a canvas.
-
-    Objects sit on the toy CLIP's patch lattice (every box corner a multiple of the 4-pixel patch at
-    32 px) in two sizes, 8 and 12 pixels (2x2 and 3x3 patches), at least one patch apart. Every patch
-    token then lies wholly inside one object or the background, so a token's content is one of a few
-    kinds (which object, which part of it) rather than an arbitrary cut through an outline."""
-    scale = image_size / 32
-    step = max(1, round(4 * scale))
-    return (2 * step, 3 * step), step, step
 
 
 def _apart(a, b, gap: int) -> bool:
@@ -344,8 +300,14 @@ def _apart(a, b, gap: int) -> bool:
 
 
 def _place(specs: list, rng: random.Random, image_size: int, accept, tries: int = 2000) -> list:
-    """Random sizes and lattice positions for the objects, redrawn until none overlap and accept(objects)."""
-    sizes, gap, step = _layout(image_size)
+    """Random sizes and lattice positions for the objects, redrawn until none overlap and accept(objects).
+
+    Objects sit on the toy CLIP's patch lattice (box corners on multiples of its 4-pixel patch at 32 px)
+    in two sizes, 2x2 and 3x3 patches, at least one patch apart. Every patch token then lies wholly inside
+    one object or the background, so its content is one of a few kinds (which object, which part of it)
+    rather than an arbitrary cut through an outline."""
+    step = max(1, round(4 * image_size / 32))  # one patch: the lattice step and the least gap
+    sizes = (2 * step, 3 * step)
     for attempt in range(tries):
         # Four large objects rarely fit: after 100 failed layouts only the small size is drawn.
         allowed = sizes if attempt < 100 else sizes[:1]
@@ -356,7 +318,7 @@ def _place(specs: list, rng: random.Random, image_size: int, accept, tries: int 
                 x0 = step * rng.randint(0, (image_size - s) // step)
                 y0 = step * rng.randint(0, (image_size - s) // step)
                 box = (x0, y0, x0 + s, y0 + s)
-                if all(_apart(box, other, gap) for other in boxes):
+                if all(_apart(box, other, step) for other in boxes):
                     boxes.append(box)
                     break
             else:
@@ -376,13 +338,10 @@ def _objects_for(record: dict, rng: random.Random, split: str | None, image_size
     group = [i for _, _, i in specs]  # which include each object belongs to
 
     def accept(objects):
-        for j, req in enumerate(includes):
-            if "position" in req:
-                rel, target = req["position"]
-                for a, ga in zip(objects, group):
-                    for b, gb in zip(objects, group):
-                        if ga == j and gb == target and clear_relation(a.box, b.box) != rel:
-                            return False
+        for (a, ga), (b, gb) in itertools.product(zip(objects, group), repeat=2):
+            rel, target = includes[ga].get("position", (None, None))
+            if rel is not None and gb == target and clear_relation(a.box, b.box) != rel:
+                return False
         return split != "train" or not _shows_heldout_relation(objects)
 
     return _place(specs, rng, image_size, accept)
@@ -427,7 +386,6 @@ def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None 
 
     tag None cycles through TAGS (index % 6), so any run of six indices is balanced. The record is drawn
     uniformly from the tag's prompt space for the split, then realised with random colours and layout."""
-    _check_split(split)
     tag = TAGS[index % len(TAGS)] if tag is None else tag
     rng = random.Random(stable_seed("scene", seed, split, index, tag))
     record = json.loads(rng.choice(_prompt_space(tag, split)))
