@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from blip3o import PROMPT_TEMPLATE, toy_words  # the paper's generation prompt: its words are in the vocabulary
+from blip3o import PROMPT_TEMPLATE, toy_words  # the generation prompt: its words join VOCAB
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world
@@ -282,7 +282,8 @@ def _choose_colors(includes: list, rng: random.Random, split: str | None) -> lis
 
     split "train": no two objects form a held-out composition (HELDOUT_COMBOS); "test": a scene with two
     different shapes holds at least one; None (render): any colours."""
-    specs = [[req["class"], req.get("color"), i] for i, req in enumerate(includes) for _ in range(req["count"])]
+    specs = [[req["class"], req.get("color"), i]
+             for i, req in enumerate(includes) for _ in range(req["count"])]
     fixed = [spec[1] for spec in specs]
     for _ in range(1000):  # rejection sampling of the free colours; a handful of tries in practice
         for spec, colour in zip(specs, fixed):
@@ -429,13 +430,11 @@ def draw_objects(objects: list, image_size: int = 32) -> np.ndarray:
 def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token ground truth for the toy CLIP's dense objective, on a grid x grid token layout.
 
-    Each cell of the grid (4x4 pixels for 32 px and grid 8) belongs to the object that covers most of its
-    pixels when that is at least a quarter of them, else to the background. Returns
-    colour (grid*grid,) int: index into COLORS, len(COLORS) for background;
-    shape (grid*grid,) int: index into SHAPES, len(SHAPES) for background;
-    box (grid*grid, 4) float: the owning object's box (x0, y0, x1, y1) / image size, zeros on background.
-    Every token of an object carries the whole object (its colour, shape and extent), which is what makes
-    the tokens semantic and object-level rather than a copy of their own pixels."""
+    A cell (4x4 pixels for 32 px and grid 8) belongs to the object covering most of its pixels when that
+    is at least a quarter of them, else to the background. Returns colour (grid*grid,) int into COLORS
+    and shape (grid*grid,) int into SHAPES (len(COLORS) / len(SHAPES) for background), and box
+    (grid*grid, 4) float, the owner's (x0, y0, x1, y1) / image size, zeros on background. Every token of
+    an object carries the whole object, so tokens are object-level rather than a copy of their pixels."""
     size = scene.image_size
     cell = size // grid
     owner = np.full((size, size), -1, dtype=np.int64)  # (H, W) index of the object drawn at each pixel
@@ -562,11 +561,10 @@ VOCAB = _vocab()
 # ----------------------------------------------------------------------------------------------------
 
 def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int = 0) -> list[dict]:
-    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag.
+    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag (None: all).
 
     split "test" gives the held-out compositions (see the module docstring); a tag whose prompt space is
-    smaller than n_per_tag contributes all of it (test: 3 single_object, 6 two_object, 9 counting,
-    30 colors, 6 position, 90 color_attr). n_per_tag None returns every prompt."""
+    smaller than n_per_tag contributes all of it."""
     records = []
     for tag in TAGS:
         space = [json.loads(r) for r in _prompt_space(tag, split)]
@@ -598,7 +596,7 @@ def load_geneval_metadata(path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record:
+            if not (isinstance(record, dict) and "tag" in record and isinstance(record.get("prompt"), str)):
                 raise ValueError(f"{path}:{n}: not a GenEval record (needs 'tag' and 'prompt')")
             records.append(record)
     if not records:
@@ -687,10 +685,9 @@ def classify_shape(mask: np.ndarray) -> str:
 
 
 def detect_objects(img: np.ndarray) -> list[dict]:
-    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}.
+    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}, largest first.
 
-    Sorted by area, largest first: the area stands in for the confidence GenEval sorts by, since only
-    the top `count` objects of a class are checked for colour and position."""
+    The area stands in for the confidence GenEval sorts by (it checks only the top `count` of a class)."""
     img = np.asarray(img)
     labels = prune_spurs(classify_pixels(img))
     comps = connected_components(labels)
@@ -721,46 +718,33 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
     by_class = {}
     for obj in sorted(objects, key=lambda o: -o["area"]):
         by_class.setdefault(obj["class"], []).append(obj)
-    correct, reasons, matched_groups = True, [], []
+    reasons, matched_groups = [], []  # every failed clause adds a reason
     for req in metadata.get("include", []):
-        cls, count = req["class"], req["count"]
+        cls, count, colour = req["class"], req["count"], req.get("color")
         found = by_class.get(cls, [])[:count]
-        matched = True
+        colors = [o["color"] for o in found]
+        rel, target = req.get("position", (None, None))
+        reason = None
         if len(found) < count:
-            matched = False
-            reasons.append(f"expected {cls}>={count}, found {len(found)}")
-        else:
-            if "color" in req:
-                colors = [o["color"] for o in found]
-                if colors.count(req["color"]) < count:
-                    matched = False
-                    seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
-                    reasons.append(f"expected {req['color']} {cls}>={count}, found "
-                                   f"{colors.count(req['color'])} {req['color']}; and {seen}")
-            if "position" in req and matched:
-                rel, target = req["position"]
-                if matched_groups[target] is None:
-                    matched = False
-                    reasons.append(f"no target for {cls} to be {rel}")
-                else:
-                    for obj in found:
-                        for other in matched_groups[target]:
-                            true_rels = relative_position(obj["box"], other["box"])
-                            if rel not in true_rels:
-                                matched = False
-                                reasons.append(f"expected {cls} {rel} target, found "
-                                               f"{' and '.join(sorted(true_rels))} target")
-                                break
-                        if not matched:
-                            break
-        correct = correct and matched
-        matched_groups.append(found if matched else None)
+            reason = f"expected {cls}>={count}, found {len(found)}"
+        elif "color" in req and colors.count(colour) < count:
+            seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
+            reason = f"expected {colour} {cls}>={count}, found {colors.count(colour)} {colour}; and {seen}"
+        elif "position" in req and matched_groups[target] is None:
+            reason = f"no target for {cls} to be {rel}"
+        elif "position" in req:
+            shown = [relative_position(o["box"], t["box"]) for o in found for t in matched_groups[target]]
+            wrong = [rels for rels in shown if rel not in rels]
+            if wrong:
+                reason = f"expected {cls} {rel} target, found {' and '.join(sorted(wrong[0]))} target"
+        if reason is not None:
+            reasons.append(reason)
+        matched_groups.append(found if reason is None else None)
     for req in metadata.get("exclude", []):
         n = len(by_class.get(req["class"], []))
         if n >= req["count"]:
-            correct = False
             reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
-    return correct, "\n".join(reasons)
+    return not reasons, "\n".join(reasons)
 
 
 # --- GenEval's folder layout --------------------------------------------------------------------------
@@ -839,10 +823,10 @@ def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int 
     """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
 
     tags None cycles through all TAGS; a tuple cycles through those tags only (scene i gets
-    tags[i % len(tags)]). About 0.2 ms per image, so 20k images take a few seconds."""
+    tags[i % len(tags)])."""
     scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
               for i in range(n)]
-    images = np.stack([draw(s) for s in scenes]) if scenes else np.zeros((0, image_size, image_size, 3), np.uint8)
+    images = np.array([draw(s) for s in scenes], dtype=np.uint8).reshape(n, image_size, image_size, 3)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes  # (n, 3, H, W)
 
 
@@ -904,6 +888,11 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXEL
     return to_tensor(np.asarray(im)), None
 
 
+def _add_counts(a: dict, b: dict) -> dict:
+    """Two {reason: count} tallies added up."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a | b}
+
+
 def _decode_caption(caption):
     """Caption bytes or str -> (text, None) or (None, reason)."""
     if caption is None:
@@ -922,17 +911,19 @@ def _decode_caption(caption):
 class _CaptionStream(torch.utils.data.IterableDataset):
     """Shared machinery of the readers: splitting, decoding, skipping with counts, resume.
 
-    Splitting: there are world_size x num_workers readers ("slots"); reader `slot` owns sample i of
-    the stream when i % slots == slot (every reader parses all the input but decodes only its own
-    samples), or, for tar shards when split_by="shard" (the default once there are at least as many
-    shards as slots), whole shards k % slots == slot (no reader touches another's files). Either way
-    every sample is seen by exactly one reader.
+    A reader defines `_raw(slot, slots)`, yielding (is_sample, image bytes | None, caption | None,
+    reason | None) for its slot's samples in order (is_sample False: an input with no sample, such as a
+    bad shard), and `_describe()`, naming its input in errors.
 
-    Resume: `position` counts the samples (good or bad) this reader has handed out or skipped in the
-    current pass; state_dict() saves it and load_state_dict() / `start` make the next pass skip that
-    many. Each reader keeps its own `position` and `stats`: exact when the dataset is iterated in the
-    training process (num_workers=0, the toy's setting); with DataLoader workers they live in the
-    worker processes."""
+    Splitting: there are world_size x num_workers readers ("slots"); reader `slot` owns sample i of the
+    stream when i % slots == slot (every reader parses all the input but decodes only its own samples),
+    or, for tar shards split by shard (the default once there are as many shards as slots), whole shards
+    k % slots == slot. Either way every sample is seen by exactly one reader.
+
+    Resume: `position` counts the samples (good or bad) of the current pass this reader has handed out
+    or skipped; state_dict() saves it and load_state_dict() / `start` make the next pass skip that many.
+    `position` and `stats` are exact when iterated in the training process (num_workers=0, as train.py
+    does); with DataLoader workers they live in the worker processes."""
 
     def __init__(self, image_size: int, rank: int, world_size: int, start: int, max_pixels: int):
         super().__init__()
@@ -947,11 +938,6 @@ class _CaptionStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         return self.rank * workers + worker, self.world_size * workers
-
-    def _raw(self, slot: int, slots: int):
-        """Yield (is_sample, image bytes | None, caption | None, reason | None) in order: this slot's
-        samples, and (False, None, None, reason) for an input that holds no sample (a bad shard)."""
-        raise NotImplementedError
 
     def _skip(self, reason: str) -> None:
         self.stats["skipped"][reason] = self.stats["skipped"].get(reason, 0) + 1
@@ -984,9 +970,6 @@ class _CaptionStream(torch.utils.data.IterableDataset):
             raise RuntimeError(f"no readable samples in {self._describe()} (reader {slot} of {slots}): "
                                f"skipped {self.stats['skipped']}")
         self.start, self.position = 0, 0  # a finished pass: the next one starts from the beginning
-
-    def _describe(self) -> str:
-        raise NotImplementedError
 
     def state_dict(self) -> dict:
         """{"position": samples of this reader's current pass already consumed or skipped}."""
@@ -1085,7 +1068,8 @@ class TarShards(_CaptionStream):
                     continue
                 image_ext = next((e for e in IMAGE_EXTS if e in members), None)
                 image, caption = members.get(image_ext), members.get("txt")
-                if reason is None and ((image_ext and image is None) or ("txt" in members and caption is None)):
+                unread = (image_ext and image is None) or ("txt" in members and caption is None)
+                if reason is None and unread:
                     reason = "too_large"  # a member over max_member_bytes was left unread
                 yield True, image, caption, reason
 
@@ -1229,10 +1213,8 @@ class StreamBatches:
         return torch.stack(images), captions
 
     def totals(self) -> dict:
-        skipped = dict(self.counts["skipped"])
-        for reason, k in self.dataset.stats["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + k
-        return {"ok": self.counts["ok"] + self.dataset.stats["ok"], "skipped": skipped}
+        now, done = self.dataset.stats, self.counts
+        return {"ok": done["ok"] + now["ok"], "skipped": _add_counts(done["skipped"], now["skipped"])}
 
     def state(self) -> dict:
         """This rank's position and counts, as saved (for every rank) in the checkpoint."""
@@ -1248,11 +1230,8 @@ class StreamBatches:
 
 def stream_summary(ranks: list) -> str:
     """One line for the log: samples read and skipped (with reasons), summed over every rank's state()."""
-    ok, skipped, truncated = 0, {}, 0
-    for r in ranks:
-        ok, truncated = ok + r["ok"], truncated + r["truncated"]
-        for reason, k in r["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + k
+    ok, truncated = sum(r["ok"] for r in ranks), sum(r["truncated"] for r in ranks)
+    skipped = functools.reduce(_add_counts, (r["skipped"] for r in ranks), {})
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
     return (f"{ok} samples read, {sum(skipped.values())} skipped ({reasons}), {truncated} prompts "
             f"truncated; {max(r['epoch'] for r in ranks)} full passes, {len(ranks)} rank(s)")
