@@ -29,11 +29,10 @@ so neither its prompt, its caption nor its questions can mention one. Rules of s
     phrasing leaves few of them); their test images are new, and two_object's hold a held-out composition.
 
 Sections, in the order data flows:
-  1. the world: constants, Scene, make_scene, draw, captions, VOCAB
-  2. understanding data: questions with one-word answers
+  1. the world: constants, Scene, make_scene, draw, captions, the training image set (make_image_set)
+  2. understanding data: questions with one-word answers, VOCAB
   3. GenEval: prompts, rendering any in-world record, the pixel detector and the scorer, folder layout
-  4. the training image set: many scenes drawn at once (uint8 tensors)
-  5. data at scale: WebDataset-style tar shards and image folders, robust to bad samples, streamed to train.py
+  4. data at scale: WebDataset-style tar shards and image folders, robust to bad samples, streamed to train.py
 """
 from __future__ import annotations
 
@@ -398,8 +397,7 @@ def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None 
 def shape_mask(shape: str, size: int) -> np.ndarray:
     """Boolean (size, size) mask of a shape filling its box exactly: every edge row/column is touched.
 
-    A pixel belongs to the shape when its centre does (no anti-aliasing, so colours stay exact).
-    Circle fill ~0.785 of the box, triangle (apex up) ~0.5, square 1.0 -- what the detector reads back."""
+    A pixel belongs to the shape when its centre does (no anti-aliasing, so colours stay exact)."""
     centres = np.arange(size) + 0.5
     u, v = np.meshgrid(centres, centres)  # (size, size): u = x, v = y, both measured from the box corner
     half = size / 2
@@ -490,6 +488,18 @@ def draw(scene: Scene, image_size: int | None = None) -> np.ndarray:
     return draw_objects(scene.objects, scene.image_size)
 
 
+def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int = 32,
+                   tags: tuple | None = None) -> tuple[torch.Tensor, list]:
+    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
+
+    tags None cycles through all TAGS; a tuple cycles through those tags only (scene i gets
+    tags[i % len(tags)])."""
+    scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
+              for i in range(n)]
+    images = np.array([draw(s) for s in scenes], dtype=np.uint8).reshape(n, image_size, image_size, 3)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes  # (n, 3, H, W)
+
+
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1], the project's image convention."""
     return as_float(torch.tensor(np.asarray(arr)).permute(2, 0, 1))  # copy: arr may be read-only; (3, H, W)
@@ -532,17 +542,18 @@ def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     for c, group in by_color.items():
         if len(group) == 1:
             qa.append(("shape", f"what shape is the {c} object ?", group[0].shape))
-    for a in SHAPES:
-        for b in SHAPES:
-            if a != b and len(by_shape[a]) == 1 and len(by_shape[b]) == 1:
-                rel = clear_relation(by_shape[a][0].box, by_shape[b][0].box)
-                if rel is not None:
-                    qa.append(("position", f"where is the {a} relative to the {b} ?", rel.split()[0]))
+    for a, b in itertools.permutations(SHAPES, 2):
+        if len(by_shape[a]) == 1 and len(by_shape[b]) == 1:
+            rel = clear_relation(by_shape[a][0].box, by_shape[b][0].box)
+            if rel is not None:
+                qa.append(("position", f"where is the {a} relative to the {b} ?", rel.split()[0]))
     rng.shuffle(qa)
     return qa
 
 
 def _vocab() -> list:
+    """Every word of every prompt, caption, question and answer (plus the generation template) as the toy
+    tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word."""
     words = {"a", "an", "and", "in", "photo", "of", "objects"}
     words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
     words |= {w for rel in RELATIONS for w in rel.split()}
@@ -551,8 +562,6 @@ def _vocab() -> list:
     return sorted(words)
 
 
-# Every word of every prompt, caption, question and answer (plus the generation template) as the toy
-# tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word here.
 VOCAB = _vocab()
 
 
@@ -585,8 +594,7 @@ def render(metadata: dict, seed: int = 0, image_size: int = 32) -> np.ndarray:
 def load_geneval_metadata(path) -> list[dict]:
     """Records of an official `evaluation_metadata.jsonl`: one JSON object a line, blank lines skipped.
 
-    A line that is not a GenEval record raises ValueError naming the file and line; a file that cannot
-    be read, OSError."""
+    A line that is not a GenEval record raises ValueError naming the file and line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -815,23 +823,7 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The training image set: many scenes drawn at once
-# ----------------------------------------------------------------------------------------------------
-
-def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int = 32,
-                   tags: tuple | None = None) -> tuple[torch.Tensor, list]:
-    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
-
-    tags None cycles through all TAGS; a tuple cycles through those tags only (scene i gets
-    tags[i % len(tags)])."""
-    scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
-              for i in range(n)]
-    images = np.array([draw(s) for s in scenes], dtype=np.uint8).reshape(n, image_size, image_size, 3)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes  # (n, 3, H, W)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples
+# 4. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples
 # ----------------------------------------------------------------------------------------------------
 # Real caption data is messy: corrupt or truncated files, missing or undecodable captions, odd image
 # modes, decompression bombs. A bad sample must never stop a multi-day run, so the readers below skip
@@ -840,7 +832,6 @@ def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused from their header, before any decoding
 MAX_MEMBER_BYTES = 64 * 2 ** 20  # larger tar members are not even read into memory
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # first one present is the sample's image
-_READ_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)  # how a damaged tar stream fails
 
 
 def encode_image(arr: np.ndarray, format: str = "PNG") -> bytes:
@@ -886,11 +877,6 @@ def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXEL
     except Exception:  # noqa: BLE001 -- a decoder can fail in many ways; any failure means "bad image"
         return None, "bad_image"
     return to_tensor(np.asarray(im)), None
-
-
-def _add_counts(a: dict, b: dict) -> dict:
-    """Two {reason: count} tallies added up."""
-    return {k: a.get(k, 0) + b.get(k, 0) for k in a | b}
 
 
 def _decode_caption(caption):
@@ -992,10 +978,10 @@ def _split_name(name: str):
 def _tar_groups(path: str, max_member_bytes: int):
     """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order.
 
-    A member larger than max_member_bytes is not read (its value is None). When
-    the stream breaks, the sample being assembled is yielded with reason "truncated_shard" (or, if no
-    sample was started, key None with "bad_shard") and the shard ends there."""
-    key, members, reason = None, {}, None
+    A member larger than max_member_bytes is not read (its value is None). When the stream breaks, the
+    sample being assembled is yielded with reason "truncated_shard" (or, if no sample was started, key
+    None with "bad_shard") and the shard ends there."""
+    key, members = None, {}
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
@@ -1006,8 +992,8 @@ def _tar_groups(path: str, max_member_bytes: int):
                     continue
                 if member_key != key:
                     if key is not None:
-                        yield key, members, reason
-                    key, members, reason = member_key, {}, None
+                        yield key, members, None
+                    key, members = member_key, {}
                 if info.size > max_member_bytes:
                     members[ext] = None
                     continue
@@ -1015,11 +1001,11 @@ def _tar_groups(path: str, max_member_bytes: int):
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
                 members[ext] = data
-    except _READ_ERRORS:
+    except (tarfile.TarError, EOFError, OSError, ValueError):  # how a damaged tar stream fails
         yield key, members, "truncated_shard" if key is not None else "bad_shard"
         return
     if key is not None:
-        yield key, members, reason
+        yield key, members, None
 
 
 class TarShards(_CaptionStream):
@@ -1116,22 +1102,18 @@ def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -
     samples: an iterable of dicts {"__key__": key, ext: bytes | str, ...}, e.g.
     {"__key__": "000001", "png": encode_image(img), "txt": "a red circle"}; str values are stored UTF-8."""
     os.makedirs(out_dir, exist_ok=True)
-    paths, tar = [], None
-    for n, sample in enumerate(samples):
-        if n % per_shard == 0:
-            if tar is not None:
-                tar.close()
-            paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.tar"))
-            tar = tarfile.open(paths[-1], "w")
-        for ext, value in sample.items():
-            if ext == "__key__":
-                continue
-            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-            info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    if tar is not None:
-        tar.close()
+    samples, paths = iter(samples), []
+    while chunk := list(itertools.islice(samples, per_shard)):
+        paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.tar"))
+        with tarfile.open(paths[-1], "w") as tar:
+            for sample in chunk:
+                for ext, value in sample.items():
+                    if ext == "__key__":
+                        continue
+                    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
     return paths
 
 
@@ -1172,6 +1154,11 @@ def open_source(source: str, captions: str | None, image_size: int, rank: int, w
     if not shards:
         raise DataError(f"--data {source!r} matches no files")
     return TarShards(shards, image_size, rank=rank, world_size=world)
+
+
+def _add_counts(a: dict, b: dict) -> dict:
+    """Two {reason: count} tallies added up."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a | b}
 
 
 class StreamBatches:
