@@ -81,11 +81,9 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 RELATIONS = ("left of", "right of", "above", "below")
 MAX_OBJECTS = 4
 
-# Held-out colour compositions: about one in six of the 300 pairs of coloured objects of two different
-# shapes, picked by a fixed arithmetic rule. Holding out single (colour, shape) pairs instead would teach
-# a shortcut ("red is never a square") rather than test composition (NOTES.md).
-def _combo(a: tuple, b: tuple) -> frozenset:
-    """An unordered pair of (colour, shape) objects."""
+# Held-out colour compositions: about one in six of the 300 pairs, by a fixed arithmetic rule. Holding
+# out single (colour, shape) pairs instead would teach a shortcut, not test composition (NOTES.md).
+def _combo(a: tuple, b: tuple) -> frozenset:  # an unordered pair of (colour, shape) objects
     return frozenset((a, b))
 
 
@@ -95,16 +93,13 @@ HELDOUT_COMBOS = frozenset(
     for j1, c1 in enumerate(COLORS) for j2, c2 in enumerate(COLORS)
     if (3 * j1 + 7 * j2 + i1 + 2 * i2) % 6 == 0
 )
-# Three spatial configurations, each in both phrasings (A rel B and B inverse-rel A draw the same picture).
 HELDOUT_RELATIONS = frozenset({
     ("circle", "above", "triangle"), ("triangle", "below", "circle"),
     ("square", "left of", "triangle"), ("triangle", "right of", "square"),
     ("square", "above", "circle"), ("circle", "below", "square"),
 })
 
-# GenEval's position rule (evaluation/evaluate_images.py): the centre offset is shrunk by this fraction
-# of the summed box sizes before its direction is read.
-POSITION_THRESHOLD = 0.1
+POSITION_THRESHOLD = 0.1  # GenEval's position rule (evaluation/evaluate_images.py): see relation_direction
 # Our stricter "clearly" for drawing position scenes and asking position questions: the offset direction
 # points at least this much along one axis and at most CLEAR_OTHER along the other.
 CLEAR_MAIN, CLEAR_OTHER = 0.75, 0.35
@@ -175,12 +170,6 @@ def clear_relation(box_a, box_b) -> str | None:
     if abs(dy) >= CLEAR_MAIN and abs(dx) <= CLEAR_OTHER:
         return "above" if dy < 0 else "below"
     return None
-
-
-def _shows_heldout_relation(objects) -> bool:
-    """True when any two objects of different shapes satisfy a held-out relation under GenEval's rule."""
-    return any((a.shape, rel, b.shape) in HELDOUT_RELATIONS for a in objects for b in objects
-               if a.shape != b.shape for rel in relative_position(a.box, b.box))
 
 
 # --- GenEval records: the prompt space of every tag -------------------------------------------------
@@ -337,12 +326,14 @@ def _objects_for(record: dict, rng: random.Random, split: str | None, image_size
     specs = _choose_colors(includes, rng, split)
     group = [i for _, _, i in specs]  # which include each object belongs to
 
-    def accept(objects):
+    def accept(objects):  # positions drawn clearly; a train image shows no held-out relation (GenEval's rule)
         for (a, ga), (b, gb) in itertools.product(zip(objects, group), repeat=2):
             rel, target = includes[ga].get("position", (None, None))
             if rel is not None and gb == target and clear_relation(a.box, b.box) != rel:
                 return False
-        return split != "train" or not _shows_heldout_relation(objects)
+        return split != "train" or not any((a.shape, rel, b.shape) in HELDOUT_RELATIONS
+                                           for a in objects for b in objects if a.shape != b.shape
+                                           for rel in relative_position(a.box, b.box))
 
     return _place(specs, rng, image_size, accept)
 
@@ -362,20 +353,16 @@ def caption_for(objects: list) -> str:
     otherwise:         "a red circle and a blue square and a green triangle"
     """
     objects = _reading_order(objects)
-
-    def noun(o):
-        return f"{article(o.color)} {o.color} {o.shape}"
-
-    shapes = {o.shape for o in objects}
-    if len(objects) >= 2 and len(shapes) == 1:
+    nouns = [f"{article(o.color)} {o.color} {o.shape}" for o in objects]
+    if len(objects) >= 2 and len({o.shape for o in objects}) == 1:
         colors = [o.color for o in objects]
         color_list = " ".join(colors[:-1]) + " and " + colors[-1]
         return f"{NUMBER_WORDS[len(objects)]} {plural(objects[0].shape)} in {color_list}"
     if len(objects) == 2:
         rel = clear_relation(objects[0].box, objects[1].box)
         if rel is not None:
-            return f"{noun(objects[0])} {rel} {noun(objects[1])}"
-    return " and ".join(noun(o) for o in objects)
+            return f"{nouns[0]} {rel} {nouns[1]}"
+    return " and ".join(nouns)
 
 
 # --- Scenes and drawing -----------------------------------------------------------------------------
@@ -417,8 +404,7 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
 
 def draw_objects(objects: list, image_size: int = 32) -> np.ndarray:
     """uint8 (H, W, 3) image of the objects on the background."""
-    img = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    img[:] = BACKGROUND
+    img = np.full((image_size, image_size, 3), BACKGROUND, dtype=np.uint8)
     for o in objects:
         x0, y0, x1, y1 = o.box
         img[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = COLOR_RGB[o.color]
@@ -492,8 +478,7 @@ def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int 
                    tags: tuple | None = None) -> tuple[torch.Tensor, list]:
     """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
 
-    tags None cycles through all TAGS; a tuple cycles through those tags only (scene i gets
-    tags[i % len(tags)])."""
+    tags None cycles through all TAGS, a tuple through its own (scene i gets tags[i % len(tags)])."""
     scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
               for i in range(n)]
     images = np.array([draw(s) for s in scenes], dtype=np.uint8).reshape(n, image_size, image_size, 3)
@@ -649,15 +634,13 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
     ids = np.where(labels >= 0, np.arange(big).reshape(h, w), big)
     while True:
         new = ids.copy()
-        # Compare each pixel with its neighbour below / to the right, and propagate both ways.
-        same_v = (labels[1:, :] == labels[:-1, :]) & (labels[1:, :] >= 0)  # (H-1, W)
-        same_h = (labels[:, 1:] == labels[:, :-1]) & (labels[:, 1:] >= 0)  # (H, W-1)
-        low_v = np.minimum(new[1:, :], new[:-1, :])
-        new[1:, :] = np.where(same_v, low_v, new[1:, :])
-        new[:-1, :] = np.where(same_v, np.minimum(new[:-1, :], low_v), new[:-1, :])
-        low_h = np.minimum(new[:, 1:], new[:, :-1])
-        new[:, 1:] = np.where(same_h, low_h, new[:, 1:])
-        new[:, :-1] = np.where(same_h, np.minimum(new[:, :-1], low_h), new[:, :-1])
+        # Compare each pixel with its neighbour below, then (on the transposed views) to the right, and
+        # propagate both ways; writes to new.T land in new.
+        for ids_v, labels_v in ((new, labels), (new.T, labels.T)):
+            same = (labels_v[1:] == labels_v[:-1]) & (labels_v[1:] >= 0)  # (H-1, W) / (W-1, H)
+            low = np.minimum(ids_v[1:], ids_v[:-1])
+            ids_v[1:] = np.where(same, low, ids_v[1:])
+            ids_v[:-1] = np.where(same, np.minimum(ids_v[:-1], low), ids_v[:-1])
         if np.array_equal(new, ids):
             break
         ids = new
@@ -774,8 +757,7 @@ def _to_hwc_uint8(image) -> np.ndarray:
 def write_geneval_folder(outdir: str, records: list[dict], images_per_record: list) -> None:
     """Write GenEval's layout: outdir/00000/metadata.jsonl (the record) + outdir/00000/samples/0000.png.
 
-    images_per_record[i] is the list of images for records[i]: uint8 (H, W, 3) arrays or float (3, H, W)
-    tensors in [0, 1]."""
+    images_per_record[i]: the images of records[i], uint8 (H, W, 3) arrays or float (3, H, W) in [0, 1]."""
     if len(records) != len(images_per_record):
         raise ValueError(f"{len(records)} records but {len(images_per_record)} image lists")
     for i, (record, images) in enumerate(zip(records, images_per_record)):
@@ -858,9 +840,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
     """Encoded image bytes -> (float (3, S, S) in [0, 1], None), or (None, reason) when unreadable.
 
-    The shorter side is resized to image_size and the centre cropped square (ImageOps.fit). Reasons:
-    "empty_image", "too_large" (refused from the header size), "bad_image" (corrupt, truncated,
-    unsupported)."""
+    The shorter side is resized to image_size and the centre cropped square. Reasons: "empty_image",
+    "too_large" (refused from the header size), "bad_image" (corrupt, truncated, unsupported)."""
     if not data:
         return None, "empty_image"
     try:
@@ -897,19 +878,19 @@ def _decode_caption(caption):
 class _CaptionStream(torch.utils.data.IterableDataset):
     """Shared machinery of the readers: splitting, decoding, skipping with counts, resume.
 
-    A reader defines `_raw(slot, slots)`, yielding (is_sample, image bytes | None, caption | None,
-    reason | None) for its slot's samples in order (is_sample False: an input with no sample, such as a
-    bad shard), and `_describe()`, naming its input in errors.
+    A reader defines `_describe()` (its input, for errors) and `_raw(slot, slots)`, yielding (is_sample,
+    image bytes | None, caption | None, reason | None) for its slot's samples in order; is_sample is
+    False for an input holding no sample at all (a bad shard).
 
-    Splitting: there are world_size x num_workers readers ("slots"); reader `slot` owns sample i of the
-    stream when i % slots == slot (every reader parses all the input but decodes only its own samples),
-    or, for tar shards split by shard (the default once there are as many shards as slots), whole shards
-    k % slots == slot. Either way every sample is seen by exactly one reader.
+    Splitting: the world_size x num_workers readers are "slots"; slot k owns sample i of the stream when
+    i % slots == k (each reader parses all the input but decodes only its own samples) or, splitting tar
+    shards by shard (the default once there are as many shards as slots), whole shards j % slots == k.
+    Either way every sample is seen by exactly one reader.
 
-    Resume: `position` counts the samples (good or bad) of the current pass this reader has handed out
-    or skipped; state_dict() saves it and load_state_dict() / `start` make the next pass skip that many.
-    `position` and `stats` are exact when iterated in the training process (num_workers=0, as train.py
-    does); with DataLoader workers they live in the worker processes."""
+    Resume: `position` counts the current pass's samples (good or bad) this reader has handed out or
+    skipped; state_dict() saves it, load_state_dict() / `start` make the next pass skip that many. Both
+    `position` and `stats` are exact when read in the training process (num_workers=0, as train.py
+    does); with DataLoader workers they live in the workers."""
 
     def __init__(self, image_size: int, rank: int, world_size: int, start: int, max_pixels: int):
         super().__init__()
@@ -942,11 +923,10 @@ class _CaptionStream(torch.utils.data.IterableDataset):
             self.position = index
             if reason is None:
                 caption, reason = _decode_caption(caption)
-            if reason is None:
-                if image_bytes is None:
-                    reason = "missing_image"
-                else:
-                    image, reason = decode_image(image_bytes, self.image_size, self.max_pixels)
+            if reason is None and image_bytes is None:
+                reason = "missing_image"
+            elif reason is None:
+                image, reason = decode_image(image_bytes, self.image_size, self.max_pixels)
             if reason is not None:
                 self._skip(reason)
                 continue
@@ -1016,11 +996,7 @@ class TarShards(_CaptionStream):
     stream (no index, no seeking), one after another. `stats` = {"ok": n, "skipped": {reason: n}} with
     reasons empty_image, bad_image, too_large, missing_image, missing_caption, bad_caption,
     empty_caption, truncated_shard (the sample cut by a broken stream), bad_shard (no sample at all).
-    See _CaptionStream for how ranks and workers split the work and how to resume.
-
-        ds = TarShards(sorted(glob.glob("shards/*.tar")), image_size=32, rank=rank, world_size=world)
-        loader = DataLoader(ds, batch_size=64, num_workers=2)
-    """
+    See _CaptionStream for how ranks and workers split the work and how to resume, open_source for use."""
 
     def __init__(self, shards: list, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, split_by: str = "auto", max_pixels: int = MAX_IMAGE_PIXELS,
@@ -1166,8 +1142,7 @@ class StreamBatches:
 
     Samples are read in the training process (no DataLoader workers), so the position saved with a
     checkpoint is exactly what the finished steps consumed. The reader skips bad samples and counts
-    them per pass; the counts here add up over passes and resumes, and go into the checkpoint.
-    """
+    them per pass; the counts here add up over passes and resumes, and go into the checkpoint."""
 
     def __init__(self, dataset):
         self.dataset = dataset
