@@ -1316,7 +1316,8 @@ class PixelDecoder(nn.Module):
         self.register_buffer("cond_scale", torch.ones(()))  # scene tokens / cond_scale: unit std
 
     def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11), features (B, 4, W)"""
+        """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11) and features
+        (B, 4, W) of the SCENE_SLOTS objects."""
         pooled = (tokens / self.cond_scale).mean(1)  # (B, S): every scene token describes the whole scene
         return (self.where(pooled).unflatten(-1, (SCENE_SLOTS, 2, self.points)),
                 self.colour(pooled).unflatten(-1, (SCENE_SLOTS, DENSE_COLOURS)),
