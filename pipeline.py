@@ -87,7 +87,7 @@ class LoadReport:
     loaded: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # model tensors the checkpoint lacks (left at init)
-    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint shape vs model shape" (left at init)
+    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint vs model shape" (left at init)
     unexpected: list[str] = field(default_factory=list)  # DiT keys the model has no place for (ignored)
 
     def __str__(self):
@@ -139,8 +139,8 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
         if index.exists():
             # The index names every shard; reading only the shards that hold our keys skips the rest.
             weight_map = json.loads(index.read_text())["weight_map"]
-            names = {f for k, f in weight_map.items() if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY}
-            files = sorted(path / f for f in names)
+            files = sorted({path / f for k, f in weight_map.items()
+                            if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY})
         else:
             files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -157,7 +157,8 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
                 else:
                     skipped[_top_prefix(key)] = skipped.get(_top_prefix(key), 0) + 1
     if not dit_state:
-        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {[os.fspath(f) for f in files]}: not a BLIP3-o generation checkpoint")
+        names = [os.fspath(f) for f in files]
+        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {names}: not a BLIP3-o generation checkpoint")
     if dtype is not None:
         dit_state = {k: v.to(dtype) for k, v in dit_state.items()}
         queries = None if queries is None else queries.to(dtype)
@@ -484,7 +485,8 @@ class Pipeline:
 
     def check_prompts(self, captions) -> None:
         """Refuse empty or over-long prompts (ValueError) before any sampling starts."""
-        encode_prompts(self.tokenizer, captions, template=self.generator.template, limit=self.generator.max_prompt)
+        g = self.generator
+        encode_prompts(self.tokenizer, captions, template=g.template, limit=g.max_prompt)
 
     @torch.no_grad()
     def tokens_to_images(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -573,13 +575,15 @@ def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> P
     if have("decoder", "decoder"):
         folder = run / "decoder"
         meta, tensors, _ = load_checkpoint(folder, stage="decoder")
-        pipe.decoder = PixelDecoder(Config.from_dict(meta["config"]).decoder, clip.target_width, clip.cfg.image_size)
+        dec_cfg = Config.from_dict(meta["config"]).decoder
+        pipe.decoder = PixelDecoder(dec_cfg, clip.target_width, clip.cfg.image_size)
         load_stage(pipe.decoder, tensors, "decoder", folder, "decoder", ema=True)
     if have("vae", "vae"):
         pipe.vae = load_vae(run)
     if have(gen_stage, "generate"):
         meta, tensors, _ = load_checkpoint(run / gen_stage, stage=gen_stage)
-        pipe.generator = Generator(Config.from_dict(meta["config"]), loss=meta["loss"], target_dim=meta["target_dim"])
+        gen_cfg = Config.from_dict(meta["config"])
+        pipe.generator = Generator(gen_cfg, loss=meta["loss"], target_dim=meta["target_dim"])
         load_stage(pipe.generator, tensors, "generator", run / gen_stage, gen_stage, ema=True)
         pipe.target = meta["target"]
         if variant == "joint" and pipe.vlm is not None:  # the LM was trained too: both come from RUN/joint

@@ -185,6 +185,11 @@ def load_lm(args, tok, device):
     return vlm
 
 
+def stack_labels(per_scene) -> list[torch.Tensor]:
+    """Per-scene label arrays (a tuple per scene) -> one tensor per label, scenes stacked first."""
+    return [torch.from_numpy(np.stack(x)) for x in zip(*per_scene)]
+
+
 def set_unit_scale(scale: torch.Tensor, tokens: torch.Tensor) -> None:
     """Fill a model's scale buffer with the std of `tokens`, so tokens / scale have unit std (as Stable
     Diffusion scales its latents): Generator.target_scale, PixelDecoder.cond_scale."""
@@ -208,7 +213,8 @@ def plan_clip(args, device) -> Plan:
     # Plus as many single-object images again: shape is what a tiny CLIP learns slowest (colour comes
     # first), and a lone object is where a caption pins its shape down.
     extra, extra_scenes = data.make_image_set(len(images), split="train", seed=args.seed + 1,
-                                              image_size=cfg.clip.image_size, tags=["colors", "single_object"])
+                                              image_size=cfg.clip.image_size,
+                                              tags=["colors", "single_object"])
     images, scenes = torch.cat([images, extra]), scenes + extra_scenes
     # Each image has two texts: the free caption (every object) and its GenEval-style prompt.
     cap_ids, _ = blip3o.encode_texts(tok, [s.caption for s in scenes], cfg.clip.context_length)
@@ -216,8 +222,8 @@ def plan_clip(args, device) -> Plan:
     enc = blip3o.ImageEncoder(cfg.clip)
     # Per-token labels for the dense objective: (N, 64) colour, (N, 64) shape, (N, 64, 4) box; and per-scene
     # labels for the scene tokens: (N, 4) colour, (N, 4) shape, (N, 4, 4) box.
-    dense = [torch.from_numpy(np.stack(x)) for x in zip(*(data.token_labels(s, cfg.clip.grid) for s in scenes))]
-    whole = [torch.from_numpy(np.stack(x)) for x in zip(*(data.scene_labels(s) for s in scenes))]
+    dense = stack_labels(data.token_labels(s, cfg.clip.grid) for s in scenes)
+    whole = stack_labels(data.scene_labels(s) for s in scenes)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
@@ -297,7 +303,9 @@ def plan_understand(args, device) -> Plan:
     lm = blip3o.build_backbone(cfg.lm)
     if args.grad_checkpointing:
         enable_grad_checkpointing(lm)
-    vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids(blip3o.IMAGE), cfg.lm.image_merge)
+    image_id = tok.convert_tokens_to_ids(blip3o.IMAGE)
+    vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, image_id, cfg.lm.image_merge)
+    n_image = vlm.image_tokens(clip_tokens.shape[1])  # <image> placeholders per image
 
     per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns
     weights = [[] for _ in range(len(images))]  # image index -> how often each turn is drawn
@@ -315,11 +323,12 @@ def plan_understand(args, device) -> Plan:
             k = min(UNDERSTAND_TURNS, len(per_image[i]))
             order = torch.multinomial(torch.tensor(weights[i]), k, replacement=False, generator=rng).tolist()
             conversations.append([per_image[i][j] for j in order])
-        ids, labels, _ = blip3o.build_conversation_batch(tok, vlm.image_tokens(clip_tokens.shape[1]), conversations)
+        ids, labels, _ = blip3o.build_conversation_batch(tok, n_image, conversations)
         # Text rows: the prompt turn and up to UNDERSTAND_TURNS - 1 more, no image placeholders.
         pick = torch.randint(len(text_rows), (n_text,), generator=rng).tolist()
-        t_ids, t_labels, _ = blip3o.build_conversation_batch(tok, 0, [text_rows[j][:UNDERSTAND_TURNS] for j in pick])
-        return ids.to(device), clip_tokens[img].to(device), labels.to(device), t_ids.to(device), t_labels.to(device)
+        t_ids, t_labels, _ = blip3o.build_conversation_batch(tok, 0, [text_rows[j][:UNDERSTAND_TURNS]
+                                                                      for j in pick])
+        return tuple(x.to(device) for x in (ids, clip_tokens[img], labels, t_ids, t_labels))
 
     def loss(vlm, ids, ctok, labels, t_ids, t_labels, rng):
         l_img = vlm(ids, ctok, labels)[0]
@@ -338,25 +347,26 @@ def plan_decoder(args, device) -> Plan:
     """The pixel decoder: scene tokens back to the image, one forward pass (CLIP frozen)."""
     cfg = args.config
     if cfg.decoder is None:
-        raise UserError(f"preset {cfg.preset} has no toy pixel decoder (the real one is Emu2-Gen's SDXL UNet)")
+        raise UserError(f"preset {cfg.preset} has no toy pixel decoder (the real one is Emu2-Gen's UNet)")
     enc, tok = load_clip(args, device)
     images, scenes = toy_images(args)
     print0("[decoder] encoding the training images with the frozen CLIP ...")
     tokens = encode_all(enc.target_tokens, images, device)  # (N, 64, S)
     # The objects of each image in reading order: (N, 4) colour, (N, 4) shape, (N, 4, 4) box.
-    objects = [torch.from_numpy(np.stack(x)) for x in zip(*(data.scene_labels(s) for s in scenes))]
+    objects = stack_labels(data.scene_labels(s) for s in scenes)
     dec = blip3o.PixelDecoder(cfg.decoder, tokens.shape[-1], cfg.clip.image_size)
     set_unit_scale(dec.cond_scale, tokens)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
-        return (data.as_float(images[idx]).to(device), tokens[idx].to(device), *(x[idx].to(device) for x in objects))
+        batch = (data.as_float(images[idx]), tokens[idx], *(x[idx] for x in objects))
+        return tuple(x.to(device) for x in batch)
 
     def loss(dec, images_b, tokens_b, colour, shape, box, rng):
         return dec.loss(images_b, tokens_b, colour, box)
 
-    return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m), {},
-                ema_prefix="decoder.", **stage_hparams(args, "decoder"))
+    return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m),
+                {}, ema_prefix="decoder.", **stage_hparams(args, "decoder"))
 
 
 def plan_vae(args, device) -> Plan:
@@ -390,7 +400,7 @@ def generation_data(args, device, target: str):
     return tok, enc, targets, (p_ids, p_len, c_ids, c_len)
 
 
-def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor | None = None) -> blip3o.Generator:
+def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor | None = None):
     """A fresh stage-2 generator (queries + head), initialised as the preset says (Config.query_init,
     Config.target_norm: `targets` set the target scale)."""
     cfg = args.config
@@ -460,11 +470,7 @@ def plan_generate(args, device) -> Plan:
         ids, lens = pick_phrasing(rng, idx, phrasings)
         return ids.to(device), lens.to(device), targets[idx].to(device)
 
-    meta = {"loss": args.loss, "target": args.target, "target_dim": int(targets.shape[-1])}
-    model = Objective(nn.ModuleDict({"generator": gen_model, "vlm": vlm}), generation_loss(args))
-    return Plan(f"generate/{args.loss}-{args.target}", model, chunk_fn,
-                lambda m: pipeline.module_tensors("generator", m.generator), meta,
-                ema_prefix="", shard_fn=shard_generation, **stage_hparams(args, "generate"))
+    return generation_plan(args, gen_model, vlm, chunk_fn, args.target)
 
 
 def plan_generate_stream(args, device) -> Plan:
@@ -497,9 +503,14 @@ def plan_generate_stream(args, device) -> Plan:
         stream.truncated += int((full > limit).sum())
         return ids[:, :limit].to(device), lens.clamp(max=limit).to(device), targets
 
-    meta = {"loss": args.loss, "target": "clip", "target_dim": cfg.clip.width}
-    model = Objective(nn.ModuleDict({"generator": gen_model, "vlm": vlm}), generation_loss(args))
-    return Plan(f"generate/{args.loss}-clip", model, chunk_fn,
+    return generation_plan(args, gen_model, vlm, chunk_fn, "clip", stream)
+
+
+def generation_plan(args, generator, vlm, chunk_fn, target: str, stream=None) -> Plan:
+    """Stage 2's plan: the generator (checkpointed, with an EMA) beside the frozen LM it reads prompts with."""
+    meta = {"loss": args.loss, "target": target, "target_dim": generator.target_dim}
+    model = Objective(nn.ModuleDict({"generator": generator, "vlm": vlm}), generation_loss(args))
+    return Plan(f"generate/{args.loss}-{target}", model, chunk_fn,
                 lambda m: pipeline.module_tensors("generator", m.generator), meta, ema_prefix="",
                 shard_fn=shard_generation, stream=stream, **stage_hparams(args, "generate"))
 
@@ -640,7 +651,7 @@ def parse_args(argv=None):
     scale = p.add_argument_group("scale (real presets, several GPUs)")
     scale.add_argument("--data", metavar="SHARDS", help="--stage generate on streamed data: WebDataset .tar "
                        "shards ('shards/*.tar', 'shards/{00000..00999}.tar') or, with --captions, a folder")
-    scale.add_argument("--captions", metavar="JSONL", help="with --data FOLDER: {\"file\", \"caption\"} lines")
+    scale.add_argument("--captions", metavar="JSONL", help='with --data FOLDER: lines {"file", "caption"}')
     scale.add_argument("--compile", action="store_true", help="torch.compile each Next-DiT block (GPU; "
                        "see NOTES.md, Speed and memory)")
     scale.add_argument("--fsdp", action="store_true", help="shard the generation head with FSDP2 "
@@ -715,7 +726,8 @@ def fit(plan: Plan, args, device) -> dict:
     model = plan.model.to(device)
     trainable, frozen = pipeline.count_params(model)
     print0(f"[{plan.name}] parameters: {trainable:,} trainable, {frozen:,} frozen | global batch "
-           f"{global_batch} = {plan.batch} micro x {args.grad_accum} accum x {world} ranks | {plan.steps} steps")
+           f"{global_batch} = {plan.batch} micro x {args.grad_accum} accum x {world} ranks | "
+           f"{plan.steps} steps")
 
     # Weights go into the plain model, before any sharding; optimizer and EMA state once it is wrapped.
     state = restore(plan, model, folder, args)
@@ -744,7 +756,7 @@ def fit(plan: Plan, args, device) -> dict:
             g["lr"] = lr
         loss, extra = train_step(plan, ddp, model, fsdp_roots, step, args, device)
         grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip)))
-        # Never step on (or later save) a non-finite value: stop, naming the step and the last good checkpoint.
+        # Never step on (or later save) a non-finite value: stop, naming the step and the last checkpoint.
         for what, value in (("loss", loss), ("gradient norm", grad_norm)):
             if not math.isfinite(value):
                 last = pipeline.checkpoint_path(folder)
@@ -885,8 +897,8 @@ def load_for_resume(folder: Path, stage: str):
         except pipeline.CheckpointError:
             raise e from None
         if dist_info()[0] == 0:
-            print(f"warning: {e.damaged} is {e.reason}: resuming from "
-                  f"the previous checkpoint {prev} (step {got[0]['state']['step']})", file=sys.stderr, flush=True)
+            print(f"warning: {e.damaged} is {e.reason}: resuming from the previous checkpoint {prev} "
+                  f"(step {got[0]['state']['step']})", file=sys.stderr, flush=True)
         return (*got, True)
 
 
@@ -899,11 +911,12 @@ def check_same_config(folder, meta: dict, args) -> None:
         return out
 
     saved, now = flat(meta["config"]), flat(json.loads(json.dumps(args.config.to_dict())))  # tuples -> lists
-    diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diff:
-        raise pipeline.CheckpointError(f"{folder} was trained with another config ({'; '.join(diff[:4])}"
-                                     f"{'; ...' if len(diff) > 4 else ''}): use the same --preset, or --restart")
+        listed = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        raise pipeline.CheckpointError(f"{folder} was trained with another config ({listed}): use the same "
+                                       "--preset, or --restart")
 
 
 def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step: int, done: bool,
@@ -917,8 +930,8 @@ def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step:
     if ema is not None:
         tensors.update({f"ema.{plan.ema_prefix}{n}": full_tensor(v) for n, v in ema.items()})
     opt_state = optimizer_state(model, opt, args)
-    loop = {"step": step, "done": done, "history": history,
-            "data_position": step * plan.batch * args.grad_accum * world, "optimizer_format": optimizer_format(args)}
+    loop = {"step": step, "done": done, "history": history, "optimizer_format": optimizer_format(args),
+            "data_position": step * plan.batch * args.grad_accum * world}
     if plan.stream is not None:
         loop["data"] = {"world": world, "ranks": gather_objects(plan.stream.state())}  # a collective
         print0(f"[{plan.name}] data: {data.stream_summary(loop['data']['ranks'])}")
@@ -926,7 +939,8 @@ def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step:
         return
     meta = {"stage": plan.name, "config": args.config.to_dict(), "state": loop, **plan.meta,
             "args": {k: v for k, v in vars(args).items() if k != "config"}}
-    pipeline.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer, keep_previous=not state.damaged_latest)
+    pipeline.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer,
+                             keep_previous=not state.damaged_latest)
     state.damaged_latest = False
 
 
@@ -1025,7 +1039,8 @@ def optimizer_state(model: nn.Module, opt, args) -> dict:
         return opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, opt, options=options)
 
 
 def load_optimizer_state(model: nn.Module, opt, state: dict, args) -> None:
@@ -1034,7 +1049,8 @@ def load_optimizer_state(model: nn.Module, opt, state: dict, args) -> None:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=options)
 
 
 def enable_grad_checkpointing(lm) -> None:
