@@ -98,8 +98,6 @@ class DiTConfig:
         return self.grid_size**2
 
 
-
-
 @dataclass
 class CLIPConfig:
     """The CLIP image encoder. `name` set: an open_clip named model (real use); None: the toy CLIP."""
@@ -1145,20 +1143,6 @@ def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guida
 # ----------------------------------------------------------------------------------------------------
 
 
-class MSEHead(nn.Module):
-    """The "CLIP + MSE" ablation: a learnable linear map W from query states to target tokens.
-
-    L = ||X - W Q||^2 (paper section 3.2). Deterministic: one prompt, one output.
-    """
-
-    def __init__(self, cond_dim: int, out_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(cond_dim, out_dim)
-
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        return self.proj(cond)  # (B, 64, D_lm) -> (B, 64, D_target)
-
-
 class Generator(nn.Module):
     """Stage 2: 64 learnable queries -> frozen LM -> query states -> Next-DiT (flow) or W (MSE).
 
@@ -1185,7 +1169,9 @@ class Generator(nn.Module):
             dit_cfg = dataclasses.replace(cfg.dit, in_channels=target_dim, cond_dim=lm_dim)
             self.dit = NextDiT(dit_cfg)
         else:
-            self.mse = MSEHead(lm_dim, target_dim)
+            # The "CLIP + MSE" ablation: a linear map W, L = ||X - W Q||^2 (paper section 3.2). Deterministic:
+            # one prompt, one output.
+            self.mse = nn.Linear(lm_dim, target_dim)
         self.register_buffer("target_scale", torch.ones(()))
         self.target_dim = target_dim
 
