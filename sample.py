@@ -323,15 +323,13 @@ def parse_args(argv=None):
                       "features (also when --out ends in .safetensors); no diffusers needed")
     opts.add_argument("--resolution", type=int, default=1024,
                       help="--official-checkpoint: image height and width (default 1024, the released one)")
-    opts.add_argument("--decode", action="store_true", help="--official-checkpoint: save the features and "
-                      "decode them with RUN's toy pixel decoder instead of the checkpoint's own")
     opts.add_argument("--out", help="output file (default out/samples.png, out/reconstruction.png); "
                       "--official-checkpoint: a folder for the images (default out/official) or a "
                       ".safetensors file for the features (default out/features.safetensors)")
     args = p.parse_args(argv)
-    # --official-checkpoint stops at the features with --features-only, --decode (RUN's toy decoder) or
-    # --out *.safetensors; otherwise the checkpoint's own decoder runs, with its defaults (released.py).
-    args.features_only = args.features_only or args.decode or str(args.out or "").endswith(".safetensors")
+    # --official-checkpoint stops at the features with --features-only or --out *.safetensors; otherwise
+    # the checkpoint's own decoder runs, with its defaults (released.py).
+    args.features_only = args.features_only or str(args.out or "").endswith(".safetensors")
 
     modes = [m for m in ("reconstruct", "image", "geneval", "official_checkpoint") if getattr(args, m)]
     if len(modes) > 1:
@@ -443,10 +441,10 @@ def run_geneval(args, device):
 def run_official(args, device):
     """Released stage 2 on our code -> CLIP features -> the checkpoint's own diffusion decoder -> PNGs.
 
-    Features only (--features-only, --decode, or --out *.safetensors): no diffusers needed. Otherwise the
+    Features only (--features-only or --out *.safetensors): no diffusers needed. Otherwise the
     decoder is checked (folder, diffusers, conditioning width) before the backbone and the DiT load.
     """
-    features_only = args.features_only  # set by parse_args (also for --decode and --out *.safetensors)
+    features_only = args.features_only  # set by parse_args (also for --out *.safetensors)
     try:
         unet_config = None
         if not features_only:  # cheap checks first: the folder, diffusers, the image size
@@ -463,8 +461,6 @@ def run_official(args, device):
         out = save_features(feats, args.prompt, Path(args.out or "out/features.safetensors"))
         print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples -> CLIP features "
               f"{tuple(feats.shape)} -> {out}")
-        if args.decode:
-            decode_with_run(args, feats, out, device)
         return
     # The unconditional input of the decoder's guidance: the features the model generates for the bare text
     # " " (no template; [IMG] and the queries follow it as always), once (BLIP3o's pipeline_llava_gen.py,
@@ -511,21 +507,6 @@ def render_official(decoder, feats, negative, args, device, out: Path):
                 rows[p].append(image)
                 bar.update(1)
     return rows
-
-
-def decode_with_run(args, feats, out: Path, device):
-    """--decode: the features through RUN's own (toy) pixel decoder, when its width matches."""
-    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
-    width = pipe.decoder.what.in_features
-    if width != feats.shape[-1]:
-        raise UserError(f"the pixel decoder in {args.run} reads {width}-wide CLIP tokens, the released "
-                        f"model makes {feats.shape[-1]}-wide ones (drop --decode to use the checkpoint's "
-                        "own diffusion decoder)")
-    P, S = feats.shape[:2]
-    images = pipe.tokens_to_images(feats.flatten(0, 1).to(pipe.device)).cpu()  # (P * S, 3, H, W)
-    images = images.unflatten(0, (P, S))  # (P, S, 3, H, W)
-    png = save_png(image_grid([list(row) for row in images], args.prompt), out.with_suffix(".png"))
-    print(f"decoded with {args.run}/decoder -> {png}")
 
 
 if __name__ == "__main__":
