@@ -171,15 +171,13 @@ class DiffusersDiT(nn.Module):
         )
         self.rope = get_2d_rotary_pos_embed_lumina(cfg.head_dim, 384, 384)  # built once, as a pipeline would
 
-    def forward(self, x, t, cond, cond_mask=None):
+    def forward(self, x, t, cond):
         B, N, C = x.shape
-        if cond_mask is None:  # diffusers requires a mask
-            cond_mask = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
         out = self.model(
             hidden_states=x.transpose(1, 2).reshape(B, C, self.grid, self.grid),
             timestep=1000 * (1 - t),
             encoder_hidden_states=self.caption_projection(cond),
-            encoder_mask=cond_mask,
+            encoder_mask=torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device),  # all tokens
             image_rotary_emb=self.rope,
             cross_attention_kwargs={},
         ).sample  # (B, C, H, W)
