@@ -92,8 +92,8 @@ def test_generate_grid_columns_follow_seeds(tiny_run):
     """Sample j of every prompt uses seed + j: seed 0 with 2 samples and seed 1 with 1 share a column."""
     pipe = pipeline.load_run(tiny_run)
     prompts = ["a photo of a circle", "a photo of a blue square"]
-    two, tokens = sample.generate_grid(pipe, prompts, 2, seed=0, steps=2)
-    one, _ = sample.generate_grid(pipe, prompts, 1, seed=1, steps=2)
+    two, tokens = sample.generate_grid(pipe, prompts, 2, seed=0, steps=2, guidance=blip3o.GUIDANCE)
+    one, _ = sample.generate_grid(pipe, prompts, 1, seed=1, steps=2, guidance=blip3o.GUIDANCE)
     assert two.shape == (2, 2, 3, 32, 32) and tokens.shape == (2, 2, 64, pipe.config.clip.scene_width)
     # The same noise through the same modules and shapes, in one process: bit-equal.
     assert torch.equal(two[:, 1], one[:, 0])
