@@ -5,7 +5,7 @@ there are no model flags. Examples:
 
     python sample.py --prompt "a photo of a red circle" --prompt "a photo of two squares"
         -> out/samples.png: one row per prompt, 4 samples each, the prompt written beside its row
-    python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --guidance 2.0 --steps 50
+    python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --guidance 2.0 --steps 40
     python sample.py --prompt "a photo of a red circle" --variant mse-clip      # the CLIP + MSE ablation
     python sample.py --reconstruct img.png        # image -> 64 CLIP tokens -> pixel decoder, side by side
     python sample.py --image img.png --question "what color is the circle?"
