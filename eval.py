@@ -540,7 +540,7 @@ def evaluate_all(run, device) -> dict:
     space (clipgen), and the pictures are cut from the samples and reconstructions already made."""
     t = {}
     metrics = {"variant": "flow-clip"}
-    pipe = sample.load_pipeline(run, "flow-clip", device, need=("clip",))
+    pipe = pipeline.load_run(run, "flow-clip", device, need=("clip",))
     start = time.time()
     metrics["clip"] = eval_clip(pipe, REPORT["clip_images"])
     t["clip"] = time.time() - start
@@ -573,7 +573,7 @@ def evaluate_all(run, device) -> dict:
         if variant is None or variant == "flow-clip":
             continue
         start = time.time()
-        ablation = sample.load_pipeline(run, variant, device, need=("clip", "understand", "generate"))
+        ablation = pipeline.load_run(run, variant, device, need=("clip", "understand", "generate"))
         if ablation.target == "vae" and ablation.vae is None:
             continue
         metrics.setdefault("clipgen", {})[variant] = eval_clipgen(
@@ -854,24 +854,24 @@ def run_command(args) -> dict:
         record = full_report(args.run, device=device, force=args.force)
         return {"metrics": record["metrics"], "cached": record["cached"]}
     if args.command == "clip":
-        m = eval_clip(sample.load_pipeline(args.run, device=device), args.n)
+        m = eval_clip(pipeline.load_run(args.run, device=device), args.n)
         print_clip(m)
     elif args.command == "understand":
-        m = eval_understand(sample.load_pipeline(args.run, device=device, need=("clip", "understand")),
+        m = eval_understand(pipeline.load_run(args.run, device=device, need=("clip", "understand")),
                             args.n, args.captions)
         print_understand(m)
     elif args.command == "clipgen":
-        pipe = sample.load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
+        pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
         if pipe.target == "vae":
             sample.check_pixels(pipe, args.run)
         m = {"variant": args.variant, **eval_clipgen(pipe, args.per_tag, args.samples, args.steps, args.guidance,
                                                     args.seed, args.tags)}
         print_clipgen(m, args.variant)
     elif args.command == "recon":
-        m = eval_recon(sample.load_pipeline(args.run, device=device, need=("clip", "decoder")), args.n)
+        m = eval_recon(pipeline.load_run(args.run, device=device, need=("clip", "decoder")), args.n)
         print_recon(m)
     else:  # toygeneval
-        pipe = sample.load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
+        pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
         m, *_ = eval_toygeneval(pipe, args.run, args.variant, args.per_prompt, args.per_tag, args.steps,
                                 args.guidance, args.seed, tags=args.tags)
         print_geneval(m, f"Toy GenEval ({args.variant}): {m['images']} images in {m['folder']}")
