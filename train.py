@@ -507,7 +507,7 @@ def plan_generate_stream(args, device) -> Plan:
 
 
 def generation_plan(args, generator, vlm, chunk_fn, target: str, stream=None) -> Plan:
-    """Stage 2's plan: the generator (checkpointed, with an EMA) beside the frozen LM it reads prompts with."""
+    """Stage 2's plan: the generator (saved, with an EMA) beside the frozen LM it reads prompts with."""
     meta = {"loss": args.loss, "target": target, "target_dim": generator.target_dim}
     model = Objective(nn.ModuleDict({"generator": generator, "vlm": vlm}), generation_loss(args))
     return Plan(f"generate/{args.loss}-{target}", model, chunk_fn,
