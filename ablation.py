@@ -73,8 +73,8 @@ def diversity_prompts() -> list[str]:
 
 
 @torch.no_grad()
-def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0,
-                  seed: int = 0) -> tuple[dict, torch.Tensor]:
+def sample_spread(pipe, prompts, seeds: int, steps: int, guidance: float,
+                  seed: int) -> tuple[dict, torch.Tensor]:
     """Each prompt sampled with seeds seed .. seed+seeds-1 -> (spread, images (P, S, 3, H, W)).
 
     Spread = mean pairwise distance of one prompt's samples in three spaces: the toy CLIP embedding
@@ -95,9 +95,8 @@ def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, guidance: floa
     return spread, images
 
 
-def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0,
-                   seed: int = 0, device="cpu",
-                   allow_unknown_words: bool = False) -> dict:
+def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: float, seed: int = 0,
+                   device="cpu", allow_unknown_words: bool = False) -> dict:
     """Finding 2, per design: the spread of one prompt's samples over seeds (see sample_spread).
 
     Variants not trained in the run are skipped (listed under "skipped"). Writes RUN/diversity.png: the
@@ -105,7 +104,7 @@ def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, guid
     out = {"prompts": list(prompts), "seeds": seeds, "variants": {}, "skipped": []}
     rows, labels = [], []
     for variant in variants:
-        pipe = sample.load_pipeline(run, variant, device, need=("clip", "understand"))
+        pipe = pipeline.load_run(run, variant, device, need=("clip", "understand"))
         sample.check_known_words(pipe.tokenizer, prompts, allow_unknown_words)
         if pipe.generator is None:
             out["skipped"].append(variant)
@@ -202,7 +201,7 @@ def lm_change(vlm, stage1: dict) -> tuple[bool, float]:
 def score_design(out, variant: str, sizes: dict, device) -> dict:
     """A design's checkpoint in OUT -> toy GenEval (from pixels: the CLIP decoder, or the VAE decoder
     for flow-vae) and CLIP-space prompt retrieval of the same samples (evaluation.clipgen_scores)."""
-    pipe = sample.load_pipeline(out, variant, device, need=("clip", "understand", "generate"))
+    pipe = pipeline.load_run(out, variant, device, need=("clip", "understand", "generate"))
     geneval, records, _, tokens = evaluation.eval_toygeneval(pipe, out, variant, sizes["per_prompt"], sizes["per_tag"],
                                                   sizes["sample_steps"], evaluation.REPORT["guidance"], quiet=True)
     retrieval = evaluation.clipgen_scores(pipe, records, tokens)
@@ -213,7 +212,7 @@ def score_design(out, variant: str, sizes: dict, device) -> dict:
 def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None = None) -> dict:
     """Exact-match understanding of OUT's VLM (of RUN/joint for variant "joint"), or of the weights
     `vlm_state` when given (the LM as a finished training segment left it)."""
-    pipe = sample.load_pipeline(out, variant, device, need=("clip", "understand"))
+    pipe = pipeline.load_run(out, variant, device, need=("clip", "understand"))
     # On CUDA stage 2 holds a bf16 copy of the frozen LM; its fp32 weights are the checkpoint's, which
     # the pipeline already has (lm_change compared the copy with them, cast alike).
     if vlm_state is not None and all(v.dtype == torch.float32 for v in vlm_state.values()):

@@ -37,7 +37,8 @@ import blip3o
 import data
 import pipeline
 import sample
-from cli import OneLineParser, UserError, add_run_options, check_numbers, comma_list, metrics_main, rounded
+from cli import (OneLineParser, UserError, add_run_options, add_sampling_options, check_numbers, comma_list,
+                 metrics_main, rounded)
 
 EVAL_VERSION = 4  # part of the report cache's fingerprint: bump it when an evaluation changes
 
@@ -47,7 +48,8 @@ SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON = 1, 2,
 # Sizes of full_report's evaluations: small enough to finish in about two minutes on a laptop CPU.
 # geneval_per_tag None: the headline toy GenEval scores every held-out prompt (144) x per_prompt images.
 REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, geneval_per_tag=None,
-              per_prompt=4, ablation_per_tag=8, ablation_samples=2, steps=30, guidance=3.0)
+              per_prompt=4, ablation_per_tag=8, ablation_samples=2,
+              steps=blip3o.SAMPLE_STEPS, guidance=blip3o.GUIDANCE)
 
 # Targets for the default toy run (REPORT.md marks each number against its target).
 TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.88,
@@ -331,8 +333,8 @@ def heldout_prompts(n_per_tag: int | None, tags=None) -> list[dict]:
     return records if tags is None else [r for r in records if r["tag"] in tags]
 
 
-def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, guidance: float = 3.0,
-                 seed: int = 0, tags=None) -> dict:
+def eval_clipgen(pipe, n_per_tag: int, samples: int, steps: int, guidance: float, seed: int = 0,
+                 tags=None) -> dict:
     """Held-out prompts (n_per_tag per GenEval tag, of `tags`) -> `samples` generated targets each
     -> scores."""
     records = heldout_prompts(n_per_tag, tags)
@@ -420,9 +422,8 @@ def print_recon(m: dict) -> None:
     print(format_table(["tag", "correct"], rows))
 
 
-def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, n_per_tag: int | None = None,
-                    steps: int = 30, guidance: float = 3.0, seed: int = 0, quiet: bool = False,
-                    tags=None) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
+def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | None, steps: int,
+                    guidance: float, seed: int = 0, quiet: bool = False, tags=None) -> tuple:
     """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> scores.
 
     Returns (scores, records, images (P, S, 3, H, W), generated tokens (P, S, 64, D)); the tokens let
@@ -540,7 +541,7 @@ def evaluate_all(run, device) -> dict:
     space (clipgen), and the pictures are cut from the samples and reconstructions already made."""
     t = {}
     metrics = {"variant": "flow-clip"}
-    pipe = sample.load_pipeline(run, "flow-clip", device, need=("clip",))
+    pipe = pipeline.load_run(run, "flow-clip", device, need=("clip",))
     start = time.time()
     metrics["clip"] = eval_clip(pipe, REPORT["clip_images"])
     t["clip"] = time.time() - start
@@ -573,7 +574,7 @@ def evaluate_all(run, device) -> dict:
         if variant is None or variant == "flow-clip":
             continue
         start = time.time()
-        ablation = sample.load_pipeline(run, variant, device, need=("clip", "understand", "generate"))
+        ablation = pipeline.load_run(run, variant, device, need=("clip", "understand", "generate"))
         if ablation.target == "vae" and ablation.vae is None:
             continue
         metrics.setdefault("clipgen", {})[variant] = eval_clipgen(
@@ -699,7 +700,8 @@ def report_markdown(run: Path, record: dict) -> str:
            f"python eval.py report --run {run}            # this report",
            f"python eval.py clip --run {run}",
            f"python eval.py understand --run {run}",
-           f"python eval.py clipgen --run {run} --variant flow-clip --steps 30 --guidance 3.0",
+           f"python eval.py clipgen --run {run} --variant flow-clip --steps {blip3o.SAMPLE_STEPS} "
+           f"--guidance {blip3o.GUIDANCE}",
            f"python eval.py recon --run {run} --n 200",
            f"python eval.py toygeneval --run {run} --variant flow-clip --per-prompt 4",
            f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
@@ -749,13 +751,12 @@ def understanding_markdown(m: dict) -> list[str]:
         md += [f"| {q} | {v['questions']} | {fmt(v['accuracy'])} |" for q, v in u["per_type"].items()]
         md += [f"| **overall** | {u['questions']} | **{u['overall']:.3f}** |",
                f"| whole caption | {u['captions']} | {u['caption_exact']:.3f} |", ""]
-        if "by_scene_size" in u:  # reports cached before this breakdown existed lack it
-            md += ["By objects in the image (questions, accuracy). With two objects a colour or shape question "
-                   "picks one by the other attribute: 0.5 is answering about either at random.", "",
-                   "| question type | " + " | ".join(SCENE_SIZES) + " |", "| --- |" + " --- |" * len(SCENE_SIZES)]
-            md += [f"| {q} | " + " | ".join(f"{v[z]['questions']}, {v[z]['accuracy']:.2f}" if z in v else "-"
-                                            for z in SCENE_SIZES) + " |" for q, v in u["by_scene_size"].items()]
-            md += [""]
+        md += ["By objects in the image (questions, accuracy). With two objects a colour or shape question "
+               "picks one by the other attribute: 0.5 is answering about either at random.", "",
+               "| question type | " + " | ".join(SCENE_SIZES) + " |", "| --- |" + " --- |" * len(SCENE_SIZES)]
+        md += [f"| {q} | " + " | ".join(f"{v[z]['questions']}, {v[z]['accuracy']:.2f}" if z in v else "-"
+                                        for z in SCENE_SIZES) + " |" for q, v in u["by_scene_size"].items()]
+        md += [""]
         md += ["Examples:", ""]
         md += [f"- `{e['question']}` -> `{e['predicted']}` (truth `{e['answer']}`)" for e in u["examples"]]
     return md
@@ -812,8 +813,7 @@ def parse_args(argv=None):
                        ("toygeneval", "the toy GenEval prompt set, generated and scored")):
         c = command(name, help)
         c.add_argument("--variant", default="flow-clip", help="flow-clip, mse-clip or flow-vae")
-        c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> target tokens")
-        c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+        add_sampling_options(c)
         c.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
         c.add_argument("--tags", default=",".join(data.TAGS),
                        help="comma-separated GenEval tags to score (default: all six)")
@@ -854,24 +854,24 @@ def run_command(args) -> dict:
         record = full_report(args.run, device=device, force=args.force)
         return {"metrics": record["metrics"], "cached": record["cached"]}
     if args.command == "clip":
-        m = eval_clip(sample.load_pipeline(args.run, device=device), args.n)
+        m = eval_clip(pipeline.load_run(args.run, device=device), args.n)
         print_clip(m)
     elif args.command == "understand":
-        m = eval_understand(sample.load_pipeline(args.run, device=device, need=("clip", "understand")),
+        m = eval_understand(pipeline.load_run(args.run, device=device, need=("clip", "understand")),
                             args.n, args.captions)
         print_understand(m)
     elif args.command == "clipgen":
-        pipe = sample.load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
+        pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
         if pipe.target == "vae":
             sample.check_pixels(pipe, args.run)
         m = {"variant": args.variant, **eval_clipgen(pipe, args.per_tag, args.samples, args.steps, args.guidance,
                                                     args.seed, args.tags)}
         print_clipgen(m, args.variant)
     elif args.command == "recon":
-        m = eval_recon(sample.load_pipeline(args.run, device=device, need=("clip", "decoder")), args.n)
+        m = eval_recon(pipeline.load_run(args.run, device=device, need=("clip", "decoder")), args.n)
         print_recon(m)
     else:  # toygeneval
-        pipe = sample.load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
+        pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
         m, *_ = eval_toygeneval(pipe, args.run, args.variant, args.per_prompt, args.per_tag, args.steps,
                                 args.guidance, args.seed, tags=args.tags)
         print_geneval(m, f"Toy GenEval ({args.variant}): {m['images']} images in {m['folder']}")
