@@ -1,9 +1,8 @@
 """Evaluate a trained BLIP3-o run on held-out compositions of the shapes world.
 
-Every command rebuilds the models from the checkpoints in --run (default out/toy), prints readable
-tables, and prints its metrics as ONE JSON object on the last line of stdout. Exit status 0 on
-success, 2 with a one-line `error: ...` for a user error (missing checkpoint, bad flag). Everything is
-deterministic: fixed seeds, greedy decoding, seeded diffusion noise.
+Every command rebuilds the models from the checkpoints in --run (default out/toy), prints tables, and
+ends stdout with its metrics as ONE JSON line; a user error is one `error: ...` line, exit status 2.
+Every number is deterministic: fixed seeds, greedy decoding, seeded diffusion noise.
 
     python eval.py clip          # zero-shot color+shape of held-out single objects, retrieval R@1
     python eval.py understand    # exact-match answers per question type, and captions
@@ -55,8 +54,8 @@ TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.88,
            "clipgen single_object+colors": 0.85, "reconstruction (GenEval rules)": 0.90,
            "toy GenEval overall": 0.50}
 
+SCENE_SIZES = ("1 object", "2 objects", "3-4 objects")  # how eval_understand splits its answers
 
-# --- Tables ---------------------------------------------------------------------------------------
 
 def format_table(header, rows) -> str:
     """Rows of cells -> aligned text; floats printed with 3 decimals."""
@@ -195,18 +194,13 @@ def question_set(n: int, seed: int) -> tuple[torch.Tensor, list, list]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), rows[:n], n_objects  # (M, 3, H, W)
 
 
-SCENE_SIZES = ("1 object", "2 objects", "3-4 objects")  # how eval_understand splits its answers
-
-
 def answer_all(pipe, images: torch.Tensor, questions, answers, batch: int = 250) -> list[str]:
     """Greedy answers, batched. Decoding stops one token past the longest right answer: exact match
     needs nothing more, and an untrained model would otherwise ramble to the token limit."""
     longest = max(len(pipe.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-    out = []
-    for i in range(0, len(questions), batch):
-        out += pipe.answer(data.as_float(images[i:i + batch]), questions[i:i + batch], temperature=0.0,
-                           max_new_tokens=longest + 1)
-    return out
+    return [answer for i in range(0, len(questions), batch)
+            for answer in pipe.answer(data.as_float(images[i:i + batch]), questions[i:i + batch],
+                                      temperature=0.0, max_new_tokens=longest + 1)]
 
 
 def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -> dict:
@@ -214,17 +208,15 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
     images, rows, n_objects = question_set(n, SEED_QA)
     preds = answer_all(pipe, images[[r[0] for r in rows]], [r[2] for r in rows], [r[3] for r in rows])
     hits = [p.strip() == r[3] for p, r in zip(preds, rows)]
-    per_type = {}
-    for qtype in data.QTYPES:
-        h = [ok for ok, r in zip(hits, rows) if r[1] == qtype]
-        per_type[qtype] = {"accuracy": sum(h) / len(h) if h else None, "questions": len(h)}
-    # The same split by how many objects the image holds: with two, a colour or shape question names one
-    # object and asks about the other attribute, so 0.5 is what answering about either at random gives.
-    groups = {}
+    def score(h):
+        return {"accuracy": sum(h) / len(h) if h else None, "questions": len(h)}
+
+    per_type = {q: score([ok for ok, r in zip(hits, rows) if r[1] == q]) for q in data.QTYPES}
+    groups = {}  # the same hits, split by objects in the image too
     for ok, r in zip(hits, rows):
         groups.setdefault(r[1], {}).setdefault(SCENE_SIZES[min(n_objects[r[0]], 3) - 1], []).append(ok)
-    by_size = {q: {z: {"accuracy": sum(groups[q][z]) / len(groups[q][z]), "questions": len(groups[q][z])}
-                   for z in SCENE_SIZES if z in groups[q]} for q in data.QTYPES if q in groups}
+    by_size = {q: {z: score(groups[q][z]) for z in SCENE_SIZES if z in groups[q]}
+               for q in data.QTYPES if q in groups}
     cap_images, scenes = data.make_image_set(n_captions, split="test", seed=SEED_CAPTIONS)
     truth = [s.caption for s in scenes]
     cap_preds = answer_all(pipe, cap_images, [data.caption_question] * n_captions, truth)
@@ -235,22 +227,6 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
     return {"overall": sum(hits) / len(hits), "per_type": per_type, "by_scene_size": by_size,
             "questions": len(rows), "caption_exact": sum(cap_hits) / n_captions, "captions": n_captions,
             "examples": examples}
-
-
-def print_understand(m: dict) -> None:
-    print(f"Understanding: exact match on {m['questions']} held-out questions (greedy)")
-    rows = [[q, v["questions"], v["accuracy"]] for q, v in m["per_type"].items()]
-    rows += [["overall", m["questions"], m["overall"]], ["caption (whole caption)", m["captions"],
-                                                        m["caption_exact"]]]
-    print(format_table(["question type", "n", "accuracy"], rows))
-    print("\nthe same by objects in the image (n, accuracy):")
-    rows = [[q] + [f"{v[z]['questions']}, {v[z]['accuracy']:.3f}" if z in v else "-" for z in SCENE_SIZES]
-            for q, v in m["by_scene_size"].items()]
-    print(format_table(["question type", *SCENE_SIZES], rows))
-    print("\nexamples:")
-    for ex in m["examples"]:
-        mark = "ok" if ex["predicted"].strip() == ex["answer"] else "WRONG"
-        print(f"  {ex['question']!r:45} -> {ex['predicted']!r} (truth {ex['answer']!r}) {mark}")
 
 
 # --- 3. Generation scored in CLIP space -----------------------------------------------------------
@@ -265,9 +241,8 @@ def generated_embeddings(pipe, tokens: torch.Tensor, batch: int = 500) -> torch.
 
 @torch.no_grad()
 def what_tokens_say(pipe, tokens: torch.Tensor) -> torch.Tensor:
-    """Generated scene tokens (N, 64, S) -> uint8 (N, H, W, 3): the objects the CLIP's scene head reads
-    from them, drawn exactly (data.draw_objects). Scoring these next to the decoded pictures splits what
-    the generator gets wrong from what the pixel decoder loses."""
+    """Generated scene tokens (N, 64, S) -> uint8 (N, H, W, 3): the objects the CLIP's scene head reads in
+    them, drawn exactly. Scored beside the decoded pictures: the generator's errors, not the decoder's."""
     size = pipe.config.clip.image_size
     colour, shape, box = (x.cpu() for x in pipe.clip.read_scene(tokens.to(pipe.device)))
     return torch.stack([torch.from_numpy(data.draw_objects(data.objects_from_slots(c, s, b, size), size))
@@ -396,10 +371,9 @@ def checkpoints(run) -> dict:
     names += sorted(p.name for p in run.glob("*") if p.name not in order + ["generate"])
     found = {}
     for name in names:
-        path = run / name
         # Skip the temporary / previous copies of an atomic save (checkpoint_path resolves those itself)
         # and folders that hold no checkpoint at all (RUN/geneval-flow-clip: images).
-        ckpt = pipeline.checkpoint_path(path) if "." not in path.name else None
+        ckpt = pipeline.checkpoint_path(run / name) if "." not in name else None
         if ckpt is not None and ckpt.is_dir() and any((ckpt / f).exists()
                                                       for f in ("meta.json", "model.safetensors")):
             found[name] = ckpt
@@ -407,8 +381,7 @@ def checkpoints(run) -> dict:
 
 
 def fingerprint(run) -> dict:
-    """Each checkpoint's step and meta.json mtime, plus the evaluation version and sizes: when this is
-    unchanged, so are the metrics."""
+    """Each checkpoint's step and meta.json mtime, the evaluation version and sizes: the metrics' inputs."""
     ckpts = {name: {"step": pipeline.read_meta(path, name, Path(run) / name)["state"]["step"],
                     "mtime_ns": (path / "meta.json").stat().st_mtime_ns}
              for name, path in checkpoints(run).items()}
@@ -450,8 +423,7 @@ def plot_losses(run) -> list[str]:
                         label=f"t in [{q / 4:.2f}, {(q + 1) / 4:.2f})")
         if (loss > 0).all():
             ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(name)
+        ax.set(xlabel="step", title=name)
         ax.legend(fontsize=7)
         fig.tight_layout()
         file = Path(run) / f"loss_{name.replace('/', '-')}.png"
@@ -475,8 +447,7 @@ def sample_rows(records) -> list[int]:
 def evaluate_all(run, device) -> dict:
     """Every evaluation of full_report, sharing work: the toy GenEval samples are also scored in CLIP
     space (clipgen), and the pictures are cut from the samples and reconstructions already made."""
-    t = {}
-    metrics = {"variant": "flow-clip"}
+    t, metrics = {}, {"variant": "flow-clip"}
     pipe = pipeline.load_run(run, device=device)
     start = time.time()
     metrics["clip"] = eval_clip(pipe, REPORT["clip_images"])
@@ -544,15 +515,13 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
             # train.py's `--stage all` names the generation stage "generate": the default flow-clip variant
             train_times["generate/flow-clip" if stage == "generate" else stage] = round(seconds, 1)
             trained_now = True
-    record = {
-        "fingerprint": fp, "metrics": metrics, "stages": rounded(stage_summaries(run)),
-        "train_seconds_per_stage": train_times,
-        "last_train_run_seconds": (round(train_seconds, 1) if trained_now and train_seconds
-                                   else old.get("last_train_run_seconds")),
-        "pictures": [p.name for p in pictures if p.is_file()],
-        "loss_plots": old.get("loss_plots", []) if cached else plot_losses(run),
-        "cached": cached, "report_seconds": round(time.time() - start, 1),
-    }
+    record = {"fingerprint": fp, "metrics": metrics, "stages": rounded(stage_summaries(run)),
+              "train_seconds_per_stage": train_times,
+              "last_train_run_seconds": (round(train_seconds, 1) if trained_now and train_seconds
+                                         else old.get("last_train_run_seconds")),
+              "pictures": [p.name for p in pictures if p.is_file()],
+              "loss_plots": old.get("loss_plots", []) if cached else plot_losses(run),
+              "cached": cached, "report_seconds": round(time.time() - start, 1)}
     (run / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
     (run / "REPORT.md").write_text(report_markdown(run, record))
     print(summary_table(record, run))
@@ -605,7 +574,6 @@ def report_markdown(run: Path, record: dict) -> str:
     for name, value in headline(m).items():
         mark = "ok" if value >= TARGETS[name] else "below"
         md.append(f"| {name} | {value:.3f} | >= {TARGETS[name]:.2f} | {mark} |")
-
     stages = []
     for name, s in record["stages"].items():
         secs, plot = times.get(name), f"loss_{name.replace('/', '-')}.png"
@@ -619,7 +587,6 @@ def report_markdown(run: Path, record: dict) -> str:
     if record.get("last_train_run_seconds"):
         md.append(f"The last `python train.py` that trained anything took "
                   f"{record['last_train_run_seconds'] / 60:.1f} min, evaluations excluded.")
-
     if "toygeneval" in m:
         g = m["toygeneval"]
         said = g.get("tokens_say", {"per_tag": {}})
@@ -668,7 +635,6 @@ def report_markdown(run: Path, record: dict) -> str:
                f"**{r['recon']:.3f}** (the originals themselves: {r['originals']:.3f}).", ""]
         if "reconstructions.png" in record["pictures"]:
             md.append("![reconstructions](reconstructions.png)")
-
     md += ["", "## Timings", ""]
     md += md_table(["what", "seconds"], [[f"train {k}", f"{v:.0f}"] for k, v in times.items()]
                    + [[f"eval {k}", f"{v:.0f}"] for k, v in m["eval_seconds"].items()]
@@ -757,7 +723,19 @@ def run_command(args) -> dict:
         print(format_table(["metric", "value"], [[name, m[key]] for key, name in CLIP_ROWS.items()]))
     elif args.command == "understand":
         m = eval_understand(pipe, args.n, args.captions)
-        print_understand(m)
+        print(f"Understanding: exact match on {m['questions']} held-out questions (greedy)")
+        rows = [[q, v["questions"], v["accuracy"]] for q, v in m["per_type"].items()]
+        rows += [["overall", m["questions"], m["overall"]],
+                 ["caption (whole caption)", m["captions"], m["caption_exact"]]]
+        print(format_table(["question type", "n", "accuracy"], rows))
+        print("\nthe same by objects in the image (n, accuracy):")
+        rows = [[q] + [f"{v[z]['questions']}, {v[z]['accuracy']:.3f}" if z in v else "-" for z in SCENE_SIZES]
+                for q, v in m["by_scene_size"].items()]
+        print(format_table(["question type", *SCENE_SIZES], rows))
+        print("\nexamples:")
+        for ex in m["examples"]:
+            mark = "ok" if ex["predicted"].strip() == ex["answer"] else "WRONG"
+            print(f"  {ex['question']!r:45} -> {ex['predicted']!r} (truth {ex['answer']!r}) {mark}")
     elif args.command == "recon":
         m = recon_scores(*reconstruct_set(pipe, args.n))
         print(f"Reconstruction (image -> CLIP features -> pixel decoder) of {m['images']} held-out images, "
