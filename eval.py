@@ -13,11 +13,11 @@ Every number is deterministic: fixed seeds, greedy decoding, seeded diffusion no
     python eval.py report        # all of the above -> RUN/REPORT.md, metrics.json, pictures (cached)
     python eval.py clipgen --variant mse-clip --run out/toy      # an ablation's generator
     python eval.py clipgen --tags single_object,colors --per-tag 100 --samples 8   # all 33 such prompts
-(The paper's design study and the diversity of its designs: ablation.py.)
 
 "Held-out" means split "test" of the shapes world: images never drawn in training, and for two-object
 scenes colour compositions ("a red circle and a blue square") and spatial relations that no training
 image shows (data.HELDOUT_COMBOS, data.HELDOUT_RELATIONS). `zero_shot_seen` scores training images.
+The paper's design study and the diversity of its designs: ablation.py.
 """
 from __future__ import annotations
 
@@ -53,7 +53,6 @@ REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, ge
 TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.88,
            "clipgen single_object+colors": 0.85, "reconstruction (GenEval rules)": 0.90,
            "toy GenEval overall": 0.50}
-
 SCENE_SIZES = ("1 object", "2 objects", "3-4 objects")  # how eval_understand splits its answers
 
 
@@ -67,7 +66,7 @@ def format_table(header, rows) -> str:
 
 
 def fmt(x) -> str:
-    """A metric for a Markdown table: 3 decimals, or "-" when it could not be measured."""
+    """A metric in a table: 3 decimals, or "-" when it could not be measured."""
     return "-" if x is None else f"{x:.3f}"
 
 
@@ -91,10 +90,9 @@ def text_embeddings(pipe, texts, batch: int = 500) -> torch.Tensor:
 def tag_records(tag: str) -> list[dict]:
     """Every GenEval record of a tag in either split (the candidates a prompt competes with)."""
     records = {}
-    for split in ("train", "test"):
-        for r in data.geneval_prompts(split, n_per_tag=None):
-            if r["tag"] == tag:
-                records.setdefault(r["prompt"], r)
+    for r in data.geneval_prompts("train", n_per_tag=None) + data.geneval_prompts("test", n_per_tag=None):
+        if r["tag"] == tag:
+            records.setdefault(r["prompt"], r)
     return list(records.values())
 
 
@@ -371,8 +369,7 @@ def checkpoints(run) -> dict:
     names += sorted(p.name for p in run.glob("*") if p.name not in order + ["generate"])
     found = {}
     for name in names:
-        # Skip the temporary / previous copies of an atomic save (checkpoint_path resolves those itself)
-        # and folders that hold no checkpoint at all (RUN/geneval-flow-clip: images).
+        # Not the temporary / previous copies of an atomic save (dotted names), nor image folders.
         ckpt = pipeline.checkpoint_path(run / name) if "." not in name else None
         if ckpt is not None and ckpt.is_dir() and any((ckpt / f).exists()
                                                       for f in ("meta.json", "model.safetensors")):
@@ -530,17 +527,12 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
 
 def headline(metrics: dict) -> dict:
     """The numbers that have targets, by the names used in TARGETS."""
-    out = {}
-    if "clip" in metrics:
-        out["clip zero-shot (held-out)"] = metrics["clip"]["zero_shot"]
-    if "understand" in metrics:
-        out["understanding exact match"] = metrics["understand"]["overall"]
-    if "flow-clip" in metrics.get("clipgen", {}):
-        out["clipgen single_object+colors"] = metrics["clipgen"]["flow-clip"]["single_object+colors"]
-    if "recon" in metrics:
-        out["reconstruction (GenEval rules)"] = metrics["recon"]["recon"]
-    if "toygeneval" in metrics:
-        out["toy GenEval overall"] = metrics["toygeneval"]["overall"]
+    generated = metrics.get("clipgen", {}).get("flow-clip", {})
+    out = {"clip zero-shot (held-out)": metrics.get("clip", {}).get("zero_shot"),
+           "understanding exact match": metrics.get("understand", {}).get("overall"),
+           "clipgen single_object+colors": generated.get("single_object+colors"),
+           "reconstruction (GenEval rules)": metrics.get("recon", {}).get("recon"),
+           "toy GenEval overall": metrics.get("toygeneval", {}).get("overall")}
     return {name: value for name, value in out.items() if value is not None}
 
 
@@ -712,9 +704,8 @@ def run_command(args) -> dict:
     if args.command == "report":
         record = full_report(args.run, device=device, force=args.force)
         return {"metrics": record["metrics"], "cached": record["cached"]}
-    generate = ("clip", "understand", "generate")
-    need = {"clip": ("clip",), "understand": ("clip", "understand"), "recon": ("clip", "decoder"),
-            "clipgen": generate, "toygeneval": generate}[args.command]
+    need = {"clip": ("clip",), "understand": ("clip", "understand"),
+            "recon": ("clip", "decoder")}.get(args.command, ("clip", "understand", "generate"))
     variant = getattr(args, "variant", "flow-clip")
     pipe = pipeline.load_run(args.run, variant, device, need)
     if args.command == "clip":
