@@ -34,18 +34,16 @@ from cli import (OneLineParser, UserError, add_run_options, add_sampling_options
                  metrics_main, rounded)
 
 DESIGNS = {"mse-clip": "CLIP + MSE", "flow-clip": "CLIP + Flow", "flow-vae": "VAE + Flow"}  # Figure 3
-JOINT = "CLIP + Flow, joint"  # variant "joint": train.py --stage joint
 ABLATION_HEADER = ["design", "toy GenEval", "CLIP retrieval", "diversity (CLIP)", "understanding",
                    "LM weights"]
 
 # Sizes of `ablation.py study` (quick: seconds, for the tests). Sampling as in the report unless quick;
 # vae_* None: train.py's toy defaults.
-ABLATION = {
-    "default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300, captions=50,
-                    seeds=4, sample_steps=evaluation.REPORT["steps"], vae_steps=None, vae_batch=None),
-    "quick": dict(steps=2, every=1, batch=4, per_tag=1, per_prompt=1, questions=12, captions=2, seeds=2,
-                  sample_steps=2, vae_steps=2, vae_batch=4),
-}
+ABLATION = {"default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300,
+                            captions=50, seeds=4, sample_steps=evaluation.REPORT["steps"], vae_steps=None,
+                            vae_batch=None),
+            "quick": dict(steps=2, every=1, batch=4, per_tag=1, per_prompt=1, questions=12, captions=2,
+                          seeds=2, sample_steps=2, vae_steps=2, vae_batch=4)}
 
 
 def mean_pairwise_distance(x: torch.Tensor, rms: bool = True) -> float:
@@ -62,10 +60,9 @@ def mean_pairwise_distance(x: torch.Tensor, rms: bool = True) -> float:
 @torch.no_grad()
 def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: float, seed: int = 0,
                    device="cpu", allow_unknown_words: bool = False) -> dict:
-    """Finding 2: each prompt (default: one held-out prompt per tag) sampled with seeds seed ..
-    seed+seeds-1 by each trained variant (others are "skipped") -> the mean pairwise distance of one
-    prompt's samples as toy CLIP embeddings, as tokens over the generator's target_scale (unit std: CLIP
-    features and VAE latents on one scale), and as pixels. RUN/diversity.png shows the first two prompts."""
+    """Finding 2: each prompt (default: one held-out prompt per tag) sampled with seeds seed.. by each
+    trained variant -> the mean pairwise distance of one prompt's samples as toy CLIP embeddings, tokens in
+    unit std (CLIP features and VAE latents alike) and pixels. RUN/diversity.png: the first two prompts."""
     prompts = prompts or [r["prompt"] for r in data.geneval_prompts("test", n_per_tag=1)]
     out = {"prompts": list(prompts), "seeds": seeds, "variants": {}, "skipped": []}
     rows, labels = [], []
@@ -101,8 +98,7 @@ def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: flo
 
 
 def train_segment(out, stage_argv: list, steps, batch, data_args: dict, device, restart: bool):
-    """Train one stage in OUT up to `steps` (resuming from its checkpoint unless `restart`), in this
-    process, through train.py's own plan and loop. -> the trained module (the plan's `inner`)."""
+    """Train one stage in OUT up to `steps` (resuming unless `restart`) with train.py's plan and loop."""
     argv = [*stage_argv, "--out", str(out), "--images", str(data_args["images"]), "--seed",
             str(data_args["seed"]), "--ckpt-every", "0", "--quiet", "--device", str(device)]
     argv += ["--steps", str(steps)] if steps else []
@@ -171,8 +167,7 @@ def score_design(out, variant: str, sizes: dict, device) -> dict:
 
 
 def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None = None) -> dict:
-    """Exact-match understanding of OUT's VLM (of RUN/joint for variant "joint"), or of the weights
-    `vlm_state` when given (the LM as a finished training segment left it)."""
+    """Exact-match understanding of OUT's VLM for `variant`, or of the weights `vlm_state` when given."""
     pipe = pipeline.load_run(out, variant, device, need=("clip", "understand"))
     # On CUDA stage 2 holds a bf16 copy of the frozen LM; its fp32 weights are the checkpoint's, which
     # the pipeline already has (lm_change compared the copy with them, cast alike).
@@ -197,8 +192,9 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
     for variant in (*DESIGNS, "joint"):
         argv = (["--stage", "joint"] if variant == "joint" else
                 ["--stage", "generate", "--loss", variant.split("-")[0], "--target", variant.split("-")[1]])
-        d = designs[variant] = {"name": DESIGNS.get(variant, JOINT), "curve": [], "train_seconds": 0.0,
-                                "eval_seconds": 0.0, "lm_bit_identical": True, "lm_max_change": 0.0}
+        d = designs[variant] = {"name": DESIGNS.get(variant, "CLIP + Flow, joint"), "curve": [],
+                                "train_seconds": 0.0, "eval_seconds": 0.0, "lm_bit_identical": True,
+                                "lm_max_change": 0.0}
         for i, step in enumerate(points):
             t = time.time()
             trained = train_segment(out, argv, step, sizes["batch"], data_args, device, restart=i == 0)
@@ -209,10 +205,9 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
             t = time.time()
             d["curve"].append({"step": step, **score_design(out, variant, sizes, device)})
             d["eval_seconds"] += time.time() - t
+            lm = "bit-identical to stage 1" if identical else f"changed (largest change {change:.2e})"
             print(f"[ablation] {d['name']} at step {step}: toy GenEval {d['curve'][-1]['geneval']:.3f}, "
-                  f"CLIP-space retrieval {d['curve'][-1]['retrieval']:.3f}; LM "
-                  f"{'bit-identical to stage 1' if identical else f'changed (largest change {change:.2e})'}",
-                  flush=True)
+                  f"CLIP-space retrieval {d['curve'][-1]['retrieval']:.3f}; LM {lm}", flush=True)
         if variant == "flow-clip":
             sequential_lm = {k: v.detach().clone() for k, v in trained.vlm.state_dict().items()}
     und = {"before": before,
@@ -278,9 +273,8 @@ def plot_ablation(r: dict, path) -> None:
         for variant, name in DESIGNS.items():
             curve = r["designs"][variant]["curve"]
             ax.plot([p["step"] for p in curve], [p[key] for p in curve], marker="o", label=name)
-        ax.set_xlabel("training steps")
+        ax.set(xlabel="training steps", ylim=(0, None))
         ax.set_title(title, fontsize=10)
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -307,12 +301,11 @@ def ablation_markdown(r: dict) -> str:
                                         for d in designs)] for i, step in enumerate(r["points"])])
     md += ["", "Each cell: toy GenEval / CLIP-space retrieval, "
            f"{r['designs']['flow-clip']['curve'][-1]['images']} samples ({s['per_tag']} held-out prompts per "
-           f"tag at most, {s['per_prompt']} each; "
-           f"{s['sample_steps']} Euler steps, guidance {evaluation.REPORT['guidance']}).", "",
+           f"tag at most, {s['per_prompt']} each; {s['sample_steps']} Euler steps, guidance "
+           f"{evaluation.REPORT['guidance']}).", "",
            "## Diversity (Finding 2)", "",
            f"{r['diversity']['seeds']} seeds for each of {len(r['diversity']['prompts'])} held-out prompts; "
-           "the pixel decoder is deterministic, so pixels differ only where the generated "
-           "tokens do.", ""]
+           "the pixel decoder is deterministic, so pixels differ only where the generated tokens do.", ""]
     md += evaluation.md_table(["design", "CLIP embedding", "tokens (unit std)", "pixels"],
                               [[DESIGNS[variant], *(f"{x:.4f}" for x in v.values())]
                                for variant, v in r["diversity"]["variants"].items()])
@@ -362,8 +355,7 @@ def parse_args(argv=None):
     c.add_argument("--variants", default=",".join(DESIGNS), help="comma-separated: flow-clip, mse-clip, "
                    "flow-vae, joint (default: the paper's three designs)")
     c.add_argument("--prompts", nargs="+", default=None, help="default: one held-out prompt per tag")
-    c.add_argument("--allow-unknown-words", action="store_true",
-                   help="go on with prompt words the toy model never saw (read as <unk>)")
+    c.add_argument("--allow-unknown-words", action="store_true", help="go on with words never seen (<unk>)")
     c.add_argument("--seeds", type=int, default=8, help="samples per prompt, seeds seed .. seed+seeds-1")
     c.add_argument("--seed", type=int, default=0, help="first seed")
     add_sampling_options(c)
