@@ -9,8 +9,7 @@ Finding 2: flow matching gives diverse samples for one prompt; MSE regression gi
 Finding 3: sequential training (LM frozen in stage 2) leaves understanding exactly as it was; joint
            training (both tasks mixed, LM unfrozen) trades one task against the other.
 
-Every design trains through train.py's own plans and loop, in this process, and is scored by eval.py's
-evaluations. The last line of stdout is the metrics as one JSON object, as for eval.py.
+Designs train through train.py's own plans and loop, scored by eval.py; stdout ends in one JSON line.
 """
 from __future__ import annotations
 
@@ -37,8 +36,7 @@ DESIGNS = {"mse-clip": "CLIP + MSE", "flow-clip": "CLIP + Flow", "flow-vae": "VA
 ABLATION_HEADER = ["design", "toy GenEval", "CLIP retrieval", "diversity (CLIP)", "understanding",
                    "LM weights"]
 
-# Sizes of `ablation.py study` (quick: seconds, for the tests). Sampling as in the report unless quick;
-# vae_* None: train.py's toy defaults.
+# Sizes of `ablation.py study` (quick: seconds, for the tests; vae_* None: train.py's toy defaults).
 ABLATION = {"default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300,
                             captions=50, seeds=4, sample_steps=evaluation.REPORT["steps"], vae_steps=None,
                             vae_batch=None),
@@ -57,7 +55,6 @@ def mean_pairwise_distance(x: torch.Tensor, rms: bool = True) -> float:
     return float(torch.stack(pairs).mean() / (F ** 0.5 if rms else 1.0))
 
 
-@torch.no_grad()
 def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: float, seed: int = 0,
                    device="cpu", allow_unknown_words: bool = False) -> dict:
     """Finding 2: each prompt (default: one held-out prompt per tag) sampled with seeds seed.. by each
@@ -73,13 +70,7 @@ def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: flo
             out["skipped"].append(variant)
             continue
         sample.check_pixels(pipe, run)
-        tokens, images = [], []
-        for j in range(seeds):
-            rng = torch.Generator(pipe.device).manual_seed(seed + j)
-            tok = pipe.generate_tokens(prompts, steps, guidance, rng)  # (P, 64, D)
-            images.append(pipe.tokens_to_images(tok).cpu())
-            tokens.append(tok.cpu())
-        tokens, images = torch.stack(tokens, 1), torch.stack(images, 1)  # (P, S, 64, D), (P, S, 3, H, W)
+        images, tokens = sample.generate_grid(pipe, prompts, seeds, seed, steps, guidance, batch=len(prompts))
         emb = evaluation.generated_embeddings(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
         scale = pipe.generator.target_scale.cpu()
         out["variants"][variant] = {"clip_embedding": mean_pairwise_distance(emb, rms=False),
@@ -155,22 +146,10 @@ def lm_change(vlm, stage1: dict) -> tuple[bool, float]:
     return identical, largest
 
 
-def score_design(out, variant: str, sizes: dict, device) -> dict:
-    """A design's checkpoint in OUT -> toy GenEval (from pixels) and CLIP-space retrieval of its samples."""
-    pipe = pipeline.load_run(out, variant, device, need=("clip", "understand", "generate"))
-    geneval, records, _, tokens = evaluation.eval_toygeneval(
-        pipe, out, variant, sizes["per_prompt"], sizes["per_tag"], sizes["sample_steps"],
-        evaluation.REPORT["guidance"], quiet=True)
-    retrieval = evaluation.clipgen_scores(pipe, records, tokens)
-    return {"geneval": geneval["overall"], "retrieval": retrieval["overall"], "images": geneval["images"],
-            "geneval_per_tag": geneval["per_tag"], "retrieval_per_tag": retrieval["per_tag"]}
-
-
 def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None = None) -> dict:
     """Exact-match understanding of OUT's VLM for `variant`, or of the weights `vlm_state` when given."""
     pipe = pipeline.load_run(out, variant, device, need=("clip", "understand"))
-    # On CUDA stage 2 holds a bf16 copy of the frozen LM; its fp32 weights are the checkpoint's, which
-    # the pipeline already has (lm_change compared the copy with them, cast alike).
+    # A bf16 state (stage 2 on CUDA) copies the frozen fp32 weights the pipeline has loaded already.
     if vlm_state is not None and all(v.dtype == torch.float32 for v in vlm_state.values()):
         pipe.vlm.load_state_dict(vlm_state)
     m = evaluation.eval_understand(pipe, sizes["questions"], sizes["captions"])
@@ -178,9 +157,8 @@ def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None
 
 
 def run_ablation(run, out, sizes: dict, device) -> dict:
-    """Train the three designs and joint CLIP + Flow alike, in segments of `every` steps (train.py's
-    resume), scoring each after every segment; then understanding before / after and the designs'
-    diversity. Writes OUT/ablation.json, ablation.md and ablation.png."""
+    """Train and score the three designs and joint CLIP + Flow alike, `every` steps at a time; then
+    understanding before / after and diversity -> OUT/ablation.json, ablation.md and ablation.png."""
     start = time.time()
     run, out = Path(run), Path(out)
     data_args = ablation_folder(run, out, sizes, device)
@@ -202,8 +180,15 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
             identical, change = lm_change(trained.vlm, stage1)  # after every segment, tensor by tensor
             d["lm_bit_identical"] &= identical
             d["lm_max_change"] = max(d["lm_max_change"], change)
-            t = time.time()
-            d["curve"].append({"step": step, **score_design(out, variant, sizes, device)})
+            t = time.time()  # toy GenEval from pixels, and CLIP-space retrieval of the same samples
+            pipe = pipeline.load_run(out, variant, device, need=("clip", "understand", "generate"))
+            geneval, records, _, tokens = evaluation.eval_toygeneval(
+                pipe, out, variant, sizes["per_prompt"], sizes["per_tag"], sizes["sample_steps"],
+                evaluation.REPORT["guidance"], quiet=True)
+            retrieval = evaluation.clipgen_scores(pipe, records, tokens)
+            d["curve"].append({"step": step, "geneval": geneval["overall"], "retrieval": retrieval["overall"],
+                               "images": geneval["images"], "geneval_per_tag": geneval["per_tag"],
+                               "retrieval_per_tag": retrieval["per_tag"]})
             d["eval_seconds"] += time.time() - t
             lm = "bit-identical to stage 1" if identical else f"changed (largest change {change:.2e})"
             print(f"[ablation] {d['name']} at step {step}: toy GenEval {d['curve'][-1]['geneval']:.3f}, "
@@ -341,8 +326,6 @@ def ablation_markdown(r: dict) -> str:
                                    f"{d['eval_seconds'] / 60:.1f} min scoring" for d in designs) + ".", ""]
     return "\n".join(md)
 
-
-# --- Command line ---------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
