@@ -20,8 +20,8 @@ the two pieces it is built from (the Next-DiT and flow matching):
 5. Next-DiT (Lumina-Next): the diffusion transformer, building blocks first.
 6. Flow matching: the loss and the Euler sampler with classifier-free guidance.
 7. Generation (stage 2): 64 learnable queries appended to the prompt; the frozen LM's last hidden states
-   at those positions condition a Next-DiT trained by flow matching, or, for the ablation, a linear map
-   trained with MSE.
+   at those positions condition a Next-DiT trained by flow matching (`Generator.loss`), or, for the
+   ablation, a linear map trained with MSE; `generate` is text to features, end to end.
 8. Pixels: the toy pixel decoder (reads where and what each object is from the generated features, then
    draws every patch; deterministic, as BLIP3-o's decoder at inference) and a small VAE for the
    "VAE + Flow" ablation.
@@ -78,12 +78,11 @@ class DiTConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size {self.hidden_size}, num_heads {self.num_heads} and num_kv_heads "
+                             f"{self.num_kv_heads} must each divide the one before")
         if (self.hidden_size // self.num_heads) % 4:
-            raise ValueError("2-D RoPE splits each head in (row, column) x (cos, sin): head dim must be a multiple of 4")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError("2-D RoPE splits each head in (row, column) x (cos, sin): head_dim % 4 != 0")
         if self.ffn_dim is None:
             # Lumina-Next's FeedForward: int(2/3 * 4 * dim), rounded up to a multiple of 256.
             self.ffn_dim = 256 * math.ceil(int(2 * 4 * self.hidden_size / 3) / 256)
@@ -97,8 +96,6 @@ class DiTConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid_size**2
-
-
 
 
 @dataclass
@@ -184,25 +181,22 @@ class Config:
     vae: VAEConfig = field(default_factory=VAEConfig)
     num_queries: int = 64  # learnable queries (paper: 64)
     prompt_template: str = PROMPT_TEMPLATE
+    # Stage-2 training where the toy departs from the paper (the README's "Where the toy differs"):
+    time_sampling: str = "uniform"  # flow matching's t ~ U(0, 1) (paper); "logit_normal": SD3's
+    noise_repeats: int = 1  # noise draws per prompt and step, sharing one LM pass (Generator.loss)
+    query_init: str = "normal"  # queries start N(0, 1) (official); "embedding": at the LM embeddings' std
+    target_norm: bool = False  # divide the targets by their std (Stable Diffusion's latent scaling)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        d = dict(d)
-        dec = d.get("decoder")
-        return cls(
-            preset=d["preset"],
-            clip=CLIPConfig(**{**d["clip"], "image_mean": tuple(d["clip"]["image_mean"]),
-                               "image_std": tuple(d["clip"]["image_std"])}),
-            lm=LMConfig(**d["lm"]),
-            dit=DiTConfig(**d["dit"]),
-            decoder=DecoderConfig(**dec) if dec is not None else None,
-            vae=VAEConfig(**d["vae"]),
-            num_queries=d["num_queries"],
-            prompt_template=d["prompt_template"],
-        )
+        clip = {**d["clip"], "image_mean": tuple(d["clip"]["image_mean"]),
+                "image_std": tuple(d["clip"]["image_std"])}  # JSON has lists
+        return cls(**{**d, "clip": CLIPConfig(**clip), "lm": LMConfig(**d["lm"]),
+                      "dit": DiTConfig(**d["dit"]), "vae": VAEConfig(**d["vae"]),
+                      "decoder": DecoderConfig(**d["decoder"]) if d.get("decoder") else None})
 
 
 # The real backbones' published config.json numbers (Qwen2.5-VL-3B / 7B-Instruct), for meta-device builds.
@@ -231,7 +225,15 @@ def _toy() -> Config:
     # Generation head: a small Next-DiT over the 64 scene tokens, conditioned on the 64 query states.
     dit = DiTConfig(in_channels=clip.scene_width, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
                     ffn_dim=256, cond_dim=lm.hidden_size, grid_size=clip.grid)
-    return Config(preset="toy", clip=clip, lm=lm, dit=dit, decoder=DecoderConfig())
+    # Stage 2, where the toy departs from the paper (NOTES.md has the measurements):
+    # - logit-normal t (SD3) trains the middle of the path, where layout and colour are decided, more often;
+    # - 2 noise draws per prompt: the frozen LM's pass is 40 % of a toy step, and sharing it makes steps
+    #   ~25 % cheaper;
+    # - the toy LM's embeddings have std ~0.09, so N(0, 1) queries would drown the prompt: they start at
+    #   the embeddings' scale instead;
+    # - unit-std targets (the scene tokens' scale is whatever the CLIP stage made it).
+    return Config(preset="toy", clip=clip, lm=lm, dit=dit, decoder=DecoderConfig(),
+                  time_sampling="logit_normal", noise_repeats=2, query_init="embedding", target_norm=True)
 
 
 def _real(preset: str, lm_name: str, arch: dict) -> Config:
@@ -299,8 +301,8 @@ def _read_as_typed(core) -> None:
     from tokenizers import Regex, normalizers, pre_tokenizers
 
     core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                  pre_tokenizers.Split(Regex(f"[{PUNCTUATION}]"), "isolated")])
+    punctuation = pre_tokenizers.Split(Regex(f"[{PUNCTUATION}]"), "isolated")
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), punctuation])
 
 
 def toy_words(text: str) -> list[str]:
@@ -327,9 +329,25 @@ def encode_texts(tokenizer, texts, length: int, bos: bool = False, eos: bool = T
     return torch.tensor(rows, dtype=torch.long), torch.tensor(lens, dtype=torch.long)
 
 
-def token_count(tokenizer, text: str, bos: bool) -> int:
-    """How many ids encode_texts(..., bos=bos, eos=False) gives `text`: its tokens, plus <bos> if bos."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(bos)
+def encode_prompts(tokenizer, captions, length: int | None = None, template: str = PROMPT_TEMPLATE,
+                   limit: int | None = None):
+    """Captions -> generation prompts: ids (B, T) right-padded, lengths (B,), lengths before any cut (B,).
+
+    Each caption goes into the template, after <bos> if the tokenizer has one (the toy's does, Qwen's
+    does not), with no <eos>: the 64 queries follow. T is `length` (longer prompts are cut) or the longest.
+    A prompt longer than `limit` tokens raises ValueError."""
+    if not all(c.strip() for c in captions):
+        raise ValueError("empty prompt")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    rows = [bos + tokenizer(template.format(c), add_special_tokens=False)["input_ids"] for c in captions]
+    full = torch.tensor([len(r) for r in rows])
+    if limit is not None and int(full.max()) > limit:
+        raise ValueError(f"prompt of {int(full.max())} tokens is longer than the backbone allows "
+                         f"({limit} beside the queries)")
+    T = length or int(full.max())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([r[:T] + [pad] * (T - len(r[:T])) for r in rows])  # (B, T): padding is never attended
+    return ids, full.clamp(max=T), full
 
 
 def decode_ids(tokenizer, ids) -> str:
@@ -373,7 +391,7 @@ OBJECT_OUTPUTS = DENSE_COLOURS + DENSE_SHAPES + 4  # one object: colour logits, 
 SCENE_SLOTS = 4  # objects a scene token describes, in reading order (the toy world has at most 4)
 
 
-def object_loss(out: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+def object_loss(out: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor):
     """Predicted objects out (..., OBJECT_OUTPUTS) against labels colour (...), shape (...), box (..., 4).
 
     Cross-entropy on colour and shape (the last class of each is "nothing here"), L1 summed over the 4 box
@@ -439,8 +457,8 @@ class ImageEncoder(nn.Module):
             self.scene_out = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, cfg.scene_width))
             self.scene_head = nn.Linear(cfg.scene_width, SCENE_SLOTS * OBJECT_OUTPUTS)
         # On the model's device from the start (the meta device too: a CPU buffer would not mix with it).
-        self.register_buffer("mean", torch.tensor(cfg.image_mean, device=device).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.image_std, device=device).view(1, 3, 1, 1), persistent=False)
+        for name, value in (("mean", cfg.image_mean), ("std", cfg.image_std)):
+            self.register_buffer(name, torch.tensor(value, device=device).view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
@@ -482,8 +500,8 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def read_scene(self, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """What scene tokens (B, 64, S), real or generated, say: the head on their mean token ->
-        colour ids (B, 4), shape ids (B, 4) (the last id of each = no object) and boxes (B, 4, 4) in [0, 1]."""
+        """What scene tokens (B, 64, S), real or generated, say: the head on their mean token -> colour ids
+        (B, 4), shape ids (B, 4) (the last id of each = no object) and boxes (B, 4, 4) in [0, 1]."""
         out = self.scene_head(scene.mean(1)).unflatten(-1, (SCENE_SLOTS, OBJECT_OUTPUTS))  # (B, 4, 19)
         c_logits, s_logits, box = out.split([DENSE_COLOURS, DENSE_SHAPES, 4], dim=-1)
         return c_logits.argmax(-1), s_logits.argmax(-1), box / self.cfg.grid
@@ -552,9 +570,9 @@ def build_backbone(cfg: LMConfig, device=None, dtype=None):
     """The causal LM: a tiny Qwen2 from a config (toy), a real one from `cfg.name`, or on `meta`.
 
     Real Qwen2.5-VL checkpoints load with their vision tower (it serves real understanding); BLIP3-o's
-    generation path drives only its language model through `inputs_embeds` (see `lm_decoder`).
+    generation path drives only its language model through `inputs_embeds` (see Generator.condition).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
     if cfg.name is None:
         hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
@@ -582,15 +600,6 @@ def _auto_class(hf_cfg):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     return AutoModelForImageTextToText if hasattr(hf_cfg, "vision_config") else AutoModelForCausalLM
-
-
-def lm_decoder(lm) -> nn.Module:
-    """The decoder stack (embeddings -> blocks -> final norm) of a causal LM, without its LM head.
-
-    Its `last_hidden_state` is taken *after* the final norm, which is where BLIP3-o reads the queries.
-    For Qwen2.5-VL this is the language model inside the multimodal wrapper.
-    """
-    return lm.get_decoder()
 
 
 def text_positions(embeds: torch.Tensor) -> torch.Tensor:
@@ -626,7 +635,8 @@ class Projector(nn.Module):
             g = math.isqrt(N)
             if g * g != N or g % m:
                 raise ValueError(f"{N} image tokens are not a square grid divisible into {m}x{m} blocks")
-            x = x.reshape(B, g // m, m, g // m, m, C).permute(0, 1, 3, 2, 4, 5).reshape(B, N // (m * m), m * m * C)
+            x = x.reshape(B, g // m, m, g // m, m, C).permute(0, 1, 3, 2, 4, 5)  # (B, g/m, g/m, m, m, C)
+            x = x.reshape(B, N // (m * m), m * m * C)
         return self.linear_2(F.gelu(self.linear_1(x)))
 
 
@@ -645,9 +655,9 @@ class VisionLanguageModel(nn.Module):
         self.projector = Projector(clip_dim, lm.config.get_text_config().hidden_size, merge)
         self.image_token_id = image_token_id
 
-    def image_tokens(self, clip_tokens: int) -> int:
-        """How many <image> placeholders an image of `clip_tokens` CLIP tokens needs in the sequence."""
-        return clip_tokens // self.projector.merge ** 2
+    def image_tokens(self, num_clip_tokens: int) -> int:
+        """How many <image> placeholders an image of `num_clip_tokens` CLIP tokens needs in the sequence."""
+        return num_clip_tokens // self.projector.merge ** 2
 
     def embed(self, input_ids: torch.Tensor, clip_tokens: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with the projected image tokens scattered into the placeholder slots.
@@ -712,44 +722,13 @@ class VisionLanguageModel(nn.Module):
         return out
 
 
-def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length: int | None = None):
-    """Questions (+ answers) -> (input_ids, labels or None, lengths). Image placeholders first.
-
-    Layout: <bos> <image>*image_tokens question [answer <eos>]; labels keep only the answer and <eos>.
-    image_tokens: VisionLanguageModel.image_tokens (64 CLIP tokens -> 64, or 16 with the toy's merger).
-    """
-    img = [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
-    rows, labels, lens = [], [], []
-    for i, q in enumerate(questions):
-        prompt = [tokenizer.bos_token_id] + img + tokenizer(q, add_special_tokens=False)["input_ids"]
-        target = []
-        if answers is not None:
-            target = tokenizer(answers[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(prompt + target)
-        labels.append([-100] * len(prompt) + target)
-        lens.append(len(prompt) + len(target))
-    ids, lab = _pad_right(rows, labels, tokenizer.pad_token_id, length)
-    return ids, (lab if answers is not None else None), torch.tensor(lens)
-
-
-def _pad_right(rows, labels, pad_id: int, length: int | None = None):
-    """Token rows and their label rows -> (ids, labels) tensors (B, T), right-padded (labels with -100)."""
-    longest = max(len(r) for r in rows)
-    T = length or longest
-    if longest > T:
-        raise ValueError(f"sequence of {longest} tokens exceeds the backbone's limit {T}")
-    ids = torch.tensor([r + [pad_id] * (T - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
-    return ids, lab
-
-
 def build_conversation_batch(tokenizer, image_tokens: int, conversations, length: int | None = None):
     """Several question/answer turns about one image per row -> (input_ids, labels, lengths).
 
     Layout: <bos> <image>*image_tokens q1 a1 <eos> q2 a2 <eos> ... (LLaVA's multi-turn format). The image
     tokens are the bulk of every sequence, so packing a few turns per image gives several times the
     supervision for little more compute. Labels keep only the answers and their <eos>; image_tokens 0
-    builds text-only rows.
+    builds text-only rows, and an answer None ends the row after its question (a prompt to answer).
     """
     img = [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
     rows, labels = [], []
@@ -758,13 +737,27 @@ def build_conversation_batch(tokenizer, image_tokens: int, conversations, length
         lab = [-100] * len(row)
         for q, a in turns:
             q_ids = tokenizer(q, add_special_tokens=False)["input_ids"]
-            a_ids = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            a_ids = [] if a is None else tokenizer(a, add_special_tokens=False)["input_ids"] + [EOS_ID]
             row += q_ids + a_ids
             lab += [-100] * len(q_ids) + a_ids
         rows.append(row)
         labels.append(lab)
-    ids, lab = _pad_right(rows, labels, tokenizer.pad_token_id, length)
-    return ids, lab, torch.tensor([len(r) for r in rows])
+    longest = max(len(r) for r in rows)
+    T = length or longest
+    if longest > T:
+        raise ValueError(f"sequence of {longest} tokens exceeds the backbone's limit {T}")
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (T - len(r)) for r in rows])  # (B, T), right-padded
+    labels = torch.tensor([r + [-100] * (T - len(r)) for r in labels])
+    return ids, labels, torch.tensor([len(r) for r in rows])
+
+
+def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length: int | None = None):
+    """One question (+ its answer) per row: a conversation of one turn -> (input_ids, labels, lengths).
+
+    answers None: each row ends after its question, for the model to answer, and labels is None."""
+    turns = [[(q, None if answers is None else answers[i])] for i, q in enumerate(questions)]
+    ids, labels, lens = build_conversation_batch(tokenizer, image_tokens, turns, length)
+    return ids, (labels if answers is not None else None), lens
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -795,7 +788,8 @@ class RMSNorm(nn.Module):
 def timestep_embedding(timestep: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding (B,) -> (B, dim), cosines first (diffusers Timesteps(flip_sin_to_cos=True))."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
+    k = torch.arange(half, dtype=torch.float32, device=timestep.device)
+    freqs = torch.exp(-math.log(max_period) * k / half)
     args = timestep.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
@@ -808,7 +802,7 @@ def rope_2d(grid_size: int, head_dim: int, theta: float, device=None) -> torch.T
     frequency k (row and column interleaved), frequencies theta^(-4k/head_dim), k < head_dim/4. The
     official table is built for a 384 x 384 grid and sliced to 8 x 8, which equals building it for 8 x 8.
     It is cheap, so it is recomputed per call rather than stored in checkpoints. Stored as real (cos, sin)
-    pairs, which view_as_complex reads as e^(i angle) at no cost: a compiled block then sees no complex tensor.
+    pairs, which view_as_complex reads as e^(i angle) at no cost: a compiled block sees no complex tensor.
     """
     axis_dim = head_dim // 2  # dims per axis
     freqs = 1.0 / (theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float32, device=device) / axis_dim))
@@ -823,7 +817,7 @@ def rope_2d(grid_size: int, head_dim: int, theta: float, device=None) -> torch.T
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2i], x[2i+1]) of x (B, N, H, head_dim) by `rope` (N, head_dim/2, 2) = (cos, sin).
+    """Rotate the pairs (x[2i], x[2i+1]) of x (B, N, H, head_dim) by `rope` (N, head_dim/2, 2) = (cos, sin).
 
     Lumina's complex product (a + ib) * e^(i angle), in fp32 as diffusers does. One complex multiply is
     also the fastest eager form on CPU: the real version (a cos - b sin, a sin + b cos) reads x with
@@ -836,7 +830,8 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, H, head_dim/2) each
         return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, N, H, head_dim/2)
-    return torch.view_as_real(pairs * torch.view_as_complex(rope)[:, None]).flatten(-2).type_as(x)  # (B, N, H, hd)
+    rotated = pairs * torch.view_as_complex(rope)[:, None]  # (B, N, H, head_dim/2)
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)  # (B, N, H, head_dim)
 
 
 class Attention(nn.Module):
@@ -861,22 +856,22 @@ class Attention(nn.Module):
         if out_proj:
             self.to_out = nn.ModuleList([nn.Linear(num_heads * self.head_dim, dim, bias=False)])
 
-    def forward(self, x, context, rope, rope_keys: bool, mask=None) -> torch.Tensor:
+    def forward(self, x, context, rope, rope_keys: bool) -> torch.Tensor:
         """x (B, N, dim) attends to context (B, L, context_dim); returns the heads (B, H, N, head_dim).
 
         RoPE always rotates the queries; the keys only when they live on the same grid (self-attention).
-        mask: None or bool (B, 1, 1, L), True = attend.
         """
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, self.head_dim))  # (B, N, H, hd)
-        k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, L, Hkv, hd)
-        v = self.to_v(context).unflatten(-1, (self.num_kv_heads, self.head_dim))  # (B, L, Hkv, hd)
+        hd = self.head_dim
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, hd))  # (B, N, H, hd)
+        k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_kv_heads, hd))  # (B, L, Hkv, hd)
+        v = self.to_v(context).unflatten(-1, (self.num_kv_heads, hd))  # (B, L, Hkv, hd)
         q = apply_rope(q, rope)
         if rope_keys:
             k = apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for SDPA
         # Default scale 1/sqrt(head_dim) in both attentions, as the official model.
         gqa = self.num_kv_heads != self.num_heads
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, N, hd)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # (B, H, N, hd)
 
 
 class AdaRMSNormZero(nn.Module):
@@ -929,11 +924,11 @@ class NextDiTBlock(nn.Module):
         self.feed_forward = SwiGLU(D, cfg.ffn_dim)
         self.ffn_norm2 = RMSNorm(D, eps)
 
-    def forward(self, x, cond, cond_mask, temb, rope):
-        """x (B, N, D), cond (B, L, D) projected condition, cond_mask None or (B, 1, 1, L), temb (B, T)."""
+    def forward(self, x, cond, temb, rope):
+        """x (B, N, D), cond (B, L, D) the projected condition, temb (B, T)."""
         h, gate_msa, scale_mlp, gate_mlp = self.norm1(x, temb)  # h (B, N, D)
         self_attn = self.attn1(h, h, rope, rope_keys=True)  # (B, H, N, hd)
-        cross_attn = self.attn2(h, self.norm1_context(cond), rope, rope_keys=False, mask=cond_mask)  # (B, H, N, hd)
+        cross_attn = self.attn2(h, self.norm1_context(cond), rope, rope_keys=False)  # (B, H, N, hd)
         mixed = self_attn + self.gate.tanh()[None, :, None, None] * cross_attn  # (B, H, N, hd)
         mixed = mixed.transpose(1, 2).flatten(2)  # (B, N, H * hd)
         x = x + gate_msa.tanh()[:, None] * self.norm2(self.attn2.to_out[0](mixed))
@@ -977,21 +972,16 @@ class _TimestepMLP(nn.Module):
 
 
 class _TimeCaptionEmbed(nn.Module):
-    """Conditioning vector of the adaLN: timestep MLP + Linear(LayerNorm(masked mean of the condition))."""
+    """Conditioning vector of the adaLN: timestep MLP + Linear(LayerNorm(mean of the condition tokens))."""
 
     def __init__(self, dim: int, cond_width: int):
         super().__init__()
         self.timestep_embedder = _TimestepMLP(dim)
         self.caption_embedder = nn.Sequential(nn.LayerNorm(cond_width), nn.Linear(cond_width, dim))
 
-    def forward(self, timestep, cond, cond_mask):
+    def forward(self, timestep, cond):
         t_emb = self.timestep_embedder(timestep_embedding(timestep).to(cond.dtype))  # (B, T)
-        if cond_mask is None:
-            pooled = cond.mean(dim=1)  # (B, D)
-        else:
-            m = cond_mask.to(cond.dtype)[..., None]  # (B, L, 1)
-            pooled = (cond * m).sum(dim=1) / m.sum(dim=1)  # (B, D)
-        return t_emb + self.caption_embedder(pooled)  # (B, T)
+        return t_emb + self.caption_embedder(cond.mean(dim=1))  # (B, T)
 
 
 class _FinalLayer(nn.Module):
@@ -1013,10 +1003,10 @@ class _FinalLayer(nn.Module):
 class NextDiT(nn.Module):
     """The BLIP3-o diffusion transformer: Lumina-Next's Next-DiT with a condition MLP in front.
 
-    forward(x, t, cond, cond_mask=None) -> v, all in the paper's convention:
+    forward(x, t, cond) -> v, all in the paper's convention:
       x (B, N, in_channels) noisy tokens, row-major on the grid_size x grid_size grid;
-      t (B,) in [0, 1], 0 = noise, 1 = data; cond (B, L, cond_dim); cond_mask None or bool (B, L), True =
-      a real token (every row needs at least one); returns the velocity v = x1 - x0, (B, N, in_channels).
+      t (B,) in [0, 1], 0 = noise, 1 = data; cond (B, L, cond_dim), every token real (BLIP3-o's condition
+      is always its 64 query states, so no mask); returns the velocity v = x1 - x0, (B, N, in_channels).
     Inside it speaks the released model's convention (diffusers' Lumina pipeline):
     noise level sigma = 1 - t, timestep = 1000 * sigma fed to the sinusoidal embedding, and the network
     predicts noise - data, so its output is negated. Released weights therefore run unchanged.
@@ -1047,7 +1037,8 @@ class NextDiT(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        for lin in (self.time_caption_embed.timestep_embedder.linear_1, self.time_caption_embed.timestep_embedder.linear_2):
+        timestep_mlp = self.time_caption_embed.timestep_embedder
+        for lin in (timestep_mlp.linear_1, timestep_mlp.linear_2):
             nn.init.normal_(lin.weight, std=0.02)
         # Zero: the final layer (the model starts by predicting v = 0) and the gates. The adaLN modulation
         # and the pooled-condition projection keep their xavier init, as in diffusers' port that BLIP3-o
@@ -1068,18 +1059,17 @@ class NextDiT(nn.Module):
             layer.compile(**kwargs)
         return self
 
-    def forward(self, x, t, cond, cond_mask=None):
+    def forward(self, x, t, cond):
         B, N, _ = x.shape
         if N != self.cfg.num_tokens:
             raise ValueError(f"expected {self.cfg.num_tokens} tokens ({self.cfg.grid_size}^2 grid), got {N}")
         t = t.expand(B) if t.dim() == 0 else t
         cond = self.caption_projection(cond)  # (B, L, D): every block and the pooled path see this
         h = self.patch_embedder(x)  # (B, N, D)
-        temb = self.time_caption_embed(1000.0 * (1.0 - t), cond, cond_mask)  # (B, T), official timestep
+        temb = self.time_caption_embed(1000.0 * (1.0 - t), cond)  # (B, T), official timestep
         rope = rope_2d(self.cfg.grid_size, self.cfg.head_dim, self.cfg.rope_theta, device=x.device)
-        mask = None if cond_mask is None else cond_mask.bool()[:, None, None, :]  # (B, 1, 1, L)
         for layer in self.layers:
-            h = layer(h, cond, mask, temb, rope)
+            h = layer(h, cond, temb, rope)
         return -self.norm_out(h, temb)  # official output is noise - data; ours is data - noise
 
 
@@ -1088,7 +1078,7 @@ class NextDiT(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 
-def flow_matching_loss(model, x1, cond, cond_mask=None, *, cond_drop=0.1, time_sampling="uniform", rng=None):
+def flow_matching_loss(model, x1, cond, *, cond_drop=0.1, time_sampling="uniform", rng=None):
     """Rectified-flow loss || v_theta(x_t, t, cond) - (x1 - x0) ||^2 on a batch of targets x1 (B, N, C).
 
     t ~ U(0, 1) ("uniform", the paper) or sigmoid(N(0, 1)) ("logit_normal", SD3's choice, which spends
@@ -1109,27 +1099,25 @@ def flow_matching_loss(model, x1, cond, cond_mask=None, *, cond_drop=0.1, time_s
     if cond_drop > 0:
         drop = torch.rand(B, device=device, generator=rng) < cond_drop  # (B,)
         cond = cond.masked_fill(drop.view(B, *([1] * (cond.dim() - 1))), 0.0)
-    per_sample = (model(xt, t, cond, cond_mask) - (x1 - x0)).float().pow(2).flatten(1).mean(dim=1)  # (B,)
+    per_sample = (model(xt, t, cond) - (x1 - x0)).float().pow(2).flatten(1).mean(dim=1)  # (B,)
     return per_sample.mean(), t, per_sample
 
 
-def guided_velocity(model, x, t, cond, guidance, cond_mask=None):
+def guided_velocity(model, x, t, cond, guidance):
     """Guided velocity v_u + guidance * (v_c - v_u), both branches in one batched forward.
 
-    The unconditional branch sees an all-zeros condition, as in training's condition dropout; it reuses
-    cond_mask, which cannot change anything there (identical zero tokens pool and attend the same way).
+    The unconditional branch sees an all-zeros condition, as in training's condition dropout.
     guidance == 1 is plain conditional sampling and skips the unconditional half.
     """
     if guidance == 1:
-        return model(x, t, cond, cond_mask)
-    mask2 = None if cond_mask is None else torch.cat([cond_mask, cond_mask])
-    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]), mask2)  # (2B, N, C)
+        return model(x, t, cond)
+    v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))  # (2B, N, C)
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
 @torch.no_grad()
-def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, cond_mask=None, rng=None,
+def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, rng=None,
                  x0=None):
     """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 with `steps` Euler steps; returns x1.
 
@@ -1146,27 +1134,13 @@ def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guida
     x, dt = x0, 1.0 / steps
     for i in range(steps):
         t = torch.full((B,), i * dt, device=x.device, dtype=torch.float32)
-        x = x + dt * guided_velocity(model, x, t, cond, guidance, cond_mask)
+        x = x + dt * guided_velocity(model, x, t, cond, guidance)
     return x
 
 
 # ----------------------------------------------------------------------------------------------------
 # 7. Generation (stage 2): learnable queries read out of the frozen LM
 # ----------------------------------------------------------------------------------------------------
-
-
-class MSEHead(nn.Module):
-    """The "CLIP + MSE" ablation: a learnable linear map W from query states to target tokens.
-
-    L = ||X - W Q||^2 (paper section 3.2). Deterministic: one prompt, one output.
-    """
-
-    def __init__(self, cond_dim: int, out_dim: int):
-        super().__init__()
-        self.proj = nn.Linear(cond_dim, out_dim)
-
-    def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        return self.proj(cond)  # (B, 64, D_lm) -> (B, 64, D_target)
 
 
 class Generator(nn.Module):
@@ -1188,13 +1162,16 @@ class Generator(nn.Module):
         self.loss_type = loss
         self.num_queries = cfg.num_queries
         self.template = cfg.prompt_template
+        self.max_prompt = cfg.lm.max_length - cfg.num_queries  # the prompt and the queries share the context
         # The queries: a plain parameter of (64, D_lm), initialised N(0, 1) as in the official code.
         self.queries = nn.Parameter(torch.randn(cfg.num_queries, lm_dim))
         if loss == "flow":
             dit_cfg = dataclasses.replace(cfg.dit, in_channels=target_dim, cond_dim=lm_dim)
             self.dit = NextDiT(dit_cfg)
         else:
-            self.mse = MSEHead(lm_dim, target_dim)
+            # The "CLIP + MSE" ablation: a linear map W, L = ||X - W Q||^2 (paper section 3.2). Deterministic:
+            # one prompt, one output.
+            self.mse = nn.Linear(lm_dim, target_dim)
         self.register_buffer("target_scale", torch.ones(()))
         self.target_dim = target_dim
 
@@ -1213,14 +1190,21 @@ class Generator(nn.Module):
         index = slots[..., None].expand(B, Q, D)
         queries = self.queries.to(seq.dtype)[None].expand(B, Q, D)
         seq = seq.scatter(1, index, queries)  # (B, T + Q, D), differentiable w.r.t. the queries
-        out = lm_decoder(lm)(inputs_embeds=seq, position_ids=text_positions(seq), use_cache=False)
+        # The LM's decoder stack without its head: the hidden states after its last norm.
+        out = lm.get_decoder()(inputs_embeds=seq, position_ids=text_positions(seq), use_cache=False)
         hidden = out.last_hidden_state  # (B, T + Q, D), post final norm
         return hidden.gather(1, index).float()  # (B, Q, D)
 
-    def loss(self, cond: torch.Tensor, target: torch.Tensor, cond_drop: float = 0.1,
-             time_sampling: str = "uniform", rng=None):
-        """target (B, 64, D_target) raw tokens -> (scalar loss, t (B,) or None, per-sample loss (B,))."""
-        x1 = target / self.target_scale
+    def loss(self, lm, prompt_ids, prompt_lens, target, *, time_sampling: str = "uniform",
+             noise_repeats: int = 1, cond_drop: float = 0.1, rng=None):
+        """Stage 2's training loss: prompts (B, T), lengths (B,) and their raw target tokens (B, 64, D_target)
+        -> (scalar loss, t (B,) or None, per-sample loss (B,)).
+
+        noise_repeats > 1 computes each prompt's condition once and noises its target that many times (own
+        t, own noise), as MAR does for its diffusion head: one LM pass serves several DiT samples."""
+        cond = self.condition(lm, prompt_ids, prompt_lens)  # (B, 64, D_lm)
+        cond, x1 = cond.repeat_interleave(noise_repeats, 0), target.repeat_interleave(noise_repeats, 0)
+        x1 = x1 / self.target_scale
         if self.loss_type == "mse":
             per = (self.mse(cond) - x1).pow(2).mean(dim=(1, 2))
             return per.mean(), None, per
@@ -1228,17 +1212,28 @@ class Generator(nn.Module):
                                   rng=rng)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE, rng=None) -> torch.Tensor:
+    def sample(self, cond: torch.Tensor, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
+               rng=None) -> torch.Tensor:
         """Query states (B, 64, D_lm) -> generated target tokens (B, 64, D_target), unscaled."""
         if self.loss_type == "mse":
             x1 = self.mse(cond)
         else:
-            x1 = euler_sample(self.dit, cond, self.dit.cfg.grid_size ** 2,
-                              self.target_dim, steps=steps, guidance=guidance, rng=rng)
+            x1 = euler_sample(self.dit, cond, self.dit.cfg.num_tokens, self.target_dim, steps=steps,
+                              guidance=guidance, rng=rng)
         return x1 * self.target_scale
 
-    def prompts(self, captions):
-        return [self.template.format(c) for c in captions]
+
+@torch.no_grad()
+def generate(generator: Generator, lm, tokenizer, captions, steps: int = SAMPLE_STEPS,
+             guidance: float = GUIDANCE, rng=None) -> torch.Tensor:
+    """Text -> image features, BLIP3-o's generation up to the pixel decoder: captions -> prompts (the
+    paper's template) -> the frozen LM reads each with the 64 queries -> query states -> the Next-DiT
+    integrates noise to target tokens in `steps` Euler steps with classifier-free guidance -> (B, 64, D)."""
+    ids, lens, _ = encode_prompts(tokenizer, captions, template=generator.template,
+                                  limit=generator.max_prompt)
+    device = generator.queries.device
+    cond = generator.condition(lm, ids.to(device), lens.to(device))  # (B, 64, D_lm)
+    return generator.sample(cond, steps, guidance, rng)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1287,7 +1282,8 @@ class PixelDecoder(nn.Module):
         W, P = cfg.width, image_size // cfg.patch  # P x P patches
         self.points = image_size // cfg.position_step  # grid points per axis an object's corner can take
         # (x, y) logits of each corner: an MLP, as a linear map cannot cut one coordinate into sharp bins.
-        self.where = nn.Sequential(nn.Linear(token_dim, W), nn.GELU(), nn.Linear(W, SCENE_SLOTS * 2 * self.points))
+        self.where = nn.Sequential(nn.Linear(token_dim, W), nn.GELU(),
+                                   nn.Linear(W, SCENE_SLOTS * 2 * self.points))
         self.colour = nn.Linear(token_dim, SCENE_SLOTS * DENSE_COLOURS)  # colour logits, last = no object
         self.what = nn.Linear(token_dim, SCENE_SLOTS * W)
         # Each colour relative to the background, in [-1, 1] units. It starts at zero: a large random paint
@@ -1296,7 +1292,7 @@ class PixelDecoder(nn.Module):
         nn.init.zeros_(self.palette.weight)
         self.background = nn.Parameter(torch.zeros(3))
         cells = (torch.arange(P, dtype=torch.float32) + 0.5) * cfg.patch  # patch centres along one axis
-        centres = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), -1).reshape(P * P, 2)  # (64, (x, y))
+        centres = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), -1).reshape(P * P, 2)  # (64, 2)
         self.register_buffer("patch_centres", centres, persistent=False)
         layers, d_in = [], W + 2 * 4 * cfg.octaves + 2
         for _ in range(cfg.layers):
@@ -1306,18 +1302,20 @@ class PixelDecoder(nn.Module):
         self.register_buffer("cond_scale", torch.ones(()))  # scene tokens / cond_scale: unit std
 
     def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11), features (B, 4, W)."""
+        """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11) and features
+        (B, 4, W) of the SCENE_SLOTS objects."""
         pooled = (tokens / self.cond_scale).mean(1)  # (B, S): every scene token describes the whole scene
         return (self.where(pooled).unflatten(-1, (SCENE_SLOTS, 2, self.points)),
                 self.colour(pooled).unflatten(-1, (SCENE_SLOTS, DENSE_COLOURS)),
                 self.what(pooled).unflatten(-1, (SCENE_SLOTS, self.cfg.width)))
 
     def draw(self, corners: torch.Tensor, colours: torch.Tensor, what: torch.Tensor) -> torch.Tensor:
-        """Objects: corners (B, 4, 2) grid points, colour ids (B, 4), features (B, 4, W) -> (B, 3, H, W) in [-1, 1]."""
+        """Objects (corners (B, 4, 2) on the grid, colour ids (B, 4), features (B, 4, W)) -> (B, 3, H, W)
+        in [-1, 1]."""
         size, n = self.image_size, self.patch_centres.shape[0]
         corners = corners.float() * self.cfg.position_step  # (B, 4, 2) in pixels
         offset = self.patch_centres[None, :, None] - corners[:, None]  # (B, 64, 4, 2) in pixels
-        place = fourier_features(corners, self.cfg.octaves, size)[:, None].expand(-1, n, -1, -1)  # (B, 64, 4, F)
+        place = fourier_features(corners, self.cfg.octaves, size)[:, None].expand(-1, n, -1, -1)  # (B,64,4,F)
         inputs = torch.cat([what[:, None].expand(-1, n, -1, -1), place,
                             fourier_features(offset, self.cfg.octaves, size), offset / size], -1)
         cover = torch.sigmoid(self.render(inputs))  # (B, 64, 4, p * p)
@@ -1342,7 +1340,8 @@ class PixelDecoder(nn.Module):
             F.cross_entropy(c_logits.flatten(0, 1), colour.flatten())
         corners = torch.where(present[..., None], true, where.detach().argmax(-1))
         l_pixels = F.mse_loss(self.draw(corners, colour, what), images * 2 - 1)
-        return l_pixels + l_read, {"loss_pixels": float(l_pixels.detach()), "loss_read": float(l_read.detach())}
+        logs = {"loss_pixels": float(l_pixels.detach()), "loss_read": float(l_read.detach())}
+        return l_pixels + l_read, logs
 
 
 class VAE(nn.Module):

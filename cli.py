@@ -100,5 +100,5 @@ def metrics_main(run_command, args) -> int:
 def add_sampling_options(c) -> None:
     """The generation diffusion's knobs, defaulting to the paper's (blip3o.SAMPLE_STEPS, GUIDANCE). The
     toy pixel decoder is one forward pass and has none."""
-    c.add_argument("--steps", type=int, default=blip3o.SAMPLE_STEPS, help="Euler steps, text -> CLIP features")
+    c.add_argument("--steps", type=int, default=blip3o.SAMPLE_STEPS, help="Euler steps, text -> features")
     c.add_argument("--guidance", type=float, default=blip3o.GUIDANCE, help="classifier-free guidance scale")

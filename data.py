@@ -6,17 +6,17 @@ The toy pipeline cannot download images, so it draws them. The *shapes world* is
     SHAPES = circle, square, triangle        COLORS = GenEval's ten colour names, one exact RGB each
 
 Every image comes from a `Scene` (its object list), so its caption, its questions and its GenEval score
-are exact. Each object fills an 8 or 12 px box placed on the CLIP's 4-px patch lattice, with at least one
-patch of background between any two (see `_layout`); drawing uses no anti-aliasing, so a detector that
-groups pixels by colour into connected components finds every object again. That detector plus
-GenEval's rules is the scorer of section 3: GenEval's Mask2Former + CLIP
-detector is replaced by pixel arithmetic, its rules are kept.
+are exact. Each object fills an 8 or 12 px box on the CLIP's 4-px patch lattice, at least one patch of
+background apart (see `_place`), and is drawn without anti-aliasing, so a detector that groups pixels by
+colour into connected components finds every object again. That detector plus GenEval's rules is the
+scorer of section 3: pixel arithmetic replaces GenEval's Mask2Former + CLIP detector, its rules are kept.
 
 Prompts follow GenEval's six tags and phrasing (the official `evaluation_metadata.jsonl` records):
 
     single_object  "a photo of a circle"                      two_object "a photo of a circle and a square"
     counting       "a photo of three squares" (exclude four)  colors     "a photo of a red circle"
-    position       "a photo of a circle left of a square"     color_attr "a photo of a red circle and a blue square"
+    position       "a photo of a circle left of a square"
+    color_attr     "a photo of a red circle and a blue square"
 
 Held-out compositions (the generalisation test). HELDOUT_COMBOS are pairs of coloured objects ("a red
 circle" with "a blue square") that never share a train image; every single (colour, shape) pair is seen.
@@ -29,12 +29,10 @@ so neither its prompt, its caption nor its questions can mention one. Rules of s
     phrasing leaves few of them); their test images are new, and two_object's hold a held-out composition.
 
 Sections, in the order data flows:
-  1. the world: constants, Scene, make_scene, draw, captions, VOCAB
-  2. understanding data: questions with one-word answers
+  1. the world: constants, Scene, make_scene, draw, captions, the training image set (make_image_set)
+  2. understanding data: questions with one-word answers, VOCAB
   3. GenEval: prompts, rendering any in-world record, the pixel detector and the scorer, folder layout
-  4. the training image set: many scenes drawn at once (uint8 tensors)
-  5. data at scale: WebDataset-style tar shards and image folders, robust to bad samples
-Nothing runs at import time.
+  4. data at scale: WebDataset-style tar shards and image folders, robust to bad samples, streamed to train.py
 """
 from __future__ import annotations
 
@@ -42,6 +40,7 @@ import functools
 import glob
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -54,16 +53,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from blip3o import PROMPT_TEMPLATE, toy_words  # the paper's generation prompt: its words are in the vocabulary
+from blip3o import PROMPT_TEMPLATE, toy_words  # the generation prompt: its words join VOCAB
 
 # ----------------------------------------------------------------------------------------------------
 # 1. The world
 # ----------------------------------------------------------------------------------------------------
 
 SHAPES = ("circle", "square", "triangle")
-COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")  # GenEval's
-# One exact RGB per colour, chosen far apart (>= 90 apart in RGB, and far from each other's blends with the
-# background) so that noisy or blurred pixels still map back to the right name.
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+# One exact RGB per colour, far apart (and far from each other's blends with the background), so that
+# noisy or blurred pixels still map back to the right name.
 COLOR_RGB = {
     "red": (220, 20, 20),
     "orange": (255, 140, 0),
@@ -82,13 +81,9 @@ TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_
 RELATIONS = ("left of", "right of", "above", "below")
 MAX_OBJECTS = 4
 
-# Held-out colour compositions: pairs of coloured objects (of two different shapes) that never share a
-# training image, about one in six of the 300 such pairs, picked by a fixed arithmetic rule. Every
-# (colour, shape) pair on its own is seen in training: with single pairs held out instead, a CLIP trained
-# for minutes learns "red is never a square" as a shortcut and classifies held-out pairs at 0.02-0.3
-# (NOTES.md), which tests the shortcut rather than composition.
-def _combo(a: tuple, b: tuple) -> frozenset:
-    """An unordered pair of (colour, shape) objects."""
+# Held-out colour compositions: about one in six of the 300 pairs, by a fixed arithmetic rule. Holding
+# out single (colour, shape) pairs instead would teach a shortcut, not test composition (NOTES.md).
+def _combo(a: tuple, b: tuple) -> frozenset:  # an unordered pair of (colour, shape) objects
     return frozenset((a, b))
 
 
@@ -98,16 +93,13 @@ HELDOUT_COMBOS = frozenset(
     for j1, c1 in enumerate(COLORS) for j2, c2 in enumerate(COLORS)
     if (3 * j1 + 7 * j2 + i1 + 2 * i2) % 6 == 0
 )
-# Three spatial configurations, each in both phrasings (A rel B and B inverse-rel A draw the same picture).
 HELDOUT_RELATIONS = frozenset({
     ("circle", "above", "triangle"), ("triangle", "below", "circle"),
     ("square", "left of", "triangle"), ("triangle", "right of", "square"),
     ("square", "above", "circle"), ("circle", "below", "square"),
 })
 
-# GenEval's position rule (evaluation/evaluate_images.py): the centre offset is shrunk by this fraction
-# of the summed box sizes before its direction is read.
-POSITION_THRESHOLD = 0.1
+POSITION_THRESHOLD = 0.1  # GenEval's position rule (evaluation/evaluate_images.py): see relation_direction
 # Our stricter "clearly" for drawing position scenes and asking position questions: the offset direction
 # points at least this much along one axis and at most CLEAR_OTHER along the other.
 CLEAR_MAIN, CLEAR_OTHER = 0.75, 0.35
@@ -133,9 +125,7 @@ class Scene:
 
 
 def stable_seed(*parts) -> int:
-    """A 64-bit seed from any tuple of str/int parts, identical in every process.
-
-    Python's hash() of a str is salted per process, so it would make worker processes disagree."""
+    """A 64-bit seed from str/int parts, identical in every process (unlike hash(), salted per process)."""
     text = "/".join(str(p) for p in parts)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
@@ -150,20 +140,15 @@ def plural(word: str) -> str:
     return word + ("es" if word.endswith("s") else "s")
 
 
-def _box_centre_size(box):
-    x0, y0, x1, y1 = box
-    return np.array([(x0 + x1) / 2, (y0 + y1) / 2]), np.array([x1 - x0, y1 - y0])
-
-
 def relation_direction(box_a, box_b) -> tuple[float, float]:
     """GenEval's direction of A relative to B as (dx, dy), image y pointing down.
 
     The centre offset A - B is shrunk towards zero by POSITION_THRESHOLD x (size A + size B) on each axis,
     then divided by the length of the *unshrunk* offset; (0, 0) when the shrunk offset vanishes."""
-    centre_a, size_a = _box_centre_size(box_a)
-    centre_b, size_b = _box_centre_size(box_b)
-    offset = centre_a - centre_b
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (size_a + size_b), 0) * np.sign(offset)
+    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)  # (x0, y0, x1, y1)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    sizes = a[2:] - a[:2] + b[2:] - b[:2]
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * sizes, 0) * np.sign(offset)
     if np.all(np.abs(revised) < 1e-3):
         return 0.0, 0.0
     dx, dy = revised / np.linalg.norm(offset)
@@ -173,16 +158,8 @@ def relation_direction(box_a, box_b) -> tuple[float, float]:
 def relative_position(box_a, box_b) -> set:
     """The set of GenEval relations that hold for A relative to B (a diagonal offset gives two)."""
     dx, dy = relation_direction(box_a, box_b)
-    relations = set()
-    if dx < -0.5:
-        relations.add("left of")
-    if dx > 0.5:
-        relations.add("right of")
-    if dy < -0.5:
-        relations.add("above")
-    if dy > 0.5:
-        relations.add("below")
-    return relations
+    return {rel for rel, holds in (("left of", dx < -0.5), ("right of", dx > 0.5),
+                                   ("above", dy < -0.5), ("below", dy > 0.5)) if holds}
 
 
 def clear_relation(box_a, box_b) -> str | None:
@@ -193,16 +170,6 @@ def clear_relation(box_a, box_b) -> str | None:
     if abs(dy) >= CLEAR_MAIN and abs(dx) <= CLEAR_OTHER:
         return "above" if dy < 0 else "below"
     return None
-
-
-def _shows_heldout_relation(objects) -> bool:
-    """True when any two objects of different shapes satisfy a held-out relation under GenEval's rule."""
-    for a in objects:
-        for b in objects:
-            if a.shape != b.shape and any((a.shape, rel, b.shape) in HELDOUT_RELATIONS
-                                          for rel in relative_position(a.box, b.box)):
-                return True
-    return False
 
 
 # --- GenEval records: the prompt space of every tag -------------------------------------------------
@@ -230,18 +197,13 @@ def _record(tag: str, include: list, exclude: list | None = None) -> dict:
     return record
 
 
-def _check_split(split: str) -> None:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-
-
 @functools.lru_cache(maxsize=None)
 def _prompt_space(tag: str, split: str) -> tuple:
     """Every GenEval record of `tag` allowed in `split` (as JSON strings, so the cache stays immutable)."""
-    _check_split(split)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     test = split == "test"
     pairs = [(c, s) for s in SHAPES for c in COLORS]
-    records = []
     if tag == "single_object":
         records = [_record(tag, [{"class": s, "count": 1}]) for s in SHAPES]
     elif tag == "two_object":
@@ -251,14 +213,14 @@ def _prompt_space(tag: str, split: str) -> tuple:
         records = [_record(tag, [{"class": s, "count": n}], [{"class": s, "count": n + 1}])
                    for s in SHAPES for n in (2, 3, 4)]
     elif tag == "colors":
-        records = [_record(tag, [{"class": s, "count": 1, "color": c}])
-                   for c, s in pairs]
+        records = [_record(tag, [{"class": s, "count": 1, "color": c}]) for c, s in pairs]
     elif tag == "position":
         records = [_record(tag, [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [rel, 0]}])
                    for a in SHAPES for b in SHAPES for rel in RELATIONS
                    if a != b and ((a, rel, b) in HELDOUT_RELATIONS) == test]
     elif tag == "color_attr":
-        records = [_record(tag, [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}])
+        records = [_record(tag, [{"class": s1, "count": 1, "color": c1},
+                                 {"class": s2, "count": 1, "color": c2}])
                    for c1, s1 in pairs for c2, s2 in pairs
                    if s1 != s2 and (_combo((c1, s1), (c2, s2)) in HELDOUT_COMBOS) == test]
     else:
@@ -303,39 +265,22 @@ def in_world(metadata: dict) -> bool:
     return True
 
 
-def _shows_heldout_combo(specs) -> bool:
-    """True when two objects of different shapes form a held-out colour composition."""
-    return any(_combo((c1, s1), (c2, s2)) in HELDOUT_COMBOS
-               for s1, c1, *_ in specs for s2, c2, *_ in specs if s1 != s2)
-
-
 def _choose_colors(includes: list, rng: random.Random, split: str | None) -> list:
     """One (shape, colour, include index) per object: the record's colours, free ones drawn at random.
 
     split "train": no two objects form a held-out composition (HELDOUT_COMBOS); "test": a scene with two
     different shapes holds at least one; None (render): any colours."""
-    specs = [[req["class"], req.get("color"), i] for i, req in enumerate(includes) for _ in range(req["count"])]
+    specs = [[req["class"], req.get("color"), i]
+             for i, req in enumerate(includes) for _ in range(req["count"])]
     fixed = [spec[1] for spec in specs]
     for _ in range(1000):  # rejection sampling of the free colours; a handful of tries in practice
         for spec, colour in zip(specs, fixed):
             spec[1] = colour if colour is not None else rng.choice(COLORS)
-        if split is None or len({spec[0] for spec in specs}) < 2:
-            return specs
-        if _shows_heldout_combo(specs) == (split == "test"):
+        heldout = any(_combo((c1, s1), (c2, s2)) in HELDOUT_COMBOS
+                      for s1, c1, _ in specs for s2, c2, _ in specs if s1 != s2)
+        if split is None or len({spec[0] for spec in specs}) < 2 or heldout == (split == "test"):
             return specs
     raise ValueError(f"no colouring of {includes} fits the {split!r} split's held-out compositions")
-
-
-def _layout(image_size: int) -> tuple[tuple, int, int]:
-    """(object sizes, gap between objects, lattice step) in pixels for a canvas.
-
-    Objects sit on the toy CLIP's patch lattice (every box corner a multiple of the 4-pixel patch at
-    32 px) in two sizes, 8 and 12 pixels (2x2 and 3x3 patches), at least one patch apart. Every patch
-    token then lies wholly inside one object or the background, so a token's content is one of a few
-    kinds (which object, which part of it) rather than an arbitrary cut through an outline."""
-    scale = image_size / 32
-    step = max(1, round(4 * scale))
-    return (2 * step, 3 * step), step, step
 
 
 def _apart(a, b, gap: int) -> bool:
@@ -344,8 +289,14 @@ def _apart(a, b, gap: int) -> bool:
 
 
 def _place(specs: list, rng: random.Random, image_size: int, accept, tries: int = 2000) -> list:
-    """Random sizes and lattice positions for the objects, redrawn until none overlap and accept(objects)."""
-    sizes, gap, step = _layout(image_size)
+    """Random sizes and lattice positions for the objects, redrawn until none overlap and accept(objects).
+
+    Objects sit on the toy CLIP's patch lattice (box corners on multiples of its 4-pixel patch at 32 px)
+    in two sizes, 2x2 and 3x3 patches, at least one patch apart. Every patch token then lies wholly inside
+    one object or the background, so its content is one of a few kinds (which object, which part of it)
+    rather than an arbitrary cut through an outline."""
+    step = max(1, round(4 * image_size / 32))  # one patch: the lattice step and the least gap
+    sizes = (2 * step, 3 * step)
     for attempt in range(tries):
         # Four large objects rarely fit: after 100 failed layouts only the small size is drawn.
         allowed = sizes if attempt < 100 else sizes[:1]
@@ -356,7 +307,7 @@ def _place(specs: list, rng: random.Random, image_size: int, accept, tries: int 
                 x0 = step * rng.randint(0, (image_size - s) // step)
                 y0 = step * rng.randint(0, (image_size - s) // step)
                 box = (x0, y0, x0 + s, y0 + s)
-                if all(_apart(box, other, gap) for other in boxes):
+                if all(_apart(box, other, step) for other in boxes):
                     boxes.append(box)
                     break
             else:
@@ -375,15 +326,14 @@ def _objects_for(record: dict, rng: random.Random, split: str | None, image_size
     specs = _choose_colors(includes, rng, split)
     group = [i for _, _, i in specs]  # which include each object belongs to
 
-    def accept(objects):
-        for j, req in enumerate(includes):
-            if "position" in req:
-                rel, target = req["position"]
-                for a, ga in zip(objects, group):
-                    for b, gb in zip(objects, group):
-                        if ga == j and gb == target and clear_relation(a.box, b.box) != rel:
-                            return False
-        return split != "train" or not _shows_heldout_relation(objects)
+    def accept(objects):  # positions drawn clearly; a train image shows no held-out relation (GenEval's rule)
+        for (a, ga), (b, gb) in itertools.product(zip(objects, group), repeat=2):
+            rel, target = includes[ga].get("position", (None, None))
+            if rel is not None and gb == target and clear_relation(a.box, b.box) != rel:
+                return False
+        return split != "train" or not any((a.shape, rel, b.shape) in HELDOUT_RELATIONS
+                                           for a in objects for b in objects if a.shape != b.shape
+                                           for rel in relative_position(a.box, b.box))
 
     return _place(specs, rng, image_size, accept)
 
@@ -403,20 +353,16 @@ def caption_for(objects: list) -> str:
     otherwise:         "a red circle and a blue square and a green triangle"
     """
     objects = _reading_order(objects)
-
-    def noun(o):
-        return f"{article(o.color)} {o.color} {o.shape}"
-
-    shapes = {o.shape for o in objects}
-    if len(objects) >= 2 and len(shapes) == 1:
+    nouns = [f"{article(o.color)} {o.color} {o.shape}" for o in objects]
+    if len(objects) >= 2 and len({o.shape for o in objects}) == 1:
         colors = [o.color for o in objects]
         color_list = " ".join(colors[:-1]) + " and " + colors[-1]
         return f"{NUMBER_WORDS[len(objects)]} {plural(objects[0].shape)} in {color_list}"
     if len(objects) == 2:
         rel = clear_relation(objects[0].box, objects[1].box)
         if rel is not None:
-            return f"{noun(objects[0])} {rel} {noun(objects[1])}"
-    return " and ".join(noun(o) for o in objects)
+            return f"{nouns[0]} {rel} {nouns[1]}"
+    return " and ".join(nouns)
 
 
 # --- Scenes and drawing -----------------------------------------------------------------------------
@@ -427,7 +373,6 @@ def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None 
 
     tag None cycles through TAGS (index % 6), so any run of six indices is balanced. The record is drawn
     uniformly from the tag's prompt space for the split, then realised with random colours and layout."""
-    _check_split(split)
     tag = TAGS[index % len(TAGS)] if tag is None else tag
     rng = random.Random(stable_seed("scene", seed, split, index, tag))
     record = json.loads(rng.choice(_prompt_space(tag, split)))
@@ -439,8 +384,7 @@ def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None 
 def shape_mask(shape: str, size: int) -> np.ndarray:
     """Boolean (size, size) mask of a shape filling its box exactly: every edge row/column is touched.
 
-    A pixel belongs to the shape when its centre does (no anti-aliasing, so colours stay exact).
-    Circle fill ~0.785 of the box, triangle (apex up) ~0.5, square 1.0 -- what the detector reads back."""
+    A pixel belongs to the shape when its centre does (no anti-aliasing, so colours stay exact)."""
     centres = np.arange(size) + 0.5
     u, v = np.meshgrid(centres, centres)  # (size, size): u = x, v = y, both measured from the box corner
     half = size / 2
@@ -460,8 +404,7 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
 
 def draw_objects(objects: list, image_size: int = 32) -> np.ndarray:
     """uint8 (H, W, 3) image of the objects on the background."""
-    img = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    img[:] = BACKGROUND
+    img = np.full((image_size, image_size, 3), BACKGROUND, dtype=np.uint8)
     for o in objects:
         x0, y0, x1, y1 = o.box
         img[y0:y1, x0:x1][shape_mask(o.shape, x1 - x0)] = COLOR_RGB[o.color]
@@ -471,13 +414,11 @@ def draw_objects(objects: list, image_size: int = 32) -> np.ndarray:
 def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token ground truth for the toy CLIP's dense objective, on a grid x grid token layout.
 
-    Each cell of the grid (4x4 pixels for 32 px and grid 8) belongs to the object that covers most of its
-    pixels when that is at least a quarter of them, else to the background. Returns
-    colour (grid*grid,) int: index into COLORS, len(COLORS) for background;
-    shape (grid*grid,) int: index into SHAPES, len(SHAPES) for background;
-    box (grid*grid, 4) float: the owning object's box (x0, y0, x1, y1) / image size, zeros on background.
-    Every token of an object carries the whole object (its colour, shape and extent), which is what makes
-    the tokens semantic and object-level rather than a copy of their own pixels."""
+    A cell (4x4 pixels for 32 px and grid 8) belongs to the object covering most of its pixels when that
+    is at least a quarter of them, else to the background. Returns colour (grid*grid,) int into COLORS
+    and shape (grid*grid,) int into SHAPES (len(COLORS) / len(SHAPES) for background), and box
+    (grid*grid, 4) float, the owner's (x0, y0, x1, y1) / image size, zeros on background. Every token of
+    an object carries the whole object, so tokens are object-level rather than a copy of their pixels."""
     size = scene.image_size
     cell = size // grid
     owner = np.full((size, size), -1, dtype=np.int64)  # (H, W) index of the object drawn at each pixel
@@ -533,6 +474,17 @@ def draw(scene: Scene, image_size: int | None = None) -> np.ndarray:
     return draw_objects(scene.objects, scene.image_size)
 
 
+def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int = 32,
+                   tags: tuple | None = None) -> tuple[torch.Tensor, list]:
+    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
+
+    tags None cycles through all TAGS, a tuple through its own (scene i gets tags[i % len(tags)])."""
+    scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
+              for i in range(n)]
+    images = np.array([draw(s) for s in scenes], dtype=np.uint8).reshape(n, image_size, image_size, 3)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes  # (n, 3, H, W)
+
+
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> float32 (3, H, W) in [0, 1], the project's image convention."""
     return as_float(torch.tensor(np.asarray(arr)).permute(2, 0, 1))  # copy: arr may be read-only; (3, H, W)
@@ -575,17 +527,18 @@ def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     for c, group in by_color.items():
         if len(group) == 1:
             qa.append(("shape", f"what shape is the {c} object ?", group[0].shape))
-    for a in SHAPES:
-        for b in SHAPES:
-            if a != b and len(by_shape[a]) == 1 and len(by_shape[b]) == 1:
-                rel = clear_relation(by_shape[a][0].box, by_shape[b][0].box)
-                if rel is not None:
-                    qa.append(("position", f"where is the {a} relative to the {b} ?", rel.split()[0]))
+    for a, b in itertools.permutations(SHAPES, 2):
+        if len(by_shape[a]) == 1 and len(by_shape[b]) == 1:
+            rel = clear_relation(by_shape[a][0].box, by_shape[b][0].box)
+            if rel is not None:
+                qa.append(("position", f"where is the {a} relative to the {b} ?", rel.split()[0]))
     rng.shuffle(qa)
     return qa
 
 
 def _vocab() -> list:
+    """Every word of every prompt, caption, question and answer (plus the generation template) as the toy
+    tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word."""
     words = {"a", "an", "and", "in", "photo", "of", "objects"}
     words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
     words |= {w for rel in RELATIONS for w in rel.split()}
@@ -594,8 +547,6 @@ def _vocab() -> list:
     return sorted(words)
 
 
-# Every word of every prompt, caption, question and answer (plus the generation template) as the toy
-# tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word here.
 VOCAB = _vocab()
 
 
@@ -604,11 +555,10 @@ VOCAB = _vocab()
 # ----------------------------------------------------------------------------------------------------
 
 def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int = 0) -> list[dict]:
-    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag.
+    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag (None: all).
 
     split "test" gives the held-out compositions (see the module docstring); a tag whose prompt space is
-    smaller than n_per_tag contributes all of it (test: 3 single_object, 6 two_object, 9 counting,
-    30 colors, 6 position, 90 color_attr). n_per_tag None returns every prompt."""
+    smaller than n_per_tag contributes all of it."""
     records = []
     for tag in TAGS:
         space = [json.loads(r) for r in _prompt_space(tag, split)]
@@ -629,8 +579,7 @@ def render(metadata: dict, seed: int = 0, image_size: int = 32) -> np.ndarray:
 def load_geneval_metadata(path) -> list[dict]:
     """Records of an official `evaluation_metadata.jsonl`: one JSON object a line, blank lines skipped.
 
-    A line that is not a GenEval record raises ValueError naming the file and line; a file that cannot
-    be read, OSError."""
+    A line that is not a GenEval record raises ValueError naming the file and line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -640,7 +589,7 @@ def load_geneval_metadata(path) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or "tag" not in record:
+            if not (isinstance(record, dict) and "tag" in record and isinstance(record.get("prompt"), str)):
                 raise ValueError(f"{path}:{n}: not a GenEval record (needs 'tag' and 'prompt')")
             records.append(record)
     if not records:
@@ -685,15 +634,13 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
     ids = np.where(labels >= 0, np.arange(big).reshape(h, w), big)
     while True:
         new = ids.copy()
-        # Compare each pixel with its neighbour below / to the right, and propagate both ways.
-        same_v = (labels[1:, :] == labels[:-1, :]) & (labels[1:, :] >= 0)  # (H-1, W)
-        same_h = (labels[:, 1:] == labels[:, :-1]) & (labels[:, 1:] >= 0)  # (H, W-1)
-        low_v = np.minimum(new[1:, :], new[:-1, :])
-        new[1:, :] = np.where(same_v, low_v, new[1:, :])
-        new[:-1, :] = np.where(same_v, np.minimum(new[:-1, :], low_v), new[:-1, :])
-        low_h = np.minimum(new[:, 1:], new[:, :-1])
-        new[:, 1:] = np.where(same_h, low_h, new[:, 1:])
-        new[:, :-1] = np.where(same_h, np.minimum(new[:, :-1], low_h), new[:, :-1])
+        # Compare each pixel with its neighbour below, then (on the transposed views) to the right, and
+        # propagate both ways; writes to new.T land in new.
+        for ids_v, labels_v in ((new, labels), (new.T, labels.T)):
+            same = (labels_v[1:] == labels_v[:-1]) & (labels_v[1:] >= 0)  # (H-1, W) / (W-1, H)
+            low = np.minimum(ids_v[1:], ids_v[:-1])
+            ids_v[1:] = np.where(same, low, ids_v[1:])
+            ids_v[:-1] = np.where(same, np.minimum(ids_v[:-1], low), ids_v[:-1])
         if np.array_equal(new, ids):
             break
         ids = new
@@ -729,10 +676,9 @@ def classify_shape(mask: np.ndarray) -> str:
 
 
 def detect_objects(img: np.ndarray) -> list[dict]:
-    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}.
+    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}, largest first.
 
-    Sorted by area, largest first: the area stands in for the confidence GenEval sorts by, since only
-    the top `count` objects of a class are checked for colour and position."""
+    The area stands in for the confidence GenEval sorts by (it checks only the top `count` of a class)."""
     img = np.asarray(img)
     labels = prune_spurs(classify_pixels(img))
     comps = connected_components(labels)
@@ -763,46 +709,33 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
     by_class = {}
     for obj in sorted(objects, key=lambda o: -o["area"]):
         by_class.setdefault(obj["class"], []).append(obj)
-    correct, reasons, matched_groups = True, [], []
+    reasons, matched_groups = [], []  # every failed clause adds a reason
     for req in metadata.get("include", []):
-        cls, count = req["class"], req["count"]
+        cls, count, colour = req["class"], req["count"], req.get("color")
         found = by_class.get(cls, [])[:count]
-        matched = True
+        colors = [o["color"] for o in found]
+        rel, target = req.get("position", (None, None))
+        reason = None
         if len(found) < count:
-            matched = False
-            reasons.append(f"expected {cls}>={count}, found {len(found)}")
-        else:
-            if "color" in req:
-                colors = [o["color"] for o in found]
-                if colors.count(req["color"]) < count:
-                    matched = False
-                    seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
-                    reasons.append(f"expected {req['color']} {cls}>={count}, found "
-                                   f"{colors.count(req['color'])} {req['color']}; and {seen}")
-            if "position" in req and matched:
-                rel, target = req["position"]
-                if matched_groups[target] is None:
-                    matched = False
-                    reasons.append(f"no target for {cls} to be {rel}")
-                else:
-                    for obj in found:
-                        for other in matched_groups[target]:
-                            true_rels = relative_position(obj["box"], other["box"])
-                            if rel not in true_rels:
-                                matched = False
-                                reasons.append(f"expected {cls} {rel} target, found "
-                                               f"{' and '.join(sorted(true_rels))} target")
-                                break
-                        if not matched:
-                            break
-        correct = correct and matched
-        matched_groups.append(found if matched else None)
+            reason = f"expected {cls}>={count}, found {len(found)}"
+        elif "color" in req and colors.count(colour) < count:
+            seen = ", ".join(f"{colors.count(c)} {c}" for c in COLORS if c in colors)
+            reason = f"expected {colour} {cls}>={count}, found {colors.count(colour)} {colour}; and {seen}"
+        elif "position" in req and matched_groups[target] is None:
+            reason = f"no target for {cls} to be {rel}"
+        elif "position" in req:
+            shown = [relative_position(o["box"], t["box"]) for o in found for t in matched_groups[target]]
+            wrong = [rels for rels in shown if rel not in rels]
+            if wrong:
+                reason = f"expected {cls} {rel} target, found {' and '.join(sorted(wrong[0]))} target"
+        if reason is not None:
+            reasons.append(reason)
+        matched_groups.append(found if reason is None else None)
     for req in metadata.get("exclude", []):
         n = len(by_class.get(req["class"], []))
         if n >= req["count"]:
-            correct = False
             reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
-    return correct, "\n".join(reasons)
+    return not reasons, "\n".join(reasons)
 
 
 # --- GenEval's folder layout --------------------------------------------------------------------------
@@ -824,8 +757,7 @@ def _to_hwc_uint8(image) -> np.ndarray:
 def write_geneval_folder(outdir: str, records: list[dict], images_per_record: list) -> None:
     """Write GenEval's layout: outdir/00000/metadata.jsonl (the record) + outdir/00000/samples/0000.png.
 
-    images_per_record[i] is the list of images for records[i]: uint8 (H, W, 3) arrays or float (3, H, W)
-    tensors in [0, 1]."""
+    images_per_record[i]: the images of records[i], uint8 (H, W, 3) arrays or float (3, H, W) in [0, 1]."""
     if len(records) != len(images_per_record):
         raise ValueError(f"{len(records)} records but {len(images_per_record)} image lists")
     for i, (record, images) in enumerate(zip(records, images_per_record)):
@@ -873,23 +805,7 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The training image set: many scenes drawn at once
-# ----------------------------------------------------------------------------------------------------
-
-def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int = 32,
-                   tags: tuple | None = None) -> tuple[torch.Tensor, list]:
-    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
-
-    tags None cycles through all TAGS; a tuple cycles through those tags only (scene i gets
-    tags[i % len(tags)]). About 0.2 ms per image, so 20k images take a few seconds."""
-    scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
-              for i in range(n)]
-    images = np.stack([draw(s) for s in scenes]) if scenes else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes  # (n, 3, H, W)
-
-
-# ----------------------------------------------------------------------------------------------------
-# 5. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples
+# 4. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples
 # ----------------------------------------------------------------------------------------------------
 # Real caption data is messy: corrupt or truncated files, missing or undecodable captions, odd image
 # modes, decompression bombs. A bad sample must never stop a multi-day run, so the readers below skip
@@ -898,7 +814,6 @@ def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused from their header, before any decoding
 MAX_MEMBER_BYTES = 64 * 2 ** 20  # larger tar members are not even read into memory
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # first one present is the sample's image
-_READ_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)  # how a damaged tar stream fails
 
 
 def encode_image(arr: np.ndarray, format: str = "PNG") -> bytes:
@@ -925,9 +840,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
     """Encoded image bytes -> (float (3, S, S) in [0, 1], None), or (None, reason) when unreadable.
 
-    The shorter side is resized to image_size and the centre cropped square (ImageOps.fit). Reasons:
-    "empty_image", "too_large" (refused from the header size), "bad_image" (corrupt, truncated,
-    unsupported)."""
+    The shorter side is resized to image_size and the centre cropped square. Reasons: "empty_image",
+    "too_large" (refused from the header size), "bad_image" (corrupt, truncated, unsupported)."""
     if not data:
         return None, "empty_image"
     try:
@@ -964,17 +878,19 @@ def _decode_caption(caption):
 class _CaptionStream(torch.utils.data.IterableDataset):
     """Shared machinery of the readers: splitting, decoding, skipping with counts, resume.
 
-    Splitting: there are world_size x num_workers readers ("slots"); reader `slot` owns sample i of
-    the stream when i % slots == slot (every reader parses all the input but decodes only its own
-    samples), or, for tar shards when split_by="shard" (the default once there are at least as many
-    shards as slots), whole shards k % slots == slot (no reader touches another's files). Either way
-    every sample is seen by exactly one reader.
+    A reader defines `_describe()` (its input, for errors) and `_raw(slot, slots)`, yielding (is_sample,
+    image bytes | None, caption | None, reason | None) for its slot's samples in order; is_sample is
+    False for an input holding no sample at all (a bad shard).
 
-    Resume: `position` counts the samples (good or bad) this reader has handed out or skipped in the
-    current pass; state_dict() saves it and load_state_dict() / `start` make the next pass skip that
-    many. Each reader keeps its own `position` and `stats`: exact when the dataset is iterated in the
-    training process (num_workers=0, the toy's setting); with DataLoader workers they live in the
-    worker processes."""
+    Splitting: the world_size x num_workers readers are "slots"; slot k owns sample i of the stream when
+    i % slots == k (each reader parses all the input but decodes only its own samples) or, splitting tar
+    shards by shard (the default once there are as many shards as slots), whole shards j % slots == k.
+    Either way every sample is seen by exactly one reader.
+
+    Resume: `position` counts the current pass's samples (good or bad) this reader has handed out or
+    skipped; state_dict() saves it, load_state_dict() / `start` make the next pass skip that many. Both
+    `position` and `stats` are exact when read in the training process (num_workers=0, as train.py
+    does); with DataLoader workers they live in the workers."""
 
     def __init__(self, image_size: int, rank: int, world_size: int, start: int, max_pixels: int):
         super().__init__()
@@ -989,11 +905,6 @@ class _CaptionStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         return self.rank * workers + worker, self.world_size * workers
-
-    def _raw(self, slot: int, slots: int):
-        """Yield (is_sample, image bytes | None, caption | None, reason | None) in order: this slot's
-        samples, and (False, None, None, reason) for an input that holds no sample (a bad shard)."""
-        raise NotImplementedError
 
     def _skip(self, reason: str) -> None:
         self.stats["skipped"][reason] = self.stats["skipped"].get(reason, 0) + 1
@@ -1012,11 +923,10 @@ class _CaptionStream(torch.utils.data.IterableDataset):
             self.position = index
             if reason is None:
                 caption, reason = _decode_caption(caption)
-            if reason is None:
-                if image_bytes is None:
-                    reason = "missing_image"
-                else:
-                    image, reason = decode_image(image_bytes, self.image_size, self.max_pixels)
+            if reason is None and image_bytes is None:
+                reason = "missing_image"
+            elif reason is None:
+                image, reason = decode_image(image_bytes, self.image_size, self.max_pixels)
             if reason is not None:
                 self._skip(reason)
                 continue
@@ -1026,9 +936,6 @@ class _CaptionStream(torch.utils.data.IterableDataset):
             raise RuntimeError(f"no readable samples in {self._describe()} (reader {slot} of {slots}): "
                                f"skipped {self.stats['skipped']}")
         self.start, self.position = 0, 0  # a finished pass: the next one starts from the beginning
-
-    def _describe(self) -> str:
-        raise NotImplementedError
 
     def state_dict(self) -> dict:
         """{"position": samples of this reader's current pass already consumed or skipped}."""
@@ -1051,10 +958,10 @@ def _split_name(name: str):
 def _tar_groups(path: str, max_member_bytes: int):
     """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order.
 
-    A member larger than max_member_bytes is not read (its value is None). When
-    the stream breaks, the sample being assembled is yielded with reason "truncated_shard" (or, if no
-    sample was started, key None with "bad_shard") and the shard ends there."""
-    key, members, reason = None, {}, None
+    A member larger than max_member_bytes is not read (its value is None). When the stream breaks, the
+    sample being assembled is yielded with reason "truncated_shard" (or, if no sample was started, key
+    None with "bad_shard") and the shard ends there."""
+    key, members = None, {}
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
@@ -1065,8 +972,8 @@ def _tar_groups(path: str, max_member_bytes: int):
                     continue
                 if member_key != key:
                     if key is not None:
-                        yield key, members, reason
-                    key, members, reason = member_key, {}, None
+                        yield key, members, None
+                    key, members = member_key, {}
                 if info.size > max_member_bytes:
                     members[ext] = None
                     continue
@@ -1074,11 +981,11 @@ def _tar_groups(path: str, max_member_bytes: int):
                 if len(data) != info.size:
                     raise tarfile.ReadError("unexpected end of data")
                 members[ext] = data
-    except _READ_ERRORS:
+    except (tarfile.TarError, EOFError, OSError, ValueError):  # how a damaged tar stream fails
         yield key, members, "truncated_shard" if key is not None else "bad_shard"
         return
     if key is not None:
-        yield key, members, reason
+        yield key, members, None
 
 
 class TarShards(_CaptionStream):
@@ -1089,11 +996,7 @@ class TarShards(_CaptionStream):
     stream (no index, no seeking), one after another. `stats` = {"ok": n, "skipped": {reason: n}} with
     reasons empty_image, bad_image, too_large, missing_image, missing_caption, bad_caption,
     empty_caption, truncated_shard (the sample cut by a broken stream), bad_shard (no sample at all).
-    See _CaptionStream for how ranks and workers split the work and how to resume.
-
-        ds = TarShards(sorted(glob.glob("shards/*.tar")), image_size=32, rank=rank, world_size=world)
-        loader = DataLoader(ds, batch_size=64, num_workers=2)
-    """
+    See _CaptionStream for how ranks and workers split the work and how to resume, open_source for use."""
 
     def __init__(self, shards: list, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, split_by: str = "auto", max_pixels: int = MAX_IMAGE_PIXELS,
@@ -1127,7 +1030,8 @@ class TarShards(_CaptionStream):
                     continue
                 image_ext = next((e for e in IMAGE_EXTS if e in members), None)
                 image, caption = members.get(image_ext), members.get("txt")
-                if reason is None and ((image_ext and image is None) or ("txt" in members and caption is None)):
+                unread = (image_ext and image is None) or ("txt" in members and caption is None)
+                if reason is None and unread:
                     reason = "too_large"  # a member over max_member_bytes was left unread
                 yield True, image, caption, reason
 
@@ -1174,22 +1078,18 @@ def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -
     samples: an iterable of dicts {"__key__": key, ext: bytes | str, ...}, e.g.
     {"__key__": "000001", "png": encode_image(img), "txt": "a red circle"}; str values are stored UTF-8."""
     os.makedirs(out_dir, exist_ok=True)
-    paths, tar = [], None
-    for n, sample in enumerate(samples):
-        if n % per_shard == 0:
-            if tar is not None:
-                tar.close()
-            paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.tar"))
-            tar = tarfile.open(paths[-1], "w")
-        for ext, value in sample.items():
-            if ext == "__key__":
-                continue
-            data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-            info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    if tar is not None:
-        tar.close()
+    samples, paths = iter(samples), []
+    while chunk := list(itertools.islice(samples, per_shard)):
+        paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.tar"))
+        with tarfile.open(paths[-1], "w") as tar:
+            for sample in chunk:
+                for ext, value in sample.items():
+                    if ext == "__key__":
+                        continue
+                    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
     return paths
 
 
@@ -1232,13 +1132,17 @@ def open_source(source: str, captions: str | None, image_size: int, rank: int, w
     return TarShards(shards, image_size, rank=rank, world_size=world)
 
 
+def _add_counts(a: dict, b: dict) -> dict:
+    """Two {reason: count} tallies added up."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in a | b}
+
+
 class StreamBatches:
     """This rank's endless stream of (images, captions) batches, pass after pass, resumable.
 
     Samples are read in the training process (no DataLoader workers), so the position saved with a
     checkpoint is exactly what the finished steps consumed. The reader skips bad samples and counts
-    them per pass; the counts here add up over passes and resumes, and go into the checkpoint.
-    """
+    them per pass; the counts here add up over passes and resumes, and go into the checkpoint."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -1271,10 +1175,8 @@ class StreamBatches:
         return torch.stack(images), captions
 
     def totals(self) -> dict:
-        skipped = dict(self.counts["skipped"])
-        for reason, k in self.dataset.stats["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + k
-        return {"ok": self.counts["ok"] + self.dataset.stats["ok"], "skipped": skipped}
+        now, done = self.dataset.stats, self.counts
+        return {"ok": done["ok"] + now["ok"], "skipped": _add_counts(done["skipped"], now["skipped"])}
 
     def state(self) -> dict:
         """This rank's position and counts, as saved (for every rank) in the checkpoint."""
@@ -1290,11 +1192,8 @@ class StreamBatches:
 
 def stream_summary(ranks: list) -> str:
     """One line for the log: samples read and skipped (with reasons), summed over every rank's state()."""
-    ok, skipped, truncated = 0, {}, 0
-    for r in ranks:
-        ok, truncated = ok + r["ok"], truncated + r["truncated"]
-        for reason, k in r["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + k
+    ok, truncated = sum(r["ok"] for r in ranks), sum(r["truncated"] for r in ranks)
+    skipped = functools.reduce(_add_counts, (r["skipped"] for r in ranks), {})
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
     return (f"{ok} samples read, {sum(skipped.values())} skipped ({reasons}), {truncated} prompts "
             f"truncated; {max(r['epoch'] for r in ranks)} full passes, {len(ranks)} rank(s)")

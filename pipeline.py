@@ -23,8 +23,8 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from blip3o import (
-    IMAGE, Config, DiTConfig, Generator, ImageEncoder, NextDiT, PixelDecoder, VAE, VisionLanguageModel,
-    build_backbone, build_qa_batch, decode_ids, encode_texts, load_tokenizer, token_count,
+    GUIDANCE, IMAGE, SAMPLE_STEPS, Config, DiTConfig, Generator, ImageEncoder, NextDiT, PixelDecoder, VAE,
+    VisionLanguageModel, build_backbone, build_qa_batch, decode_ids, encode_prompts, generate, load_tokenizer,
 )
 
 
@@ -87,7 +87,7 @@ class LoadReport:
     loaded: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)  # model tensors the checkpoint lacks (left at init)
-    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint shape vs model shape" (left at init)
+    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint vs model shape" (left at init)
     unexpected: list[str] = field(default_factory=list)  # DiT keys the model has no place for (ignored)
 
     def __str__(self):
@@ -139,8 +139,8 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
         if index.exists():
             # The index names every shard; reading only the shards that hold our keys skips the rest.
             weight_map = json.loads(index.read_text())["weight_map"]
-            names = {f for k, f in weight_map.items() if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY}
-            files = sorted(path / f for f in names)
+            files = sorted({path / f for k, f in weight_map.items()
+                            if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY})
         else:
             files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -157,7 +157,8 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
                 else:
                     skipped[_top_prefix(key)] = skipped.get(_top_prefix(key), 0) + 1
     if not dit_state:
-        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {[os.fspath(f) for f in files]}: not a BLIP3-o generation checkpoint")
+        names = [os.fspath(f) for f in files]
+        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {names}: not a BLIP3-o generation checkpoint")
     if dtype is not None:
         dit_state = {k: v.to(dtype) for k, v in dit_state.items()}
         queries = None if queries is None else queries.to(dtype)
@@ -463,7 +464,6 @@ class Pipeline:
     target: str = "clip"
     device: torch.device = torch.device("cpu")
 
-    # --- understanding -------------------------------------------------------------------------------
     @torch.no_grad()
     def answer(self, images: torch.Tensor, questions, temperature: float = 0.0, max_new_tokens: int = 24,
                rng=None) -> list[str]:
@@ -476,29 +476,17 @@ class Pipeline:
                                  self.tokenizer.eos_token_id, temperature, rng)
         return [decode_ids(self.tokenizer, o) for o in outs]
 
-    # --- generation ----------------------------------------------------------------------------------
-    def encode_prompts(self, captions):
-        """Captions -> templated prompt ids (B, T) right-padded, and lengths (B,)."""
-        texts = self.generator.prompts(captions)
-        lens = [token_count(self.tokenizer, t, bos=True) for t in texts]
-        limit = self.config.lm.max_length - self.config.num_queries
-        if max(lens) > limit:
-            raise ValueError(f"prompt of {max(lens)} tokens is longer than the backbone allows ({limit} "
-                             f"with the {self.config.num_queries} queries)")
-        ids, lens = encode_texts(self.tokenizer, texts, max(lens), bos=True, eos=False)
-        return ids.to(self.device), lens.to(self.device)
-
-    @torch.no_grad()
-    def generate_tokens(self, captions, steps: int = 30, guidance: float = 3.0, rng=None) -> torch.Tensor:
-        """Captions -> generated target tokens (B, 64, D): CLIP features (or VAE latents)."""
+    def generate_tokens(self, captions, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
+                        rng=None) -> torch.Tensor:
+        """Captions -> generated target tokens (B, 64, D): scene tokens (or VAE latents)."""
         if self.generator is None or self.vlm is None:
             raise CheckpointError("this run has no generation checkpoint (RUN/generate/...)")
-        for c in captions:
-            if not c.strip():
-                raise ValueError("empty prompt")
-        ids, lens = self.encode_prompts(captions)
-        cond = self.generator.condition(self.vlm.lm, ids, lens)
-        return self.generator.sample(cond, steps=steps, guidance=guidance, rng=rng)
+        return generate(self.generator, self.vlm.lm, self.tokenizer, captions, steps, guidance, rng)
+
+    def check_prompts(self, captions) -> None:
+        """Refuse empty or over-long prompts (ValueError) before any sampling starts."""
+        g = self.generator
+        encode_prompts(self.tokenizer, captions, template=g.template, limit=g.max_prompt)
 
     @torch.no_grad()
     def tokens_to_images(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -509,8 +497,8 @@ class Pipeline:
             raise CheckpointError("this run has no pixel decoder (RUN/decoder)")
         return self.decoder(tokens)
 
-    @torch.no_grad()
-    def generate_images(self, captions, steps: int = 30, guidance: float = 3.0, rng=None) -> torch.Tensor:
+    def generate_images(self, captions, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
+                        rng=None) -> torch.Tensor:
         """Text -> image: condition -> scene tokens (diffusion) -> pixels (the decoder)."""
         return self.tokens_to_images(self.generate_tokens(captions, steps, guidance, rng))
 
@@ -532,53 +520,75 @@ def check_run_folder(run) -> Path:
     return run
 
 
+# Each trained piece, rebuilt from its stage's checkpoint: load_run and train.py's later stages use these.
+
+
+def load_clip(run) -> tuple[ImageEncoder, object, Config]:
+    """RUN/clip -> the toy CLIP, the run's tokenizer and the config the CLIP stage saved."""
+    folder = Path(run) / "clip"
+    meta, tensors, _ = load_checkpoint(folder, stage="clip")
+    cfg = Config.from_dict(meta["config"])
+    clip = ImageEncoder(cfg.clip)
+    load_stage(clip, tensors, "clip", folder, "clip")
+    return clip, load_checkpoint_tokenizer(folder), cfg
+
+
+def load_vlm(run, tokenizer, clip_width: int) -> VisionLanguageModel:
+    """RUN/understand -> the stage-1 LM and projector."""
+    folder = Path(run) / "understand"
+    meta, tensors, _ = load_checkpoint(folder, stage="understand")
+    lm_cfg = Config.from_dict(meta["config"]).lm
+    vlm = VisionLanguageModel(build_backbone(lm_cfg), clip_width, tokenizer.convert_tokens_to_ids(IMAGE),
+                              lm_cfg.image_merge)
+    load_stage(vlm, tensors, "vlm", folder, "understand")
+    return vlm
+
+
+def load_vae(run) -> VAE:
+    """RUN/vae -> the ablation's VAE."""
+    folder = Path(run) / "vae"
+    meta, tensors, _ = load_checkpoint(folder, stage="vae")
+    vae = VAE(Config.from_dict(meta["config"]).vae)
+    load_stage(vae, tensors, "vae", folder, "vae")
+    return vae
+
+
 def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> Pipeline:
     """Rebuild a toy run's models from RUN/<stage> checkpoints. `need`: stages that must exist."""
     run = check_run_folder(run)
     device = torch.device(device)
+    gen_stage = "joint" if variant == "joint" else f"generate/{variant}"
 
-    def ckpt(stage, kind=None):  # kind: the name `need` uses for the stage (RUN/joint is a "generate")
-        folder = run / stage
-        if checkpoint_path(folder) is None:
-            if (kind or stage.split("/")[0]) in need:
-                raise CheckpointError(f"no {stage} checkpoint in {run} (train it: "
-                                      f"{retrain_command(folder, stage).replace(' --restart', '')})")
-            return None
-        return load_checkpoint(folder, stage=stage)
+    def have(stage, kind):  # kind: the name `need` uses for the stage (RUN/joint is a "generate")
+        if checkpoint_path(run / stage) is not None:
+            return True
+        if kind in need or stage == "clip":
+            raise CheckpointError(f"no {stage} checkpoint in {run} (train it: "
+                                  f"{retrain_command(run / stage, stage).replace(' --restart', '')})")
+        return False
 
-    meta, tensors, _ = ckpt("clip")
-    cfg = Config.from_dict(meta["config"])
-    tokenizer = load_checkpoint_tokenizer(run / "clip")
-    clip = ImageEncoder(cfg.clip)
-    load_stage(clip, tensors, "clip", run / "clip", "clip")
-    pipe = Pipeline(cfg, tokenizer, clip.to(device).eval(), device=device)
-
-    if (got := ckpt("understand")) is not None:
-        lm_cfg = Config.from_dict(got[0]["config"]).lm
-        pipe.vlm = VisionLanguageModel(build_backbone(lm_cfg), cfg.clip.width,
-                                       tokenizer.convert_tokens_to_ids(IMAGE), lm_cfg.image_merge)
-        load_stage(pipe.vlm, got[1], "vlm", run / "understand", "understand")
-        pipe.vlm.to(device).eval()
-    if (got := ckpt("decoder")) is not None:
-        pipe.decoder = PixelDecoder(Config.from_dict(got[0]["config"]).decoder, clip.target_width, cfg.clip.image_size)
-        load_stage(pipe.decoder, got[1], "decoder", run / "decoder", "decoder", ema=True)
-        pipe.decoder.to(device).eval()
-    if (got := ckpt("vae")) is not None:
-        pipe.vae = VAE(Config.from_dict(got[0]["config"]).vae)
-        load_stage(pipe.vae, got[1], "vae", run / "vae", "vae")
-        pipe.vae.to(device).eval()
-    # Variant "joint" (train.py --stage joint) trained the VLM too: both come from RUN/joint.
-    stage = "joint" if variant == "joint" else f"generate/{variant}"
-    if (got := ckpt(stage, kind="generate")) is not None:
-        gmeta = got[0]
-        pipe.generator = Generator(Config.from_dict(gmeta["config"]), loss=gmeta["loss"],
-                                   target_dim=gmeta["target_dim"])
-        load_stage(pipe.generator, got[1], "generator", run / stage, stage, ema=True)
-        if variant == "joint" and pipe.vlm is not None:
-            load_stage(pipe.vlm, got[1], "vlm", run / stage, stage, ema=True)
-        pipe.generator.to(device).eval()
-        pipe.target = gmeta["target"]
+    have("clip", "clip")
+    clip, tokenizer, cfg = load_clip(run)
+    pipe = Pipeline(cfg, tokenizer, clip, device=device)
+    if have("understand", "understand"):
+        pipe.vlm = load_vlm(run, tokenizer, clip.cfg.width)
+    if have("decoder", "decoder"):
+        folder = run / "decoder"
+        meta, tensors, _ = load_checkpoint(folder, stage="decoder")
+        dec_cfg = Config.from_dict(meta["config"]).decoder
+        pipe.decoder = PixelDecoder(dec_cfg, clip.target_width, clip.cfg.image_size)
+        load_stage(pipe.decoder, tensors, "decoder", folder, "decoder", ema=True)
+    if have("vae", "vae"):
+        pipe.vae = load_vae(run)
+    if have(gen_stage, "generate"):
+        meta, tensors, _ = load_checkpoint(run / gen_stage, stage=gen_stage)
+        gen_cfg = Config.from_dict(meta["config"])
+        pipe.generator = Generator(gen_cfg, loss=meta["loss"], target_dim=meta["target_dim"])
+        load_stage(pipe.generator, tensors, "generator", run / gen_stage, gen_stage, ema=True)
+        pipe.target = meta["target"]
+        if variant == "joint" and pipe.vlm is not None:  # the LM was trained too: both come from RUN/joint
+            load_stage(pipe.vlm, tensors, "vlm", run / gen_stage, gen_stage, ema=True)
     for m in (pipe.clip, pipe.vlm, pipe.generator, pipe.decoder, pipe.vae):
         if m is not None:
-            m.requires_grad_(False)
+            m.to(device).eval().requires_grad_(False)
     return pipe

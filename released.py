@@ -8,15 +8,12 @@ This file is that pipeline's decoding loop, written out over the same diffusers 
 
     features (B, 64, 1792) --+-- encoder_hidden_states   (the UNet cross-attends to all 64 tokens)
                              +-- mean of the 64 tokens     -> text_embeds (SDXL's pooled embedding)
-    time_ids = (1024, 1024, 0, 0, H, W)                       SDXL's size and crop conditioning
-    50 Euler steps, guidance 3.0 against the features generated for the prompt " "
+    time_ids = (SIZE, SIZE, 0, 0, H, W)                       SDXL's size and crop conditioning
+    STEPS Euler steps, guidance GUIDANCE against the features generated for NEGATIVE_PROMPT
     VAE decode -> images (B, 3, H, W) in [0, 1]
 
-    python sample.py --official-checkpoint BLIP3o-Model-8B --backbone Qwen/Qwen2.5-VL-7B-Instruct \\
-        --prompt "a photo of a red circle" --out out/official
-        -> out/official/grid.png, one PNG per sample, and features.safetensors
-
-diffusers is needed by this path only (pip install diffusers); nothing else in the repository imports it.
+`python sample.py --official-checkpoint DIR` runs it. diffusers is needed by this path only (pip install
+diffusers); nothing else in the repository imports it.
 
 Sources, cited at the lines that follow them:
 - BLIP3o's pipeline_llava_gen.py (shipped in diffusion-decoder/; read from the public copy in the
@@ -35,24 +32,23 @@ from pathlib import Path
 
 import torch
 
+from cli import UserError
+
 DECODER_DIR = "diffusion-decoder"  # BLIP3o's inference.py: diffusion_path = model_path + "/diffusion-decoder"
 STEPS = 50  # BLIP3o's pipeline_llava_gen.py, __call__: num_inference_steps=50
 GUIDANCE = 3.0  # BLIP3o's pipeline_llava_gen.py, __call__: guidance_scale=3.0
 SIZE = 1024  # BLIP3o's pipeline_llava_gen.py, __call__: height = width = 1024, original_size=[1024, 1024]
 # BLIP3o's pipeline_llava_gen.py, _prepare_and_encode_inputs: the unconditional input is what the model
-# generates for the text " " (generate_image(text=[" "])), computed once and cached in self.negative_prompt.
-# (Emu2's pipeline_emu2_gen.py, the original, uses "" instead.)
+# generates for the text " ", made once and cached (Emu2's pipeline_emu2_gen.py, the original, uses "").
 NEGATIVE_PROMPT = " "
 INSTALL_HINT = "the released decoder needs diffusers: pip install diffusers (or pass --features-only)"
 
 
-class DecoderError(Exception):
-    """A missing or unusable diffusion-decoder/ (or no diffusers): sample.py reports it in one line."""
+class DecoderError(UserError):
+    """A missing or unusable diffusion-decoder/ (or no diffusers): reported in one line."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checks that cost nothing: run before the backbone and the DiT load
-# ----------------------------------------------------------------------------------------------------
+# ---- checks that cost nothing: run before the backbone and the DiT load --------------------------------
 
 
 def decoder_config(checkpoint, size: int = SIZE) -> dict:
@@ -84,12 +80,9 @@ def read_json(path: Path) -> dict:
 
 
 def check_width(unet_config: dict, width: int, where="the decoder") -> None:
-    """The UNet must read `width`-wide features twice: per token (cross-attention) and mean-pooled.
-
-    SDXL's "text_time" added embedding concatenates the pooled vector with 6 sinusoidal time ids of
-    addition_time_embed_dim each, so its input width is pooled + 6 x addition_time_embed_dim
-    (Emu2-Gen: 1792 + 6 x 256 = 3328).
-    """
+    """The UNet must read `width`-wide features twice: per token (cross-attention) and mean-pooled. SDXL's
+    "text_time" added embedding concatenates the pooled vector with 6 sinusoidal time ids of
+    addition_time_embed_dim each, so its input width is pooled + 6 x addition_time_embed_dim."""
     cross = unet_config.get("cross_attention_dim")
     cross = set(cross) if isinstance(cross, (list, tuple)) else {cross}
     if unet_config.get("addition_embed_type") != "text_time":
@@ -102,9 +95,7 @@ def check_width(unet_config: dict, width: int, where="the decoder") -> None:
                            "diffusion-decoder/ of the same checkpoint")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Loading and decoding
-# ----------------------------------------------------------------------------------------------------
+# ---- loading and decoding -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -123,8 +114,7 @@ def load_decoder(checkpoint, device) -> Decoder:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     # diffusers' fast load (no random init before the weights) needs accelerate; without it diffusers falls
-    # back and prints a five-line notice per model. Asking for the fallback directly keeps it quiet; one
-    # line here says the same.
+    # back and prints a five-line notice per model. Asking for the fallback directly keeps it to one line.
     fast = importlib.util.find_spec("accelerate") is not None
     if not fast:
         print("note: the decoder loads faster with accelerate installed (pip install accelerate)")
@@ -151,11 +141,9 @@ def load_decoder(checkpoint, device) -> Decoder:
 @torch.no_grad()
 def decode(decoder: Decoder, features: torch.Tensor, negative: torch.Tensor, *, steps: int = STEPS,
            guidance: float = GUIDANCE, height: int = SIZE, width: int = SIZE, rng=None) -> torch.Tensor:
-    """CLIP features (B, 64, D), the negative prompt's features (1, 64, D) -> images (B, 3, H, W) in [0, 1].
-
-    The loop of BLIP3o's pipeline_llava_gen.py, __call__, step for step; the initial noise is drawn with
-    `rng` (a torch.Generator) in one call for the batch (as diffusers' pipelines do), so a batch of one image per
-    call makes each image independent of the others.
+    """CLIP features (B, 64, D), the negative prompt's features (1, 64, D) -> images (B, 3, H, W) in [0, 1]:
+    the loop of BLIP3o's pipeline_llava_gen.py, __call__, step for step. The initial noise is drawn with
+    `rng` in one call for the batch (as diffusers' pipelines do): one image per call is independent of others.
     """
     unet, vae, scheduler = decoder.unet, decoder.vae, decoder.scheduler
     device, dtype = unet.device, unet.dtype

@@ -5,7 +5,7 @@ there are no model flags. Examples:
 
     python sample.py --prompt "a photo of a red circle" --prompt "a photo of two squares"
         -> out/samples.png: one row per prompt, 4 samples each, the prompt written beside its row
-    python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --guidance 3.0 --steps 30
+    python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --guidance 2.0 --steps 40
     python sample.py --prompt "a photo of a red circle" --variant mse-clip      # the CLIP + MSE ablation
     python sample.py --reconstruct img.png        # image -> 64 CLIP tokens -> pixel decoder, side by side
     python sample.py --image img.png --question "what color is the circle?"
@@ -19,7 +19,7 @@ own diffusion decoder (DIR/diffusion-decoder/, Emu2-Gen's SDXL UNet; needs diffu
 
     python sample.py --official-checkpoint BLIP3o-Model-8B --backbone Qwen/Qwen2.5-VL-7B-Instruct \\
         --prompt "a photo of a red circle" --out out/official
-        -> out/official/grid.png, p000_s00.png ... (1024x1024, 50 steps, guidance 3.0), features.safetensors
+        -> out/official/grid.png, p000_s00.png ... (one image per sample), features.safetensors
     python sample.py --official-checkpoint BLIP3o-Model-8B --backbone Qwen/Qwen2.5-VL-7B-Instruct \\
         --prompt "a photo of a red circle" --out out/features.safetensors      # CLIP features only
 
@@ -29,24 +29,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 import blip3o
 import data
 import pipeline
 import released
-from cli import (OneLineParser, UserError, add_sampling_options, check_numbers,
-                 run_main)
+from cli import OneLineParser, UserError, add_run_options, add_sampling_options, check_numbers, run_main
 
 
-# ----------------------------------------------------------------------------------------------------
-# Pictures: tensors -> PIL, and a grid with a text label beside each row
-# ----------------------------------------------------------------------------------------------------
+# ---- pictures: tensors -> PIL, and a grid with a text label beside each row ---------------------------
 
 
 def to_pil(image) -> Image.Image:
@@ -56,17 +54,17 @@ def to_pil(image) -> Image.Image:
     return Image.fromarray(image)
 
 
+WORD_GAP = 5  # pixels between words: PIL's default font draws a space 2 px wide, which reads as none
+
+
 def text_width(draw, text: str, font) -> int:
     """Pixel width of `text` as draw_text writes it."""
     words = text.split(" ")
     return sum(int(draw.textlength(w, font=font)) for w in words) + WORD_GAP * (len(words) - 1)
 
 
-WORD_GAP = 5  # pixels between words: PIL's default font draws a space 2 px wide, which reads as none
-
-
 def draw_text(draw, xy, text: str, font) -> None:
-    """Write `text` word by word, WORD_GAP pixels apart (see WORD_GAP)."""
+    """Write `text` word by word, WORD_GAP pixels apart."""
     x, y = xy
     for word in text.split(" "):
         draw.text((x, y), word, fill="black", font=font)
@@ -83,9 +81,7 @@ def image_grid(rows, labels=None, scale: int = 4, pad: int = 2) -> Image.Image:
     tiles = [[to_pil(im) for im in row] for row in rows]
     h, w = tiles[0][0].height * scale, tiles[0][0].width * scale
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_w = 0
-    if labels:
-        text_w = max(text_width(probe, label, font) for label in labels) + 3 * pad
+    text_w = max(text_width(probe, label, font) for label in labels) + 3 * pad if labels else 0
     cols = max(len(row) for row in tiles)
     grid = Image.new("RGB", (text_w + cols * (w + pad) + pad, len(tiles) * (h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
@@ -106,14 +102,7 @@ def save_png(image: Image.Image, path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------------------------------
-# Generation helpers (shared with eval.py)
-# ----------------------------------------------------------------------------------------------------
-
-
-def load_pipeline(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> pipeline.Pipeline:
-    """pipeline.load_run (a missing or damaged run raises CheckpointError, reported in one line)."""
-    return pipeline.load_run(run, variant=variant, device=device, need=need)
+# ---- generation helpers (shared with eval.py) ---------------------------------------------------------
 
 
 def check_known_words(tokenizer, texts, allow: bool) -> None:
@@ -123,26 +112,23 @@ def check_known_words(tokenizer, texts, allow: bool) -> None:
     if unknown and not allow:
         known = len(tokenizer.get_vocab()) - len(tokenizer.all_special_tokens)
         raise UserError(f"the toy model does not know the word{'s' * (len(unknown) > 1)} "
-                        f"{', '.join(repr(w) for w in unknown)} (it knows {known} words, those of the shapes world): "
-                        "rephrase, or pass --allow-unknown-words to read them as <unk>")
+                        f"{', '.join(repr(w) for w in unknown)} (it knows {known} words, those of the shapes "
+                        "world): rephrase, or pass --allow-unknown-words to read them as <unk>")
 
 
-def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int = 4, seed: int = 0, steps: int = 30,
-                  guidance: float = 3.0, batch: int = 64, quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)).
-
-    Per sample: text -> CLIP features (diffusion; or VAE latents) -> pixels (the decoder). Column j draws all
-    its noise from a generator seeded with seed + j, prompts batched `batch` at a time, so the result is
-    reproducible for the same prompts, seed and batch size.
+def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int, seed: int, steps: int, guidance: float,
+                  batch: int = 64, quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)): text -> CLIP features
+    (diffusion; or VAE latents) -> pixels (the decoder). Column j draws all its noise from a generator
+    seeded with seed + j, prompts batched `batch` at a time: reproducible for the same prompts, seed, batch.
     """
-    from tqdm import tqdm
-
     if not prompts:
         raise UserError("no prompts to generate")
     if pipe.generator is not None:  # refuse empty or over-long prompts before any progress bar is drawn
-        if any(not p.strip() for p in prompts):
-            raise ValueError("empty prompt")
-        pipe.encode_prompts(prompts)
+        try:
+            pipe.check_prompts(prompts)
+        except ValueError as e:  # empty, or longer than the backbone's context
+            raise UserError(str(e)) from None
     image_cols, token_cols = [], []
     with tqdm(total=len(prompts) * num_samples, desc="generating", unit="image", disable=quiet,
               file=sys.stderr, dynamic_ncols=True) as bar:
@@ -160,13 +146,8 @@ def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int = 4, seed: 
 
 
 def write_geneval(outdir, records, images: torch.Tensor, grid: bool = False) -> int:
-    """Write generated images (P, S, 3, H, W) for P GenEval records in GenEval's folder layout.
-
-    outdir/00000/metadata.jsonl holds the record as one JSON line (json.dumps, which gives back every
-    line of the official file exactly), outdir/00000/samples/0000.png ... the S images
-    (data.write_geneval_folder); grid=True adds outdir/00000/grid.png, the samples in a row.
-    Returns the number of images written.
-    """
+    """Images (P, S, 3, H, W) of P GenEval records -> GenEval's folder layout (data.write_geneval_folder);
+    grid=True adds outdir/00000/grid.png, the samples in a row. Returns the number of images written."""
     data.write_geneval_folder(str(outdir), records, [list(row) for row in images])
     if grid:
         for i, row in enumerate(images):
@@ -186,31 +167,22 @@ def read_image(path, image_size: int) -> torch.Tensor:
     return image
 
 
-# ----------------------------------------------------------------------------------------------------
-# Released BLIP3-o weights: queries + Next-DiT from the checkpoint, the backbone from its own path
-# ----------------------------------------------------------------------------------------------------
+# ---- released BLIP3-o weights: queries + Next-DiT from the checkpoint, the backbone from its own path ----
 
-
-# The generation input of the released model, as BLIP3o's inference builds it (NOTES.md, "The generation
-# input"): the caption in Qwen's ChatML template with the assistant turn left open (inference.py,
-# add_template, with conversation.py's conv_qwen), then the token [IMG] (generate_image appends it), then
-# the 64 queries. Training saw the same, except that it closed the empty assistant turn before [IMG].
+# The released model's generation input, as BLIP3o's inference builds it (NOTES.md, "The generation input"):
+# the caption in Qwen's ChatML template with the assistant turn left open (inference.py, add_template), then
+# [IMG] (generate_image appends it), then the 64 queries. Training closed the empty assistant turn.
 OFFICIAL_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                      "<|im_start|>user\nPlease generate image based on the following caption: {}<|im_end|>\n"
                      "<|im_start|>assistant\n")
 IMG_TOKEN = "[IMG]"  # added by BLIP3o's training after Qwen's own tokens: id 151665 in the released tokenizer
 
 
-
 def load_official(checkpoint, backbone, device: torch.device):
-    """-> (generator with the released queries and DiT, frozen LM, tokenizer).
-
-    The DiT and queries come from pipeline.load_official_generation_weights (its report is printed; an
-    incomplete load is refused). The backbone (Qwen2.5-VL at real scale) loads from its own path; the
-    tokenizer from the checkpoint when it ships one (as BLIP3o's builder.py loads it), else from the
-    backbone; [IMG]'s input embedding from the checkpoint. The LM runs in bf16 on CUDA, fp32 elsewhere,
-    the DiT in fp32 (under autocast on CUDA).
-    """
+    """-> (generator with the released queries and DiT, frozen LM, tokenizer). The backbone (Qwen2.5-VL
+    at real scale) loads from its own path, in bf16 on CUDA and fp32 elsewhere; the tokenizer from the
+    checkpoint when it ships one (as BLIP3o's builder.py loads it), else from the backbone; the DiT, the
+    queries and [IMG]'s input embedding from the checkpoint (an incomplete load is refused)."""
     try:
         queries, dit, report = pipeline.load_official_generation_weights(checkpoint, device=device,
                                                                        dtype=torch.float32)
@@ -253,12 +225,9 @@ def load_official(checkpoint, backbone, device: torch.device):
 
 
 def official_prompt_ids(tok, texts, template: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Texts -> ids (B, T) right-padded, lengths (B,): each text in OFFICIAL_TEMPLATE (or bare), then [IMG].
-
-    Tokenized as the official generate_image does: tokenizer(text), which for Qwen adds no <bos>.
-    Generator.condition puts each row's 64 queries right after its own [IMG], at positions len .. len + 63,
-    so the padding of a batch never moves them: every row reads exactly what it would read alone.
-    """
+    """Texts -> ids (B, T) right-padded, lengths (B,): each text in OFFICIAL_TEMPLATE (or bare), then [IMG],
+    tokenized as the official generate_image does (tokenizer(text): for Qwen no <bos>). Generator.condition
+    puts each row's queries right after its own [IMG], so every row reads what it would read alone."""
     img = tok.convert_tokens_to_ids(IMG_TOKEN)
     rows = [tok(OFFICIAL_TEMPLATE.format(t) if template else t)["input_ids"] + [img] for t in texts]
     T = max(len(r) for r in rows)
@@ -269,10 +238,8 @@ def official_prompt_ids(tok, texts, template: bool = True) -> tuple[torch.Tensor
 @torch.no_grad()
 def official_features(generator, lm, tok, prompts, num_samples: int, seed: int, steps: int, guidance: float,
                       device: torch.device, template: bool = True) -> torch.Tensor:
-    """Prompts -> CLIP features (P, S, 64, D) from the released model; sample j uses seed + j.
-
-    template=False feeds the texts bare, still followed by [IMG] (the released decoder's negative prompt " ").
-    The DiT's own guidance is the official one: its unconditional branch is an all-zeros condition."""
+    """Prompts -> CLIP features (P, S, 64, D) from the released model; sample j uses seed + j. template=False
+    feeds the texts bare, still followed by [IMG] (the released decoder's negative prompt " ")."""
     ids, lens = official_prompt_ids(tok, prompts, template)
     with pipeline.autocast(device):
         cond = generator.condition(lm, ids.to(device), lens.to(device))  # (P, 64, D_lm)
@@ -282,19 +249,14 @@ def official_features(generator, lm, tok, prompts, num_samples: int, seed: int, 
     return torch.stack(columns, 1)  # (P, S, 64, D)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
+# ---- command line --------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="out/toy", help="run folder written by train.py (default: out/toy)")
+    add_run_options(p)
     p.add_argument("--variant", default="flow-clip", help="generation checkpoint under RUN/generate/: "
                    "flow-clip (BLIP3-o), mse-clip or flow-vae (ablations)")
-    p.add_argument("--device", default="auto", help="auto (CUDA -> MPS -> CPU), cpu, cuda, ...")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 is "
-                   "often faster on a CPU that other processes keep busy)")
     mode = p.add_argument_group("what to do (text -> image when only --prompt is given)")
     mode.add_argument("--prompt", action="append", default=[], help="a caption; repeat for several rows")
     mode.add_argument("--reconstruct", metavar="IMAGE", help="image -> CLIP tokens -> pixels, side by side")
@@ -302,13 +264,13 @@ def parse_args(argv=None):
     mode.add_argument("--question", help="a question about --image, e.g. 'what color is the circle?'")
     mode.add_argument("--caption", action="store_true", help=f"caption --image ('{data.caption_question}')")
     mode.add_argument("--geneval", metavar="METADATA.jsonl", help="GenEval prompts -> GenEval folder layout")
-    mode.add_argument("--official-checkpoint", metavar="DIR", help="released BLIP3-o weights (with --backbone)")
+    mode.add_argument("--official-checkpoint", metavar="DIR", help="released weights (with --backbone)")
     opts = p.add_argument_group("options")
     opts.add_argument("--num-samples", type=int, default=4, help="images per prompt (default 4)")
     opts.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
     add_sampling_options(opts)
     opts.add_argument("--decoder-steps", type=int, default=released.STEPS,
-                      help=f"--official-checkpoint: Euler steps of the released diffusion decoder ({released.STEPS})")
+                      help=f"--official-checkpoint: Euler steps of the released decoder ({released.STEPS})")
     opts.add_argument("--decoder-guidance", type=float, default=released.GUIDANCE,
                       help=f"--official-checkpoint: guidance of the released decoder ({released.GUIDANCE})")
     opts.add_argument("--allow-unknown-words", action="store_true",
@@ -321,17 +283,13 @@ def parse_args(argv=None):
     opts.add_argument("--backbone", metavar="PATH", help="--official-checkpoint: the LM (hub id or folder)")
     opts.add_argument("--features-only", action="store_true", help="--official-checkpoint: stop at the CLIP "
                       "features (also when --out ends in .safetensors); no diffusers needed")
-    opts.add_argument("--resolution", type=int, default=1024,
-                      help="--official-checkpoint: image height and width (default 1024, the released one)")
-    opts.add_argument("--decode", action="store_true", help="--official-checkpoint: save the features and "
-                      "decode them with RUN's toy pixel decoder instead of the checkpoint's own")
+    opts.add_argument("--resolution", type=int, default=released.SIZE, help="--official-checkpoint: "
+                      "image height and width (default %(default)s, the released one)")
     opts.add_argument("--out", help="output file (default out/samples.png, out/reconstruction.png); "
                       "--official-checkpoint: a folder for the images (default out/official) or a "
                       ".safetensors file for the features (default out/features.safetensors)")
     args = p.parse_args(argv)
-    # --official-checkpoint stops at the features with --features-only, --decode (RUN's toy decoder) or
-    # --out *.safetensors; otherwise the checkpoint's own decoder runs, with its defaults (released.py).
-    args.features_only = args.features_only or args.decode or str(args.out or "").endswith(".safetensors")
+    args.features_only = args.features_only or str(args.out or "").endswith(".safetensors")
 
     modes = [m for m in ("reconstruct", "image", "geneval", "official_checkpoint") if getattr(args, m)]
     if len(modes) > 1:
@@ -350,9 +308,8 @@ def parse_args(argv=None):
         p.error(f"--prompt does not go with --{modes[0].replace('_', '-')}")
     if args.official_checkpoint and not args.prompt:
         p.error("--official-checkpoint needs at least one --prompt")
-    for text in args.prompt:
-        if not text.strip():
-            p.error("empty prompt")
+    if any(not text.strip() for text in args.prompt):
+        p.error("empty prompt")
     if args.question is not None and not args.question.strip():
         p.error("empty question")
     check_numbers(p, args, at_least_one=("steps", "decoder_steps", "num_samples", "per_prompt", "batch_size",
@@ -365,16 +322,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pipeline.pick_device(args.device)
-    if args.official_checkpoint:
-        return run_main(run_official, args, device)
-    if args.geneval:
-        return run_main(run_geneval, args, device)
-    if args.image:
-        return run_main(run_answer, args, device)
-    if args.reconstruct:
-        return run_main(run_reconstruct, args, device)
-    return run_main(run_text_to_image, args, device)
+    modes = {"official_checkpoint": run_official, "geneval": run_geneval, "image": run_answer,
+             "reconstruct": run_reconstruct}
+    run = next((fn for mode, fn in modes.items() if getattr(args, mode)), run_text_to_image)
+    return run_main(run, args, pipeline.pick_device(args.device))
 
 
 def check_pixels(pipe: pipeline.Pipeline, run) -> None:
@@ -386,37 +337,33 @@ def check_pixels(pipe: pipeline.Pipeline, run) -> None:
 
 
 def run_text_to_image(args, device):
-    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
+    pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
     check_pixels(pipe, args.run)
     check_known_words(pipe.tokenizer, args.prompt, args.allow_unknown_words)
-    try:
-        images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
-                                  args.batch_size, quiet=False)
-    except ValueError as e:  # e.g. a prompt longer than the backbone's context
-        raise UserError(str(e)) from None
+    images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
+                              args.batch_size, quiet=False)
     out = save_png(image_grid([list(row) for row in images], args.prompt), args.out or "out/samples.png")
     print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples ({args.variant}, seed {args.seed}, "
           f"guidance {args.guidance}, {args.steps} steps) -> {out}")
 
 
 def run_reconstruct(args, device):
-    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
+    pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "decoder"))
     image = read_image(args.reconstruct, pipe.config.clip.image_size)
     recon = pipe.reconstruct(image[None])
-    grid = image_grid([[image, recon[0].cpu()]], [f"{Path(args.reconstruct).name}: original | reconstruction"])
-    out = save_png(grid, args.out or "out/reconstruction.png")
+    label = f"{Path(args.reconstruct).name}: original | reconstruction"
+    out = save_png(image_grid([[image, recon[0].cpu()]], [label]), args.out or "out/reconstruction.png")
     print(f"{args.reconstruct} -> 64 CLIP features -> pixel decoder -> {out}")
 
 
 def run_answer(args, device):
-    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand"))
+    pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand"))
     image = read_image(args.image, pipe.config.clip.image_size)
     question = data.caption_question if args.caption else args.question
     check_known_words(pipe.tokenizer, [question], args.allow_unknown_words)
     rng = torch.Generator(pipe.device).manual_seed(args.seed)
     answer = pipe.answer(image[None], [question], temperature=args.temperature, rng=rng)[0]
-    print(f"Q: {question}")
-    print(f"A: {answer}")
+    print(f"Q: {question}\nA: {answer}")
 
 
 def run_geneval(args, device):
@@ -426,49 +373,36 @@ def run_geneval(args, device):
         raise UserError(f"cannot read {args.geneval}: {e.strerror or e}") from None
     except ValueError as e:
         raise UserError(str(e)) from None
-    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "understand", "generate"))
+    pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
     check_pixels(pipe, args.run)
     outside = sum(not data.in_world(r) for r in records)
     print(f"{len(records)} prompts from {args.geneval}; {outside} are outside the shapes world "
           "(they still generate: the toy model simply does not know those words)")
-    try:
-        images, _ = generate_grid(pipe, [r["prompt"] for r in records], args.per_prompt, args.seed,
-                                  args.steps, args.guidance, args.batch_size, quiet=False)
-    except ValueError as e:  # e.g. a prompt longer than the backbone's context
-        raise UserError(str(e)) from None
+    images, _ = generate_grid(pipe, [r["prompt"] for r in records], args.per_prompt, args.seed,
+                              args.steps, args.guidance, args.batch_size, quiet=False)
     n = write_geneval(args.outdir, records, images, grid=args.grid)
     print(f"{n} images -> {args.outdir} (GenEval layout); score: python eval.py geneval {args.outdir}")
 
 
 def run_official(args, device):
-    """Released stage 2 on our code -> CLIP features -> the checkpoint's own diffusion decoder -> PNGs.
-
-    Features only (--features-only, --decode, or --out *.safetensors): no diffusers needed. Otherwise the
-    decoder is checked (folder, diffusers, conditioning width) before the backbone and the DiT load.
-    """
-    features_only = args.features_only  # set by parse_args (also for --decode and --out *.safetensors)
-    try:
-        unet_config = None
-        if not features_only:  # cheap checks first: the folder, diffusers, the image size
-            unet_config = released.decoder_config(args.official_checkpoint, args.resolution)
-        generator, lm, tok = load_official(args.official_checkpoint, args.backbone, device)
-        if unet_config is not None:
-            unet_dir = Path(args.official_checkpoint) / released.DECODER_DIR / "unet"
-            released.check_width(unet_config, generator.target_dim, where=str(unet_dir))
-    except released.DecoderError as e:
-        raise UserError(str(e)) from None
+    """Released stage 2 on our code -> CLIP features -> the checkpoint's own diffusion decoder -> PNGs;
+    the decoder is checked (folder, diffusers, conditioning width) before the backbone and the DiT load."""
+    unet_config = None
+    if not args.features_only:  # cheap checks first: the folder, diffusers, the image size
+        unet_config = released.decoder_config(args.official_checkpoint, args.resolution)
+    generator, lm, tok = load_official(args.official_checkpoint, args.backbone, device)
+    if unet_config is not None:
+        unet_dir = Path(args.official_checkpoint) / released.DECODER_DIR / "unet"
+        released.check_width(unet_config, generator.target_dim, where=str(unet_dir))
     feats = official_features(generator, lm, tok, args.prompt, args.num_samples, args.seed, args.steps,
                               args.guidance, device)  # (P, S, 64, D)
-    if features_only:
+    if args.features_only:
         out = save_features(feats, args.prompt, Path(args.out or "out/features.safetensors"))
         print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples -> CLIP features "
               f"{tuple(feats.shape)} -> {out}")
-        if args.decode:
-            decode_with_run(args, feats, out, device)
         return
-    # The unconditional input of the decoder's guidance: the features the model generates for the bare text
-    # " " (no template; [IMG] and the queries follow it as always), once (BLIP3o's pipeline_llava_gen.py,
-    # _prepare_and_encode_inputs, caches them; released.NEGATIVE_PROMPT).
+    # The decoder's unconditional input: the features the model generates for the bare text " " (no template;
+    # [IMG] and the queries follow it as always), made once (released.NEGATIVE_PROMPT).
     negative = official_features(generator, lm, tok, [released.NEGATIVE_PROMPT], 1, args.seed, args.steps,
                                  args.guidance, device, template=False)[0]  # (1, 64, D)
     del generator, lm  # done with the LM and the DiT: their memory goes to the UNet
@@ -476,28 +410,22 @@ def run_official(args, device):
         torch.cuda.empty_cache()
     out = Path(args.out or "out/official")
     save_features(feats, args.prompt, out / "features.safetensors")
-    try:
-        decoder = released.load_decoder(args.official_checkpoint, device)
-    except released.DecoderError as e:
-        raise UserError(str(e)) from None
+    decoder = released.load_decoder(args.official_checkpoint, device)
     rows = render_official(decoder, feats, negative, args, device, out)
     grid = save_png(image_grid(rows, args.prompt, scale=1), out / "grid.png")
-    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples, released decoder ({args.decoder_steps} "
-          f"steps, guidance {args.decoder_guidance}, {args.resolution}x{args.resolution}) -> {grid} and one PNG each")
+    how = f"{args.decoder_steps} steps, guidance {args.decoder_guidance}, {args.resolution}x{args.resolution}"
+    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples, released decoder ({how}) -> {grid} "
+          "and one PNG each")
 
 
 def save_features(feats: torch.Tensor, prompts, out: Path) -> Path:
-    from safetensors.torch import save_file
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats.contiguous()}, os.fspath(out), metadata={"prompts": json.dumps(prompts)})
+    save_file({"features": feats.contiguous()}, str(out), metadata={"prompts": json.dumps(prompts)})
     return out
 
 
 def render_official(decoder, feats, negative, args, device, out: Path):
-    """Each of the P x S feature sets -> one image, out/p{prompt}_s{sample}.png; sample j's noise: seed + j."""
-    from tqdm import tqdm
-
+    """Each of the P x S feature sets -> one image, out/p{prompt}_s{sample}.png; sample j uses seed + j."""
     P, S = feats.shape[:2]
     rows = [[] for _ in range(P)]
     with tqdm(total=P * S, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -511,21 +439,6 @@ def render_official(decoder, feats, negative, args, device, out: Path):
                 rows[p].append(image)
                 bar.update(1)
     return rows
-
-
-def decode_with_run(args, feats, out: Path, device):
-    """--decode: the features through RUN's own (toy) pixel decoder, when its width matches."""
-    pipe = load_pipeline(args.run, args.variant, device, need=("clip", "decoder"))
-    width = pipe.decoder.what.in_features
-    if width != feats.shape[-1]:
-        raise UserError(f"the pixel decoder in {args.run} reads {width}-wide CLIP tokens, the released "
-                        f"model makes {feats.shape[-1]}-wide ones (drop --decode to use the checkpoint's "
-                        "own diffusion decoder)")
-    P, S = feats.shape[:2]
-    images = pipe.tokens_to_images(feats.flatten(0, 1).to(pipe.device)).cpu()  # (P * S, 3, H, W)
-    images = images.unflatten(0, (P, S))  # (P, S, 3, H, W)
-    png = save_png(image_grid([list(row) for row in images], args.prompt), out.with_suffix(".png"))
-    print(f"decoded with {args.run}/decoder -> {png}")
 
 
 if __name__ == "__main__":

@@ -3,18 +3,19 @@
 Laptop (CPU, minutes): the whole toy pipeline, then the evaluations and out/toy/REPORT.md
     python train.py
 One stage (each later stage finds the earlier ones under --out):
-    python train.py --stage clip                      # contrastive toy CLIP          -> out/toy/clip/
-    python train.py --stage understand                # stage 1: projector + LM       -> out/toy/understand/
-    python train.py --stage decoder                   # CLIP tokens -> pixels          -> out/toy/decoder/
-    python train.py --stage generate --loss flow      # stage 2: queries + Next-DiT   -> out/toy/generate/flow-clip/
-    python train.py --stage generate --loss mse       # ablation: CLIP + MSE          -> out/toy/generate/mse-clip/
+    python train.py --stage clip                  # contrastive toy CLIP        -> out/toy/clip/
+    python train.py --stage understand            # stage 1: projector + LM     -> out/toy/understand/
+    python train.py --stage decoder               # scene tokens -> pixels      -> out/toy/decoder/
+    python train.py --stage generate --loss flow  # stage 2: queries + Next-DiT -> out/toy/generate/flow-clip/
+    python train.py --stage generate --loss mse   # ablation: CLIP + MSE        -> out/toy/generate/mse-clip/
     python train.py --stage vae && python train.py --stage generate --target vae   # ablation: VAE + Flow
-    python train.py --stage joint                     # ablation: LM unfrozen, both tasks mixed
+    python train.py --stage joint                 # ablation: LM unfrozen, both tasks mixed
 Several processes (same code path; gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node=2 train.py --stage generate   # the toy stage 2 on 2 CPU ranks:
                                                 # the same losses as one process with --grad-accum 2
     torchrun --standalone --nproc_per_node=8 train.py --stage generate --preset blip3o-8b \
-        --data 'shards/{00000..00999}.tar' --global-batch 512 --fsdp --grad-checkpointing --compile --out out/8b
+        --data 'shards/{00000..00999}.tar' --global-batch 512 --fsdp --grad-checkpointing --compile \
+        --out out/8b
         # WebDataset shards (jpg/png + txt per key) streamed and split over the ranks, each image encoded
         # by the frozen CLIP as it arrives; or --data FOLDER --captions captions.jsonl
         # --fsdp shards the DiT's weights, gradients and Adam state (FSDP2) instead of replicating them
@@ -24,6 +25,9 @@ A stage that finished is skipped, a half-finished one resumes from its last chec
 included (`--restart` starts it over). Global batch = batch-size x grad-accum x world size, printed at
 start. Mistakes in the command line or the run folder stop with one line and exit status 2; a NaN loss
 stops with exit status 1, naming the step and the last good checkpoint.
+
+Read in this order: the recipe (numbers), the stages in the data's order, `main`; then the loop (`fit`)
+and the machinery under it (resume, EMA, FSDP, distributed helpers) at the bottom.
 """
 from __future__ import annotations
 
@@ -50,19 +54,25 @@ import data
 import pipeline
 from cli import OneLineParser, UserError, positive_int
 
+# ----------------------------------------------------------------------------------------------------
+# The recipe
+# ----------------------------------------------------------------------------------------------------
+
 STAGES = ("clip", "understand", "decoder", "vae", "generate", "joint")
 PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` trains, in data order
 
 # Toy defaults per stage: steps, micro-batch, learning rate. Sized so each stage takes a few minutes on
-# 2 CPU cores and reaches the README's numbers.
+# 2 CPU cores and reaches the README's numbers. Real presets: the paper's stage 2 (lr 1e-4, cosine).
 TOY = {
     "clip": dict(steps=3000, batch=128, lr=2e-3),
     "understand": dict(steps=2400, batch=96, lr=2e-3),  # 64 image rows + 32 text rows
     "decoder": dict(steps=4000, batch=64, lr=1e-3),
     "vae": dict(steps=600, batch=64, lr=2e-3),
-    "generate": dict(steps=3200, batch=16, lr=2e-3),  # prompts; x2 noise draws each
+    "generate": dict(steps=3200, batch=16, lr=2e-3),  # prompts; x2 noise draws each (Config.noise_repeats)
     "joint": dict(steps=1000, batch=64, lr=1e-3),
 }
+REAL = dict(steps=100000, batch=64, lr=1e-4)
+TOY_IMAGES = 16384  # training images drawn from the shapes world (split "train"), shared by all stages
 UNDERSTAND_TURNS = 4  # question/answer turns packed after each image in stage-1 training
 # Binding questions (a colour or a relation asked about one of several objects) are drawn this many times
 # as often as the others: single-object, shape and count questions are learnt within the first few hundred
@@ -72,79 +82,15 @@ BINDING_WEIGHT = 3.0
 # from its caption alone (see text_qa_table). A real backbone is a language model before it sees images;
 # the toy LM learns to read a caption here, and stage 2 reads captions through it (NOTES.md).
 UNDERSTAND_TEXT_ROWS = 1 / 3
-TOY_IMAGES = 16384  # training images drawn from the shapes world (split "train"), shared by all stages
 
 
-# ----------------------------------------------------------------------------------------------------
-# Distributed helpers: degrade to rank 0 / world 1 under plain `python`
-# ----------------------------------------------------------------------------------------------------
-
-
-def dist_info() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment, or (0, 0, 1)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
-    return 0, 0, 1
-
-
-def print0(*a, **k):
-    if dist_info()[0] == 0:
-        print(*a, **k, flush=True)
-
-
-def setup(args) -> torch.device:
-    rank, local_rank, world = dist_info()
-    device = pipeline.pick_device(args.device)
-    if (world > 1 or args.fsdp) and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "MASTER_ADDR" in os.environ:  # torchrun
-            dist.init_process_group(backend)
-        else:  # --fsdp under plain `python`: a group of one process, so the same code path runs
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return device
-
-
-def all_mean(x: float, device) -> float:
-    if dist.is_initialized():
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t) / dist.get_world_size()
-    return x
-
-
-def mean_logs(logs: dict) -> dict:
-    """Each logged value averaged over the ranks that logged it (a t-bin may be empty on some rank, so
-    ranks can hold different keys: one gather, never a collective per key)."""
-    per_rank = gather_objects(logs)
-    keys = sorted({k for d in per_rank for k in d})
-    return {k: round(sum(d[k] for d in per_rank if k in d) / sum(k in d for d in per_rank), 5) for k in keys}
-
-
-def gather_objects(obj) -> list:
-    """Every rank's `obj` (any picklable value), in rank order, on every rank: [obj] when alone."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A tensor sharded by FSDP2 (a DTensor) gathered whole; plain tensors pass through. Collective."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def frozen_dtype(device) -> torch.dtype:
-    """Frozen encoders (CLIP, the backbone) run in bf16 on CUDA: half the memory, no gradients to lose."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-# ----------------------------------------------------------------------------------------------------
-# The training loop shared by every stage
-# ----------------------------------------------------------------------------------------------------
+def stage_hparams(args, stage: str) -> dict:
+    """Steps, micro-batch and learning rate of a stage: the recipe's, unless the command line says."""
+    base = TOY[stage] if args.config.preset == "toy" else REAL
+    batch = args.batch_size or base["batch"]
+    if args.global_batch:  # divisible: checked in check_args
+        batch = args.global_batch // (args.grad_accum * dist_info()[2])
+    return dict(steps=args.steps or base["steps"], batch=batch, lr=args.lr or base["lr"])
 
 
 class Objective(nn.Module):
@@ -164,7 +110,7 @@ class Objective(nn.Module):
 
 @dataclass
 class Plan:
-    """What a stage trains and how; filled by the stage functions below."""
+    """What a stage trains and how: each stage function below returns one, and `fit` runs it."""
 
     name: str  # e.g. "generate/flow-clip": also the checkpoint folder under --out
     model: "Objective"  # holds every trainable parameter (frozen parts may sit inside it)
@@ -180,323 +126,13 @@ class Plan:
     ema_prefix: str | None = None
     # --fsdp: (inner module) -> the modules fully_shard made FSDP roots (only stages that support it).
     shard_fn: object = None
-    # A streamed dataset (data.StreamBatches) whose read position is checkpointed per rank; None: the toy's
-    # indexed data, which needs no position (chunk c of step s is a pure function of (seed, s, c)).
+    # A streamed dataset (data.StreamBatches) whose read position is checkpointed per rank; None: the
+    # toy's indexed data, which needs no position (chunk c of step s is a pure function of (seed, s, c)).
     stream: object = None
 
 
-def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
-    """Linear warmup, then cosine from lr down to final_ratio * lr (paper: 1e-4 -> 1e-5)."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def fit(plan: Plan, args, device) -> dict:
-    """Train `plan.model` for `plan.steps` optimizer steps, with checkpoints, resume and DDP or FSDP2.
-
-    Step s consumes the chunks 0 .. world*accum-1 of the global batch; rank r takes chunks
-    r*accum .. r*accum+accum-1. Chunk c of step s is drawn from a generator seeded by (seed, s, c), so
-    one process with accum = k*world sees exactly the batches and noise that k-accum ranks see together.
-    (A streamed plan reads its batches in order from each rank's share of the data instead, and saves
-    every rank's read position with the checkpoint.)
-    """
-    rank, _, world = dist_info()
-    folder = Path(args.out) / plan.name
-    global_batch = plan.batch * args.grad_accum * world
-    model = plan.model.to(device)
-    trainable, frozen = pipeline.count_params(model)
-    print0(f"[{plan.name}] parameters: {trainable:,} trainable, {frozen:,} frozen | global batch "
-           f"{global_batch} = {plan.batch} micro x {args.grad_accum} accum x {world} ranks | {plan.steps} steps")
-
-    # Weights go into the plain model, before any sharding; optimizer and EMA state once it is wrapped.
-    state = restore(plan, model, folder, args)
-    if state.done_meta is not None:
-        return state.done_meta
-    if args.compile:  # each Next-DiT block, before FSDP wraps it (checkpoint keys do not change)
-        for module in model.modules():
-            if isinstance(module, blip3o.NextDiT):
-                module.compile_blocks()
-    ddp, fsdp_roots = wrap(plan, model, device, world, args)
-    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: this rank's shards
-    opt = make_optimizer(params, plan.lr, args.weight_decay, device)
-    if state.opt_state is not None:
-        load_optimizer_state(model, opt, state.opt_state, args)
-    ema = make_ema(plan, model, state.tensors, folder, args)
-
-    warmup = max(1, int(args.warmup * plan.steps))
-    model.train()
-    t0 = time.time()
-    bar = tqdm(range(state.step, plan.steps), initial=state.step, total=plan.steps, desc=plan.name,
-               disable=rank != 0 or args.quiet, dynamic_ncols=True, file=sys.stdout)
-    history, logs = state.history, {}
-    for step in bar:
-        lr = cosine_lr(step, plan.steps, plan.lr, warmup)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss, extra = train_step(plan, ddp, model, fsdp_roots, step, args, device)
-        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip)))
-        # Never step on (or later save) a non-finite value: stop, naming the step and the last good checkpoint.
-        for what, value in (("loss", loss), ("gradient norm", grad_norm)):
-            if not math.isfinite(value):
-                last = pipeline.checkpoint_path(folder)
-                raise FloatingPointError(f"[{plan.name}] {what} is {value} at step {step + 1}; last good "
-                                         f"checkpoint: {last if last else 'none'} (not overwritten)")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, args.ema, step)
-        logs = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
-                **mean_logs(extra)}
-        history.append(logs)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < plan.steps:
-            save_stage(plan, model, opt, ema, folder, args, step + 1, False, history, state)
-    bar.close()
-    save_stage(plan, model, opt, ema, folder, args, plan.steps, True, history, state)
-    seconds = time.time() - t0
-    print0(f"[{plan.name}] done: {plan.steps} steps in {seconds:.0f} s, final loss "
-           f"{logs.get('loss', float('nan')):.4f} -> {folder}")
-    if dist.is_initialized():
-        dist.barrier()
-    return {"stage": plan.name, "seconds": seconds, "history": history}
-
-
-def train_step(plan: Plan, ddp, model, fsdp_roots, step: int, args, device) -> tuple[float, dict]:
-    """One optimizer step's forward and backward over this rank's `grad_accum` micro-batches.
-
-    -> (the loss averaged over every rank, this rank's extra logs averaged over its micro-batches)."""
-    rank = dist_info()[0]
-    accum = args.grad_accum
-    total, extra = 0.0, {}
-    for micro in range(accum):
-        chunk = rank * accum + micro
-        seed = data.stable_seed("batch", args.seed, step, chunk) % 2 ** 63
-        rng = torch.Generator().manual_seed(seed)
-        batch = plan.chunk_fn(step, chunk, plan.batch, rng)
-        # The model draws its noise on its own device; on the CPU that is the same generator.
-        noise = rng if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
-        # Gradients are reduced only on the last micro-step (DDP's no_sync, FSDP's gradient sync off).
-        last_micro = micro == accum - 1
-        for root in fsdp_roots:
-            root.set_requires_gradient_sync(last_micro)
-        sync = contextlib.nullcontext() if (ddp is model or last_micro) else ddp.no_sync()
-        with sync, pipeline.autocast(device):
-            loss, logs = ddp(*batch, rng=noise)
-            (loss / accum).backward()
-        total += float(loss.detach()) / accum
-        for k, v in logs.items():
-            extra[k] = extra.get(k, 0.0) + v / accum
-    return all_mean(total, device), extra
-
-
-@dataclass
-class Restored:
-    """What a stage's own checkpoint gives back to `fit` (nothing, for a fresh start)."""
-
-    step: int = 0
-    history: list = dataclasses.field(default_factory=list)
-    tensors: dict | None = None  # every saved tensor, EMA included
-    opt_state: dict | None = None
-    damaged_latest: bool = False  # resumed from <folder>.prev: the next save replaces the damaged one
-    done_meta: dict | None = None  # the stage is already trained: its meta, and nothing to do
-
-
-def restore(plan: Plan, model: Objective, folder: Path, args) -> Restored:
-    """Resume from the stage's own checkpoint if there is one (unless --restart): its weights are copied
-    into `model` here; the optimizer and EMA states are returned for after wrapping."""
-    rank, _, world = dist_info()
-    if pipeline.checkpoint_path(folder) is None or args.restart:
-        if args.resume:
-            raise UserError(f"--resume: no checkpoint in {folder}")
-        return Restored()
-    meta, tensors, opt_state, damaged_latest = load_for_resume(folder, plan.name)
-    if meta["state"]["done"] and meta["state"]["step"] >= plan.steps:
-        print0(f"[{plan.name}] already trained ({meta['state']['step']} steps): skipping")
-        return Restored(done_meta=meta)
-    check_same_config(folder, meta, args)
-    if opt_state is not None and meta["state"].get("optimizer_format", "torch") != optimizer_format(args):
-        raise UserError(f"{folder} was trained {'without' if args.fsdp else 'with'} --fsdp: "
-                        "resume it the same way, or --restart")
-    own = plan.save_fn(model.inner)
-    missing = [k for k in own if k not in tensors]
-    if missing:
-        raise pipeline.CheckpointError(f"{folder}: checkpoint lacks {missing[:5]}")
-    with torch.no_grad():
-        for k, v in own.items():
-            if v.shape != tensors[k].shape:
-                raise pipeline.CheckpointError(f"{folder}: {k} is {tuple(tensors[k].shape)} in the "
-                                             f"checkpoint, {tuple(v.shape)} in the model")
-            v.copy_(tensors[k])
-    saved = meta["state"].get("data")
-    if plan.stream is not None and saved is not None:
-        if saved["world"] == world:
-            plan.stream.load_state(saved["ranks"][rank])
-        else:
-            print0(f"warning: the data position was saved by {saved['world']} ranks, this run has {world}: "
-                   "the data stream starts again from the beginning")
-    source = pipeline.previous_path(folder) if damaged_latest else folder
-    print0(f"[{plan.name}] resuming at step {meta['state']['step']} from {source}")
-    return Restored(meta["state"]["step"], meta["state"]["history"], tensors, opt_state, damaged_latest)
-
-
-def wrap(plan: Plan, model: Objective, device, world: int, args):
-    """-> (the module to call, FSDP roots). Several processes: DDP keeps a whole copy of the model per
-    rank and all-reduces gradients; FSDP2 (--fsdp) shards the trainable part's weights, gradients and
-    Adam state across the ranks. One process: the model itself."""
-    if args.fsdp:
-        return model, shard(plan, model, device)
-    if world > 1:
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                   else None, find_unused_parameters=False), []
-    return model, []
-
-
-def make_optimizer(params, lr: float, weight_decay: float, device):
-    """AdamW (betas 0.9 / 0.95); weight decay on matrices only, never on biases, norms or gates."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
-                             fused=device.type == "cuda" or None)  # fused: one kernel, 7% off an 8B-head step
-
-
-def make_ema(plan: Plan, model: Objective, tensors: dict | None, folder: Path, args) -> dict | None:
-    """An EMA of the trainable weights (sampling uses it, as is standard for diffusion models), restored
-    from the checkpoint's "ema." tensors on resume; None if the plan keeps none or --ema 0."""
-    if plan.ema_prefix is None or args.ema <= 0:
-        return None
-    ema = {n: p.detach().clone() for n, p in model.inner.named_parameters() if p.requires_grad}
-    if tensors is not None:
-        with torch.no_grad():
-            for n in ema:
-                key = f"ema.{plan.ema_prefix}{n}"
-                if key not in tensors:
-                    raise UserError(f"{folder} holds no EMA weights (trained with --ema 0?): resume with "
-                                    "--ema 0, or --restart")
-                copy_into(ema[n], tensors[key])
-    return ema
-
-
-def update_ema(ema: dict | None, model: Objective, decay: float, step: int) -> None:
-    if ema is None:
-        return
-    d = min(decay, (1 + step) / (10 + step))  # warm-started EMA: short runs still average
-    with torch.no_grad():
-        for n, p in model.inner.named_parameters():
-            if n in ema:
-                ema[n].lerp_(p.detach(), 1 - d)
-
-
-def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step: int, done: bool,
-               history: list, state: Restored) -> None:
-    """Checkpoint the stage: weights (+ EMA), optimizer, loop state and data position, config.
-
-    Every rank takes part (FSDP gathers the sharded tensors, each rank reports its data position);
-    rank 0 writes. A damaged latest checkpoint (state.damaged_latest) is replaced, not kept as previous."""
-    rank, _, world = dist_info()
-    tensors = {k: full_tensor(v) for k, v in plan.save_fn(model.inner).items()}
-    if ema is not None:
-        tensors.update({f"ema.{plan.ema_prefix}{n}": full_tensor(v) for n, v in ema.items()})
-    opt_state = optimizer_state(model, opt, args)
-    loop = {"step": step, "done": done, "history": history,
-            "data_position": step * plan.batch * args.grad_accum * world, "optimizer_format": optimizer_format(args)}
-    if plan.stream is not None:
-        loop["data"] = {"world": world, "ranks": gather_objects(plan.stream.state())}  # a collective
-        print0(f"[{plan.name}] data: {data.stream_summary(loop['data']['ranks'])}")
-    if rank != 0:
-        return
-    meta = {"stage": plan.name, "config": args.config.to_dict(), "state": loop, **plan.meta,
-            "args": {k: v for k, v in vars(args).items() if k != "config"}}
-    pipeline.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer, keep_previous=not state.damaged_latest)
-    state.damaged_latest = False
-
-
-def load_for_resume(folder: Path, stage: str):
-    """The stage's checkpoint to resume from -> (meta, tensors, optimizer state, latest is damaged).
-
-    The latest one; if a file of it cannot be read, the previous one (`<folder>.prev`), said on stderr;
-    with no intact previous one, the CheckpointError that names the file and how to retrain."""
-    try:
-        return (*pipeline.load_checkpoint(folder, stage=stage, with_optimizer=True), False)
-    except pipeline.CheckpointError as e:
-        prev = pipeline.previous_path(folder)
-        if e.damaged is None or pipeline.checkpoint_path(folder) == prev or not prev.is_dir():
-            raise
-        try:
-            got = pipeline.load_checkpoint(folder, stage=stage, with_optimizer=True, path=prev)
-        except pipeline.CheckpointError:
-            raise e from None
-        if dist_info()[0] == 0:
-            print(f"warning: {e.damaged} is {e.reason}: resuming from "
-                  f"the previous checkpoint {prev} (step {got[0]['state']['step']})", file=sys.stderr, flush=True)
-        return (*got, True)
-
-
-def check_same_config(folder, meta: dict, args) -> None:
-    """Resume only into the model the checkpoint was trained as: name the config fields that differ."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    saved, now = flat(meta["config"]), flat(json.loads(json.dumps(args.config.to_dict())))  # tuples -> lists
-    diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
-    if diff:
-        raise pipeline.CheckpointError(f"{folder} was trained with another config ({'; '.join(diff[:4])}"
-                                     f"{'; ...' if len(diff) > 4 else ''}): use the same --preset, or --restart")
-
-
-def shard(plan: Plan, model: Objective, device) -> list:
-    """--fsdp: FSDP2's fully_shard on the stage's trainable modules, over all ranks; returns the roots."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    if plan.shard_fn is None:
-        raise UserError(f"--fsdp shards the generation head (--stage generate); {plan.name} uses DDP")
-    # fully_shard keeps each rank's own values, unlike DDP, which copies rank 0's: broadcast them first.
-    with torch.no_grad():
-        for t in [p for p in model.parameters() if p.requires_grad] + list(model.buffers()):
-            dist.broadcast(t.data, 0)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return plan.shard_fn(model.inner, mesh)
-
-
-def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src) for a whole tensor src, where dst may be this rank's FSDP2 shard (a DTensor)."""
-    if hasattr(dst, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
-
-        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements)
-    dst.copy_(src)
-
-
-def optimizer_format(args) -> str:
-    """How the optimizer state is stored: torch's own (per-parameter index), or FSDP's full state."""
-    return "fsdp-full" if args.fsdp else "torch"
-
-
-def optimizer_state(model: nn.Module, opt, args) -> dict:
-    """The optimizer state to checkpoint. Under FSDP gathered whole (keyed by parameter name) on rank 0."""
-    if not args.fsdp:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model: nn.Module, opt, state: dict, args) -> None:
-    if not args.fsdp:
-        opt.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
-
-
 # ----------------------------------------------------------------------------------------------------
-# Shared toy data (drawn once per process; every stage indexes into it)
+# What every stage reads: the toy images and the frozen parts trained before it
 # ----------------------------------------------------------------------------------------------------
 
 _IMAGE_SET = {}
@@ -521,38 +157,27 @@ def encode_all(fn, images_u8: torch.Tensor, device, batch: int = 512) -> torch.T
 
 
 def load_clip(args, device) -> tuple:
-    """The trained CLIP (frozen) and the run's tokenizer, from RUN/clip."""
-    folder = Path(args.out) / "clip"
-    if args.config.clip.name is not None:  # a real, pretrained open_clip model
-        enc = blip3o.ImageEncoder(args.config.clip, device=device)  # built in place: 4 B parameters
+    """The frozen CLIP and the run's tokenizer: a pretrained open_clip model, or the toy's from RUN/clip."""
+    if args.config.clip.name is not None:  # built in place: 4 B parameters
+        enc = blip3o.ImageEncoder(args.config.clip, device=device)
         tok = blip3o.load_tokenizer(args.config.lm.name)
     else:
-        meta, tensors, _ = pipeline.load_checkpoint(folder, stage="clip")
-        tok = pipeline.load_checkpoint_tokenizer(folder)
+        enc, tok, saved = pipeline.load_clip(args.out)
         # The run's CLIP is what was trained, whatever the preset says now; the vocabulary is shared.
-        args.config.clip = blip3o.Config.from_dict(meta["config"]).clip
-        args.config.lm.vocab_size = len(tok)
-        enc = blip3o.ImageEncoder(args.config.clip)
-        pipeline.load_stage(enc, tensors, "clip", folder, "clip")
+        args.config.clip, args.config.lm.vocab_size = saved.clip, len(tok)
         enc = enc.to(device)
     enc.to(frozen_dtype(device)).requires_grad_(False).eval()
     return enc, tok
 
 
 def load_lm(args, tok, device):
-    """The stage-1 VLM (LM + projector) from RUN/understand, frozen."""
-    if args.config.lm.name is not None:
-        lm = blip3o.build_backbone(args.config.lm, device=device)
-        vlm = blip3o.VisionLanguageModel(lm, args.config.clip.width,
-                                         tok.convert_tokens_to_ids(args.config.lm.image_token))
+    """The frozen stage-1 VLM (LM + projector): a pretrained backbone, or the toy's from RUN/understand."""
+    cfg = args.config
+    if cfg.lm.name is not None:
+        lm = blip3o.build_backbone(cfg.lm, device=device)
+        vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids(cfg.lm.image_token))
     else:
-        folder = Path(args.out) / "understand"
-        meta, tensors, _ = pipeline.load_checkpoint(folder, stage="understand")
-        cfg = blip3o.Config.from_dict(meta["config"])
-        lm = blip3o.build_backbone(cfg.lm)
-        vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids(blip3o.IMAGE),
-                                         cfg.lm.image_merge)
-        pipeline.load_stage(vlm, tensors, "vlm", folder, "understand")
+        vlm = pipeline.load_vlm(args.out, tok, cfg.clip.width)
     vlm = vlm.to(device)
     if device.type == "cuda":  # frozen: bf16 (a real backbone is built in bf16 already)
         vlm.to(torch.bfloat16)
@@ -560,8 +185,19 @@ def load_lm(args, tok, device):
     return vlm
 
 
+def stack_labels(per_scene) -> list[torch.Tensor]:
+    """Per-scene label arrays (a tuple per scene) -> one tensor per label, scenes stacked first."""
+    return [torch.from_numpy(np.stack(x)) for x in zip(*per_scene)]
+
+
+def set_unit_scale(scale: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Fill a model's scale buffer with the std of `tokens`, so tokens / scale have unit std (as Stable
+    Diffusion scales its latents): Generator.target_scale, PixelDecoder.cond_scale."""
+    scale.fill_(float(tokens.std()))
+
+
 # ----------------------------------------------------------------------------------------------------
-# Stages
+# The stages, in the data's order: CLIP -> understanding -> decoder -> generation (+ ablations)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -577,7 +213,8 @@ def plan_clip(args, device) -> Plan:
     # Plus as many single-object images again: shape is what a tiny CLIP learns slowest (colour comes
     # first), and a lone object is where a caption pins its shape down.
     extra, extra_scenes = data.make_image_set(len(images), split="train", seed=args.seed + 1,
-                                              image_size=cfg.clip.image_size, tags=["colors", "single_object"])
+                                              image_size=cfg.clip.image_size,
+                                              tags=["colors", "single_object"])
     images, scenes = torch.cat([images, extra]), scenes + extra_scenes
     # Each image has two texts: the free caption (every object) and its GenEval-style prompt.
     cap_ids, _ = blip3o.encode_texts(tok, [s.caption for s in scenes], cfg.clip.context_length)
@@ -585,8 +222,8 @@ def plan_clip(args, device) -> Plan:
     enc = blip3o.ImageEncoder(cfg.clip)
     # Per-token labels for the dense objective: (N, 64) colour, (N, 64) shape, (N, 64, 4) box; and per-scene
     # labels for the scene tokens: (N, 4) colour, (N, 4) shape, (N, 4, 4) box.
-    dense = [torch.from_numpy(np.stack(x)) for x in zip(*(data.token_labels(s, cfg.clip.grid) for s in scenes))]
-    whole = [torch.from_numpy(np.stack(x)) for x in zip(*(data.scene_labels(s) for s in scenes))]
+    dense = stack_labels(data.token_labels(s, cfg.clip.grid) for s in scenes)
+    whole = stack_labels(data.scene_labels(s) for s in scenes)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
@@ -666,7 +303,9 @@ def plan_understand(args, device) -> Plan:
     lm = blip3o.build_backbone(cfg.lm)
     if args.grad_checkpointing:
         enable_grad_checkpointing(lm)
-    vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, tok.convert_tokens_to_ids(blip3o.IMAGE), cfg.lm.image_merge)
+    image_id = tok.convert_tokens_to_ids(blip3o.IMAGE)
+    vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, image_id, cfg.lm.image_merge)
+    n_image = vlm.image_tokens(clip_tokens.shape[1])  # <image> placeholders per image
 
     per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns
     weights = [[] for _ in range(len(images))]  # image index -> how often each turn is drawn
@@ -684,11 +323,12 @@ def plan_understand(args, device) -> Plan:
             k = min(UNDERSTAND_TURNS, len(per_image[i]))
             order = torch.multinomial(torch.tensor(weights[i]), k, replacement=False, generator=rng).tolist()
             conversations.append([per_image[i][j] for j in order])
-        ids, labels, _ = blip3o.build_conversation_batch(tok, vlm.image_tokens(clip_tokens.shape[1]), conversations)
+        ids, labels, _ = blip3o.build_conversation_batch(tok, n_image, conversations)
         # Text rows: the prompt turn and up to UNDERSTAND_TURNS - 1 more, no image placeholders.
         pick = torch.randint(len(text_rows), (n_text,), generator=rng).tolist()
-        t_ids, t_labels, _ = blip3o.build_conversation_batch(tok, 0, [text_rows[j][:UNDERSTAND_TURNS] for j in pick])
-        return ids.to(device), clip_tokens[img].to(device), labels.to(device), t_ids.to(device), t_labels.to(device)
+        t_ids, t_labels, _ = blip3o.build_conversation_batch(tok, 0, [text_rows[j][:UNDERSTAND_TURNS]
+                                                                      for j in pick])
+        return tuple(x.to(device) for x in (ids, clip_tokens[img], labels, t_ids, t_labels))
 
     def loss(vlm, ids, ctok, labels, t_ids, t_labels, rng):
         l_img = vlm(ids, ctok, labels)[0]
@@ -707,37 +347,26 @@ def plan_decoder(args, device) -> Plan:
     """The pixel decoder: scene tokens back to the image, one forward pass (CLIP frozen)."""
     cfg = args.config
     if cfg.decoder is None:
-        raise UserError(f"preset {cfg.preset} has no toy pixel decoder (the real one is Emu2-Gen's SDXL UNet)")
+        raise UserError(f"preset {cfg.preset} has no toy pixel decoder (the real one is Emu2-Gen's UNet)")
     enc, tok = load_clip(args, device)
     images, scenes = toy_images(args)
     print0("[decoder] encoding the training images with the frozen CLIP ...")
     tokens = encode_all(enc.target_tokens, images, device)  # (N, 64, S)
     # The objects of each image in reading order: (N, 4) colour, (N, 4) shape, (N, 4, 4) box.
-    objects = [torch.from_numpy(np.stack(x)) for x in zip(*(data.scene_labels(s) for s in scenes))]
+    objects = stack_labels(data.scene_labels(s) for s in scenes)
     dec = blip3o.PixelDecoder(cfg.decoder, tokens.shape[-1], cfg.clip.image_size)
     set_unit_scale(dec.cond_scale, tokens)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
-        return (data.as_float(images[idx]).to(device), tokens[idx].to(device), *(x[idx].to(device) for x in objects))
+        batch = (data.as_float(images[idx]), tokens[idx], *(x[idx] for x in objects))
+        return tuple(x.to(device) for x in batch)
 
     def loss(dec, images_b, tokens_b, colour, shape, box, rng):
         return dec.loss(images_b, tokens_b, colour, box)
 
-    return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m), {},
-                ema_prefix="decoder.", **stage_hparams(args, "decoder"))
-
-
-def t_bin_logs(t, per) -> dict:
-    """Flow loss per quarter of t (minRF's habit): where along the path the model struggles."""
-    if t is None:
-        return {}
-    out = {}
-    for k in range(4):
-        m = (t >= k / 4) & (t < (k + 1) / 4)
-        if m.any():
-            out[f"loss_t{k}"] = float(per[m].detach().mean())
-    return out
+    return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m),
+                {}, ema_prefix="decoder.", **stage_hparams(args, "decoder"))
 
 
 def plan_vae(args, device) -> Plan:
@@ -756,88 +385,61 @@ def plan_vae(args, device) -> Plan:
                 **stage_hparams(args, "vae"))
 
 
-class GenerationStep(nn.Module):
-    """Queries + head with the LM attached: frozen in stage 2, trainable in joint training."""
-
-    def __init__(self, generator: blip3o.Generator, vlm: blip3o.VisionLanguageModel,
-                 time_sampling: str = "uniform", noise_repeats: int = 1):
-        super().__init__()
-        self.generator = generator
-        self.vlm = vlm
-        self.time_sampling = time_sampling
-        self.noise_repeats = noise_repeats
-
-    def forward(self, prompt_ids, prompt_lens, target, rng=None):
-        cond = self.generator.condition(self.vlm.lm, prompt_ids, prompt_lens)
-        if self.noise_repeats > 1:
-            # Each prompt's condition is computed once and its target noised `noise_repeats` times (own t,
-            # own noise), as MAR does for its diffusion head: the LM pass is shared by several DiT samples.
-            cond = cond.repeat_interleave(self.noise_repeats, 0)
-            target = target.repeat_interleave(self.noise_repeats, 0)
-        value, t, per = self.generator.loss(cond, target, cond_drop=0.1, time_sampling=self.time_sampling,
-                                            rng=rng)
-        return value, t_bin_logs(t, per)
-
-
 def generation_data(args, device, target: str):
-    """Prompts (ids, lengths) and targets (CLIP tokens or VAE latents) for the training images."""
+    """Prompts (ids, lengths) and targets (scene tokens or VAE latents) for the training images."""
     enc, tok = load_clip(args, device)
     images, scenes = toy_images(args)
     if target == "clip":
         targets = encode_all(enc.target_tokens, images, device)
     else:
-        folder = Path(args.out) / "vae"
-        meta, tensors, _ = pipeline.load_checkpoint(folder, stage="vae")
-        vae = blip3o.VAE(args.config.vae)
-        pipeline.load_stage(vae, tensors, "vae", folder, "vae")
-        vae = vae.to(device).eval()
-        targets = encode_all(vae.tokens, images, device)
+        targets = encode_all(pipeline.load_vae(args.out).to(device).eval().tokens, images, device)
+    # Two phrasings per image, the free caption and the GenEval-style prompt, padded to one length.
     template = args.config.prompt_template
-    length = max(blip3o.token_count(tok, template.format(s.caption), bos=True) for s in scenes)
-    # Two phrasings per image: the GenEval-style prompt and the free caption.
-    p_ids, p_len = blip3o.encode_texts(tok, [template.format(s.prompt) for s in scenes], length, bos=True,
-                                       eos=False)
-    c_ids, c_len = blip3o.encode_texts(tok, [template.format(s.caption) for s in scenes], length, bos=True,
-                                       eos=False)
+    c_ids, c_len, _ = blip3o.encode_prompts(tok, [s.caption for s in scenes], template=template)
+    p_ids, p_len, _ = blip3o.encode_prompts(tok, [s.prompt for s in scenes], c_ids.shape[1], template)
     return tok, enc, targets, (p_ids, p_len, c_ids, c_len)
 
 
-def generation_variant(loss: str, target: str) -> str:
-    return f"generate/{loss}-{target}"
-
-
-def set_unit_scale(scale: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Fill a model's scale buffer with the std of `tokens`, so tokens / scale have unit std (as Stable
-    Diffusion scales its latents): Generator.target_scale, PixelDecoder.cond_scale."""
-    scale.fill_(float(tokens.std()))
-
-
-def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor | None = None) -> blip3o.Generator:
-    """A fresh stage-2 generator (queries + head); `targets` set its target scale.
-
-    The official queries start at N(0, 1), which suits Qwen2.5's large hidden states. The toy LM's token
-    embeddings have std ~0.09, so unit-scale queries would drown the prompt; the toy's queries start at
-    the embeddings' scale, which lets the prompt through from the first step."""
-    generator = blip3o.Generator(args.config, loss=loss, target_dim=target_dim)
-    if targets is not None:
+def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor | None = None):
+    """A fresh stage-2 generator (queries + head), initialised as the preset says (Config.query_init,
+    Config.target_norm: `targets` set the target scale)."""
+    cfg = args.config
+    generator = blip3o.Generator(cfg, loss=loss, target_dim=target_dim)
+    if cfg.target_norm and targets is not None:
         set_unit_scale(generator.target_scale, targets)
-    if args.config.preset == "toy":
+    if cfg.query_init == "embedding":
         with torch.no_grad():
             generator.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
     return generator
 
 
-def time_sampling(args) -> str:
-    """Flow matching's t distribution: --time-sampling, else logit-normal for the toy (SD3's choice: it
-    trains the middle of the path, where layout and colour are decided, more often), uniform (the
-    paper's) for real presets."""
-    return args.time_sampling or ("logit_normal" if args.config.preset == "toy" else "uniform")
+def generation_loss(args, noise_repeats: int | None = None):
+    """Stage 2's loss on a batch (prompt ids, lengths, targets): one call to Generator.loss, the flow-matching
+    step, plus the loss per quarter of t for the log. Time sampling and noise repeats: the preset's, unless
+    the command line says (MSE draws no noise: one repeat)."""
+    cfg = args.config
+    sampling = args.time_sampling or cfg.time_sampling
+    if noise_repeats is None:
+        noise_repeats = args.noise_repeats or (cfg.noise_repeats if args.loss == "flow" else 1)
+
+    def loss(m, ids, lens, target, rng):  # m: {"generator", "vlm"}
+        value, t, per = m.generator.loss(m.vlm.lm, ids, lens, target, time_sampling=sampling,
+                                         noise_repeats=noise_repeats, rng=rng)
+        return value, t_bin_logs(t, per)
+
+    return loss
 
 
-def generation_objective(generator, vlm, args, noise_repeats: int = 1) -> Objective:
-    """Stage 2's Objective: GenerationStep called with the batch (ids, lengths, targets) and the rng."""
-    return Objective(GenerationStep(generator, vlm, time_sampling(args), noise_repeats),
-                     lambda m, *batch: m(*batch[:-1], rng=batch[-1]))
+def t_bin_logs(t, per) -> dict:
+    """Flow loss per quarter of t (minRF's habit): where along the path the model struggles."""
+    if t is None:
+        return {}
+    out = {}
+    for k in range(4):
+        m = (t >= k / 4) & (t < (k + 1) / 4)
+        if m.any():
+            out[f"loss_t{k}"] = float(per[m].detach().mean())
+    return out
 
 
 def pick_phrasing(rng, idx: torch.Tensor, phrasings: tuple):
@@ -862,21 +464,55 @@ def plan_generate(args, device) -> Plan:
     if args.grad_checkpointing:
         enable_grad_checkpointing(vlm.lm)
     gen_model = new_generator(args, vlm, args.loss, targets.shape[-1], targets)
-    # Toy: 16 prompts x 2 noise draws per step instead of 32 prompts x 1. The frozen LM's forward and
-    # backward (for the queries' gradient) is 40 % of a toy step; sharing it between two DiT samples makes
-    # steps ~25 % cheaper (NOTES.md has the measurements). Real presets and MSE: 1.
-    repeats = args.noise_repeats or (2 if cfg.preset == "toy" and args.loss == "flow" else 1)
-    step_module = generation_objective(gen_model, vlm, args, repeats)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(targets), (size,), generator=rng)
         ids, lens = pick_phrasing(rng, idx, phrasings)
         return ids.to(device), lens.to(device), targets[idx].to(device)
 
-    meta = {"loss": args.loss, "target": args.target, "target_dim": int(targets.shape[-1])}
-    return Plan(generation_variant(args.loss, args.target), step_module, chunk_fn,
-                lambda m: pipeline.module_tensors("generator", m.generator), meta,
-                ema_prefix="", shard_fn=shard_generation, **stage_hparams(args, "generate"))
+    return generation_plan(args, gen_model, vlm, chunk_fn, args.target)
+
+
+def plan_generate_stream(args, device) -> Plan:
+    """Stage 2 on streamed image-caption data (--data): each rank reads its share of the samples, the
+    frozen CLIP encodes the images as they arrive, and captions become prompts with the paper's template."""
+    cfg = args.config
+    if args.target != "clip":
+        raise UserError("--data trains the paper's target, CLIP features (--target clip)")
+    rank, _, world = dist_info()
+    enc, tok = load_clip(args, device)
+    vlm = load_lm(args, tok, device)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(vlm.lm)
+    stream = data.StreamBatches(data.open_source(args.data, args.captions, cfg.clip.image_size, rank, world))
+    gen_model = new_generator(args, vlm, args.loss, enc.target_width)
+    if cfg.target_norm:
+        # The target scale: the std of the first samples, read by a reader of its own so every rank
+        # computes the same number.
+        first = data.StreamBatches(data.open_source(args.data, args.captions, cfg.clip.image_size, 0, 1))
+        images, _ = first.take(64)
+        with torch.no_grad(), pipeline.autocast(device):
+            set_unit_scale(gen_model.target_scale, enc.target_tokens(images.to(device)).float())
+    limit = cfg.lm.max_length - cfg.num_queries  # the prompt and the 64 queries share the context
+
+    def chunk_fn(step, chunk, size, rng):
+        images, captions = stream.take(size)
+        with torch.no_grad(), pipeline.autocast(device):
+            targets = enc.target_tokens(images.to(device)).float()  # (B, 64, D_target)
+        ids, lens, full = blip3o.encode_prompts(tok, captions, template=cfg.prompt_template)
+        stream.truncated += int((full > limit).sum())
+        return ids[:, :limit].to(device), lens.clamp(max=limit).to(device), targets
+
+    return generation_plan(args, gen_model, vlm, chunk_fn, "clip", stream)
+
+
+def generation_plan(args, generator, vlm, chunk_fn, target: str, stream=None) -> Plan:
+    """Stage 2's plan: the generator (saved, with an EMA) beside the frozen LM it reads prompts with."""
+    meta = {"loss": args.loss, "target": target, "target_dim": generator.target_dim}
+    model = Objective(nn.ModuleDict({"generator": generator, "vlm": vlm}), generation_loss(args))
+    return Plan(f"generate/{args.loss}-{target}", model, chunk_fn,
+                lambda m: pipeline.module_tensors("generator", m.generator), meta, ema_prefix="",
+                shard_fn=shard_generation, stream=stream, **stage_hparams(args, "generate"))
 
 
 def plan_joint(args, device) -> Plan:
@@ -917,113 +553,67 @@ def plan_joint(args, device) -> Plan:
         return (qa_ids.to(device), clip_tokens[img].to(device), labels.to(device),
                 ids.to(device), lens.to(device), targets[idx].to(device))
 
-    def loss(step_module, qa_ids, ctok, labels, ids, lens, target, rng):
-        und = step_module.vlm(qa_ids, ctok, labels)[0]
-        gen_loss, logs = step_module(ids, lens, target, rng=rng)
-        return und + gen_loss, {"loss_und": float(und.detach()), "loss_gen": float(gen_loss.detach()), **logs}
+    gen_loss = generation_loss(args, noise_repeats=1)
+
+    def loss(m, qa_ids, ctok, labels, ids, lens, target, rng):
+        und = m.vlm(qa_ids, ctok, labels)[0]
+        gen, logs = gen_loss(m, ids, lens, target, rng)
+        return und + gen, {"loss_und": float(und.detach()), "loss_gen": float(gen.detach()), **logs}
 
     def save_fn(m):  # both halves: the LM the generator conditions on is no longer stage 1's
         return {**pipeline.module_tensors("vlm", m.vlm), **pipeline.module_tensors("generator", m.generator)}
 
     meta = {"loss": "flow", "target": "clip", "target_dim": int(targets.shape[-1])}
     # ema_prefix "": the EMA covers every trainable weight, the LM's too, so evaluation sees one average.
-    return Plan("joint", Objective(GenerationStep(gen_model, vlm, time_sampling(args)), loss), chunk_fn, save_fn,
-                meta, ema_prefix="", **hparams)
-
-
-def shard_generation(step: GenerationStep, mesh) -> list:
-    """FSDP2 units of stage 2: each DiT block, then the generator (queries and the DiT's other layers).
-
-    The frozen backbone is left whole on every rank. The generator is entered through condition() and
-    loss() rather than forward(), so FSDP is told to gather its weights around those calls as well.
-    """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    g = step.generator
-    if g.loss_type == "flow":
-        for block in g.dit.layers:
-            fully_shard(block, mesh=mesh)
-    fully_shard(g, mesh=mesh)
-    for method in ("condition", "loss"):
-        register_fsdp_forward_method(g, method)
-    return [g]
-
-
-def enable_grad_checkpointing(lm) -> None:
-    """--grad-checkpointing: the backbone recomputes its activations during backward instead of keeping
-    them (transformers' implementation): about a third more compute for much less memory. transformers
-    does this only in train mode; fit() sets it, and the frozen backbone has no dropout to switch on."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(lm, "activation_checkpointing_enable"):  # its name since transformers 5.x
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def plan_generate_stream(args, device) -> Plan:
-    """Stage 2 on streamed image-caption data (--data): each rank reads its share of the samples, the
-    frozen CLIP encodes the images as they arrive, and captions become prompts with the paper's template."""
-    cfg = args.config
-    if args.target != "clip":
-        raise UserError("--data trains the paper's target, CLIP features (--target clip)")
-    rank, _, world = dist_info()
-    enc, tok = load_clip(args, device)
-    vlm = load_lm(args, tok, device)
-    if args.grad_checkpointing:
-        enable_grad_checkpointing(vlm.lm)
-    stream = data.StreamBatches(data.open_source(args.data, args.captions, cfg.clip.image_size, rank, world))
-    gen_model = new_generator(args, vlm, args.loss, enc.target_width)
-    if cfg.clip.name is None:
-        # The toy normalizes its targets (Generator.target_scale): the std of the first samples, read by
-        # a reader of its own so every rank computes the same number. The paper does not normalize.
-        first = data.StreamBatches(data.open_source(args.data, args.captions, cfg.clip.image_size, 0, 1))
-        images, _ = first.take(64)
-        with torch.no_grad(), pipeline.autocast(device):
-            set_unit_scale(gen_model.target_scale, enc.target_tokens(images.to(device)).float())
-    step_module = generation_objective(gen_model, vlm, args)
-    bos = tok.bos_token_id is not None  # the toy tokenizer has <bos>, Qwen's has none
-    if tok.pad_token is None:  # right padding is never attended to (causal LM): any id will do
-        tok.pad_token = tok.eos_token
-    limit = cfg.lm.max_length - cfg.num_queries  # the prompt and the 64 queries share the context
-
-    def chunk_fn(step, chunk, size, rng):
-        images, captions = stream.take(size)
-        with torch.no_grad(), pipeline.autocast(device):
-            targets = enc.target_tokens(images.to(device)).float()  # (B, 64, D_target)
-        texts = [cfg.prompt_template.format(c) for c in captions]
-        lengths = [blip3o.token_count(tok, t, bos) for t in texts]
-        stream.truncated += sum(n > limit for n in lengths)
-        ids, lens = blip3o.encode_texts(tok, texts, min(max(lengths), limit), bos=bos, eos=False)
-        return ids.to(device), lens.to(device), targets
-
-    meta = {"loss": args.loss, "target": "clip", "target_dim": cfg.clip.width}
-    return Plan(generation_variant(args.loss, "clip"), step_module, chunk_fn,
-                lambda m: pipeline.module_tensors("generator", m.generator), meta, ema_prefix="",
-                shard_fn=shard_generation, stream=stream, **stage_hparams(args, "generate"))
-
-
-def stage_hparams(args, stage: str) -> dict:
-    base = TOY[stage] if args.config.preset == "toy" else dict(steps=100000, batch=64, lr=1e-4)
-    batch = args.batch_size or base["batch"]
-    if args.global_batch:  # divisible: checked in check_args
-        batch = args.global_batch // (args.grad_accum * dist_info()[2])
-    return dict(steps=args.steps or base["steps"], batch=batch, lr=args.lr or base["lr"])
+    model = Objective(nn.ModuleDict({"generator": gen_model, "vlm": vlm}), loss)
+    return Plan("joint", model, chunk_fn, save_fn, meta, ema_prefix="", **hparams)
 
 
 PLANS = {"clip": plan_clip, "understand": plan_understand, "decoder": plan_decoder, "vae": plan_vae,
          "generate": plan_generate, "joint": plan_joint}
 
 
-def run_stage(stage: str, args, device) -> dict:
-    if stage not in PLANS:
-        raise UserError(f"--stage {stage} is not implemented in this version")
-    plan = PLANS[stage](args, device)
-    return fit(plan, args, device)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        args.config = blip3o.get_config(args.preset)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, _, world = dist_info()
+    torch.manual_seed(args.seed + rank)  # per-rank seed for anything not drawn from the batch generators
+    try:
+        check_args(args, world)
+        check_writable(Path(args.out))
+        device = setup(args)
+        stages = PIPELINE if args.stage == "all" else (args.stage,)
+        t0 = time.time()
+        timings = {}
+        for stage in stages:
+            result = fit(PLANS[stage](args, device), args, device)
+            if "seconds" in result:  # a stage skipped as already trained keeps its recorded time
+                timings[result["stage"]] = result["seconds"]
+        if args.stage == "all" and not args.no_eval and rank == 0:
+            import eval as evaluation
+
+            evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
+    except (UserError, data.DataError, pipeline.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 def parse_args(argv=None):
@@ -1061,7 +651,7 @@ def parse_args(argv=None):
     scale = p.add_argument_group("scale (real presets, several GPUs)")
     scale.add_argument("--data", metavar="SHARDS", help="--stage generate on streamed data: WebDataset .tar "
                        "shards ('shards/*.tar', 'shards/{00000..00999}.tar') or, with --captions, a folder")
-    scale.add_argument("--captions", metavar="JSONL", help="with --data FOLDER: {\"file\", \"caption\"} lines")
+    scale.add_argument("--captions", metavar="JSONL", help='with --data FOLDER: lines {"file", "caption"}')
     scale.add_argument("--compile", action="store_true", help="torch.compile each Next-DiT block (GPU; "
                        "see NOTES.md, Speed and memory)")
     scale.add_argument("--fsdp", action="store_true", help="shard the generation head with FSDP2 "
@@ -1098,44 +688,6 @@ def check_args(args, world: int) -> None:
             raise UserError(f"{flag} is for --stage generate (got --stage {args.stage})")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        args.config = blip3o.get_config(args.preset)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rank, _, world = dist_info()
-    torch.manual_seed(args.seed + rank)  # per-rank seed for anything not drawn from the batch generators
-    try:
-        check_args(args, world)
-        check_writable(Path(args.out))
-        device = setup(args)
-        stages = PIPELINE if args.stage == "all" else (args.stage,)
-        t0 = time.time()
-        timings = {}
-        for stage in stages:
-            result = run_stage(stage, args, device)
-            if "seconds" in result:  # a stage skipped as already trained keeps its recorded time
-                timings[result["stage"]] = result["seconds"]
-        if args.stage == "all" and not args.no_eval and rank == 0:
-            import eval as evaluation
-
-            evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
-    except (UserError, data.DataError, pipeline.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
 def check_writable(out: Path) -> None:
     """Fail before training, not at the first checkpoint, if the run folder cannot be written."""
     if out.exists() and not out.is_dir():
@@ -1152,6 +704,426 @@ def check_writable(out: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop shared by every stage
+# ----------------------------------------------------------------------------------------------------
+
+
+def fit(plan: Plan, args, device) -> dict:
+    """Train `plan.model` for `plan.steps` optimizer steps, with checkpoints, resume and DDP or FSDP2.
+
+    Step s consumes the chunks 0 .. world*accum-1 of the global batch; rank r takes chunks
+    r*accum .. r*accum+accum-1. Chunk c of step s is drawn from a generator seeded by (seed, s, c), so
+    one process with accum = k*world sees exactly the batches and noise that k-accum ranks see together.
+    (A streamed plan reads its batches in order from each rank's share of the data instead, and saves
+    every rank's read position with the checkpoint.)
+    """
+    rank, _, world = dist_info()
+    folder = Path(args.out) / plan.name
+    global_batch = plan.batch * args.grad_accum * world
+    model = plan.model.to(device)
+    trainable, frozen = pipeline.count_params(model)
+    print0(f"[{plan.name}] parameters: {trainable:,} trainable, {frozen:,} frozen | global batch "
+           f"{global_batch} = {plan.batch} micro x {args.grad_accum} accum x {world} ranks | "
+           f"{plan.steps} steps")
+
+    # Weights go into the plain model, before any sharding; optimizer and EMA state once it is wrapped.
+    state = restore(plan, model, folder, args)
+    if state.done_meta is not None:
+        return state.done_meta
+    if args.compile:  # each Next-DiT block, before FSDP wraps it (checkpoint keys do not change)
+        for module in model.modules():
+            if isinstance(module, blip3o.NextDiT):
+                module.compile_blocks()
+    ddp, fsdp_roots = wrap(plan, model, device, world, args)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: this rank's shards
+    opt = make_optimizer(params, plan.lr, args.weight_decay, device)
+    if state.opt_state is not None:
+        load_optimizer_state(model, opt, state.opt_state, args)
+    ema = make_ema(plan, model, state.tensors, folder, args)
+
+    warmup = max(1, int(args.warmup * plan.steps))
+    model.train()
+    t0 = time.time()
+    bar = tqdm(range(state.step, plan.steps), initial=state.step, total=plan.steps, desc=plan.name,
+               disable=rank != 0 or args.quiet, dynamic_ncols=True, file=sys.stdout)
+    history, logs = state.history, {}
+    for step in bar:
+        lr = cosine_lr(step, plan.steps, plan.lr, warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss, extra = train_step(plan, ddp, model, fsdp_roots, step, args, device)
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, args.grad_clip)))
+        # Never step on (or later save) a non-finite value: stop, naming the step and the last checkpoint.
+        for what, value in (("loss", loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                last = pipeline.checkpoint_path(folder)
+                raise FloatingPointError(f"[{plan.name}] {what} is {value} at step {step + 1}; last good "
+                                         f"checkpoint: {last if last else 'none'} (not overwritten)")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, args.ema, step)
+        logs = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "grad_norm": round(grad_norm, 4),
+                **mean_logs(extra)}
+        history.append(logs)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < plan.steps:
+            save_stage(plan, model, opt, ema, folder, args, step + 1, False, history, state)
+    bar.close()
+    save_stage(plan, model, opt, ema, folder, args, plan.steps, True, history, state)
+    seconds = time.time() - t0
+    print0(f"[{plan.name}] done: {plan.steps} steps in {seconds:.0f} s, final loss "
+           f"{logs.get('loss', float('nan')):.4f} -> {folder}")
+    if dist.is_initialized():
+        dist.barrier()
+    return {"stage": plan.name, "seconds": seconds, "history": history}
+
+
+def train_step(plan: Plan, ddp, model, fsdp_roots, step: int, args, device) -> tuple[float, dict]:
+    """One optimizer step's forward and backward over this rank's `grad_accum` micro-batches.
+
+    -> (the loss averaged over every rank, this rank's extra logs averaged over its micro-batches)."""
+    rank = dist_info()[0]
+    accum = args.grad_accum
+    total, extra = 0.0, {}
+    for micro in range(accum):
+        chunk = rank * accum + micro
+        seed = data.stable_seed("batch", args.seed, step, chunk) % 2 ** 63
+        rng = torch.Generator().manual_seed(seed)
+        batch = plan.chunk_fn(step, chunk, plan.batch, rng)
+        # The model draws its noise on its own device; on the CPU that is the same generator.
+        noise = rng if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
+        # Gradients are reduced only on the last micro-step (DDP's no_sync, FSDP's gradient sync off).
+        last_micro = micro == accum - 1
+        for root in fsdp_roots:
+            root.set_requires_gradient_sync(last_micro)
+        sync = contextlib.nullcontext() if (ddp is model or last_micro) else ddp.no_sync()
+        with sync, pipeline.autocast(device):
+            loss, logs = ddp(*batch, rng=noise)
+            (loss / accum).backward()
+        total += float(loss.detach()) / accum
+        for k, v in logs.items():
+            extra[k] = extra.get(k, 0.0) + v / accum
+    return all_mean(total, device), extra
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
+    """Linear warmup, then cosine from lr down to final_ratio * lr (paper: 1e-4 -> 1e-5)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device):
+    """AdamW (betas 0.9 / 0.95); weight decay on matrices only, never on biases, norms or gates."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda" or None)  # fused: one kernel, 7% off an 8B-head step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume, checkpoints and EMA
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Restored:
+    """What a stage's own checkpoint gives back to `fit` (nothing, for a fresh start)."""
+
+    step: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    tensors: dict | None = None  # every saved tensor, EMA included
+    opt_state: dict | None = None
+    damaged_latest: bool = False  # resumed from <folder>.prev: the next save replaces the damaged one
+    done_meta: dict | None = None  # the stage is already trained: its meta, and nothing to do
+
+
+def restore(plan: Plan, model: Objective, folder: Path, args) -> Restored:
+    """Resume from the stage's own checkpoint if there is one (unless --restart): its weights are copied
+    into `model` here; the optimizer and EMA states are returned for after wrapping."""
+    rank, _, world = dist_info()
+    if pipeline.checkpoint_path(folder) is None or args.restart:
+        if args.resume:
+            raise UserError(f"--resume: no checkpoint in {folder}")
+        return Restored()
+    meta, tensors, opt_state, damaged_latest = load_for_resume(folder, plan.name)
+    if meta["state"]["done"] and meta["state"]["step"] >= plan.steps:
+        print0(f"[{plan.name}] already trained ({meta['state']['step']} steps): skipping")
+        return Restored(done_meta=meta)
+    check_same_config(folder, meta, args)
+    if opt_state is not None and meta["state"].get("optimizer_format", "torch") != optimizer_format(args):
+        raise UserError(f"{folder} was trained {'without' if args.fsdp else 'with'} --fsdp: "
+                        "resume it the same way, or --restart")
+    own = plan.save_fn(model.inner)
+    missing = [k for k in own if k not in tensors]
+    if missing:
+        raise pipeline.CheckpointError(f"{folder}: checkpoint lacks {missing[:5]}")
+    with torch.no_grad():
+        for k, v in own.items():
+            if v.shape != tensors[k].shape:
+                raise pipeline.CheckpointError(f"{folder}: {k} is {tuple(tensors[k].shape)} in the "
+                                             f"checkpoint, {tuple(v.shape)} in the model")
+            v.copy_(tensors[k])
+    saved = meta["state"].get("data")
+    if plan.stream is not None and saved is not None:
+        if saved["world"] == world:
+            plan.stream.load_state(saved["ranks"][rank])
+        else:
+            print0(f"warning: the data position was saved by {saved['world']} ranks, this run has {world}: "
+                   "the data stream starts again from the beginning")
+    source = pipeline.previous_path(folder) if damaged_latest else folder
+    print0(f"[{plan.name}] resuming at step {meta['state']['step']} from {source}")
+    return Restored(meta["state"]["step"], meta["state"]["history"], tensors, opt_state, damaged_latest)
+
+
+def load_for_resume(folder: Path, stage: str):
+    """The stage's checkpoint to resume from -> (meta, tensors, optimizer state, latest is damaged).
+
+    The latest one; if a file of it cannot be read, the previous one (`<folder>.prev`), said on stderr;
+    with no intact previous one, the CheckpointError that names the file and how to retrain."""
+    try:
+        return (*pipeline.load_checkpoint(folder, stage=stage, with_optimizer=True), False)
+    except pipeline.CheckpointError as e:
+        prev = pipeline.previous_path(folder)
+        if e.damaged is None or pipeline.checkpoint_path(folder) == prev or not prev.is_dir():
+            raise
+        try:
+            got = pipeline.load_checkpoint(folder, stage=stage, with_optimizer=True, path=prev)
+        except pipeline.CheckpointError:
+            raise e from None
+        if dist_info()[0] == 0:
+            print(f"warning: {e.damaged} is {e.reason}: resuming from the previous checkpoint {prev} "
+                  f"(step {got[0]['state']['step']})", file=sys.stderr, flush=True)
+        return (*got, True)
+
+
+def check_same_config(folder, meta: dict, args) -> None:
+    """Resume only into the model the checkpoint was trained as: name the config fields that differ."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    saved, now = flat(meta["config"]), flat(json.loads(json.dumps(args.config.to_dict())))  # tuples -> lists
+    diff = [f"{k} {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now"
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if diff:
+        listed = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        raise pipeline.CheckpointError(f"{folder} was trained with another config ({listed}): use the same "
+                                       "--preset, or --restart")
+
+
+def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step: int, done: bool,
+               history: list, state: Restored) -> None:
+    """Checkpoint the stage: weights (+ EMA), optimizer, loop state and data position, config.
+
+    Every rank takes part (FSDP gathers the sharded tensors, each rank reports its data position);
+    rank 0 writes. A damaged latest checkpoint (state.damaged_latest) is replaced, not kept as previous."""
+    rank, _, world = dist_info()
+    tensors = {k: full_tensor(v) for k, v in plan.save_fn(model.inner).items()}
+    if ema is not None:
+        tensors.update({f"ema.{plan.ema_prefix}{n}": full_tensor(v) for n, v in ema.items()})
+    opt_state = optimizer_state(model, opt, args)
+    loop = {"step": step, "done": done, "history": history, "optimizer_format": optimizer_format(args),
+            "data_position": step * plan.batch * args.grad_accum * world}
+    if plan.stream is not None:
+        loop["data"] = {"world": world, "ranks": gather_objects(plan.stream.state())}  # a collective
+        print0(f"[{plan.name}] data: {data.stream_summary(loop['data']['ranks'])}")
+    if rank != 0:
+        return
+    meta = {"stage": plan.name, "config": args.config.to_dict(), "state": loop, **plan.meta,
+            "args": {k: v for k, v in vars(args).items() if k != "config"}}
+    pipeline.save_checkpoint(folder, tensors, meta, opt_state, plan.tokenizer,
+                             keep_previous=not state.damaged_latest)
+    state.damaged_latest = False
+
+
+def make_ema(plan: Plan, model: Objective, tensors: dict | None, folder: Path, args) -> dict | None:
+    """An EMA of the trainable weights (sampling uses it, as is standard for diffusion models), restored
+    from the checkpoint's "ema." tensors on resume; None if the plan keeps none or --ema 0."""
+    if plan.ema_prefix is None or args.ema <= 0:
+        return None
+    ema = {n: p.detach().clone() for n, p in model.inner.named_parameters() if p.requires_grad}
+    if tensors is not None:
+        with torch.no_grad():
+            for n in ema:
+                key = f"ema.{plan.ema_prefix}{n}"
+                if key not in tensors:
+                    raise UserError(f"{folder} holds no EMA weights (trained with --ema 0?): resume with "
+                                    "--ema 0, or --restart")
+                copy_into(ema[n], tensors[key])
+    return ema
+
+
+def update_ema(ema: dict | None, model: Objective, decay: float, step: int) -> None:
+    if ema is None:
+        return
+    d = min(decay, (1 + step) / (10 + step))  # warm-started EMA: short runs still average
+    with torch.no_grad():
+        for n, p in model.inner.named_parameters():
+            if n in ema:
+                ema[n].lerp_(p.detach(), 1 - d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Several processes: DDP, FSDP2, gradient checkpointing, distributed helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def wrap(plan: Plan, model: Objective, device, world: int, args):
+    """-> (the module to call, FSDP roots). Several processes: DDP keeps a whole copy of the model per
+    rank and all-reduces gradients; FSDP2 (--fsdp) shards the trainable part's weights, gradients and
+    Adam state across the ranks. One process: the model itself."""
+    if args.fsdp:
+        return model, shard(plan, model, device)
+    if world > 1:
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                   else None, find_unused_parameters=False), []
+    return model, []
+
+
+def shard(plan: Plan, model: Objective, device) -> list:
+    """--fsdp: FSDP2's fully_shard on the stage's trainable modules, over all ranks; returns the roots."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if plan.shard_fn is None:
+        raise UserError(f"--fsdp shards the generation head (--stage generate); {plan.name} uses DDP")
+    # fully_shard keeps each rank's own values, unlike DDP, which copies rank 0's: broadcast them first.
+    with torch.no_grad():
+        for t in [p for p in model.parameters() if p.requires_grad] + list(model.buffers()):
+            dist.broadcast(t.data, 0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    return plan.shard_fn(model.inner, mesh)
+
+
+def shard_generation(step: nn.ModuleDict, mesh) -> list:
+    """FSDP2 units of stage 2: each DiT block, then the generator (queries and the DiT's other layers).
+
+    The frozen backbone is left whole on every rank. Training enters the generator through loss() rather
+    than forward(), so FSDP is told to gather its weights around that call as well.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    g = step.generator
+    if g.loss_type == "flow":
+        for block in g.dit.layers:
+            fully_shard(block, mesh=mesh)
+    fully_shard(g, mesh=mesh)
+    register_fsdp_forward_method(g, "loss")
+    return [g]
+
+
+def copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src) for a whole tensor src, where dst may be this rank's FSDP2 shard (a DTensor)."""
+    if hasattr(dst, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements)
+    dst.copy_(src)
+
+
+def optimizer_format(args) -> str:
+    """How the optimizer state is stored: torch's own (per-parameter index), or FSDP's full state."""
+    return "fsdp-full" if args.fsdp else "torch"
+
+
+def optimizer_state(model: nn.Module, opt, args) -> dict:
+    """The optimizer state to checkpoint. Under FSDP gathered whole (keyed by parameter name) on rank 0."""
+    if not args.fsdp:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, opt, options=options)
+
+
+def load_optimizer_state(model: nn.Module, opt, state: dict, args) -> None:
+    if not args.fsdp:
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=options)
+
+
+def enable_grad_checkpointing(lm) -> None:
+    """--grad-checkpointing: the backbone recomputes its activations during backward instead of keeping
+    them (transformers' implementation): about a third more compute for much less memory. transformers
+    does this only in train mode; fit() sets it, and the frozen backbone has no dropout to switch on."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # its name since transformers 5.x
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment, or (0, 0, 1)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"])
+    return 0, 0, 1
+
+
+def print0(*a, **k):
+    if dist_info()[0] == 0:
+        print(*a, **k, flush=True)
+
+
+def setup(args) -> torch.device:
+    rank, local_rank, world = dist_info()
+    device = pipeline.pick_device(args.device)
+    if (world > 1 or args.fsdp) and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # torchrun
+            dist.init_process_group(backend)
+        else:  # --fsdp under plain `python`: a group of one process, so the same code path runs
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return device
+
+
+def all_mean(x: float, device) -> float:
+    if dist.is_initialized():
+        t = torch.tensor([x], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return float(t) / dist.get_world_size()
+    return x
+
+
+def mean_logs(logs: dict) -> dict:
+    """Each logged value averaged over the ranks that logged it (a t-bin may be empty on some rank, so
+    ranks can hold different keys: one gather, never a collective per key)."""
+    per_rank = gather_objects(logs)
+    keys = sorted({k for d in per_rank for k in d})
+    return {k: round(sum(d[k] for d in per_rank if k in d) / sum(k in d for d in per_rank), 5) for k in keys}
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (any picklable value), in rank order, on every rank: [obj] when alone."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded by FSDP2 (a DTensor) gathered whole; plain tensors pass through. Collective."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def frozen_dtype(device) -> torch.dtype:
+    """Frozen encoders (CLIP, the backbone) run in bf16 on CUDA: half the memory, no gradients to lose."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 if __name__ == "__main__":

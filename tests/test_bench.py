@@ -1,7 +1,7 @@
 """bench.py end to end: the sampling benchmark on a trained run, read back from the JSON last line.
 
 Uses the session's `tiny_run` (2 training steps per stage): it checks that the benchmark runs the real
-pipeline at Pipeline's default sampler settings and reports its figures, not what the figures are.
+pipeline at the default sampler settings and reports its figures, not what the figures are.
 One small batch and one repetition keep it to seconds; the published figures come from `python bench.py`.
 """
 import json
@@ -23,7 +23,7 @@ def test_sampling_benchmark_reports_json(tiny_run):
     assert list(result) == ["machine", "sampling"]  # --only runs just what was asked
     sampling = result["sampling"]
     assert "skipped" not in sampling
-    # The benchmark samples as a user would: Pipeline.generate_images' own defaults (30 steps, guidance 3.0).
+    # The benchmark samples as a user would: sample.py's defaults, the paper's 30 steps at guidance 3.0.
     assert sampling["defaults"]["steps"] == 30 and sampling["defaults"]["guidance"] == 3.0
     for kind in ("text_to_image", "text_to_clip"):
         figures = sampling["batch_2"][kind]

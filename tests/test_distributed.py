@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import blip3o
 import data
 import pipeline
 import train
@@ -152,7 +153,7 @@ def test_grad_checkpointing_recomputes_the_backbone_and_changes_nothing(tiny_run
     not fire during the recomputation.)"""
     pipe = pipeline.load_run(tiny_run, need=("clip", "understand", "generate"))
     lm, gen = pipe.vlm.lm, pipe.generator
-    ids, lens = pipe.encode_prompts(["a photo of a red circle", "a photo of two squares"])
+    ids, lens, _ = blip3o.encode_prompts(pipe.tokenizer, ["a photo of a red circle", "a photo of two squares"])
     calls, mlp = [], lm.model.layers[0].mlp
     mlp_forward = mlp.forward
 

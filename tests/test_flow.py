@@ -6,13 +6,13 @@ import blip3o
 
 
 class Field(torch.nn.Module):
-    """A stand-in model v(x, t, cond, cond_mask) = fn(x, t, cond), counting its calls and batch sizes."""
+    """A stand-in model v(x, t, cond) = fn(x, t, cond), counting its calls and batch sizes."""
 
     def __init__(self, fn):
         super().__init__()
         self.fn, self.batches, self.conds = fn, [], []
 
-    def forward(self, x, t, cond, cond_mask=None):
+    def forward(self, x, t, cond):
         self.batches.append(x.shape[0])
         self.conds.append(cond)
         return self.fn(x, t[:, None, None], cond)
@@ -58,15 +58,14 @@ def test_guidance_is_batched_and_matches_separate_passes():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
     x, t, cond = torch.randn(3, 64, 6), torch.rand(3), torch.randn(3, 4, 10)
-    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
     with torch.no_grad():
-        v_c, v_u = model(x, t, cond, mask), model(x, t, torch.zeros_like(cond), mask)
+        v_c, v_u = model(x, t, cond), model(x, t, torch.zeros_like(cond))
         assert (v_c - v_u).abs().max() > 0.1  # the condition matters, so the mix below is not trivial
         scale = v_c.abs().max().item()  # about 30 with these perturbed weights
         for s in (0.0, 1.0, 3.0):
             # One batch of 6 vs two batches of 3: the fp32 matmuls block (and so sum) in another order,
             # about 1e-6 relative per output; v_u + s (v_c - v_u) magnifies that by up to 1 + 2s.
-            torch.testing.assert_close(blip3o.guided_velocity(model, x, t, cond, s, mask), v_u + s * (v_c - v_u),
+            torch.testing.assert_close(blip3o.guided_velocity(model, x, t, cond, s), v_u + s * (v_c - v_u),
                                        atol=2e-6 * scale * (1 + 2 * s), rtol=0)
 
 

@@ -209,11 +209,9 @@ def test_stage2_gradients_reach_exactly_queries_and_head(parts, loss):
     if loss == "flow":  # a fresh DiT's final layer is zero, which blocks every gradient upstream of it
         torch.nn.init.normal_(gen.dit.norm_out.linear_2.weight, std=0.02)
     captions = ["a red circle", "two squares", "a blue triangle above a red circle"]
-    texts = gen.prompts(captions)
-    ids, lens = blip3o.encode_texts(tok, texts, 24, bos=True, eos=False)
-    cond = gen.condition(vlm.lm, ids, lens)
-    assert cond.shape == (3, 64, cfg.lm.hidden_size)
-    value, _, _ = gen.loss(cond, clip.tokens(images))
+    ids, lens, _ = blip3o.encode_prompts(tok, captions, 24)
+    assert gen.condition(vlm.lm, ids, lens).shape == (3, 64, cfg.lm.hidden_size)
+    value, _, _ = gen.loss(vlm.lm, ids, lens, clip.tokens(images))
     value.backward()
     assert gen.queries.grad is not None and gen.queries.grad.abs().sum() > 0  # through the frozen LM
     head = gen.dit if loss == "flow" else gen.mse
@@ -224,13 +222,10 @@ def test_stage2_gradients_reach_exactly_queries_and_head(parts, loss):
 
 
 def test_noise_repeats_share_one_lm_pass_between_several_dit_samples(parts, monkeypatch):
-    import train
     tok, cfg, clip, vlm, images = parts
     vlm.requires_grad_(False).eval()
     gen = blip3o.Generator(cfg, loss="flow", target_dim=cfg.clip.width)
-    step = train.GenerationStep(gen, vlm, noise_repeats=2)
-    ids, lens = blip3o.encode_texts(tok, gen.prompts(["a red circle", "two squares", "a blue triangle"]), 16,
-                                    bos=True, eos=False)
+    ids, lens, _ = blip3o.encode_prompts(tok, ["a red circle", "two squares", "a blue triangle"], 16)
     calls, seen = [], {}
     monkeypatch.setattr(gen, "condition", lambda *a: calls.append(1) or blip3o.Generator.condition(gen, *a))
     flow = blip3o.flow_matching_loss
@@ -241,7 +236,7 @@ def test_noise_repeats_share_one_lm_pass_between_several_dit_samples(parts, monk
 
     monkeypatch.setattr(blip3o, "flow_matching_loss", spy)
     target = clip.tokens(images)
-    value, _ = step(ids, lens, target, rng=torch.Generator().manual_seed(0))
+    value, _, _ = gen.loss(vlm.lm, ids, lens, target, noise_repeats=2, rng=torch.Generator().manual_seed(0))
     assert len(calls) == 1 and seen["cond"].shape[0] == 6  # one LM pass, six DiT samples
     # Copies of one tensor (repeat_interleave) and one elementwise division: bit-equal.
     assert torch.equal(seen["x1"][0::2], seen["x1"][1::2])  # each target twice, in place
@@ -289,3 +284,17 @@ def test_wrong_checkpoint_names_what_differs(parts):
     tensors[key] = torch.zeros(7)
     with pytest.raises(pipeline.CheckpointError, match="shape mismatch"):
         pipeline.load_module(blip3o.ImageEncoder(cfg.clip), tensors, "clip")
+
+
+def test_encode_prompts_wraps_the_caption_in_the_template_and_cuts_to_length(parts):
+    """The one prompt encoder: <bos> + the templated caption, right-padded, no <eos> (the queries follow);
+    a given length cuts longer prompts and the untruncated lengths still say how long they were."""
+    tok = parts[0]
+    captions = ["a red circle", "two squares and a blue triangle"]
+    texts = [blip3o.PROMPT_TEMPLATE.format(c) for c in captions]
+    ids, lens, full = blip3o.encode_prompts(tok, captions)
+    assert torch.equal(lens, full) and ids.shape == (2, int(full.max()))
+    expected, expected_lens = blip3o.encode_texts(tok, texts, ids.shape[1], bos=True, eos=False)
+    assert torch.equal(ids, expected) and torch.equal(lens, expected_lens)
+    cut, cut_lens, cut_full = blip3o.encode_prompts(tok, captions, 12)
+    assert torch.equal(cut, ids[:, :12]) and cut_lens.tolist() == [12, 12] and torch.equal(cut_full, full)

@@ -48,7 +48,7 @@ def test_backbone_width_and_generation_condition(real):
     name, cfg, lm, gen = real
     width = BACKBONE_WIDTH[name]
     assert type(lm).__name__ == "Qwen2_5_VLForConditionalGeneration"
-    assert blip3o.lm_decoder(lm).config.hidden_size == width == cfg.lm.hidden_size
+    assert lm.get_decoder().config.hidden_size == width == cfg.lm.hidden_size
     assert gen.queries.shape == (64, width)
     assert gen.dit.caption_projection.linear_1.in_features == width  # cond width 2048 / 3584
     prompt = torch.zeros(3, 12, dtype=torch.long, device="meta")
@@ -65,7 +65,7 @@ def test_dit_size_matches_the_release(real):
     dit = gen.dit.cfg
     assert (dit.hidden_size, dit.num_layers, dit.num_heads, dit.ffn_dim, dit.in_channels) == (1792, 24, 28, 4864, 1792)
     assert 1.30e9 <= sum(pipeline.count_params(gen.dit)) <= 1.45e9
-    print(f"\n{name}: backbone {millions(lm)} (language model {millions(blip3o.lm_decoder(lm))}, "
+    print(f"\n{name}: backbone {millions(lm)} (language model {millions(lm.get_decoder())}, "
           f"its vision tower {millions(lm.model.visual)})\n{name}: Next-DiT {millions(gen.dit)}   "
           f"queries {gen.queries.numel() / 1e6:.2f} M")
 

@@ -160,7 +160,7 @@ def test_sample_over_long_prompt_is_refused(tiny_run, tmp_path):
     long_prompt = "a photo of " + " ".join(["a red circle and"] * 30) + " a blue square"
     res = in_process("sample.py", "--run", tiny_run, "--prompt", long_prompt, "--steps", "1",
               "--num-samples", "1", "--out", tmp_path / "s.png")
-    assert_one_line_error(res, "is longer than the backbone allows (96 with the 64 queries)")
+    assert_one_line_error(res, "is longer than the backbone allows (96 beside the queries)")
     assert not (tmp_path / "s.png").exists()
 
 
