@@ -1,6 +1,6 @@
 """The paper's design study (BLIP3-o Figures 3 and 4) at toy scale, on a trained run's frozen pieces.
 
-    python ablation.py study                  # -> out/ablation/ablation.md, .png, .json (~15-30 min, 2 CPUs)
+    python ablation.py study                  # -> out/ablation/ablation.md, .png, .json
     python ablation.py study --quick --out /tmp/ablation      # the same in seconds (tiny sizes)
     python ablation.py diversity              # one prompt, 8 seeds: spread of the samples per design
 
@@ -9,8 +9,7 @@ Finding 2: flow matching gives diverse samples for one prompt; MSE regression gi
 Finding 3: sequential training (LM frozen in stage 2) leaves understanding exactly as it was; joint
            training (both tasks mixed, LM unfrozen) trades one task against the other.
 
-Every design trains through train.py's own plans and loop, in this process, and is scored by eval.py's
-evaluations. The last line of stdout is the metrics as one JSON object, as for eval.py.
+Designs train through train.py's own plans and loop, scored by eval.py; stdout ends in one JSON line.
 """
 from __future__ import annotations
 
@@ -30,78 +29,38 @@ import eval as evaluation
 import pipeline
 import sample
 import train
-from cli import OneLineParser, UserError, add_run_options, add_sampling_options, check_numbers, comma_list, metrics_main, rounded
-
-#
-# Finding 1: CLIP features are a better generation target than VAE latents (same DiT, same flow loss).
-# Finding 2: flow matching gives diverse samples for one prompt; MSE regression gives one answer.
-# Finding 3: sequential training (LM frozen in stage 2) leaves understanding exactly as it was; joint
-#            training (both tasks mixed, LM unfrozen) trades one task against the other.
+from cli import (OneLineParser, UserError, add_run_options, add_sampling_options, check_numbers, comma_list,
+                 metrics_main, rounded)
 
 DESIGNS = {"mse-clip": "CLIP + MSE", "flow-clip": "CLIP + Flow", "flow-vae": "VAE + Flow"}  # Figure 3
-JOINT = "CLIP + Flow, joint"  # variant "joint": train.py --stage joint
+ABLATION_HEADER = ["design", "toy GenEval", "CLIP retrieval", "diversity (CLIP)", "understanding",
+                   "LM weights"]
 
-# Sizes of `ablation.py study`. default: about 15 minutes on 2 CPU cores, most of it the three flow
-# trainings (a VAE to train first adds about 3); quick: seconds, for the tests.
-# Sampling as in the report (evaluation.REPORT) unless quick.
-ABLATION = {
-    "default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300, captions=50,
-                    seeds=4, sample_steps=evaluation.REPORT["steps"],
-                    vae_steps=None, vae_batch=None),  # None: train.py's toy defaults
-    "quick": dict(steps=2, every=1, batch=4, per_tag=1, per_prompt=1, questions=12, captions=2, seeds=2,
-                  sample_steps=2, vae_steps=2, vae_batch=4),
-}
+# Sizes of `ablation.py study` (quick: seconds, for the tests; vae_* None: train.py's toy defaults).
+ABLATION = {"default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300,
+                            captions=50, seeds=4, sample_steps=evaluation.REPORT["steps"], vae_steps=None,
+                            vae_batch=None),
+            "quick": dict(steps=2, every=1, batch=4, per_tag=1, per_prompt=1, questions=12, captions=2,
+                          seeds=2, sample_steps=2, vae_steps=2, vae_batch=4)}
 
 
 def mean_pairwise_distance(x: torch.Tensor, rms: bool = True) -> float:
     """x (P, S, ...): S samples of each of P prompts -> the distance between two samples of one prompt,
-    averaged over every pair and prompt; exactly 0 when each prompt's samples are identical.
-
-    rms=True: root-mean-square over the elements (tokens, pixels: per-element units);
-    rms=False: Euclidean (unit-norm embeddings: 0 the same, sqrt(2) orthogonal)."""
+    averaged over every pair and prompt; exactly 0 when each prompt's samples are identical. rms: per
+    element (tokens, pixels); else Euclidean (unit-norm embeddings: 0 the same, sqrt(2) orthogonal)."""
     flat = x.flatten(2).double()  # (P, S, F)
     P, S, F = flat.shape
     # Pair by pair, written out: torch.cdist's matmul shortcut is not exactly 0 for equal rows.
     pairs = [(flat[:, i] - flat[:, j]).pow(2).sum(-1).sqrt() for i in range(S) for j in range(i + 1, S)]
-    d = torch.stack(pairs)  # (pairs, P)
-    return float(d.mean() / (F ** 0.5 if rms else 1.0))
+    return float(torch.stack(pairs).mean() / (F ** 0.5 if rms else 1.0))
 
 
-def diversity_prompts() -> list[str]:
-    """One held-out prompt of each GenEval tag (the default prompts of `ablation.py diversity`)."""
-    return [r["prompt"] for r in data.geneval_prompts("test", n_per_tag=1)]
-
-
-@torch.no_grad()
-def sample_spread(pipe, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0,
-                  seed: int = 0) -> tuple[dict, torch.Tensor]:
-    """Each prompt sampled with seeds seed .. seed+seeds-1 -> (spread, images (P, S, 3, H, W)).
-
-    Spread = mean pairwise distance of one prompt's samples in three spaces: the toy CLIP embedding
-    (evaluation.generated_embeddings), the generated tokens divided by the generator's target_scale (unit std, so
-    CLIP features and VAE latents are on one scale), and pixels in [0, 1]. Both decoders are deterministic,
-    so the pixels differ exactly where the generator's outputs do."""
-    tokens, images = [], []
-    for j in range(seeds):
-        rng = torch.Generator(pipe.device).manual_seed(seed + j)
-        tok = pipe.generate_tokens(prompts, steps, guidance, rng)  # (P, 64, D)
-        images.append(pipe.tokens_to_images(tok).cpu())
-        tokens.append(tok.cpu())
-    tokens, images = torch.stack(tokens, 1), torch.stack(images, 1)  # (P, S, 64, D), (P, S, 3, H, W)
-    emb = evaluation.generated_embeddings(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])  # (P, S, E)
-    spread = {"clip_embedding": mean_pairwise_distance(emb, rms=False),
-              "tokens": mean_pairwise_distance(tokens / pipe.generator.target_scale.cpu()),
-              "pixels": mean_pairwise_distance(images)}
-    return spread, images
-
-
-def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, guidance: float = 3.0,
-                   seed: int = 0, device="cpu",
-                   allow_unknown_words: bool = False) -> dict:
-    """Finding 2, per design: the spread of one prompt's samples over seeds (see sample_spread).
-
-    Variants not trained in the run are skipped (listed under "skipped"). Writes RUN/diversity.png: the
-    first two prompts of each variant, one row of samples each."""
+def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: float, seed: int = 0,
+                   device="cpu", allow_unknown_words: bool = False) -> dict:
+    """Finding 2: each prompt (default: one held-out prompt per tag) sampled with seeds seed.. by each
+    trained variant -> the mean pairwise distance of one prompt's samples as toy CLIP embeddings, tokens in
+    unit std (CLIP features and VAE latents alike) and pixels. RUN/diversity.png: the first two prompts."""
+    prompts = prompts or [r["prompt"] for r in data.geneval_prompts("test", n_per_tag=1)]
     out = {"prompts": list(prompts), "seeds": seeds, "variants": {}, "skipped": []}
     rows, labels = [], []
     for variant in variants:
@@ -111,13 +70,17 @@ def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, guid
             out["skipped"].append(variant)
             continue
         sample.check_pixels(pipe, run)
-        spread, images = sample_spread(pipe, prompts, seeds, steps, guidance, seed)
-        out["variants"][variant] = spread
+        images, tokens = sample.generate_grid(pipe, prompts, seeds, seed, steps, guidance, batch=len(prompts))
+        emb = evaluation.generated_embeddings(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
+        scale = pipe.generator.target_scale.cpu()
+        out["variants"][variant] = {"clip_embedding": mean_pairwise_distance(emb, rms=False),
+                                    "tokens": mean_pairwise_distance(tokens / scale),
+                                    "pixels": mean_pairwise_distance(images)}
         rows += [list(row) for row in images[:2]]
         labels += [f"{DESIGNS.get(variant, variant)}: {p}" for p in prompts[:2]]
     if not out["variants"]:
-        raise UserError(f"none of {', '.join(variants)} is trained in {run} (python train.py --stage generate "
-                        f"--loss flow|mse --target clip|vae --out {run})")
+        raise UserError(f"none of {', '.join(variants)} is trained in {run} (python train.py --stage "
+                        f"generate --loss flow|mse --target clip|vae --out {run})")
     flow, mse = out["variants"].get("flow-clip"), out["variants"].get("mse-clip")
     if flow and mse:  # the paper's claim in one number per space: MSE's spread relative to flow's
         out["mse_over_flow"] = {k: mse[k] / flow[k] if flow[k] > 0 else None for k in flow}
@@ -125,30 +88,15 @@ def eval_diversity(run, variants, prompts, seeds: int = 8, steps: int = 30, guid
     return out
 
 
-def print_diversity(m: dict) -> None:
-    print(f"Diversity: mean pairwise distance between {m['seeds']} samples of the same prompt "
-          f"({len(m['prompts'])} prompts)")
-    rows = [[v, DESIGNS.get(v, v), s["clip_embedding"], s["tokens"], s["pixels"]]
-            for v, s in m["variants"].items()]
-    if "mse_over_flow" in m:
-        rows.append(["mse / flow", "(paper: ~0)", *[m["mse_over_flow"][k] if m["mse_over_flow"][k] is not None
-                                                    else "-" for k in ("clip_embedding", "tokens", "pixels")]])
-    print(evaluation.format_table(["variant", "design", "CLIP embedding", "tokens (unit std)", "pixels"], rows))
-    if m["skipped"]:
-        print(f"not trained, skipped: {', '.join(m['skipped'])}")
-    print(f"picture: {m['picture']}")
-
-
 def train_segment(out, stage_argv: list, steps, batch, data_args: dict, device, restart: bool):
-    """Train one stage in OUT up to `steps` (resuming from its checkpoint unless `restart`), in this
-    process, through train.py's own plan and loop. -> the trained module (the plan's `inner`)."""
+    """Train one stage in OUT up to `steps` (resuming unless `restart`) with train.py's plan and loop."""
     argv = [*stage_argv, "--out", str(out), "--images", str(data_args["images"]), "--seed",
             str(data_args["seed"]), "--ckpt-every", "0", "--quiet", "--device", str(device)]
     argv += ["--steps", str(steps)] if steps else []
     argv += ["--batch-size", str(batch)] if batch else []
     argv += ["--restart"] if restart else []
-    if "generate" in stage_argv:  # one noise draw per prompt: every design sees the same samples per step
-        argv += ["--noise-repeats", "1"]
+    # One noise draw per prompt: every design sees the same samples per step.
+    argv += ["--noise-repeats", "1"] if "generate" in stage_argv else []
     args = train.parse_args(argv)
     args.config = blip3o.get_config(args.preset)
     torch.manual_seed(args.seed)  # as train.main does: the new modules' initial weights
@@ -158,10 +106,8 @@ def train_segment(out, stage_argv: list, steps, batch, data_args: dict, device, 
 
 
 def ablation_folder(run: Path, out: Path, sizes: dict, device) -> dict:
-    """Copy RUN's finished clip, understand, decoder (and vae) checkpoints into OUT, so every design
-    starts from the same frozen pieces; train a VAE in OUT if RUN has none.
-
-    -> the data arguments of RUN's stage 1 ({"images", "seed"}), which every design then trains on."""
+    """Copy RUN's finished clip, understand, decoder (and vae) checkpoints into OUT, the frozen pieces of
+    every design; train a VAE in OUT if RUN has none. -> the data arguments of RUN's stage 1, for all."""
     pipeline.check_run_folder(run)
     if out.resolve() == run.resolve():
         raise UserError("--out must not be the run folder: the study trains its own generation stages")
@@ -179,18 +125,19 @@ def ablation_folder(run: Path, out: Path, sizes: dict, device) -> dict:
         if dst is None:
             shutil.copytree(src, out / stage, ignore=shutil.ignore_patterns("optimizer.pt"))
         elif not filecmp.cmp(src / "model.safetensors", dst / "model.safetensors", shallow=False):
-            raise UserError(f"{out / stage} is not {run / stage} any more (retrained since?): use a new --out")
+            raise UserError(f"{out / stage} is not {run / stage} any more (retrained since?): use a new "
+                            "--out")
     args = pipeline.read_meta(pipeline.checkpoint_path(out / "understand"), "understand").get("args", {})
     data_args = {"images": args.get("images") or train.TOY_IMAGES, "seed": args.get("seed", 0)}
     if pipeline.checkpoint_path(out / "vae") is None:
         print(f"[ablation] {run} has no VAE: training one in {out / 'vae'}", flush=True)
-        train_segment(out, ["--stage", "vae"], sizes["vae_steps"], sizes["vae_batch"], data_args, device, True)
+        train_segment(out, ["--stage", "vae"], sizes["vae_steps"], sizes["vae_batch"], data_args, device,
+                      restart=True)
     return data_args
 
 
 def lm_change(vlm, stage1: dict) -> tuple[bool, float]:
-    """The VLM (LM + projector) against the stage-1 checkpoint's tensors, compared one by one:
-    -> (every tensor bit-identical, the largest absolute change of any weight)."""
+    """The VLM (LM + projector) against stage 1's tensors -> (all bit-identical, largest change)."""
     identical, largest = True, 0.0
     for key, now in pipeline.module_tensors("vlm", vlm).items():
         before = stage1[key].to(now.device, now.dtype)
@@ -199,23 +146,10 @@ def lm_change(vlm, stage1: dict) -> tuple[bool, float]:
     return identical, largest
 
 
-def score_design(out, variant: str, sizes: dict, device) -> dict:
-    """A design's checkpoint in OUT -> toy GenEval (from pixels: the CLIP decoder, or the VAE decoder
-    for flow-vae) and CLIP-space prompt retrieval of the same samples (evaluation.clipgen_scores)."""
-    pipe = pipeline.load_run(out, variant, device, need=("clip", "understand", "generate"))
-    geneval, records, _, tokens = evaluation.eval_toygeneval(pipe, out, variant, sizes["per_prompt"], sizes["per_tag"],
-                                                  sizes["sample_steps"], evaluation.REPORT["guidance"], quiet=True)
-    retrieval = evaluation.clipgen_scores(pipe, records, tokens)
-    return {"geneval": geneval["overall"], "retrieval": retrieval["overall"], "images": geneval["images"],
-            "geneval_per_tag": geneval["per_tag"], "retrieval_per_tag": retrieval["per_tag"]}
-
-
 def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None = None) -> dict:
-    """Exact-match understanding of OUT's VLM (of RUN/joint for variant "joint"), or of the weights
-    `vlm_state` when given (the LM as a finished training segment left it)."""
+    """Exact-match understanding of OUT's VLM for `variant`, or of the weights `vlm_state` when given."""
     pipe = pipeline.load_run(out, variant, device, need=("clip", "understand"))
-    # On CUDA stage 2 holds a bf16 copy of the frozen LM; its fp32 weights are the checkpoint's, which
-    # the pipeline already has (lm_change compared the copy with them, cast alike).
+    # A bf16 state (stage 2 on CUDA) copies the frozen fp32 weights the pipeline has loaded already.
     if vlm_state is not None and all(v.dtype == torch.float32 for v in vlm_state.values()):
         pipe.vlm.load_state_dict(vlm_state)
     m = evaluation.eval_understand(pipe, sizes["questions"], sizes["captions"])
@@ -223,12 +157,8 @@ def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None
 
 
 def run_ablation(run, out, sizes: dict, device) -> dict:
-    """Train CLIP + MSE, CLIP + Flow, VAE + Flow and joint CLIP + Flow for the same steps on the same
-    data, seed and backbone, scoring each every `every` steps; then understanding before / after and
-    the diversity of the three designs. Writes OUT/ablation.json, ablation.md and ablation.png.
-
-    Training runs in segments (`--steps every`, `--steps 2*every`, ... with train.py's resume), so each
-    segment's cosine learning-rate schedule ends at its own last step: the same for every design."""
+    """Train and score the three designs and joint CLIP + Flow alike, `every` steps at a time; then
+    understanding before / after and diversity -> OUT/ablation.json, ablation.md and ablation.png."""
     start = time.time()
     run, out = Path(run), Path(out)
     data_args = ablation_folder(run, out, sizes, device)
@@ -240,8 +170,9 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
     for variant in (*DESIGNS, "joint"):
         argv = (["--stage", "joint"] if variant == "joint" else
                 ["--stage", "generate", "--loss", variant.split("-")[0], "--target", variant.split("-")[1]])
-        d = designs[variant] = {"name": DESIGNS.get(variant, JOINT), "curve": [], "train_seconds": 0.0,
-                                "eval_seconds": 0.0, "lm_bit_identical": True, "lm_max_change": 0.0}
+        d = designs[variant] = {"name": DESIGNS.get(variant, "CLIP + Flow, joint"), "curve": [],
+                                "train_seconds": 0.0, "eval_seconds": 0.0, "lm_bit_identical": True,
+                                "lm_max_change": 0.0}
         for i, step in enumerate(points):
             t = time.time()
             trained = train_segment(out, argv, step, sizes["batch"], data_args, device, restart=i == 0)
@@ -249,18 +180,25 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
             identical, change = lm_change(trained.vlm, stage1)  # after every segment, tensor by tensor
             d["lm_bit_identical"] &= identical
             d["lm_max_change"] = max(d["lm_max_change"], change)
-            t = time.time()
-            d["curve"].append({"step": step, **score_design(out, variant, sizes, device)})
+            t = time.time()  # toy GenEval from pixels, and CLIP-space retrieval of the same samples
+            pipe = pipeline.load_run(out, variant, device, need=("clip", "understand", "generate"))
+            geneval, records, _, tokens = evaluation.eval_toygeneval(
+                pipe, out, variant, sizes["per_prompt"], sizes["per_tag"], sizes["sample_steps"],
+                evaluation.REPORT["guidance"], quiet=True)
+            retrieval = evaluation.clipgen_scores(pipe, records, tokens)
+            d["curve"].append({"step": step, "geneval": geneval["overall"], "retrieval": retrieval["overall"],
+                               "images": geneval["images"], "geneval_per_tag": geneval["per_tag"],
+                               "retrieval_per_tag": retrieval["per_tag"]})
             d["eval_seconds"] += time.time() - t
+            lm = "bit-identical to stage 1" if identical else f"changed (largest change {change:.2e})"
             print(f"[ablation] {d['name']} at step {step}: toy GenEval {d['curve'][-1]['geneval']:.3f}, "
-                  f"CLIP-space retrieval {d['curve'][-1]['retrieval']:.3f}; LM "
-                  f"{'bit-identical to stage 1' if identical else f'changed (largest change {change:.2e})'}",
-                  flush=True)
+                  f"CLIP-space retrieval {d['curve'][-1]['retrieval']:.3f}; LM {lm}", flush=True)
         if variant == "flow-clip":
             sequential_lm = {k: v.detach().clone() for k, v in trained.vlm.state_dict().items()}
-    und = {"before": before, "sequential_after": understanding(out, "flow-clip", sizes, device, sequential_lm),
+    und = {"before": before,
+           "sequential_after": understanding(out, "flow-clip", sizes, device, sequential_lm),
            "joint_after": understanding(out, "joint", sizes, device)}
-    diversity = eval_diversity(out, list(DESIGNS), diversity_prompts(), sizes["seeds"], sizes["sample_steps"],
+    diversity = eval_diversity(out, list(DESIGNS), None, sizes["seeds"], sizes["sample_steps"],
                                evaluation.REPORT["guidance"], device=device)
     result = {"run": str(run), "out": str(out), "sizes": sizes, "data": data_args, "points": points,
               "designs": designs, "understanding": und, "diversity": diversity}
@@ -275,68 +213,53 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
 
 def ablation_findings(r: dict) -> dict:
     """The paper's three findings, as the numbers measured here (whatever they say)."""
-    d = r["designs"]
+    d, und, ratio = r["designs"], r["understanding"], r["diversity"].get("mse_over_flow", {})
     clip, vae = d["flow-clip"]["curve"], d["flow-vae"]["curve"]
-    ratio = r["diversity"].get("mse_over_flow", {})
-    und = r["understanding"]
+    before = und["before"]["accuracy"]
     return {
-        "1_clip_vs_vae": {"steps": r["points"][-1], "clip_flow_geneval": clip[-1]["geneval"],
-                          "vae_flow_geneval": vae[-1]["geneval"], "clip_flow_retrieval": clip[-1]["retrieval"],
-                          "vae_flow_retrieval": vae[-1]["retrieval"],
-                          "clip_ahead_points": sum(c["geneval"] > v["geneval"] for c, v in zip(clip, vae)),
-                          "clip_behind_points": sum(c["geneval"] < v["geneval"] for c, v in zip(clip, vae)),
-                          "points": len(clip)},
+        "1_clip_vs_vae": {
+            "steps": r["points"][-1],
+            "clip_flow_geneval": clip[-1]["geneval"], "vae_flow_geneval": vae[-1]["geneval"],
+            "clip_flow_retrieval": clip[-1]["retrieval"], "vae_flow_retrieval": vae[-1]["retrieval"],
+            "clip_ahead_points": sum(c["geneval"] > v["geneval"] for c, v in zip(clip, vae)),
+            "clip_behind_points": sum(c["geneval"] < v["geneval"] for c, v in zip(clip, vae)),
+            "points": len(clip)},
         "2_mse_over_flow_diversity": ratio.get("clip_embedding"),
         "2_reproduced": all(x is not None and x <= 0.1 for x in ratio.values()) if ratio else False,
         "3_sequential_lm_bit_identical": all(d[v]["lm_bit_identical"] for v in DESIGNS),
-        "3_sequential_understanding_unchanged":
-            und["sequential_after"]["accuracy"] == und["before"]["accuracy"],
-        "3_joint_understanding_change": und["joint_after"]["accuracy"] - und["before"]["accuracy"],
+        "3_sequential_understanding_unchanged": und["sequential_after"]["accuracy"] == before,
+        "3_joint_understanding_change": und["joint_after"]["accuracy"] - before,
         "3_joint_minus_sequential_geneval": d["joint"]["curve"][-1]["geneval"] - clip[-1]["geneval"],
     }
 
 
 def ablation_rows(r: dict) -> list[list]:
-    """One row per design: final scores, diversity, understanding after, and the LM check."""
-    und, div = r["understanding"], r["diversity"]["variants"]
+    """One row of text per design: final scores, diversity, understanding after, and the LM check."""
+    und, div, fmt = r["understanding"], r["diversity"]["variants"], evaluation.fmt
     rows = []
     for variant, d in r["designs"].items():
-        final = d["curve"][-1]
+        final, change = d["curve"][-1], d["lm_max_change"]
         after = und["joint_after" if variant == "joint" else "sequential_after"]["accuracy"]
-        lm = "bit-identical" if d["lm_bit_identical"] else f"changed (largest change {d['lm_max_change']:.1e})"
-        rows.append([d["name"] + (" (BLIP3-o)" if variant == "flow-clip" else ""), final["geneval"],
-                     final["retrieval"], div[variant]["clip_embedding"] if variant in div else "-", after, lm])
+        lm = "bit-identical" if d["lm_bit_identical"] else f"changed (largest change {change:.1e})"
+        rows.append([d["name"] + (" (BLIP3-o)" if variant == "flow-clip" else ""), fmt(final["geneval"]),
+                     fmt(final["retrieval"]), fmt(div[variant]["clip_embedding"]) if variant in div else "-",
+                     fmt(after), lm])
     return rows
-
-
-ABLATION_HEADER = ["design", "toy GenEval", "CLIP retrieval", "diversity (CLIP)", "understanding", "LM weights"]
-
-
-def print_ablation(r: dict) -> None:
-    steps = r["points"][-1]
-    print(f"\nThe design study at {steps} steps per design (batch {r['sizes']['batch']}, "
-          f"{r['seconds'] / 60:.1f} min); understanding before stage 2: "
-          f"{r['understanding']['before']['accuracy']:.3f}")
-    print(evaluation.format_table(ABLATION_HEADER, ablation_rows(r)))
-    print(f"files: {Path(r['out']) / 'ablation.md'}, ablation.png, ablation.json")
 
 
 def plot_ablation(r: dict, path) -> None:
     """Score vs training steps for the three designs: the paper's Figure 4 in miniature."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, title in ((axes[0], "geneval", "toy GenEval (held-out prompts, pixels)"),
                            (axes[1], "retrieval", "prompt retrieval in CLIP space")):
         for variant, name in DESIGNS.items():
             curve = r["designs"][variant]["curve"]
             ax.plot([p["step"] for p in curve], [p[key] for p in curve], marker="o", label=name)
-        ax.set_xlabel("training steps")
+        ax.set(xlabel="training steps", ylim=(0, None))
         ax.set_title(title, fontsize=10)
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -346,52 +269,45 @@ def plot_ablation(r: dict, path) -> None:
 
 def ablation_markdown(r: dict) -> str:
     """OUT/ablation.md: the summary table, the curves as a table and a plot, diversity, findings."""
-    s, f, und = r["sizes"], r["findings"], r["understanding"]
+    s, f, und, designs = r["sizes"], r["findings"], r["understanding"], r["designs"].values()
     steps = r["points"][-1]
     md = ["# The BLIP3-o design study at toy scale", "",
-          f"`python ablation.py study --run {r['run']} --out {r['out']} --steps {steps} --every {s['every']}`: "
-          f"every design trained {steps} steps (batch {s['batch']}, {r['data']['images']} training images, "
-          f"seed {r['data']['seed']}) from the same CLIP, stage-1 VLM and pixel decoder of `{r['run']}`; "
-          f"{r['seconds'] / 60:.1f} min in all.", "",
-          "| " + " | ".join(ABLATION_HEADER) + " |", "|" + " --- |" * len(ABLATION_HEADER)]
-    md += ["| " + " | ".join(evaluation.fmt(c) if isinstance(c, float) else str(c) for c in row) + " |"
-           for row in ablation_rows(r)]
-    md += ["", f"Understanding (exact match, {und['before']['questions']} held-out questions) before stage 2: "
-           f"{und['before']['accuracy']:.3f}. Diversity: mean distance between two samples of one prompt, "
+          f"`python ablation.py study --run {r['run']} --out {r['out']} --steps {steps} --every "
+          f"{s['every']}`: every design trained {steps} steps (batch {s['batch']}, {r['data']['images']} "
+          f"training images, seed {r['data']['seed']}) from the same CLIP, stage-1 VLM and pixel decoder of "
+          f"`{r['run']}`; {r['seconds'] / 60:.1f} min in all.", ""]
+    md += evaluation.md_table(ABLATION_HEADER, ablation_rows(r))
+    md += ["", f"Understanding (exact match, {und['before']['questions']} held-out questions) before stage "
+           f"2: {und['before']['accuracy']:.3f}. Diversity: mean distance between two samples of one prompt, "
            "in toy CLIP embedding space (see below).", "",
-           "## Score vs steps (Figure 4 in miniature)", "", "![score vs steps](ablation.png)", "",
-           "| step | " + " | ".join(d["name"] for d in r["designs"].values()) + " |",
-           "|" + " --- |" * (len(r["designs"]) + 1)]
-    for i, step in enumerate(r["points"]):
-        cells = [f"{d['curve'][i]['geneval']:.3f} / {d['curve'][i]['retrieval']:.3f}"
-                 for d in r["designs"].values()]
-        md.append(f"| {step} | " + " | ".join(cells) + " |")
+           "## Score vs steps (Figure 4 in miniature)", "", "![score vs steps](ablation.png)", ""]
+    md += evaluation.md_table(["step", *(d["name"] for d in designs)],
+                              [[step, *(f"{d['curve'][i]['geneval']:.3f} / {d['curve'][i]['retrieval']:.3f}"
+                                        for d in designs)] for i, step in enumerate(r["points"])])
     md += ["", "Each cell: toy GenEval / CLIP-space retrieval, "
            f"{r['designs']['flow-clip']['curve'][-1]['images']} samples ({s['per_tag']} held-out prompts per "
-           f"tag at most, {s['per_prompt']} each; "
-           f"{s['sample_steps']} Euler steps, guidance {evaluation.REPORT['guidance']}).", "",
+           f"tag at most, {s['per_prompt']} each; {s['sample_steps']} Euler steps, guidance "
+           f"{evaluation.REPORT['guidance']}).", "",
            "## Diversity (Finding 2)", "",
            f"{r['diversity']['seeds']} seeds for each of {len(r['diversity']['prompts'])} held-out prompts; "
-           "the pixel decoder is deterministic, so pixels differ only where the generated "
-           "tokens do.", "",
-           "| design | CLIP embedding | tokens (unit std) | pixels |", "| --- | --- | --- | --- |"]
-    for variant, v in r["diversity"]["variants"].items():
-        md.append(f"| {DESIGNS[variant]} | {v['clip_embedding']:.4f} | {v['tokens']:.4f} | {v['pixels']:.4f} |")
+           "the pixel decoder is deterministic, so pixels differ only where the generated tokens do.", ""]
+    md += evaluation.md_table(["design", "CLIP embedding", "tokens (unit std)", "pixels"],
+                              [[DESIGNS[variant], *(f"{x:.4f}" for x in v.values())]
+                               for variant, v in r["diversity"]["variants"].items()])
     md += ["", "![diversity](diversity.png)", "", "## The three findings, as measured here", ""]
     f1 = f["1_clip_vs_vae"]
     md.append(f"1. CLIP vs VAE target at {f1['steps']} steps: toy GenEval {f1['clip_flow_geneval']:.3f} "
               f"(CLIP + Flow) vs {f1['vae_flow_geneval']:.3f} (VAE + Flow); CLIP-space retrieval "
-              f"{f1['clip_flow_retrieval']:.3f} vs {f1['vae_flow_retrieval']:.3f}. In toy GenEval CLIP + Flow is "
-              f"ahead at {f1['clip_ahead_points']} and behind at {f1['clip_behind_points']} of {f1['points']} "
-              "evaluation points (paper: CLIP ahead throughout).")
-    ratio = f["2_mse_over_flow_diversity"]
-    md.append(f"2. MSE / Flow diversity in CLIP space: {evaluation.fmt(ratio)} (paper: MSE nearly deterministic; the "
-              "acceptance bound is 0.1 in every space): "
+              f"{f1['clip_flow_retrieval']:.3f} vs {f1['vae_flow_retrieval']:.3f}. In toy GenEval CLIP + "
+              f"Flow is ahead at {f1['clip_ahead_points']} and behind at {f1['clip_behind_points']} of "
+              f"{f1['points']} evaluation points (paper: CLIP ahead throughout).")
+    md.append(f"2. MSE / Flow diversity in CLIP space: {evaluation.fmt(f['2_mse_over_flow_diversity'])} "
+              "(paper: MSE nearly deterministic; the acceptance bound is 0.1 in every space): "
               f"{'reproduced' if f['2_reproduced'] else 'NOT reproduced'}.")
     md.append(f"3. Sequential: the LM is bit-identical to stage 1 after every training segment of all three "
               f"designs: {'yes' if f['3_sequential_lm_bit_identical'] else 'NO'}; understanding "
-              f"{und['before']['accuracy']:.3f} before, {und['sequential_after']['accuracy']:.3f} after. Joint "
-              f"(LM unfrozen, half of every batch understanding rows): understanding "
+              f"{und['before']['accuracy']:.3f} before, {und['sequential_after']['accuracy']:.3f} after. "
+              f"Joint (LM unfrozen, half of every batch understanding rows): understanding "
               f"{und['joint_after']['accuracy']:.3f} ({f['3_joint_understanding_change']:+.3f}), toy GenEval "
               f"{f['3_joint_minus_sequential_geneval']:+.3f} against sequential CLIP + Flow.")
     md += ["", "## How it was measured", "",
@@ -403,18 +319,12 @@ def ablation_markdown(r: dict) -> str:
            f"{2 * s['every']}`, ... with train.py's resume), so each segment's cosine learning-rate schedule "
            "ends at its own last step; every design sees the same schedule, data order and noise.",
            "- Joint: `train.py --stage joint`, started from the same stage-1 checkpoint and the same initial "
-           "generator as sequential CLIP + Flow, the same steps and batch size, half of each batch question-answer rows (next-token loss), half generation rows "
-           "(flow loss), the sum back-propagated into LM, projector, queries and DiT; evaluated with the EMA "
-           "of all of them.",
+           "generator as sequential CLIP + Flow, the same steps and batch size, half of each batch "
+           "question-answer rows (next-token loss), half generation rows (flow loss), the sum "
+           "back-propagated into LM, projector, queries and DiT; evaluated with the EMA of all of them.",
            "- Time: " + ", ".join(f"{d['name']} {d['train_seconds'] / 60:.1f} min training + "
-                                   f"{d['eval_seconds'] / 60:.1f} min scoring" for d in r["designs"].values())
-           + ".", ""]
+                                   f"{d['eval_seconds'] / 60:.1f} min scoring" for d in designs) + ".", ""]
     return "\n".join(md)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -427,31 +337,26 @@ def parse_args(argv=None):
     c = command("diversity", "spread of the samples of one prompt over seeds, per design (Finding 2)")
     c.add_argument("--variants", default=",".join(DESIGNS), help="comma-separated: flow-clip, mse-clip, "
                    "flow-vae, joint (default: the paper's three designs)")
-    c.add_argument("--prompts", nargs="+", default=None, help="prompts (default: one held-out prompt per tag)")
-    c.add_argument("--allow-unknown-words", action="store_true",
-                   help="go on with prompt words the toy model never saw (read as <unk>)")
+    c.add_argument("--prompts", nargs="+", default=None, help="default: one held-out prompt per tag")
+    c.add_argument("--allow-unknown-words", action="store_true", help="go on with words never seen (<unk>)")
     c.add_argument("--seeds", type=int, default=8, help="samples per prompt, seeds seed .. seed+seeds-1")
     c.add_argument("--seed", type=int, default=0, help="first seed")
     add_sampling_options(c)
     c = command("study", "the paper's design study: CLIP/VAE x MSE/Flow, sequential vs joint -> "
                 "OUT/ablation.md, .png, .json")
-    c.add_argument("--out", default="out/ablation", help="folder of the study (RUN's checkpoints are copied in)")
-    c.add_argument("--steps", dest="train_steps", metavar="N", type=int, default=None,
+    c.add_argument("--out", default="out/ablation", help="the study's folder (RUN's checkpoints copied in)")
+    c.add_argument("--steps", metavar="N", type=int, default=None,
                    help=f"training steps per design (default {ABLATION['default']['steps']})")
     c.add_argument("--every", metavar="K", type=int, default=None,
                    help=f"evaluate every K steps (default {ABLATION['default']['every']})")
     c.add_argument("--quick", action="store_true", help="tiny sizes: a few steps, a few samples (tests)")
 
     args = p.parse_args(argv)
+    check_numbers(p, args, at_least_one=("steps", "every"), non_negative=("guidance",))
     if args.command == "diversity":
-        check_numbers(p, args, at_least_one=("steps",), non_negative=("guidance",))
         if args.seeds < 2:
             p.error(f"--seeds must be at least 2 (a spread needs two samples), got {args.seeds}")
         args.variants = comma_list(p, "--variants", args.variants, (*DESIGNS, "joint"))
-    else:
-        for flag, value in (("--steps", args.train_steps), ("--every", args.every)):
-            if value is not None and value < 1:
-                p.error(f"{flag} must be at least 1, got {value}")
     return args
 
 
@@ -463,18 +368,31 @@ def run_command(args) -> dict:
     device = pipeline.pick_device(args.device)
     if args.command == "diversity":
         try:
-            m = eval_diversity(args.run, args.variants, args.prompts or diversity_prompts(), args.seeds,
-                               args.steps, args.guidance, args.seed, device,
-                               args.allow_unknown_words)
+            m = eval_diversity(args.run, args.variants, args.prompts, args.seeds, args.steps, args.guidance,
+                               args.seed, device, args.allow_unknown_words)
         except ValueError as e:  # e.g. an empty prompt, or one longer than the backbone's context
             raise UserError(str(e)) from None
-        print_diversity(m)
+        print(f"Diversity: mean pairwise distance between {m['seeds']} samples of the same prompt "
+              f"({len(m['prompts'])} prompts)")
+        rows = [[v, DESIGNS.get(v, v), s["clip_embedding"], s["tokens"], s["pixels"]]
+                for v, s in m["variants"].items()]
+        if "mse_over_flow" in m:
+            rows.append(["mse / flow", "(paper: ~0)", *map(evaluation.fmt, m["mse_over_flow"].values())])
+        print(evaluation.format_table(["variant", "design", "CLIP embedding", "tokens (unit std)", "pixels"],
+                                      rows))
+        if m["skipped"]:
+            print(f"not trained, skipped: {', '.join(m['skipped'])}")
+        print(f"picture: {m['picture']}")
         return m
     sizes = dict(ABLATION["quick" if args.quick else "default"])
-    sizes["steps"] = args.train_steps or sizes["steps"]
+    sizes["steps"] = args.steps or sizes["steps"]
     sizes["every"] = min(args.every or sizes["every"], sizes["steps"])
     m = run_ablation(args.run, args.out, sizes, device)
-    print_ablation(m)
+    print(f"\nThe design study at {m['points'][-1]} steps per design (batch {sizes['batch']}, "
+          f"{m['seconds'] / 60:.1f} min); understanding before stage 2: "
+          f"{m['understanding']['before']['accuracy']:.3f}")
+    print(evaluation.format_table(ABLATION_HEADER, ablation_rows(m)))
+    print(f"files: {Path(m['out']) / 'ablation.md'}, ablation.png, ablation.json")
     return m
 
 

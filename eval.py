@@ -1,9 +1,8 @@
 """Evaluate a trained BLIP3-o run on held-out compositions of the shapes world.
 
-Every command rebuilds the models from the checkpoints in --run (default out/toy), prints readable
-tables, and prints its metrics as ONE JSON object on the last line of stdout. Exit status 0 on
-success, 2 with a one-line `error: ...` for a user error (missing checkpoint, bad flag). Everything is
-deterministic: fixed seeds, greedy decoding, seeded diffusion noise.
+Every command rebuilds the models from the checkpoints in --run (default out/toy), prints tables, and
+ends stdout with its metrics as ONE JSON line; a user error is one `error: ...` line, exit status 2.
+Every number is deterministic: fixed seeds, greedy decoding, seeded diffusion noise.
 
     python eval.py clip          # zero-shot color+shape of held-out single objects, retrieval R@1
     python eval.py understand    # exact-match answers per question type, and captions
@@ -14,11 +13,11 @@ deterministic: fixed seeds, greedy decoding, seeded diffusion noise.
     python eval.py report        # all of the above -> RUN/REPORT.md, metrics.json, pictures (cached)
     python eval.py clipgen --variant mse-clip --run out/toy      # an ablation's generator
     python eval.py clipgen --tags single_object,colors --per-tag 100 --samples 8   # all 33 such prompts
-(The paper's design study and the diversity of its designs: ablation.py.)
 
 "Held-out" means split "test" of the shapes world: images never drawn in training, and for two-object
 scenes colour compositions ("a red circle and a blue square") and spatial relations that no training
 image shows (data.HELDOUT_COMBOS, data.HELDOUT_RELATIONS). `zero_shot_seen` scores training images.
+The paper's design study and the diversity of its designs: ablation.py.
 """
 from __future__ import annotations
 
@@ -37,27 +36,24 @@ import blip3o
 import data
 import pipeline
 import sample
-from cli import OneLineParser, UserError, add_run_options, check_numbers, comma_list, metrics_main, rounded
+from cli import (OneLineParser, UserError, add_run_options, add_sampling_options, check_numbers, comma_list,
+                 metrics_main, rounded)
 
 EVAL_VERSION = 4  # part of the report cache's fingerprint: bump it when an evaluation changes
 
 # Seeds of the evaluation sets (disjoint from training, which draws split "train" with seed 0).
 SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON = 1, 2, 3, 4, 5, 6
 
-# Sizes of full_report's evaluations: small enough to finish in about two minutes on a laptop CPU.
-# geneval_per_tag None: the headline toy GenEval scores every held-out prompt (144) x per_prompt images.
+# Sizes of full_report's evaluations (geneval_per_tag None: every held-out prompt, 144, x per_prompt).
 REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, geneval_per_tag=None,
-              per_prompt=4, ablation_per_tag=8, ablation_samples=2, steps=30, guidance=3.0)
+              per_prompt=4, ablation_per_tag=8, ablation_samples=2,
+              steps=blip3o.SAMPLE_STEPS, guidance=blip3o.GUIDANCE)
 
 # Targets for the default toy run (REPORT.md marks each number against its target).
 TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.88,
            "clipgen single_object+colors": 0.85, "reconstruction (GenEval rules)": 0.90,
            "toy GenEval overall": 0.50}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Small helpers: tables and the JSON line
-# ----------------------------------------------------------------------------------------------------
+SCENE_SIZES = ("1 object", "2 objects", "3-4 objects")  # how eval_understand splits its answers
 
 
 def format_table(header, rows) -> str:
@@ -70,14 +66,11 @@ def format_table(header, rows) -> str:
 
 
 def fmt(x) -> str:
-    """A metric for a Markdown table: 3 decimals, or "-" when it could not be measured."""
+    """A metric in a table: 3 decimals, or "-" when it could not be measured."""
     return "-" if x is None else f"{x:.3f}"
 
 
-# ----------------------------------------------------------------------------------------------------
-# 1. CLIP: zero-shot classification and retrieval
-# ----------------------------------------------------------------------------------------------------
-
+# --- 1. CLIP: zero-shot classification and retrieval ----------------------------------------------
 
 @torch.no_grad()
 def image_embeddings(pipe, images_u8: torch.Tensor, batch: int = 500) -> torch.Tensor:
@@ -97,10 +90,9 @@ def text_embeddings(pipe, texts, batch: int = 500) -> torch.Tensor:
 def tag_records(tag: str) -> list[dict]:
     """Every GenEval record of a tag in either split (the candidates a prompt competes with)."""
     records = {}
-    for split in ("train", "test"):
-        for r in data.geneval_prompts(split, n_per_tag=None):
-            if r["tag"] == tag:
-                records.setdefault(r["prompt"], r)
+    for r in data.geneval_prompts("train", n_per_tag=None) + data.geneval_prompts("test", n_per_tag=None):
+        if r["tag"] == tag:
+            records.setdefault(r["prompt"], r)
     return list(records.values())
 
 
@@ -121,13 +113,11 @@ def meaning(record: dict) -> tuple:
 
 
 def zero_shot(pipe, split: str, n: int, seed: int, tag: str = "colors") -> dict:
-    """Single-object images of `tag` classified against every prompt of that tag.
-
-    tag "colors": 30 prompts "a photo of a red circle" ...; "single_object": 3 prompts (shape only).
+    """Single-object images of `tag` classified among its prompts (colors: 30, single_object: 3 shapes)
     -> accuracy with color and shape both right, and each alone."""
     images, scenes = data.make_image_set(n, split=split, seed=seed, tags=(tag,))
-    records = tag_records(tag)
-    pred = (image_embeddings(pipe, images) @ text_embeddings(pipe, [r["prompt"] for r in records]).t()).argmax(1)
+    records, img = tag_records(tag), image_embeddings(pipe, images)
+    pred = (img @ text_embeddings(pipe, [r["prompt"] for r in records]).t()).argmax(1)
     shape_ok = color_ok = both_ok = 0
     for scene, p in zip(scenes, pred.tolist()):
         want, got = scene.objects[0], records[p]["include"][0]
@@ -140,15 +130,14 @@ def zero_shot_compositions(pipe, n: int, seed: int) -> float:
     """Held-out two-object scenes ("a photo of a red circle and a blue square", a colour composition
     never seen in training) classified among all 600 such prompts: is each colour bound to its shape?"""
     images, scenes = data.make_image_set(n, split="test", seed=seed, tags=("color_attr",))
-    records = tag_records("color_attr")
-    pred = (image_embeddings(pipe, images) @ text_embeddings(pipe, [r["prompt"] for r in records]).t()).argmax(1)
+    records, img = tag_records("color_attr"), image_embeddings(pipe, images)
+    pred = (img @ text_embeddings(pipe, [r["prompt"] for r in records]).t()).argmax(1)
     return sum(meaning(records[p]) == meaning(s.metadata) for s, p in zip(scenes, pred.tolist())) / n
 
 
 def retrieval_r1(pipe, n: int, seed: int, group: int = 100) -> tuple[float, float]:
-    """Held-out images vs their own captions in groups of `group`: image->text and text->image R@1.
-
-    A retrieved caption identical in text to the right one counts as right (a small world repeats)."""
+    """Held-out images vs their own captions in groups of `group`: image->text and text->image R@1. A
+    retrieved caption identical in text to the right one counts as right (a small world repeats)."""
     images, scenes = data.make_image_set(n, split="test", seed=seed)
     captions = [s.caption for s in scenes]
     img, txt = image_embeddings(pipe, images), text_embeddings(pipe, captions)
@@ -175,26 +164,21 @@ def eval_clip(pipe, n: int = 500) -> dict:
             "retrieval_i2t_r1": i2t, "retrieval_t2i_r1": t2i, "images": n}
 
 
-def print_clip(m: dict) -> None:
-    print(f"CLIP zero-shot on {m['images']} held-out images per row")
-    print(format_table(["metric", "top-1"], [
-        ["single object, 30 prompts: color and shape", m["zero_shot"]], ["  color", m["zero_shot_color"]],
-        ["  shape", m["zero_shot_shape"]], ["  the same on training images", m["zero_shot_seen"]],
-        ["single_object: shape (3 prompts)", m["single_object_shape"]],
-        ["held-out colour compositions (600 prompts)", m["zero_shot_compositions"]],
-        ["retrieval image->text R@1 (of 100)", m["retrieval_i2t_r1"]],
-        ["retrieval text->image R@1 (of 100)", m["retrieval_t2i_r1"]]]))
+CLIP_ROWS = {"zero_shot": "zero-shot single object, 30 prompts: color and shape",  # eval_clip's metrics
+             "zero_shot_color": "zero-shot single object: color",
+             "zero_shot_shape": "zero-shot single object: shape",
+             "zero_shot_seen": "zero-shot single object, *seen* (training) images",
+             "single_object_shape": "single_object shape (3 prompts)",
+             "zero_shot_compositions": "held-out colour compositions, 600 two-object prompts",
+             "retrieval_i2t_r1": "retrieval image -> caption R@1 (groups of 100)",
+             "retrieval_t2i_r1": "retrieval caption -> image R@1 (groups of 100)"}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Understanding: exact-match answers
-# ----------------------------------------------------------------------------------------------------
-
+# --- 2. Understanding: exact-match answers --------------------------------------------------------
 
 def question_set(n: int, seed: int) -> tuple[torch.Tensor, list, list]:
-    """~n held-out questions: at most one of each type per scene, so rarer types are not crowded out.
-
-    -> (uint8 images (M, 3, H, W), rows [(image index, qtype, question, answer)], objects per image)."""
+    """~n held-out questions, at most one of each type per scene (rarer types are not crowded out) ->
+    (uint8 images (M, 3, H, W), rows [(image index, qtype, question, answer)], objects per image)."""
     images, rows, n_objects, i = [], [], [], 0
     while len(rows) < n:
         scene = data.make_scene(i, split="test", seed=seed)
@@ -208,22 +192,13 @@ def question_set(n: int, seed: int) -> tuple[torch.Tensor, list, list]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), rows[:n], n_objects  # (M, 3, H, W)
 
 
-SCENE_SIZES = ("1 object", "2 objects", "3-4 objects")  # how eval_understand splits its answers
-
-
-def scene_size(n_objects: int) -> str:
-    return SCENE_SIZES[min(n_objects, 3) - 1]
-
-
 def answer_all(pipe, images: torch.Tensor, questions, answers, batch: int = 250) -> list[str]:
     """Greedy answers, batched. Decoding stops one token past the longest right answer: exact match
     needs nothing more, and an untrained model would otherwise ramble to the token limit."""
     longest = max(len(pipe.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
-    out = []
-    for i in range(0, len(questions), batch):
-        out += pipe.answer(data.as_float(images[i:i + batch]), questions[i:i + batch], temperature=0.0,
-                           max_new_tokens=longest + 1)
-    return out
+    return [answer for i in range(0, len(questions), batch)
+            for answer in pipe.answer(data.as_float(images[i:i + batch]), questions[i:i + batch],
+                                      temperature=0.0, max_new_tokens=longest + 1)]
 
 
 def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -> dict:
@@ -231,17 +206,15 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
     images, rows, n_objects = question_set(n, SEED_QA)
     preds = answer_all(pipe, images[[r[0] for r in rows]], [r[2] for r in rows], [r[3] for r in rows])
     hits = [p.strip() == r[3] for p, r in zip(preds, rows)]
-    per_type = {}
-    for qtype in data.QTYPES:
-        h = [ok for ok, r in zip(hits, rows) if r[1] == qtype]
-        per_type[qtype] = {"accuracy": sum(h) / len(h) if h else None, "questions": len(h)}
-    # The same split by how many objects the image holds: with two, a colour or shape question names one
-    # object and asks about the other attribute, so 0.5 is what answering about either at random gives.
-    groups = {}
+    def score(h):
+        return {"accuracy": sum(h) / len(h) if h else None, "questions": len(h)}
+
+    per_type = {q: score([ok for ok, r in zip(hits, rows) if r[1] == q]) for q in data.QTYPES}
+    groups = {}  # the same hits, split by objects in the image too
     for ok, r in zip(hits, rows):
-        groups.setdefault(r[1], {}).setdefault(scene_size(n_objects[r[0]]), []).append(ok)
-    by_size = {q: {z: {"accuracy": sum(groups[q][z]) / len(groups[q][z]), "questions": len(groups[q][z])}
-                   for z in SCENE_SIZES if z in groups[q]} for q in data.QTYPES if q in groups}
+        groups.setdefault(r[1], {}).setdefault(SCENE_SIZES[min(n_objects[r[0]], 3) - 1], []).append(ok)
+    by_size = {q: {z: score(groups[q][z]) for z in SCENE_SIZES if z in groups[q]}
+               for q in data.QTYPES if q in groups}
     cap_images, scenes = data.make_image_set(n_captions, split="test", seed=SEED_CAPTIONS)
     truth = [s.caption for s in scenes]
     cap_preds = answer_all(pipe, cap_images, [data.caption_question] * n_captions, truth)
@@ -250,44 +223,24 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
     examples += [{"question": data.caption_question, "answer": t, "predicted": p}
                  for t, p in zip(truth[:2], cap_preds)]
     return {"overall": sum(hits) / len(hits), "per_type": per_type, "by_scene_size": by_size,
-            "questions": len(rows), "caption_exact": sum(cap_hits) / n_captions, "captions": n_captions, "examples": examples}
+            "questions": len(rows), "caption_exact": sum(cap_hits) / n_captions, "captions": n_captions,
+            "examples": examples}
 
 
-def print_understand(m: dict) -> None:
-    print(f"Understanding: exact match on {m['questions']} held-out questions (greedy)")
-    rows = [[q, v["questions"], v["accuracy"]] for q, v in m["per_type"].items()]
-    rows += [["overall", m["questions"], m["overall"]], ["caption (whole caption)", m["captions"],
-                                                        m["caption_exact"]]]
-    print(format_table(["question type", "n", "accuracy"], rows))
-    print("\nthe same by objects in the image (n, accuracy):")
-    rows = [[q] + [f"{v[z]['questions']}, {v[z]['accuracy']:.3f}" if z in v else "-" for z in SCENE_SIZES]
-            for q, v in m["by_scene_size"].items()]
-    print(format_table(["question type", *SCENE_SIZES], rows))
-    print("\nexamples:")
-    for ex in m["examples"]:
-        mark = "ok" if ex["predicted"].strip() == ex["answer"] else "WRONG"
-        print(f"  {ex['question']!r:45} -> {ex['predicted']!r} (truth {ex['answer']!r}) {mark}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. Generation scored in CLIP space
-# ----------------------------------------------------------------------------------------------------
-
+# --- 3. Generation scored in CLIP space -----------------------------------------------------------
 
 @torch.no_grad()
 def generated_embeddings(pipe, tokens: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """CLIP image embeddings of generated targets (N, 64, D) -> (N, E): the targets are decoded to pixels
-    (the pixel decoder, or the VAE's for the ablation) and the pixels encoded by CLIP, so every design is
-    scored the same way."""
+    """Generated targets (N, 64, D) -> CLIP image embeddings (N, E) of their decoded pixels (the pixel
+    decoder's, or the VAE's): every design is scored the same way."""
     return torch.cat([pipe.clip.encode_image(pipe.tokens_to_images(tokens[i:i + batch].to(pipe.device))).cpu()
                       for i in range(0, len(tokens), batch)])
 
 
 @torch.no_grad()
 def what_tokens_say(pipe, tokens: torch.Tensor) -> torch.Tensor:
-    """Generated scene tokens (N, 64, S) -> uint8 (N, H, W, 3): the objects the CLIP's scene head reads
-    from them, drawn exactly (data.draw_objects). Scoring these next to the decoded pictures splits what
-    the generator gets wrong from what the pixel decoder loses."""
+    """Generated scene tokens (N, 64, S) -> uint8 (N, H, W, 3): the objects the CLIP's scene head reads in
+    them, drawn exactly. Scored beside the decoded pictures: the generator's errors, not the decoder's."""
     size = pipe.config.clip.image_size
     colour, shape, box = (x.cpu() for x in pipe.clip.read_scene(tokens.to(pipe.device)))
     return torch.stack([torch.from_numpy(data.draw_objects(data.objects_from_slots(c, s, b, size), size))
@@ -298,17 +251,15 @@ def score_images(records, images_u8: torch.Tensor) -> dict:
     """uint8 images (P, S, H, W, 3), S per record, scored by the GenEval rules -> per tag and overall."""
     hits = {}
     for record, row in zip(records, images_u8):
-        for img in row:
-            hits.setdefault(record["tag"], []).append(data.score_record(record, data.detect_objects(img.numpy()))[0])
+        hits.setdefault(record["tag"], []).extend(
+            data.score_record(record, data.detect_objects(img.numpy()))[0] for img in row)
     per_tag = {tag: sum(h) / len(h) for tag, h in hits.items()}
     return {"per_tag": per_tag, "overall": sum(per_tag.values()) / len(per_tag)}
 
 
 def clipgen_scores(pipe, records, tokens: torch.Tensor) -> dict:
-    """Top-1 retrieval of each record's prompt, among all its tag's prompts, by its generated samples.
-
-    tokens (P, S, 64, D): S samples of each record. A retrieved prompt that means the same (see
-    `meaning`) counts as right. -> accuracy per tag, single_object+colors pooled, overall (mean of tags)."""
+    """Top-1 retrieval of each record's prompt among its tag's prompts by its samples, tokens (P, S, 64, D)
+    (a prompt that means the same counts) -> accuracy per tag, single_object+colors pooled, overall."""
     P, S = tokens.shape[:2]
     emb = generated_embeddings(pipe, tokens.flatten(0, 1)).unflatten(0, (P, S))  # (P, S, E)
     hits = {}
@@ -325,17 +276,10 @@ def clipgen_scores(pipe, records, tokens: torch.Tensor) -> dict:
             "overall": sum(per_tag.values()) / len(per_tag), "prompts": P, "samples_per_prompt": S}
 
 
-def heldout_prompts(n_per_tag: int | None, tags=None) -> list[dict]:
-    """The toy GenEval set's held-out records: up to n_per_tag per tag (None: all), only `tags` (default all)."""
-    records = data.geneval_prompts("test", n_per_tag=n_per_tag)
-    return records if tags is None else [r for r in records if r["tag"] in tags]
-
-
-def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, guidance: float = 3.0,
-                 seed: int = 0, tags=None) -> dict:
-    """Held-out prompts (n_per_tag per GenEval tag, of `tags`) -> `samples` generated targets each
-    -> scores."""
-    records = heldout_prompts(n_per_tag, tags)
+def eval_clipgen(pipe, n_per_tag: int, samples: int, steps: int, guidance: float, seed: int = 0,
+                 tags=None) -> dict:
+    """Held-out prompts (n_per_tag per tag of `tags`) -> `samples` generated targets each -> scores."""
+    records = [r for r in data.geneval_prompts("test", n_per_tag) if tags is None or r["tag"] in tags]
     prompts = [r["prompt"] for r in records]
     columns = []
     for j in range(samples):
@@ -345,20 +289,7 @@ def eval_clipgen(pipe, n_per_tag: int = 8, samples: int = 4, steps: int = 30, gu
     return clipgen_scores(pipe, records, torch.stack(columns, 1))  # tokens (P, S, 64, D)
 
 
-def print_clipgen(m: dict, variant: str) -> None:
-    print(f"Generated features ({variant}): top-1 retrieval of the right prompt among its tag's prompts "
-          f"({m['prompts']} held-out prompts x {m['samples_per_prompt']} samples)")
-    rows = [[tag, len(tag_records(tag)), acc] for tag, acc in m["per_tag"].items()]
-    if m["single_object+colors"] is not None:
-        rows.append(["single_object+colors", "", m["single_object+colors"]])
-    rows.append(["overall (mean of tags)", "", m["overall"]])
-    print(format_table(["tag", "candidates", "top-1"], rows))
-
-
-# ----------------------------------------------------------------------------------------------------
-# 4. GenEval: scoring folders, reconstructions, the toy prompt set
-# ----------------------------------------------------------------------------------------------------
-
+# --- 4. GenEval: scoring folders, reconstructions, the toy prompt set -----------------------------
 
 def eval_geneval(outdir) -> dict:
     """Score a GenEval folder with the shapes-world detector; writes outdir/results.jsonl."""
@@ -371,9 +302,7 @@ def eval_geneval(outdir) -> dict:
         results, summary = data.score_folder(str(outdir))
     except (OSError, json.JSONDecodeError, KeyError) as e:
         raise UserError(f"cannot score {outdir}: {e}") from None
-    with open(outdir / "results.jsonl", "w", encoding="utf-8") as f:
-        for r in results:
-            f.write(json.dumps(r) + "\n")
+    (outdir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
     order = {tag: i for i, tag in enumerate(data.TAGS)}  # GenEval's tag order, any unknown tag last
     per_tag = dict(sorted(summary["per_tag"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
     counts = {tag: sum(r["tag"] == tag for r in results) for tag in per_tag}
@@ -391,7 +320,8 @@ def print_geneval(m: dict, title: str) -> None:
 def reconstruct_set(pipe, n: int, batch: int = 100):
     """-> (uint8 originals (n, 3, H, W), float reconstructions (n, 3, H, W), scenes) of held-out scenes."""
     images, scenes = data.make_image_set(n, split="test", seed=SEED_RECON)
-    recon = torch.cat([pipe.reconstruct(data.as_float(images[i:i + batch])).cpu() for i in range(0, n, batch)])
+    recon = torch.cat([pipe.reconstruct(data.as_float(images[i:i + batch])).cpu()
+                       for i in range(0, n, batch)])
     return images, recon, scenes
 
 
@@ -402,33 +332,19 @@ def recon_scores(images: torch.Tensor, recon: torch.Tensor, scenes) -> dict:
     for orig, rec, scene in zip(images, data.to_uint8(recon), scenes):
         ok, _ = data.score_record(scene.metadata, data.detect_objects(rec.numpy()))
         per_tag.setdefault(scene.tag, []).append(ok)
-        ceiling.append(data.score_record(scene.metadata, data.detect_objects(orig.permute(1, 2, 0).numpy()))[0])
+        ceiling.append(data.score_record(scene.metadata,
+                                         data.detect_objects(orig.permute(1, 2, 0).numpy()))[0])
     hits = [ok for h in per_tag.values() for ok in h]
     return {"recon": sum(hits) / len(hits), "per_tag": {t: sum(h) / len(h) for t, h in per_tag.items()},
             "originals": sum(ceiling) / len(ceiling), "images": len(hits)}
 
 
-def eval_recon(pipe, n: int = 200) -> dict:
-    return recon_scores(*reconstruct_set(pipe, n))
-
-
-def print_recon(m: dict) -> None:
-    print(f"Reconstruction (image -> CLIP features -> pixel decoder) of {m['images']} held-out images, "
-          "scored by the GenEval rules against each scene's own record")
-    rows = [[tag, acc] for tag, acc in m["per_tag"].items()]
-    rows += [["all", m["recon"]], ["(originals, detector ceiling)", m["originals"]]]
-    print(format_table(["tag", "correct"], rows))
-
-
-def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, n_per_tag: int | None = None,
-                    steps: int = 30, guidance: float = 3.0, seed: int = 0, quiet: bool = False,
-                    tags=None) -> tuple[dict, list, torch.Tensor, torch.Tensor]:
-    """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> scores.
-
-    Returns (scores, records, images (P, S, 3, H, W), generated tokens (P, S, 64, D)); the tokens let
-    full_report score the same samples in CLIP space without generating twice."""
+def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | None, steps: int,
+                    guidance: float, seed: int = 0, quiet: bool = False, tags=None) -> tuple:
+    """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> (scores,
+    records, images (P, S, 3, H, W), tokens (P, S, 64, D)): full_report scores the tokens in CLIP space."""
     sample.check_pixels(pipe, run)
-    records = heldout_prompts(n_per_tag, tags)
+    records = [r for r in data.geneval_prompts("test", n_per_tag) if tags is None or r["tag"] in tags]
     outdir = Path(run) / f"geneval-{variant}"
     shutil.rmtree(outdir, ignore_errors=True)  # no stale prompt folders from a larger earlier set
     images, tokens = sample.generate_grid(pipe, [r["prompt"] for r in records], per_prompt, seed, steps,
@@ -442,10 +358,7 @@ def eval_toygeneval(pipe, run, variant: str = "flow-clip", per_prompt: int = 4, 
     return scores, records, images, tokens
 
 
-# ----------------------------------------------------------------------------------------------------
-# 5. The report: every evaluation, pictures, loss curves, cached by checkpoint fingerprint
-# ----------------------------------------------------------------------------------------------------
-
+# --- 5. The report: every evaluation, pictures, loss curves, cached by checkpoint fingerprint -----
 
 def checkpoints(run) -> dict:
     """{stage name: checkpoint folder} of every stage trained in the run, in pipeline order:
@@ -456,22 +369,19 @@ def checkpoints(run) -> dict:
     names += sorted(p.name for p in run.glob("*") if p.name not in order + ["generate"])
     found = {}
     for name in names:
-        path = run / name
-        # Skip the temporary / previous copies of an atomic save (checkpoint_path resolves those itself)
-        # and folders that hold no checkpoint at all (RUN/geneval-flow-clip: images).
-        ckpt = pipeline.checkpoint_path(path) if "." not in path.name else None
-        if ckpt is not None and ckpt.is_dir() and any((ckpt / f).exists() for f in ("meta.json", "model.safetensors")):
+        # Not the temporary / previous copies of an atomic save (dotted names), nor image folders.
+        ckpt = pipeline.checkpoint_path(run / name) if "." not in name else None
+        if ckpt is not None and ckpt.is_dir() and any((ckpt / f).exists()
+                                                      for f in ("meta.json", "model.safetensors")):
             found[name] = ckpt
     return found
 
 
 def fingerprint(run) -> dict:
-    """Each checkpoint's step and meta.json mtime, plus the evaluation version and sizes: when this is
-    unchanged, so are the metrics."""
-    ckpts = {}
-    for name, path in checkpoints(run).items():
-        meta = pipeline.read_meta(path, name, Path(run) / name)
-        ckpts[name] = {"step": meta["state"]["step"], "mtime_ns": (path / "meta.json").stat().st_mtime_ns}
+    """Each checkpoint's step and meta.json mtime, the evaluation version and sizes: the metrics' inputs."""
+    ckpts = {name: {"step": pipeline.read_meta(path, name, Path(run) / name)["state"]["step"],
+                    "mtime_ns": (path / "meta.json").stat().st_mtime_ns}
+             for name, path in checkpoints(run).items()}
     return {"eval_version": EVAL_VERSION, "sizes": REPORT, "checkpoints": ckpts}
 
 
@@ -479,20 +389,17 @@ def stage_summaries(run) -> dict:
     """Per trained stage: steps and the final loss (mean of the last 10% of logged steps)."""
     out = {}
     for name, path in checkpoints(run).items():
-        meta = pipeline.read_meta(path, name, Path(run) / name)
-        hist = meta["state"]["history"]
-        tail = [h["loss"] for h in hist[-max(1, len(hist) // 10):]]
-        out[name] = {"steps": meta["state"]["step"], "final_loss": sum(tail) / len(tail) if tail else None}
+        state = pipeline.read_meta(path, name, Path(run) / name)["state"]
+        tail = [h["loss"] for h in state["history"][-max(1, len(state["history"]) // 10):]]
+        out[name] = {"steps": state["step"], "final_loss": sum(tail) / len(tail) if tail else None}
     return out
 
 
 def plot_losses(run) -> list[str]:
     """RUN/loss_<stage>.png per trained stage: the logged loss (and the flow loss per t quarter)."""
     import matplotlib
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     files = []
     for name, path in checkpoints(run).items():
         hist = pipeline.read_meta(path, name, Path(run) / name)["state"]["history"]
@@ -503,8 +410,8 @@ def plot_losses(run) -> list[str]:
         loss = np.array([h["loss"] for h in hist])
         ax.plot(steps, loss, color="0.75", lw=0.8, label="loss")
         k = max(1, len(loss) // 25)  # moving average over ~4% of the run
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, color="C0", lw=1.5, label=f"loss (mean of {k})")
+        ax.plot(steps[k - 1:], np.convolve(loss, np.ones(k) / k, mode="valid"), color="C0", lw=1.5,
+                label=f"loss (mean of {k})")
         for q in range(4):  # flow stages log the loss per quarter of t (t=0 noise, t=1 data)
             pts = [(h["step"], h[f"loss_t{q}"]) for h in hist if f"loss_t{q}" in h]
             if len(pts) > k:
@@ -513,8 +420,7 @@ def plot_losses(run) -> list[str]:
                         label=f"t in [{q / 4:.2f}, {(q + 1) / 4:.2f})")
         if (loss > 0).all():
             ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(name)
+        ax.set(xlabel="step", title=name)
         ax.legend(fontsize=7)
         fig.tight_layout()
         file = Path(run) / f"loss_{name.replace('/', '-')}.png"
@@ -538,9 +444,8 @@ def sample_rows(records) -> list[int]:
 def evaluate_all(run, device) -> dict:
     """Every evaluation of full_report, sharing work: the toy GenEval samples are also scored in CLIP
     space (clipgen), and the pictures are cut from the samples and reconstructions already made."""
-    t = {}
-    metrics = {"variant": "flow-clip"}
-    pipe = pipeline.load_run(run, "flow-clip", device, need=("clip",))
+    t, metrics = {}, {"variant": "flow-clip"}
+    pipe = pipeline.load_run(run, device=device)
     start = time.time()
     metrics["clip"] = eval_clip(pipe, REPORT["clip_images"])
     t["clip"] = time.time() - start
@@ -552,9 +457,8 @@ def evaluate_all(run, device) -> dict:
         start = time.time()
         images, recon, scenes = reconstruct_set(pipe, REPORT["recon_images"])
         metrics["recon"] = recon_scores(images, recon, scenes)
-        rows = [[im for im in data.as_float(images[:8])], list(recon[:8])]
-        sample.save_png(sample.image_grid(rows, ["original", "reconstruction"]),
-                        Path(run) / "reconstructions.png")
+        sample.save_png(sample.image_grid([list(data.as_float(images[:8])), list(recon[:8])],
+                                          ["original", "reconstruction"]), Path(run) / "reconstructions.png")
         t["recon"] = time.time() - start
     if pipe.generator is not None and pipe.vlm is not None and pipe.decoder is not None:
         start = time.time()
@@ -569,15 +473,16 @@ def evaluate_all(run, device) -> dict:
         t["toygeneval+clipgen"] = time.time() - start
     # The ablations' generators, when trained: CLIP-space scores on a smaller prompt set.
     for name in checkpoints(run):
-        variant = name.split("/", 1)[1] if name.startswith("generate/") else None
-        if variant is None or variant == "flow-clip":
+        if not name.startswith("generate/") or name == "generate/flow-clip":
             continue
+        variant = name.removeprefix("generate/")
         start = time.time()
         ablation = pipeline.load_run(run, variant, device, need=("clip", "understand", "generate"))
         if ablation.target == "vae" and ablation.vae is None:
             continue
         metrics.setdefault("clipgen", {})[variant] = eval_clipgen(
-            ablation, REPORT["ablation_per_tag"], REPORT["ablation_samples"], REPORT["steps"], REPORT["guidance"])
+            ablation, REPORT["ablation_per_tag"], REPORT["ablation_samples"], REPORT["steps"],
+            REPORT["guidance"])
         t[f"clipgen {variant}"] = time.time() - start
     metrics["eval_seconds"] = t
     return metrics
@@ -585,30 +490,21 @@ def evaluate_all(run, device) -> dict:
 
 def full_report(run, timings: dict | None = None, train_seconds: float | None = None, device="auto",
                 force: bool = False) -> dict:
-    """Evaluate a run and write RUN/REPORT.md, RUN/metrics.json, samples.png, reconstructions.png and
-    loss_<stage>.png. Called by `python train.py` after the pipeline; also `python eval.py report`.
-
-    Cached: when RUN/metrics.json holds the same checkpoint fingerprint (each checkpoint's step and
-    meta.json mtime, the evaluation version and sizes), its metrics are reused and nothing is
-    re-evaluated. `timings` {stage: seconds} of stages trained now replace the recorded ones; stages
-    skipped this time (0 s) keep the time they took when they were trained."""
+    """Evaluate a run -> RUN/REPORT.md, metrics.json, samples.png, reconstructions.png, loss_<stage>.png
+    (`python train.py` ends with it). Cached: when RUN/metrics.json holds the same fingerprint, its metrics
+    are reused. `timings` {stage: seconds} of stages trained now replace the recorded ones."""
     run = pipeline.check_run_folder(run)
     start = time.time()
     device = pipeline.pick_device(device) if isinstance(device, str) else device
     fp = fingerprint(run)
-    old = {}
-    if (run / "metrics.json").is_file():
-        try:
-            old = json.loads((run / "metrics.json").read_text())
-        except json.JSONDecodeError:
-            old = {}
+    try:
+        old = json.loads((run / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        old = {}
     pictures = [run / "samples.png", run / "reconstructions.png"]
     cached = (not force and old.get("fingerprint") == fp
               and all(p.is_file() for p in pictures if p.name in old.get("pictures", [])))
-    if cached:
-        metrics = old["metrics"]
-    else:
-        metrics = rounded(evaluate_all(run, device))
+    metrics = old["metrics"] if cached else rounded(evaluate_all(run, device))
     train_times = dict(old.get("train_seconds_per_stage", {}))
     trained_now = False
     for stage, seconds in (timings or {}).items():
@@ -616,15 +512,13 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
             # train.py's `--stage all` names the generation stage "generate": the default flow-clip variant
             train_times["generate/flow-clip" if stage == "generate" else stage] = round(seconds, 1)
             trained_now = True
-    record = {
-        "fingerprint": fp, "metrics": metrics, "stages": rounded(stage_summaries(run)),
-        "train_seconds_per_stage": train_times,
-        "last_train_run_seconds": (round(train_seconds, 1) if trained_now and train_seconds
-                                   else old.get("last_train_run_seconds")),
-        "pictures": [p.name for p in pictures if p.is_file()],
-        "loss_plots": old.get("loss_plots", []) if cached else plot_losses(run),
-        "cached": cached, "report_seconds": round(time.time() - start, 1),
-    }
+    record = {"fingerprint": fp, "metrics": metrics, "stages": rounded(stage_summaries(run)),
+              "train_seconds_per_stage": train_times,
+              "last_train_run_seconds": (round(train_seconds, 1) if trained_now and train_seconds
+                                         else old.get("last_train_run_seconds")),
+              "pictures": [p.name for p in pictures if p.is_file()],
+              "loss_plots": old.get("loss_plots", []) if cached else plot_losses(run),
+              "cached": cached, "report_seconds": round(time.time() - start, 1)}
     (run / "metrics.json").write_text(json.dumps(record, indent=1) + "\n")
     (run / "REPORT.md").write_text(report_markdown(run, record))
     print(summary_table(record, run))
@@ -633,17 +527,12 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
 
 def headline(metrics: dict) -> dict:
     """The numbers that have targets, by the names used in TARGETS."""
-    out = {}
-    if "clip" in metrics:
-        out["clip zero-shot (held-out)"] = metrics["clip"]["zero_shot"]
-    if "understand" in metrics:
-        out["understanding exact match"] = metrics["understand"]["overall"]
-    if "flow-clip" in metrics.get("clipgen", {}):
-        out["clipgen single_object+colors"] = metrics["clipgen"]["flow-clip"]["single_object+colors"]
-    if "recon" in metrics:
-        out["reconstruction (GenEval rules)"] = metrics["recon"]["recon"]
-    if "toygeneval" in metrics:
-        out["toy GenEval overall"] = metrics["toygeneval"]["overall"]
+    generated = metrics.get("clipgen", {}).get("flow-clip", {})
+    out = {"clip zero-shot (held-out)": metrics.get("clip", {}).get("zero_shot"),
+           "understanding exact match": metrics.get("understand", {}).get("overall"),
+           "clipgen single_object+colors": generated.get("single_object+colors"),
+           "reconstruction (GenEval rules)": metrics.get("recon", {}).get("recon"),
+           "toy GenEval overall": metrics.get("toygeneval", {}).get("overall")}
     return {name: value for name, value in out.items() if value is not None}
 
 
@@ -654,133 +543,83 @@ def summary_table(record: dict, run) -> str:
     text = (f"\nBLIP3-o toy report ({note}, {record['report_seconds']:.0f} s)\n"
             + format_table(["held-out metric", "value", "target", ""], rows))
     if "toygeneval" in record["metrics"]:
-        tags = record["metrics"]["toygeneval"]["per_tag"]
-        text += "\ntoy GenEval per tag: " + ", ".join(f"{t} {a:.2f}" for t, a in tags.items())
-        if "tokens_say" in record["metrics"]["toygeneval"]:
-            text += f"\nthe same samples drawn from what their tokens say: " \
-                    f"{record['metrics']['toygeneval']['tokens_say']['overall']:.3f}"
+        g = record["metrics"]["toygeneval"]
+        text += "\ntoy GenEval per tag: " + ", ".join(f"{t} {a:.2f}" for t, a in g["per_tag"].items())
+        if "tokens_say" in g:
+            text += f"\nthe same samples drawn from what their tokens say: {g['tokens_say']['overall']:.3f}"
     return text + f"\nfull report: {Path(run) / 'REPORT.md'} (metrics.json, samples.png beside it)"
+
+
+def md_table(header, rows) -> list[str]:
+    """A Markdown table of text cells: the header, its rule, a line per row."""
+    return ["| " + " | ".join(map(str, row)) + " |" for row in [header, ["---"] * len(header), *rows]]
 
 
 def report_markdown(run: Path, record: dict) -> str:
     """RUN/REPORT.md: every number of metrics.json as tables, the pictures, and the commands."""
-    m = record["metrics"]
+    m, times = record["metrics"], record["train_seconds_per_stage"]
     md = [f"# BLIP3-o toy run: `{run}`", "",
           "All numbers are on held-out compositions of the shapes world (never drawn in training) unless "
           "marked *seen*. Regenerate with `python eval.py report --run " + str(run) + "` (cached while the "
           "checkpoints are unchanged).", "", "## Headline", "",
           "| metric | value | target | |", "| --- | --- | --- | --- |"]
     for name, value in headline(m).items():
-        md.append(f"| {name} | {value:.3f} | >= {TARGETS[name]:.2f} | {'ok' if value >= TARGETS[name] else 'below'} |")
-
-    md += ["", "## Stages", "", "| stage | steps | final loss | train time | loss curve |",
-           "| --- | --- | --- | --- | --- |"]
-    times = record["train_seconds_per_stage"]
+        mark = "ok" if value >= TARGETS[name] else "below"
+        md.append(f"| {name} | {value:.3f} | >= {TARGETS[name]:.2f} | {mark} |")
+    stages = []
     for name, s in record["stages"].items():
-        secs = times.get(name)
-        plot = f"loss_{name.replace('/', '-')}.png"
-        md.append(f"| {name} | {s['steps']} | {s['final_loss'] if s['final_loss'] is not None else '-'} | "
-                  f"{f'{secs:.0f} s' if secs else '-'} | "
-                  f"{f'![]({plot})' if plot in record['loss_plots'] else '-'} |")
+        secs, plot = times.get(name), f"loss_{name.replace('/', '-')}.png"
+        stages.append([name, s["steps"], s["final_loss"] if s["final_loss"] is not None else "-",
+                       f"{secs:.0f} s" if secs else "-",
+                       f"![]({plot})" if plot in record["loss_plots"] else "-"])
+    md += ["", "## Stages", ""]
+    md += md_table(["stage", "steps", "final loss", "train time", "loss curve"], stages)
     if times:
         md.append(f"\nTraining time, all stages above: {sum(times.values()) / 60:.1f} min.")
     if record.get("last_train_run_seconds"):
         md.append(f"The last `python train.py` that trained anything took "
                   f"{record['last_train_run_seconds'] / 60:.1f} min, evaluations excluded.")
-
-    md += generation_markdown(m, record) + understanding_markdown(m) + clip_markdown(m) + recon_markdown(m, record)
-    md += ["", "## Timings", "", "| what | seconds |", "| --- | --- |"]
-    md += [f"| train {k} | {v:.0f} |" for k, v in times.items()]
-    md += [f"| eval {k} | {v:.0f} |" for k, v in m.get("eval_seconds", {}).items()]
-    md.append(f"| this report ({'cached' if record['cached'] else 'evaluated'}) | {record['report_seconds']:.0f} |")
-
-    md += ["", "## Commands", "", "```",
-           f"python train.py --out {run}                  # train every stage (finished ones are skipped)",
-           f"python eval.py report --run {run}            # this report",
-           f"python eval.py clip --run {run}",
-           f"python eval.py understand --run {run}",
-           f"python eval.py clipgen --run {run} --variant flow-clip --steps 30 --guidance 3.0",
-           f"python eval.py recon --run {run} --n 200",
-           f"python eval.py toygeneval --run {run} --variant flow-clip --per-prompt 4",
-           f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
-           "```", ""]
-    return "\n".join(md)
-
-
-def generation_markdown(m: dict, record: dict) -> list[str]:
-    """REPORT.md's text -> image sections: toy GenEval, the sample grid, CLIP-space scores."""
-    md = []
     if "toygeneval" in m:
         g = m["toygeneval"]
         said = g.get("tokens_say", {"per_tag": {}})
         md += ["", "## Toy GenEval (text -> CLIP features -> pixels, scored from pixels)", "",
                f"{g['images']} images of the held-out prompt set in `{Path(g['folder']).name}/` "
-               "(GenEval layout, `results.jsonl` beside it); overall = mean over tags. *Tokens say*: the same "
-               "samples drawn exactly from the objects the CLIP's scene head reads in their generated tokens "
-               "(the generator's share of the errors; the rest is the pixel decoder's).", "",
-               "| tag | images | decoded | tokens say |", "| --- | --- | --- | --- |"]
-        md += [f"| {t} | {g['images_per_tag'][t]} | {a:.3f} | {fmt(said['per_tag'].get(t))} |"
-               for t, a in g["per_tag"].items()]
-        md.append(f"| **overall** | {g['images']} | **{g['overall']:.3f}** | {fmt(said.get('overall'))} |")
+               "(GenEval layout, `results.jsonl` beside it); overall = mean over tags. *Tokens say*: the "
+               "same samples drawn exactly from the objects the CLIP's scene head reads in their generated "
+               "tokens (the generator's share of the errors; the rest is the pixel decoder's).", ""]
+        rows = [[t, g["images_per_tag"][t], f"{a:.3f}", fmt(said["per_tag"].get(t))]
+                for t, a in g["per_tag"].items()]
+        rows.append(["**overall**", g["images"], f"**{g['overall']:.3f}**", fmt(said.get("overall"))])
+        md += md_table(["tag", "images", "decoded", "tokens say"], rows)
     if "samples.png" in record["pictures"]:
         md += ["", "Samples (4 seeds per held-out prompt):", "", "![samples](samples.png)"]
-
     if m.get("clipgen"):
         md += ["", "## Generated samples, scored in CLIP space", "",
                "Top-1 retrieval of the right prompt among all prompts of its tag (both splits), by the "
                "toy CLIP embedding of each decoded sample. Ablations appear when trained.", ""]
-        variants = list(m["clipgen"])
-        tags = list(dict.fromkeys(t for v in variants for t in m["clipgen"][v]["per_tag"]))
-        md += ["| tag | " + " | ".join(variants) + " |", "| --- |" + " --- |" * len(variants)]
-        for t in tags + ["single_object+colors", "overall"]:
-            cells = [m["clipgen"][v]["per_tag"].get(t) if t in m["clipgen"][v]["per_tag"]
-                     else m["clipgen"][v].get(t) for v in variants]
-            md.append(f"| {t} | " + " | ".join(fmt(c) for c in cells) + " |")
-    return md
+        scores = m["clipgen"]
+        tags = list(dict.fromkeys(t for v in scores.values() for t in v["per_tag"]))
+        md += md_table(["tag", *scores], [[t, *(fmt(v["per_tag"][t] if t in v["per_tag"] else v.get(t))
+                                                for v in scores.values())]
+                                          for t in tags + ["single_object+colors", "overall"]])
 
-
-def understanding_markdown(m: dict) -> list[str]:
-    """REPORT.md's stage-1 section: accuracy per question type and scene size, examples."""
-    md = []
     if "understand" in m:
         u = m["understand"]
-        md += ["", "## Understanding (stage 1): exact match, greedy", "",
-               "| question type | questions | accuracy |", "| --- | --- | --- |"]
-        md += [f"| {q} | {v['questions']} | {fmt(v['accuracy'])} |" for q, v in u["per_type"].items()]
-        md += [f"| **overall** | {u['questions']} | **{u['overall']:.3f}** |",
-               f"| whole caption | {u['captions']} | {u['caption_exact']:.3f} |", ""]
-        if "by_scene_size" in u:  # reports cached before this breakdown existed lack it
-            md += ["By objects in the image (questions, accuracy). With two objects a colour or shape question "
-                   "picks one by the other attribute: 0.5 is answering about either at random.", "",
-                   "| question type | " + " | ".join(SCENE_SIZES) + " |", "| --- |" + " --- |" * len(SCENE_SIZES)]
-            md += [f"| {q} | " + " | ".join(f"{v[z]['questions']}, {v[z]['accuracy']:.2f}" if z in v else "-"
-                                            for z in SCENE_SIZES) + " |" for q, v in u["by_scene_size"].items()]
-            md += [""]
-        md += ["Examples:", ""]
+        md += ["", "## Understanding (stage 1): exact match, greedy", ""]
+        md += md_table(["question type", "questions", "accuracy"],
+                       [[q, v["questions"], fmt(v["accuracy"])] for q, v in u["per_type"].items()]
+                       + [["**overall**", u["questions"], f"**{u['overall']:.3f}**"],
+                          ["whole caption", u["captions"], f"{u['caption_exact']:.3f}"]])
+        md += ["", "By objects in the image (questions, accuracy). With two objects a colour or shape "
+               "question picks one by the other attribute: 0.5 is answering about either at random.", ""]
+        md += md_table(["question type", *SCENE_SIZES],
+                       [[q, *(f"{v[z]['questions']}, {v[z]['accuracy']:.2f}" if z in v else "-"
+                              for z in SCENE_SIZES)] for q, v in u["by_scene_size"].items()])
+        md += ["", "Examples:", ""]
         md += [f"- `{e['question']}` -> `{e['predicted']}` (truth `{e['answer']}`)" for e in u["examples"]]
-    return md
-
-
-def clip_markdown(m: dict) -> list[str]:
-    """REPORT.md's CLIP section: zero-shot classification and retrieval."""
-    md = []
     if "clip" in m:
-        c = m["clip"]
-        md += ["", "## CLIP (toy, contrastive)", "", "| metric | value |", "| --- | --- |",
-               f"| zero-shot single object, 30 prompts: color and shape | {c['zero_shot']:.3f} |",
-               f"| zero-shot single object: color | {c['zero_shot_color']:.3f} |",
-               f"| zero-shot single object: shape | {c['zero_shot_shape']:.3f} |",
-               f"| zero-shot single object, *seen* (training) images | {c['zero_shot_seen']:.3f} |",
-               f"| single_object shape (3 prompts) | {c['single_object_shape']:.3f} |",
-               f"| held-out colour compositions, 600 two-object prompts | {c['zero_shot_compositions']:.3f} |",
-               f"| retrieval image -> caption R@1 (groups of 100) | {c['retrieval_i2t_r1']:.3f} |",
-               f"| retrieval caption -> image R@1 (groups of 100) | {c['retrieval_t2i_r1']:.3f} |"]
-    return md
-
-
-def recon_markdown(m: dict, record: dict) -> list[str]:
-    """REPORT.md's reconstruction section: the CLIP autoencoder scored by the GenEval rules."""
-    md = []
+        md += ["", "## CLIP (toy, contrastive)", ""]
+        md += md_table(["metric", "value"], [[name, fmt(m["clip"][key])] for key, name in CLIP_ROWS.items()])
     if "recon" in m:
         r = m["recon"]
         md += ["", "## Reconstruction (image -> 64 CLIP tokens -> pixel decoder)", "",
@@ -788,13 +627,26 @@ def recon_markdown(m: dict, record: dict) -> list[str]:
                f"**{r['recon']:.3f}** (the originals themselves: {r['originals']:.3f}).", ""]
         if "reconstructions.png" in record["pictures"]:
             md.append("![reconstructions](reconstructions.png)")
-    return md
+    md += ["", "## Timings", ""]
+    md += md_table(["what", "seconds"], [[f"train {k}", f"{v:.0f}"] for k, v in times.items()]
+                   + [[f"eval {k}", f"{v:.0f}"] for k, v in m["eval_seconds"].items()]
+                   + [[f"this report ({'cached' if record['cached'] else 'evaluated'})",
+                       f"{record['report_seconds']:.0f}"]])
+    md += ["", "## Commands", "", "```",
+           f"python train.py --out {run}                  # train every stage (finished ones are skipped)",
+           f"python eval.py report --run {run}            # this report",
+           f"python eval.py clip --run {run}",
+           f"python eval.py understand --run {run}",
+           f"python eval.py clipgen --run {run} --variant flow-clip --steps {blip3o.SAMPLE_STEPS} "
+           f"--guidance {blip3o.GUIDANCE}",
+           f"python eval.py recon --run {run} --n 200",
+           f"python eval.py toygeneval --run {run} --variant flow-clip --per-prompt 4",
+           f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
+           "```", ""]
+    return "\n".join(md)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
-
+# --- Command line ---------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -812,14 +664,13 @@ def parse_args(argv=None):
                        ("toygeneval", "the toy GenEval prompt set, generated and scored")):
         c = command(name, help)
         c.add_argument("--variant", default="flow-clip", help="flow-clip, mse-clip or flow-vae")
-        c.add_argument("--steps", type=int, default=30, help="Euler steps, text -> target tokens")
-        c.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+        add_sampling_options(c)
         c.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
         c.add_argument("--tags", default=",".join(data.TAGS),
                        help="comma-separated GenEval tags to score (default: all six)")
         if name == "clipgen":
-            c.add_argument("--per-tag", type=int, default=8, help="held-out prompts per GenEval tag (at most; "
-                           "more than a tag has: all of them, e.g. --tags single_object,colors --per-tag 100)")
+            c.add_argument("--per-tag", type=int, default=8, help="held-out prompts per GenEval tag, at most "
+                           "(e.g. --tags single_object,colors --per-tag 100: all of them)")
             c.add_argument("--samples", type=int, default=4, help="samples per prompt")
         else:
             c.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
@@ -853,33 +704,56 @@ def run_command(args) -> dict:
     if args.command == "report":
         record = full_report(args.run, device=device, force=args.force)
         return {"metrics": record["metrics"], "cached": record["cached"]}
+    need = {"clip": ("clip",), "understand": ("clip", "understand"),
+            "recon": ("clip", "decoder")}.get(args.command, ("clip", "understand", "generate"))
+    variant = getattr(args, "variant", "flow-clip")
+    pipe = pipeline.load_run(args.run, variant, device, need)
     if args.command == "clip":
-        m = eval_clip(pipeline.load_run(args.run, device=device), args.n)
-        print_clip(m)
+        m = eval_clip(pipe, args.n)
+        print(f"CLIP on {m['images']} held-out images per row")
+        print(format_table(["metric", "value"], [[name, m[key]] for key, name in CLIP_ROWS.items()]))
     elif args.command == "understand":
-        m = eval_understand(pipeline.load_run(args.run, device=device, need=("clip", "understand")),
-                            args.n, args.captions)
-        print_understand(m)
+        m = eval_understand(pipe, args.n, args.captions)
+        print(f"Understanding: exact match on {m['questions']} held-out questions (greedy)")
+        rows = [[q, v["questions"], v["accuracy"]] for q, v in m["per_type"].items()]
+        rows += [["overall", m["questions"], m["overall"]],
+                 ["caption (whole caption)", m["captions"], m["caption_exact"]]]
+        print(format_table(["question type", "n", "accuracy"], rows))
+        print("\nthe same by objects in the image (n, accuracy):")
+        rows = [[q] + [f"{v[z]['questions']}, {v[z]['accuracy']:.3f}" if z in v else "-" for z in SCENE_SIZES]
+                for q, v in m["by_scene_size"].items()]
+        print(format_table(["question type", *SCENE_SIZES], rows))
+        print("\nexamples:")
+        for ex in m["examples"]:
+            mark = "ok" if ex["predicted"].strip() == ex["answer"] else "WRONG"
+            print(f"  {ex['question']!r:45} -> {ex['predicted']!r} (truth {ex['answer']!r}) {mark}")
+    elif args.command == "recon":
+        m = recon_scores(*reconstruct_set(pipe, args.n))
+        print(f"Reconstruction (image -> CLIP features -> pixel decoder) of {m['images']} held-out images, "
+              "scored by the GenEval rules against each scene's own record")
+        rows = [[tag, acc] for tag, acc in m["per_tag"].items()]
+        print(format_table(["tag", "correct"], rows + [["all", m["recon"]],
+                                                       ["(originals, detector ceiling)", m["originals"]]]))
     elif args.command == "clipgen":
-        pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
         if pipe.target == "vae":
             sample.check_pixels(pipe, args.run)
-        m = {"variant": args.variant, **eval_clipgen(pipe, args.per_tag, args.samples, args.steps, args.guidance,
-                                                    args.seed, args.tags)}
-        print_clipgen(m, args.variant)
-    elif args.command == "recon":
-        m = eval_recon(pipeline.load_run(args.run, device=device, need=("clip", "decoder")), args.n)
-        print_recon(m)
+        m = eval_clipgen(pipe, args.per_tag, args.samples, args.steps, args.guidance, args.seed, args.tags)
+        print(f"Generated features ({variant}): top-1 retrieval of the right prompt among its tag's prompts "
+              f"({m['prompts']} held-out prompts x {m['samples_per_prompt']} samples)")
+        rows = [[tag, len(tag_records(tag)), acc] for tag, acc in m["per_tag"].items()]
+        if m["single_object+colors"] is not None:
+            rows.append(["single_object+colors", "", m["single_object+colors"]])
+        rows.append(["overall (mean of tags)", "", m["overall"]])
+        print(format_table(["tag", "candidates", "top-1"], rows))
     else:  # toygeneval
-        pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
-        m, *_ = eval_toygeneval(pipe, args.run, args.variant, args.per_prompt, args.per_tag, args.steps,
+        m, *_ = eval_toygeneval(pipe, args.run, variant, args.per_prompt, args.per_tag, args.steps,
                                 args.guidance, args.seed, tags=args.tags)
-        print_geneval(m, f"Toy GenEval ({args.variant}): {m['images']} images in {m['folder']}")
+        print_geneval(m, f"Toy GenEval ({variant}): {m['images']} images in {m['folder']}")
         if "tokens_say" in m:
-            print(f"The same samples drawn exactly from what their tokens say: {fmt(m['tokens_say']['overall'])} "
-                  f"(" + ", ".join(f"{t} {fmt(a)}" for t, a in m["tokens_say"]["per_tag"].items()) + ")")
-        m = {"variant": args.variant, **m}
-    return m
+            said = m["tokens_say"]
+            print(f"The same samples drawn exactly from what their tokens say: {fmt(said['overall'])} ("
+                  + ", ".join(f"{t} {fmt(a)}" for t, a in said["per_tag"].items()) + ")")
+    return {"variant": variant, **m} if args.command in ("clipgen", "toygeneval") else m
 
 
 if __name__ == "__main__":
