@@ -55,9 +55,7 @@ from PIL import Image, ImageOps
 
 from blip3o import PROMPT_TEMPLATE, toy_words  # the generation prompt: its words join VOCAB
 
-# ----------------------------------------------------------------------------------------------------
-# 1. The world
-# ----------------------------------------------------------------------------------------------------
+# --- 1. The world -------------------------------------------------------------------------------------
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -500,9 +498,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Understanding data: questions with one-word answers
-# ----------------------------------------------------------------------------------------------------
+# --- 2. Understanding data: questions with one-word answers -------------------------------------------
 
 QTYPES = ("color", "shape", "count", "position")
 caption_question = "describe the image ."  # its answer is scene.caption
@@ -550,9 +546,7 @@ def _vocab() -> list:
 VOCAB = _vocab()
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. GenEval: prompts, rendering, a pixel detector and the official scoring rules
-# ----------------------------------------------------------------------------------------------------
+# --- 3. GenEval: prompts, rendering, a pixel detector and the official scoring rules ------------------
 
 def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int = 0) -> list[dict]:
     """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag (None: all).
@@ -804,9 +798,7 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
     return results, {"per_tag": per_tag, "overall": overall, "images": len(results)}
 
 
-# ----------------------------------------------------------------------------------------------------
-# 4. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples
-# ----------------------------------------------------------------------------------------------------
+# --- 4. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples -----------
 # Real caption data is messy: corrupt or truncated files, missing or undecodable captions, odd image
 # modes, decompression bombs. A bad sample must never stop a multi-day run, so the readers below skip
 # it and count why; only a pass that finds nothing readable at all is an error (a wrong path, say).

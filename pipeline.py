@@ -28,9 +28,7 @@ from blip3o import (
 )
 
 
-# ----------------------------------------------------------------------------------------------------
-# Released BLIP3-o generation weights (BLIP3o/BLIP3o-Model-8B, -4B)
-# ----------------------------------------------------------------------------------------------------
+# --- Released BLIP3-o generation weights (BLIP3o/BLIP3o-Model-8B, -4B) --------------------------------
 
 OFFICIAL_DIT_PREFIX = "model.dit.model."
 OFFICIAL_QUERIES_KEY = "model.latent_queries"
@@ -189,9 +187,7 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
     return queries, model, report
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: safetensors weights + JSON, written atomically
-# ----------------------------------------------------------------------------------------------------
+# --- Checkpoints: safetensors weights + JSON, written atomically --------------------------------------
 
 
 class CheckpointError(RuntimeError):
@@ -410,9 +406,7 @@ def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "ch
     module.load_state_dict(found, strict=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Devices and precision (chosen once, in one place)
-# ----------------------------------------------------------------------------------------------------
+# --- Devices and precision (chosen once, in one place) ------------------------------------------------
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -440,9 +434,7 @@ def count_params(module: nn.Module) -> tuple[int, int]:
     return t, f
 
 
-# ----------------------------------------------------------------------------------------------------
-# The whole model, rebuilt from a run folder
-# ----------------------------------------------------------------------------------------------------
+# --- The whole model, rebuilt from a run folder -------------------------------------------------------
 
 
 @dataclass

@@ -54,9 +54,7 @@ import data
 import pipeline
 from cli import OneLineParser, UserError, positive_int
 
-# ----------------------------------------------------------------------------------------------------
-# The recipe
-# ----------------------------------------------------------------------------------------------------
+# --- The recipe ---------------------------------------------------------------------------------------
 
 STAGES = ("clip", "understand", "decoder", "vae", "generate", "joint")
 PIPELINE = ("clip", "understand", "decoder", "generate")  # what `--stage all` trains, in data order
@@ -131,9 +129,7 @@ class Plan:
     stream: object = None
 
 
-# ----------------------------------------------------------------------------------------------------
-# What every stage reads: the toy images and the frozen parts trained before it
-# ----------------------------------------------------------------------------------------------------
+# --- What every stage reads: the toy images and the frozen parts trained before it --------------------
 
 _IMAGE_SET = {}
 
@@ -196,9 +192,7 @@ def set_unit_scale(scale: torch.Tensor, tokens: torch.Tensor) -> None:
     scale.fill_(float(tokens.std()))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The stages, in the data's order: CLIP -> understanding -> decoder -> generation (+ ablations)
-# ----------------------------------------------------------------------------------------------------
+# --- The stages, in the data's order: CLIP -> understanding -> decoder -> generation (+ ablations) ----
 
 
 def plan_clip(args, device) -> Plan:
@@ -434,12 +428,8 @@ def t_bin_logs(t, per) -> dict:
     """Flow loss per quarter of t (minRF's habit): where along the path the model struggles."""
     if t is None:
         return {}
-    out = {}
-    for k in range(4):
-        m = (t >= k / 4) & (t < (k + 1) / 4)
-        if m.any():
-            out[f"loss_t{k}"] = float(per[m].detach().mean())
-    return out
+    quarter = (t * 4).long().clamp(max=3)  # (B,): 0 for t in [0, 0.25), ..., 3 for [0.75, 1]
+    return {f"loss_t{k}": float(per[quarter == k].detach().mean()) for k in range(4) if (quarter == k).any()}
 
 
 def pick_phrasing(rng, idx: torch.Tensor, phrasings: tuple):
@@ -518,12 +508,10 @@ def generation_plan(args, generator, vlm, chunk_fn, target: str, stream=None) ->
 def plan_joint(args, device) -> Plan:
     """The ablation the paper argues against: one model trained on both tasks at once, LM unfrozen.
 
-    It starts where the sequential recipe's stage 2 starts (RUN/understand, a fresh generator) and runs
-    as many steps, but every chunk is half stage-1 rows (question -> answer, next-token loss) and half
-    stage-2 rows (prompt -> CLIP tokens, flow loss), and the gradient of the sum L_und + L_gen reaches
-    the LM and projector as well as the queries and the DiT. The checkpoint RUN/joint holds both the
-    VLM and the generator (`pipeline.load_run(run, "joint")` rebuilds them), since the LM it conditions
-    on is no longer the stage-1 one.
+    It starts where stage 2 starts (RUN/understand, a fresh generator), but every chunk is half stage-1
+    rows (question -> answer) and half stage-2 rows (prompt -> scene tokens), and the gradient of
+    L_und + L_gen reaches the LM and projector too. RUN/joint holds both the VLM and the generator
+    (`pipeline.load_run(run, "joint")`), since the LM it conditions on is no longer stage 1's.
     """
     cfg = args.config
     if cfg.lm.name is not None or args.data:
@@ -573,9 +561,7 @@ PLANS = {"clip": plan_clip, "understand": plan_understand, "decoder": plan_decod
          "generate": plan_generate, "joint": plan_joint}
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
+# --- Command line -------------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
@@ -633,11 +619,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the DiT weights (0: off)")
     p.add_argument("--loss", default="flow", choices=("flow", "mse"), help="generation objective")
     p.add_argument("--time-sampling", default=None, choices=("uniform", "logit_normal"),
-                   help="flow matching's t distribution (default: logit_normal for the toy, uniform "
-                        "(the paper's) for real presets)")
+                   help="flow matching's t distribution (default: the preset's time_sampling)")
     p.add_argument("--noise-repeats", type=positive_int, default=None,
-                   help="--stage generate: noise draws per prompt and step (default: 2 for the toy, 1 for "
-                        "real presets); the DiT batch is the batch size times this")
+                   help="--stage generate: noise draws per prompt and step (default: the preset's)")
     p.add_argument("--target", default="clip", choices=("clip", "vae"), help="generation target space")
     p.add_argument("--images", type=positive_int, default=TOY_IMAGES, help="toy training images")
     p.add_argument("--seed", type=int, default=0)
@@ -652,10 +636,8 @@ def parse_args(argv=None):
     scale.add_argument("--data", metavar="SHARDS", help="--stage generate on streamed data: WebDataset .tar "
                        "shards ('shards/*.tar', 'shards/{00000..00999}.tar') or, with --captions, a folder")
     scale.add_argument("--captions", metavar="JSONL", help='with --data FOLDER: lines {"file", "caption"}')
-    scale.add_argument("--compile", action="store_true", help="torch.compile each Next-DiT block (GPU; "
-                       "see NOTES.md, Speed and memory)")
-    scale.add_argument("--fsdp", action="store_true", help="shard the generation head with FSDP2 "
-                       "(fully_shard) instead of replicating it with DDP")
+    scale.add_argument("--compile", action="store_true", help="torch.compile each Next-DiT block (GPU)")
+    scale.add_argument("--fsdp", action="store_true", help="shard the generation head with FSDP2, not DDP")
     scale.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute the backbone's activations in backward (less memory)")
     args = p.parse_args(argv)
@@ -706,9 +688,7 @@ def check_writable(out: Path) -> None:
             probe.unlink()
 
 
-# ----------------------------------------------------------------------------------------------------
-# The training loop shared by every stage
-# ----------------------------------------------------------------------------------------------------
+# --- The training loop shared by every stage ----------------------------------------------------------
 
 
 def fit(plan: Plan, args, device) -> dict:
@@ -826,9 +806,7 @@ def make_optimizer(params, lr: float, weight_decay: float, device):
                              fused=device.type == "cuda" or None)  # fused: one kernel, 7% off an 8B-head step
 
 
-# ----------------------------------------------------------------------------------------------------
-# Resume, checkpoints and EMA
-# ----------------------------------------------------------------------------------------------------
+# --- Resume, checkpoints and EMA ----------------------------------------------------------------------
 
 
 @dataclass
@@ -971,9 +949,7 @@ def update_ema(ema: dict | None, model: Objective, decay: float, step: int) -> N
                 ema[n].lerp_(p.detach(), 1 - d)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Several processes: DDP, FSDP2, gradient checkpointing, distributed helpers
-# ----------------------------------------------------------------------------------------------------
+# --- Several processes: DDP, FSDP2, gradient checkpointing, distributed helpers -----------------------
 
 
 def wrap(plan: Plan, model: Objective, device, world: int, args):
