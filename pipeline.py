@@ -1,14 +1,11 @@
-"""The plumbing around the model in blip3o.py: checkpoints, devices, a run rebuilt, released weights.
+"""The plumbing around the model in blip3o.py: released weights, checkpoints, devices, a run rebuilt.
 
-- Checkpoints: a folder of safetensors weights + meta.json (config, loop state), written atomically,
-  the previous one kept as `<folder>.prev`; a file that cannot be read raises CheckpointError naming it,
-  what is wrong, and the command that trains the stage again.
-- Devices and precision: CUDA -> MPS -> CPU, bf16 autocast on CUDA only.
-- `load_run`: every trained piece of a toy run (RUN/clip, RUN/understand, RUN/decoder, RUN/generate/...)
-  rebuilt from its checkpoints alone, as one `Pipeline` with the methods the scripts call.
 - `load_official_generation_weights`: the released BLIP3-o stage-2 weights (the 64 queries and the
-  Next-DiT, from BLIP3o/BLIP3o-Model-8B or -4B) read straight into our modules, shard by shard;
-  `load_official_embedding_row`: the trained input embedding of the token [IMG] that precedes the queries.
+  Next-DiT of BLIP3o/BLIP3o-Model-8B or -4B) read straight into our modules, shard by shard.
+- Checkpoints: safetensors weights + meta.json, written atomically, the previous one kept as
+  `<folder>.prev`; an unreadable file raises CheckpointError naming it and the command that retrains it.
+- Devices and precision: CUDA -> MPS -> CPU, bf16 autocast on CUDA only.
+- `load_run`: every trained piece of a toy run rebuilt from its checkpoints alone, as one `Pipeline`.
 """
 from __future__ import annotations
 
@@ -47,11 +44,8 @@ def _shape(v) -> tuple[int, ...]:
 def dit_config_from_state(state, **overrides) -> DiTConfig:
     """Infer a DiTConfig from a DiT state dict or {name: shape} (our names, any common key prefix).
 
-    Widths come from the weight shapes, depth from the layer indices, heads from the per-head `gate`,
-    KV heads from `attn1.to_k`, and the FFN width is taken as stored (4864 in the release, whatever
-    diffusers would compute). What shapes cannot tell (grid_size, eps) comes from
-    `overrides` or the defaults.
-    """
+    Widths come from the weight shapes, depth from the layer indices, heads from the per-head `gate`, KV
+    heads from `attn1.to_k`, the FFN width as stored; the rest (grid_size, eps) from `overrides`."""
     gate_keys = [k for k in state if k.endswith("layers.0.gate")]
     if not gate_keys:
         raise ValueError("not a Next-DiT state: no 'layers.0.gate' key")
@@ -61,18 +55,12 @@ def dit_config_from_state(state, **overrides) -> DiTConfig:
     num_heads = shape["layers.0.gate"][0]
     head_dim = hidden // num_heads
     num_layers = 1 + max(int(k.split(".")[1]) for k in shape if k.startswith("layers."))
-    cfg = dict(
-        in_channels=in_channels,
-        hidden_size=hidden,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=shape["layers.0.attn1.to_k.weight"][0] // head_dim,
-        ffn_dim=shape["layers.0.feed_forward.linear_1.weight"][0],
-        cond_dim=shape["caption_projection.linear_1.weight"][1],
-        time_embed_dim=shape["time_caption_embed.timestep_embedder.linear_1.weight"][0],
-    )
-    cfg.update(overrides)
-    return DiTConfig(**cfg)
+    cfg = dict(in_channels=in_channels, hidden_size=hidden, num_layers=num_layers, num_heads=num_heads,
+               num_kv_heads=shape["layers.0.attn1.to_k.weight"][0] // head_dim,
+               ffn_dim=shape["layers.0.feed_forward.linear_1.weight"][0],
+               cond_dim=shape["caption_projection.linear_1.weight"][1],
+               time_embed_dim=shape["time_caption_embed.timestep_embedder.linear_1.weight"][0])
+    return DiTConfig(**{**cfg, **overrides})
 
 
 @dataclass
@@ -98,12 +86,9 @@ class LoadReport:
 
 
 def load_official_embedding_row(path, token_id: int) -> torch.Tensor | None:
-    """Row `token_id` (H,) of a released checkpoint's `model.embed_tokens.weight`; None if it has no such row.
-
-    Read as a slice, so the (vocabulary, H) table itself never loads. BLIP3o's training adds [IMG], [/IMG]
-    and <image> after Qwen's own tokens and sets their rows to the mean of the others (its train.py,
-    smart_tokenizer_and_embedding_resize): the stock backbone's row at that id is not the trained one.
-    """
+    """Row `token_id` (H,) of a released checkpoint's `model.embed_tokens.weight` (None if it has none),
+    read as a slice. BLIP3o adds [IMG] after Qwen's own tokens and trains its row: the stock backbone's
+    row at that id is not the trained one (NOTES.md)."""
     path = Path(path)
     for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
         with safe_open(os.fspath(file), framework="pt") as f:
@@ -122,13 +107,11 @@ def _top_prefix(key: str) -> str:
 def load_official_generation_weights(path, *, device="cpu", dtype=None):
     """Load the stage-2 weights of a released BLIP3-o checkpoint: the 64 queries and the DiT.
 
-    path: a folder of *.safetensors shards (with or without model.safetensors.index.json) or one file.
-    Only `model.latent_queries` and `model.dit.model.*` are read; the backbone and anything else is
-    counted in the report, never loaded. The DiT's config is inferred from the shapes, the model is built
-    on the meta device and takes the checkpoint tensors in place (no second copy of 1.4 B parameters);
-    if some tensors are missing or mis-shaped it is built normally instead and those keep their init.
-    Returns (queries (64, H) or None if absent, NextDiT, LoadReport). dtype None keeps the stored dtype.
-    """
+    path: a folder of *.safetensors shards (index file optional) or one file. Only `model.latent_queries`
+    and `model.dit.model.*` are read; anything else is counted in the report, never loaded. The DiT's
+    config comes from the shapes; it is built on the meta device and takes the tensors in place (no
+    second copy of 1.4 B parameters), or, if some are missing or mis-shaped, built normally with those
+    left at init. -> (queries (64, H) or None, NextDiT, LoadReport); dtype None keeps the stored one."""
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -192,9 +175,7 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged, from another stage, or does not match the model.
-
-    `damaged`: the path of the file that cannot be read, `reason` what is wrong with it (None for the
-    other cases)."""
+    `damaged`: the file that cannot be read and `reason` what is wrong with it (else None)."""
 
     def __init__(self, message: str, damaged: Path | None = None, reason: str | None = None):
         super().__init__(message)
@@ -230,13 +211,10 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
                     tokenizer=None, keep_previous: bool = True) -> None:
     """Write a checkpoint folder atomically, keeping the one it replaces as `<folder>.prev`.
 
-    Everything goes into a sibling temporary folder first (fsync'd); then the current folder is renamed
-    to `<folder>.prev` (the older previous one deleted first) and the new one renamed into place. A crash
-    at any moment leaves at least one complete checkpoint: between the two renames, `checkpoint_path`
-    finds it in `<folder>.prev`; and a damaged latest checkpoint can still resume from the previous one.
-    keep_previous=False replaces the current folder instead (train.py: a damaged one, after resuming
-    from `<folder>.prev`, which then stays).
-    """
+    Everything goes into a sibling temporary folder first (fsync'd); then the current folder becomes
+    `<folder>.prev` and the new one is renamed into place, so a crash at any moment leaves a complete
+    checkpoint (`checkpoint_path` finds it). keep_previous=False replaces the current folder instead
+    (train.py: a damaged one, after resuming from `<folder>.prev`, which then stays)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -318,10 +296,8 @@ def first_line(error: BaseException) -> str:
 
 
 def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = False, path: Path | None = None):
-    """-> (meta dict, tensors dict, optimizer state or None). Safe: no pickle beyond weights_only.
-
-    Reads `path` (default: checkpoint_path(folder)); a file that cannot be read raises CheckpointError
-    naming it (`.damaged`), what is wrong, and the command that trains the stage again."""
+    """-> (meta dict, tensors dict, optimizer state or None), from `path` (default: checkpoint_path(folder)).
+    Safe: no pickle beyond weights_only. An unreadable file raises CheckpointError naming it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
