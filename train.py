@@ -16,10 +16,9 @@ Several processes (same code path; gloo on CPU, NCCL on GPUs):
     torchrun --standalone --nproc_per_node=8 train.py --stage generate --preset blip3o-8b \
         --data 'shards/{00000..00999}.tar' --global-batch 512 --fsdp --grad-checkpointing --compile \
         --out out/8b
-        # WebDataset shards (jpg/png + txt per key) streamed and split over the ranks, each image encoded
-        # by the frozen CLIP as it arrives; or --data FOLDER --captions captions.jsonl
-        # --fsdp shards the DiT's weights, gradients and Adam state (FSDP2) instead of replicating them
-        # --compile: torch.compile each Next-DiT block (the 8B head's step: 48 % MFU on an H100, 33 % eager)
+        # WebDataset shards (or --data FOLDER --captions captions.jsonl) streamed and split over the ranks,
+        # encoded by the frozen CLIP as they arrive; --fsdp shards the DiT's weights, gradients and Adam
+        # state (FSDP2); --compile compiles each Next-DiT block
 
 A stage that finished is skipped, a half-finished one resumes from its last checkpoint, data position
 included (`--restart` starts it over). Global batch = batch-size x grad-accum x world size, printed at
