@@ -4,27 +4,23 @@
     prompt + 64 learnable queries --frozen LM--> query states (B, 64, D_lm)
         --Next-DiT + flow matching--> 64 CLIP features --pixel decoder--> image  ........ stage 2
 
-Read it top to bottom; every name is defined before it is used, so the stage-2 generator comes after
-the two pieces it is built from (the Next-DiT and flow matching):
+Read it top to bottom; every name is defined before it is used.
 
 1. Config and presets: `toy` (trains on a laptop CPU in minutes), `blip3o-4b`, `blip3o-8b` (the paper's).
 2. Tokenizer: a word-level tokenizer built offline for the toy; `AutoTokenizer` for real backbones.
-3. Image encoder: an open_clip CLIP; its last block's patch tokens, average-pooled to an 8x8 grid, are what
-   the LM reads and, at real scale, what the generator learns to produce (paper section 3: "CLIP + Flow
-   Matching"; EVA-CLIP's features are deep and global). The toy CLIP learns per-token semantics (each
-   token names the object under it), and two scene blocks on top give the toy's generation target: 64
-   tokens that each describe the whole scene, as EVA-CLIP's pooled features do.
-4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only
-   (the toy merges each 2x2 block of CLIP tokens into one LM token as Qwen2-VL does, and also trains on
-   text-only rows, so its LM can read a caption as a real backbone can).
+3. Image encoder: an open_clip CLIP whose last block's patch tokens, pooled to an 8x8 grid, are what the LM
+   reads and, at real scale, what the generator produces (paper section 3, "CLIP + Flow Matching"). The
+   toy's tokens also learn which object lies under them, and two scene blocks on top make its generation
+   target: 64 tokens that each describe the whole scene, as EVA-CLIP's deep, global features do.
+4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only (the toy
+   merges 2x2 CLIP tokens as Qwen2-VL does, and also trains on text-only rows so its LM reads captions).
 5. Next-DiT (Lumina-Next): the diffusion transformer, building blocks first.
 6. Flow matching: the loss and the Euler sampler with classifier-free guidance.
 7. Generation (stage 2): 64 learnable queries appended to the prompt; the frozen LM's last hidden states
    at those positions condition a Next-DiT trained by flow matching (`Generator.loss`), or, for the
    ablation, a linear map trained with MSE; `generate` is text to features, end to end.
-8. Pixels: the toy pixel decoder (reads where and what each object is from the generated features, then
-   draws every patch; deterministic, as BLIP3-o's decoder at inference) and a small VAE for the
-   "VAE + Flow" ablation.
+8. Pixels: the toy pixel decoder (reads each object from the features, then draws every patch;
+   deterministic, as BLIP3-o's decoder at inference) and a small VAE for the "VAE + Flow" ablation.
 Checkpoints, devices, a whole run rebuilt (`load_run`) and the released weights' loader: pipeline.py.
 
 Flow-matching convention (the paper's, used everywhere in this repository):
@@ -52,18 +48,15 @@ import torch.nn.functional as F
 
 # The paper's generation prompt: the caption goes where {} is.
 PROMPT_TEMPLATE = "Please generate an image based on the following caption: {}"
-# The paper's sampling settings, read by every script: Euler steps from noise to CLIP features, and the
-# classifier-free guidance scale.
+# The paper's sampling settings, read by every script: Euler steps and classifier-free guidance scale.
 SAMPLE_STEPS, GUIDANCE = 30, 3.0
 
 
 @dataclass
 class DiTConfig:
-    """Next-DiT sizes. The defaults are the released BLIP3-o 8B DiT (width 1792, 24 layers, 28 heads).
+    """Next-DiT sizes. The defaults are the released BLIP3-o 8B DiT; the 4B differs only in cond_dim=2048.
 
-    `ffn_dim` and `time_embed_dim` left at None are filled in by the official rules, so a saved config
-    always holds concrete numbers. The 4B model differs only in `cond_dim=2048` (Qwen2.5-VL-3B width).
-    """
+    `ffn_dim` and `time_embed_dim` left at None get the official rules, so saved configs hold numbers."""
 
     in_channels: int = 1792  # channels per token of the generated target (EVA-CLIP width)
     hidden_size: int = 1792
@@ -84,7 +77,6 @@ class DiTConfig:
         if (self.hidden_size // self.num_heads) % 4:
             raise ValueError("2-D RoPE splits each head in (row, column) x (cos, sin): head_dim % 4 != 0")
         if self.ffn_dim is None:
-            # Lumina-Next's FeedForward: int(2/3 * 4 * dim), rounded up to a multiple of 256.
             self.ffn_dim = 256 * math.ceil(int(2 * 4 * self.hidden_size / 3) / 256)
         if self.time_embed_dim is None:
             self.time_embed_dim = min(self.hidden_size, 1024)
@@ -116,12 +108,10 @@ class CLIPConfig:
     context_length: int = 20
     vocab_size: int = 0  # toy text tower: set from the tokenizer
     grid: int = 8  # tokens are average-pooled down to grid x grid (real: 32x32 -> 8x8)
-    # Toy only: weight of the dense per-token objective (each patch token names the colour, shape and box
-    # of the object it lies on; see ImageEncoder.dense_loss). 0 trains the contrastive loss alone.
+    # Toy only: weight of the per-token objective (ImageEncoder.dense_loss); 0: contrastive loss alone.
     dense_weight: float = 0.0
-    # Toy only: scene blocks on top of the patch tokens make the *generation* target, 64 tokens of width
-    # scene_width that each carry the whole scene (see ImageEncoder.scene_tokens). 0: the target is the
-    # patch tokens themselves (the real EVA-CLIP features).
+    # Toy only: scene blocks that make the generation target (ImageEncoder.scene_tokens); 0: the target
+    # is the patch tokens themselves, as with the real EVA-CLIP.
     scene_layers: int = 0
     scene_width: int = 32
     image_mean: tuple = (0.5, 0.5, 0.5)
@@ -144,8 +134,7 @@ class LMConfig:
     # Image tokens the projector merges into one LM token, per side (Qwen2-VL's 2x2 patch merger): the
     # toy's 8x8 CLIP grid reaches its LM as 4x4 = 16 tokens. 1: one LM token per CLIP token (LLaVA).
     image_merge: int = 1
-    # The published config.json of the real backbone, used to build it on the `meta` device without a
-    # download (sizes only; weights always come from `name`).
+    # The real backbone's published config.json, to build it on the `meta` device (sizes only, no download).
     arch: dict | None = None
 
 
@@ -166,9 +155,7 @@ class DecoderConfig:
     layers: int = 3  # hidden layers of the renderer MLP
     patch: int = 4  # each of the 64 grid cells renders a patch x patch block of pixels
     octaves: int = 5  # Fourier features of positions, periods 64, 32, 16, 8, 4 px (at 32 px)
-    # Objects' places (box corners) and sizes are read on a grid this many pixels apart: the toy's patch
-    # lattice, where every object's box lies.
-    position_step: int = 4
+    position_step: int = 4  # objects' box corners are read on this pixel grid: the toy's patch lattice
 
 
 @dataclass
@@ -216,21 +203,15 @@ QWEN25_VL_7B = dict(model_type="qwen2_5_vl", hidden_size=3584, num_hidden_layers
 
 
 def _toy() -> Config:
-    # The toy CLIP learns per-token semantics as well as the contrastive loss (ImageEncoder.dense_loss),
-    # and two scene blocks on top make the generation target (ImageEncoder.scene_tokens).
     clip = CLIPConfig(dense_weight=1.0, scene_layers=2)
-    # 2x2 merging (Qwen2-VL's merger): the LM reads 16 image tokens, which keeps stage-1 steps cheap, as
-    # the image is most of every sequence; with objects on the patch lattice no merged token mixes two.
+    # 2x2 merging keeps stage-1 steps cheap: the LM reads 16 image tokens (the image is most of a sequence).
     lm = LMConfig(image_merge=2)
-    # Generation head: a small Next-DiT over the 64 scene tokens, conditioned on the 64 query states.
     dit = DiTConfig(in_channels=clip.scene_width, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
                     ffn_dim=256, cond_dim=lm.hidden_size, grid_size=clip.grid)
     # Stage 2, where the toy departs from the paper (NOTES.md has the measurements):
     # - logit-normal t (SD3) trains the middle of the path, where layout and colour are decided, more often;
-    # - 2 noise draws per prompt: the frozen LM's pass is 40 % of a toy step, and sharing it makes steps
-    #   ~25 % cheaper;
-    # - the toy LM's embeddings have std ~0.09, so N(0, 1) queries would drown the prompt: they start at
-    #   the embeddings' scale instead;
+    # - 2 noise draws per prompt share one frozen-LM pass, which makes steps cheaper;
+    # - queries start at the toy LM embeddings' small scale, where N(0, 1) would drown the prompt;
     # - unit-std targets (the scene tokens' scale is whatever the CLIP stage made it).
     return Config(preset="toy", clip=clip, lm=lm, dit=dit, decoder=DecoderConfig(),
                   time_sampling="logit_normal", noise_repeats=2, query_init="embedding", target_norm=True)
@@ -245,8 +226,7 @@ def _real(preset: str, lm_name: str, arch: dict) -> Config:
                   num_heads=arch["num_attention_heads"], num_kv_heads=arch["num_key_value_heads"],
                   intermediate_size=arch["intermediate_size"], max_length=4096,
                   vocab_size=arch["vocab_size"], image_token="<|image_pad|>", arch=arch)
-    # The official DiT: width 1792, 24 layers, 28 heads, FFN 4864 (DiTConfig's defaults), reading the
-    # backbone's hidden states (2048 or 3584 wide) through its caption projection.
+    # The official DiT (DiTConfig's defaults) reads the backbone's hidden states (2048 or 3584 wide).
     dit = DiTConfig(cond_dim=lm.hidden_size)
     return Config(preset=preset, clip=clip, lm=lm, dit=dit, decoder=None)
 
@@ -277,11 +257,8 @@ PUNCTUATION = ".,;:!?"  # split off the word it follows or precedes: "circle?" i
 
 
 def build_toy_tokenizer(words):
-    """A word-level tokenizer over the toy world's vocabulary, built offline with `tokenizers`.
-
-    Returns a transformers `PreTrainedTokenizerFast`, so `save_pretrained` / `AutoTokenizer.from_pretrained`
-    work exactly as for a real backbone's tokenizer. Pad is id 0 and <eos> id 2, open_clip's defaults.
-    """
+    """A word-level tokenizer over the toy world's vocabulary, built offline with `tokenizers`, as a
+    `PreTrainedTokenizerFast`: `save_pretrained` / `AutoTokenizer` work as for a real backbone's."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -333,9 +310,8 @@ def encode_prompts(tokenizer, captions, length: int | None = None, template: str
                    limit: int | None = None):
     """Captions -> generation prompts: ids (B, T) right-padded, lengths (B,), lengths before any cut (B,).
 
-    Each caption goes into the template, after <bos> if the tokenizer has one (the toy's does, Qwen's
-    does not), with no <eos>: the 64 queries follow. T is `length` (longer prompts are cut) or the longest.
-    A prompt longer than `limit` tokens raises ValueError."""
+    Each caption goes into the template after <bos> if the tokenizer has one (Qwen's has not), with no
+    <eos>: the queries follow. T is `length` (longer prompts cut) or the longest; over `limit`: ValueError."""
     if not all(c.strip() for c in captions):
         raise ValueError("empty prompt")
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
@@ -364,10 +340,8 @@ def decode_ids(tokenizer, ids) -> str:
 
 
 def unknown_words(tokenizer, texts) -> list[str]:
-    """The words of `texts` outside a word-level (toy) tokenizer's vocabulary, each once, in order.
-
-    The toy tokenizer maps such a word to <unk>, which the toy model never saw in training; a real
-    backbone's BPE tokenizer spells any word in pieces, so it has none (returns [])."""
+    """The words of `texts` outside a word-level (toy) tokenizer's vocabulary, each once, in order: the toy
+    reads them as <unk>, never seen in training. A real BPE tokenizer spells any word, so it returns []."""
     if not _is_word_level(tokenizer):
         return []
     vocab, core = tokenizer.get_vocab(), tokenizer.backend_tokenizer
