@@ -981,8 +981,7 @@ class NextDiT(nn.Module):
         # (BLIP3-o's code). The adaLN modulation and pooled-condition projection keep xavier, as in diffusers'
         # port that BLIP3-o trained with: Lumina-Next's adaLN-zero makes every conditional path a product of
         # zeros, and the toy then follows its prompt far later (NOTES.md).
-        zero = [self.norm_out.linear_1, self.norm_out.linear_2]
-        for lin in zero:
+        for lin in (self.norm_out.linear_1, self.norm_out.linear_2):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         for layer in self.layers:
