@@ -4,27 +4,23 @@
     prompt + 64 learnable queries --frozen LM--> query states (B, 64, D_lm)
         --Next-DiT + flow matching--> 64 CLIP features --pixel decoder--> image  ........ stage 2
 
-Read it top to bottom; every name is defined before it is used, so the stage-2 generator comes after
-the two pieces it is built from (the Next-DiT and flow matching):
+Read it top to bottom; every name is defined before it is used.
 
 1. Config and presets: `toy` (trains on a laptop CPU in minutes), `blip3o-4b`, `blip3o-8b` (the paper's).
 2. Tokenizer: a word-level tokenizer built offline for the toy; `AutoTokenizer` for real backbones.
-3. Image encoder: an open_clip CLIP; its last block's patch tokens, average-pooled to an 8x8 grid, are what
-   the LM reads and, at real scale, what the generator learns to produce (paper section 3: "CLIP + Flow
-   Matching"; EVA-CLIP's features are deep and global). The toy CLIP learns per-token semantics (each
-   token names the object under it), and two scene blocks on top give the toy's generation target: 64
-   tokens that each describe the whole scene, as EVA-CLIP's pooled features do.
-4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only
-   (the toy merges each 2x2 block of CLIP tokens into one LM token as Qwen2-VL does, and also trains on
-   text-only rows, so its LM can read a caption as a real backbone can).
+3. Image encoder: an open_clip CLIP whose last block's patch tokens, pooled to an 8x8 grid, are what the LM
+   reads and, at real scale, what the generator produces (paper section 3, "CLIP + Flow Matching"). The
+   toy's tokens also learn which object lies under them, and two scene blocks on top make its generation
+   target: 64 tokens that each describe the whole scene, as EVA-CLIP's deep, global features do.
+4. Understanding (stage 1): LLaVA-style projector + causal LM, next-token loss on the answer only (the toy
+   merges 2x2 CLIP tokens as Qwen2-VL does, and also trains on text-only rows so its LM reads captions).
 5. Next-DiT (Lumina-Next): the diffusion transformer, building blocks first.
 6. Flow matching: the loss and the Euler sampler with classifier-free guidance.
 7. Generation (stage 2): 64 learnable queries appended to the prompt; the frozen LM's last hidden states
    at those positions condition a Next-DiT trained by flow matching (`Generator.loss`), or, for the
    ablation, a linear map trained with MSE; `generate` is text to features, end to end.
-8. Pixels: the toy pixel decoder (reads where and what each object is from the generated features, then
-   draws every patch; deterministic, as BLIP3-o's decoder at inference) and a small VAE for the
-   "VAE + Flow" ablation.
+8. Pixels: the toy pixel decoder (reads each object from the features, then draws every patch;
+   deterministic, as BLIP3-o's decoder at inference) and a small VAE for the "VAE + Flow" ablation.
 Checkpoints, devices, a whole run rebuilt (`load_run`) and the released weights' loader: pipeline.py.
 
 Flow-matching convention (the paper's, used everywhere in this repository):
@@ -52,18 +48,15 @@ import torch.nn.functional as F
 
 # The paper's generation prompt: the caption goes where {} is.
 PROMPT_TEMPLATE = "Please generate an image based on the following caption: {}"
-# The paper's sampling settings, read by every script: Euler steps from noise to CLIP features, and the
-# classifier-free guidance scale.
+# The paper's sampling settings, read by every script: Euler steps and classifier-free guidance scale.
 SAMPLE_STEPS, GUIDANCE = 30, 3.0
 
 
 @dataclass
 class DiTConfig:
-    """Next-DiT sizes. The defaults are the released BLIP3-o 8B DiT (width 1792, 24 layers, 28 heads).
+    """Next-DiT sizes. The defaults are the released BLIP3-o 8B DiT; the 4B differs only in cond_dim=2048.
 
-    `ffn_dim` and `time_embed_dim` left at None are filled in by the official rules, so a saved config
-    always holds concrete numbers. The 4B model differs only in `cond_dim=2048` (Qwen2.5-VL-3B width).
-    """
+    `ffn_dim` and `time_embed_dim` left at None get the official rules, so saved configs hold numbers."""
 
     in_channels: int = 1792  # channels per token of the generated target (EVA-CLIP width)
     hidden_size: int = 1792
@@ -84,7 +77,6 @@ class DiTConfig:
         if (self.hidden_size // self.num_heads) % 4:
             raise ValueError("2-D RoPE splits each head in (row, column) x (cos, sin): head_dim % 4 != 0")
         if self.ffn_dim is None:
-            # Lumina-Next's FeedForward: int(2/3 * 4 * dim), rounded up to a multiple of 256.
             self.ffn_dim = 256 * math.ceil(int(2 * 4 * self.hidden_size / 3) / 256)
         if self.time_embed_dim is None:
             self.time_embed_dim = min(self.hidden_size, 1024)
@@ -116,12 +108,10 @@ class CLIPConfig:
     context_length: int = 20
     vocab_size: int = 0  # toy text tower: set from the tokenizer
     grid: int = 8  # tokens are average-pooled down to grid x grid (real: 32x32 -> 8x8)
-    # Toy only: weight of the dense per-token objective (each patch token names the colour, shape and box
-    # of the object it lies on; see ImageEncoder.dense_loss). 0 trains the contrastive loss alone.
+    # Toy only: weight of the per-token objective (ImageEncoder.dense_loss); 0: contrastive loss alone.
     dense_weight: float = 0.0
-    # Toy only: scene blocks on top of the patch tokens make the *generation* target, 64 tokens of width
-    # scene_width that each carry the whole scene (see ImageEncoder.scene_tokens). 0: the target is the
-    # patch tokens themselves (the real EVA-CLIP features).
+    # Toy only: scene blocks that make the generation target (ImageEncoder.scene_tokens); 0: the target
+    # is the patch tokens themselves, as with the real EVA-CLIP.
     scene_layers: int = 0
     scene_width: int = 32
     image_mean: tuple = (0.5, 0.5, 0.5)
@@ -144,8 +134,7 @@ class LMConfig:
     # Image tokens the projector merges into one LM token, per side (Qwen2-VL's 2x2 patch merger): the
     # toy's 8x8 CLIP grid reaches its LM as 4x4 = 16 tokens. 1: one LM token per CLIP token (LLaVA).
     image_merge: int = 1
-    # The published config.json of the real backbone, used to build it on the `meta` device without a
-    # download (sizes only; weights always come from `name`).
+    # The real backbone's published config.json, to build it on the `meta` device (sizes only, no download).
     arch: dict | None = None
 
 
@@ -166,9 +155,7 @@ class DecoderConfig:
     layers: int = 3  # hidden layers of the renderer MLP
     patch: int = 4  # each of the 64 grid cells renders a patch x patch block of pixels
     octaves: int = 5  # Fourier features of positions, periods 64, 32, 16, 8, 4 px (at 32 px)
-    # Objects' places (box corners) and sizes are read on a grid this many pixels apart: the toy's patch
-    # lattice, where every object's box lies.
-    position_step: int = 4
+    position_step: int = 4  # objects' box corners are read on this pixel grid: the toy's patch lattice
 
 
 @dataclass
@@ -216,21 +203,15 @@ QWEN25_VL_7B = dict(model_type="qwen2_5_vl", hidden_size=3584, num_hidden_layers
 
 
 def _toy() -> Config:
-    # The toy CLIP learns per-token semantics as well as the contrastive loss (ImageEncoder.dense_loss),
-    # and two scene blocks on top make the generation target (ImageEncoder.scene_tokens).
     clip = CLIPConfig(dense_weight=1.0, scene_layers=2)
-    # 2x2 merging (Qwen2-VL's merger): the LM reads 16 image tokens, which keeps stage-1 steps cheap, as
-    # the image is most of every sequence; with objects on the patch lattice no merged token mixes two.
+    # 2x2 merging keeps stage-1 steps cheap: the LM reads 16 image tokens (the image is most of a sequence).
     lm = LMConfig(image_merge=2)
-    # Generation head: a small Next-DiT over the 64 scene tokens, conditioned on the 64 query states.
     dit = DiTConfig(in_channels=clip.scene_width, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
                     ffn_dim=256, cond_dim=lm.hidden_size, grid_size=clip.grid)
     # Stage 2, where the toy departs from the paper (NOTES.md has the measurements):
     # - logit-normal t (SD3) trains the middle of the path, where layout and colour are decided, more often;
-    # - 2 noise draws per prompt: the frozen LM's pass is 40 % of a toy step, and sharing it makes steps
-    #   ~25 % cheaper;
-    # - the toy LM's embeddings have std ~0.09, so N(0, 1) queries would drown the prompt: they start at
-    #   the embeddings' scale instead;
+    # - 2 noise draws per prompt share one frozen-LM pass, which makes steps cheaper;
+    # - queries start at the toy LM embeddings' small scale, where N(0, 1) would drown the prompt;
     # - unit-std targets (the scene tokens' scale is whatever the CLIP stage made it).
     return Config(preset="toy", clip=clip, lm=lm, dit=dit, decoder=DecoderConfig(),
                   time_sampling="logit_normal", noise_repeats=2, query_init="embedding", target_norm=True)
@@ -245,8 +226,7 @@ def _real(preset: str, lm_name: str, arch: dict) -> Config:
                   num_heads=arch["num_attention_heads"], num_kv_heads=arch["num_key_value_heads"],
                   intermediate_size=arch["intermediate_size"], max_length=4096,
                   vocab_size=arch["vocab_size"], image_token="<|image_pad|>", arch=arch)
-    # The official DiT: width 1792, 24 layers, 28 heads, FFN 4864 (DiTConfig's defaults), reading the
-    # backbone's hidden states (2048 or 3584 wide) through its caption projection.
+    # The official DiT (DiTConfig's defaults) reads the backbone's hidden states (2048 or 3584 wide).
     dit = DiTConfig(cond_dim=lm.hidden_size)
     return Config(preset=preset, clip=clip, lm=lm, dit=dit, decoder=None)
 
@@ -277,11 +257,8 @@ PUNCTUATION = ".,;:!?"  # split off the word it follows or precedes: "circle?" i
 
 
 def build_toy_tokenizer(words):
-    """A word-level tokenizer over the toy world's vocabulary, built offline with `tokenizers`.
-
-    Returns a transformers `PreTrainedTokenizerFast`, so `save_pretrained` / `AutoTokenizer.from_pretrained`
-    work exactly as for a real backbone's tokenizer. Pad is id 0 and <eos> id 2, open_clip's defaults.
-    """
+    """A word-level tokenizer over the toy world's vocabulary, built offline with `tokenizers`, as a
+    `PreTrainedTokenizerFast`: `save_pretrained` / `AutoTokenizer` work as for a real backbone's."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
@@ -333,9 +310,8 @@ def encode_prompts(tokenizer, captions, length: int | None = None, template: str
                    limit: int | None = None):
     """Captions -> generation prompts: ids (B, T) right-padded, lengths (B,), lengths before any cut (B,).
 
-    Each caption goes into the template, after <bos> if the tokenizer has one (the toy's does, Qwen's
-    does not), with no <eos>: the 64 queries follow. T is `length` (longer prompts are cut) or the longest.
-    A prompt longer than `limit` tokens raises ValueError."""
+    Each caption goes into the template after <bos> if the tokenizer has one (Qwen's has not), with no
+    <eos>: the queries follow. T is `length` (longer prompts cut) or the longest; over `limit`: ValueError."""
     if not all(c.strip() for c in captions):
         raise ValueError("empty prompt")
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
@@ -364,10 +340,8 @@ def decode_ids(tokenizer, ids) -> str:
 
 
 def unknown_words(tokenizer, texts) -> list[str]:
-    """The words of `texts` outside a word-level (toy) tokenizer's vocabulary, each once, in order.
-
-    The toy tokenizer maps such a word to <unk>, which the toy model never saw in training; a real
-    backbone's BPE tokenizer spells any word in pieces, so it has none (returns [])."""
+    """The words of `texts` outside a word-level (toy) tokenizer's vocabulary, each once, in order: the toy
+    reads them as <unk>, never seen in training. A real BPE tokenizer spells any word, so it returns []."""
     if not _is_word_level(tokenizer):
         return []
     vocab, core = tokenizer.get_vocab(), tokenizer.backend_tokenizer
@@ -406,11 +380,9 @@ def object_loss(out: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, bo
 class ImageEncoder(nn.Module):
     """An open_clip CLIP whose patch tokens are BLIP3-o's image representation.
 
-    `tokens(images)` -> (B, grid*grid, D_clip): the last transformer block's output at the patch
-    positions (CLS dropped), average-pooled to an 8x8 grid. For EVA02-E-14-plus at 448 px that is a
-    32x32 grid pooled 4x4 -> 64 x 1792, the paper's generation target. The toy CLIP has patch 4 on 32x32
-    images, so its grid is already 8x8 and the pooling is the identity.
-    The text tower is used only for contrastive training and zero-shot scoring.
+    `tokens(images)` -> (B, grid*grid, D_clip): the last block's output at the patch positions (CLS dropped)
+    average-pooled to 8x8 (EVA02-E-14-plus at 448 px: 32x32 pooled 4x4 -> 64 x 1792, the paper's generation
+    target; the toy's grid is 8x8 already). The text tower serves contrastive training and zero-shot only.
     """
 
     def __init__(self, cfg: CLIPConfig, device=None):
@@ -429,13 +401,11 @@ class ImageEncoder(nn.Module):
                               width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
                               pool_type="none", pad_id=PAD_ID, eos_id=EOS_ID),
             )
-            # The toy image embedding is the mean of the (normalised) patch tokens instead of a CLS
-            # token, so the patch tokens alone give the embedding (see `embed_tokens`).
+            # The toy image embedding averages the (normalised) patch tokens, no CLS: see `embed_tokens`.
             self.model.visual.pool_type = "avg"
         else:
-            # A named open_clip model; "image_size" forces the resolution (EVA02-E-14-plus: 224 -> 448).
-            # On the meta device (size checks) we must build *inside* the device context, or open_clip
-            # would allocate all 4 B parameters on the CPU first.
+            # A named open_clip model at cfg.image_size (EVA02-E-14-plus: 224 -> 448), built *inside* the
+            # device context, or a meta (size-check) build would allocate all 4 B parameters on the CPU first.
             with torch.device(device or "cpu"):
                 self.model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained,
                                                     force_image_size=cfg.image_size,
@@ -443,11 +413,9 @@ class ImageEncoder(nn.Module):
         # Dense head (toy): a linear read-out of each patch token -> colour logits (10 + background),
         # shape logits (3 + background) and the object's box (4). Linear, so the tokens themselves carry it.
         self.dense_head = nn.Linear(cfg.width, OBJECT_OUTPUTS) if cfg.dense_weight > 0 else None
-        # Scene blocks (toy): the generation target. EVA-CLIP's features, which BLIP3-o generates, are deep
-        # and global: each pooled token says what the whole image holds. The toy's counterpart is two
-        # transformer blocks over the patch tokens whose 64 outputs *each* name every object of the image
-        # (colour, shape, box, in reading order) through one linear head: a scene the generator can place
-        # as a whole, rather than a layout of 64 local patches (NOTES.md has the measurements).
+        # Scene blocks (toy): the generation target, deep and global as EVA-CLIP's features are: each of the
+        # 64 outputs names every object (colour, shape, box, in reading order) through one linear head, a
+        # scene the generator places as a whole rather than 64 local patches (NOTES.md has the measurements).
         self.scene = None
         if cfg.scene_layers > 0:
             block = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 2 * cfg.width, dropout=0.0,
@@ -525,12 +493,9 @@ class ImageEncoder(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Unit-norm text embeddings (B, embed_dim); ids right-padded with 0 (pad), ending in <eos>.
 
-        The toy text tower averages its (projected) token states over the words instead of reading the
-        <eos> state: the embedding of "a red square" then stays close to a sum of what "red" and
-        "square" contribute, which is what lets zero-shot classification reach colour-shape pairs that
-        never occur in training (held-out compositions). With <eos> pooling the tiny tower memorises
-        the pairs it saw, and held-out accuracy falls as training goes on (NOTES.md).
-        """
+        The toy tower averages its projected token states over the words, not the <eos> state, so "a red
+        square" stays near a sum of "red" and "square": zero-shot then reaches colour-shape pairs never seen
+        in training, where <eos> pooling made the tiny tower memorise the pairs it saw (NOTES.md)."""
         if self.cfg.name is not None:  # a named open_clip model pools as it was trained to
             return F.normalize(self.model.encode_text(ids), dim=-1)
         states = self.model.encode_text(ids)  # (B, L, E): pool_type "none" keeps every position
@@ -538,12 +503,9 @@ class ImageEncoder(nn.Module):
         return F.normalize((states * keep).sum(1) / keep.sum(1).clamp(min=1), dim=-1)
 
     def contrastive_loss(self, images: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor | None = None):
-        """Symmetric InfoNCE over the batch (CLIP, Radford et al. 2021).
-
-        A small world repeats captions within a batch ("a photo of a circle"), so every pair whose texts
-        are identical counts as a positive (soft targets), instead of pushing true matches apart.
-        `tokens`, when the patch tokens of `images` are at hand already, saves a second forward pass.
-        """
+        """Symmetric InfoNCE over the batch (CLIP, Radford et al. 2021). A small world repeats captions, so
+        every pair of identical texts counts as a positive (soft targets) rather than pushing matches apart.
+        `tokens`, the patch tokens of `images` if at hand already, saves a second forward pass."""
         img = self.encode_image(images) if tokens is None else self.embed_tokens(tokens)  # same, toy tower
         txt = self.encode_text(ids)
         logits = self.model.logit_scale.exp() * img @ txt.t()  # (B, B)
@@ -556,8 +518,7 @@ class ImageEncoder(nn.Module):
 
         colour (B, 64) and shape (B, 64) are class ids with background as the last class; box (B, 64, 4) is
         the owning object's box in [0, 1], scored on object tokens only. A web-scale CLIP's patch features
-        are semantic and object-aware (what BLIP3-o's generator targets); a tiny CLIP trained only to
-        match captions keeps its tokens close to its own pixels, so the toy asks for that explicitly."""
+        are semantic and object-aware; a tiny one matching captions stays near its pixels unless asked."""
         return object_loss(self.dense_head(tokens), colour, shape, box)  # head: (B, 64, 11 + 4 + 4)
 
 
@@ -582,8 +543,7 @@ def build_backbone(cfg: LMConfig, device=None, dtype=None):
                              pad_token_id=0, bos_token_id=3, eos_token_id=2)
         with torch.device(device or "cpu"):
             return Qwen2ForCausalLM(hf_cfg).to(dtype or torch.float32)
-    if str(device) == "meta":
-        # Sizes only, no weights: build from the published config numbers we carry in the preset.
+    if str(device) == "meta":  # sizes only, no weights: from the config numbers the preset carries
         if cfg.arch is None:
             raise ValueError(f"no architecture numbers for {cfg.name!r}: cannot build it on the meta device")
         hf_cfg = AutoConfig.for_model(**cfg.arch)
@@ -605,11 +565,9 @@ def _auto_class(hf_cfg):
 def text_positions(embeds: torch.Tensor) -> torch.Tensor:
     """Position ids 0 .. T-1 for a text-only sequence of embeddings (B, T, D) -> (B, T).
 
-    Given explicitly, so the LM never has to infer them from `inputs_embeds`. Qwen2.5-VL's multimodal
-    RoPE (mrope) has three position axes (time, height, width); for text all three equal the token
-    index, and its language model expands (B, T) ids to (3, B, T) that way. Its multimodal wrapper would
-    otherwise reuse `rope_deltas` cached by an earlier image call and shift every position.
-    """
+    Given explicitly: Qwen2.5-VL's language model expands them to its three mrope axes (time, height,
+    width: all the token index for text), where its multimodal wrapper, left to infer them, would reuse
+    `rope_deltas` cached by an earlier image call and shift every position."""
     B, T = embeds.shape[:2]
     return torch.arange(T, device=embeds.device).expand(B, T)
 
@@ -693,11 +651,8 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, lengths, clip_tokens, max_new_tokens=16, eos_id=EOS_ID,
                  temperature: float = 0.0, rng=None):
-        """Batched decoding: greedy (temperature 0) or sampled. Returns a list of new-token id lists.
-
-        Each step re-runs the whole (short) right-padded sequence and reads the logits at each sample's
-        own last position, then writes the new token there; no KV cache, which keeps it obviously right.
-        """
+        """Batched decoding, greedy (temperature 0) or sampled -> a list of new-token id lists. No KV cache,
+        to stay obviously right: each step re-runs the whole right-padded sequence, extending each sample."""
         B = input_ids.shape[0]
         ids = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], 1)  # room to grow
         lengths = lengths.clone()
@@ -725,11 +680,10 @@ class VisionLanguageModel(nn.Module):
 def build_conversation_batch(tokenizer, image_tokens: int, conversations, length: int | None = None):
     """Several question/answer turns about one image per row -> (input_ids, labels, lengths).
 
-    Layout: <bos> <image>*image_tokens q1 a1 <eos> q2 a2 <eos> ... (LLaVA's multi-turn format). The image
-    tokens are the bulk of every sequence, so packing a few turns per image gives several times the
-    supervision for little more compute. Labels keep only the answers and their <eos>; image_tokens 0
-    builds text-only rows, and an answer None ends the row after its question (a prompt to answer).
-    """
+    Layout: <bos> <image>*image_tokens q1 a1 <eos> q2 a2 <eos> ... (LLaVA's multi-turn format): the image is
+    the bulk of a sequence, so a few turns per image multiply the supervision cheaply. Labels keep only the
+    answers and their <eos>; image_tokens 0 builds text-only rows, and an answer None ends the row after its
+    question (a prompt to answer)."""
     img = [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
     rows, labels = [], []
     for turns in conversations:
@@ -764,9 +718,8 @@ def build_qa_batch(tokenizer, image_tokens: int, questions, answers=None, length
 # 5. Next-DiT (Lumina-Next): the building blocks, then the model
 # ----------------------------------------------------------------------------------------------------
 #
-# Module and parameter names follow the released checkpoint (keys under `model.dit.model.`), which are
-# diffusers' LuminaNextDiT2DModel names plus BLIP3-o's caption_projection, so loading released weights is a
-# straight copy (pipeline.official_key_map is the identity up to that prefix).
+# Names follow the released checkpoint (keys under `model.dit.model.`: diffusers' LuminaNextDiT2DModel plus
+# BLIP3-o's caption_projection), so loading its weights is a straight copy (pipeline.official_key_map).
 #
 # Time: the released model (Lumina-Next / diffusers) is fed the noise level sigma = 1 - t as
 # timestep = 1000 * sigma and predicts noise - data = -v. NextDiT.forward takes our t (the convention at
@@ -797,12 +750,10 @@ def timestep_embedding(timestep: torch.Tensor, dim: int = 256, max_period: float
 def rope_2d(grid_size: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
     """2-D RoPE rotations for a row-major grid: (cos, sin) of each angle, (grid_size**2, head_dim // 2, 2).
 
-    The layout is diffusers' get_2d_rotary_pos_embed_lumina: the head dim is read as head_dim/2
-    complex pairs; pair 2k rotates with the row index at frequency k, pair 2k+1 with the column index at
-    frequency k (row and column interleaved), frequencies theta^(-4k/head_dim), k < head_dim/4. The
-    official table is built for a 384 x 384 grid and sliced to 8 x 8, which equals building it for 8 x 8.
-    It is cheap, so it is recomputed per call rather than stored in checkpoints. Stored as real (cos, sin)
-    pairs, which view_as_complex reads as e^(i angle) at no cost: a compiled block sees no complex tensor.
+    diffusers' get_2d_rotary_pos_embed_lumina layout: head_dim/2 complex pairs; pair 2k rotates with the row
+    index at frequency k, pair 2k+1 with the column index, frequencies theta^(-4k/head_dim), k < head_dim/4
+    (the official 384 x 384 table sliced to 8 x 8 equals this). Cheap, so recomputed per call, never saved.
+    Real (cos, sin) pairs (view_as_complex reads them as e^(i angle) for free): no complex tensor to compile.
     """
     axis_dim = head_dim // 2  # dims per axis
     freqs = 1.0 / (theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float32, device=device) / axis_dim))
@@ -811,18 +762,15 @@ def rope_2d(grid_size: int, head_dim: int, theta: float, device=None) -> torch.T
     rows = angle[:, None, :].expand(grid_size, grid_size, -1)  # (G, G, head_dim/4): varies with the row
     cols = angle[None, :, :].expand(grid_size, grid_size, -1)  # (G, G, head_dim/4): varies with the column
     angle = torch.stack([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim // 2)  # (N, head_dim/2)
-    # polar, not stack([cos, sin]): the two differ in the last bit, and polar keeps the toy's published
-    # numbers reproducible.
+    # polar, not stack([cos, sin]): they differ in the last bit, and polar keeps the published toy numbers.
     return torch.view_as_real(torch.polar(torch.ones_like(angle), angle))  # (N, head_dim/2, 2): e^(i angle)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate the pairs (x[2i], x[2i+1]) of x (B, N, H, head_dim) by `rope` (N, head_dim/2, 2) = (cos, sin).
 
-    Lumina's complex product (a + ib) * e^(i angle), in fp32 as diffusers does. One complex multiply is
-    also the fastest eager form on CPU: the real version (a cos - b sin, a sin + b cos) reads x with
-    stride 2 (NOTES.md has the timing).
-    """
+    Lumina's complex product (a + ib) * e^(i angle), in fp32 as diffusers does; also the fastest eager form
+    on CPU, where the real version reads x with stride 2 (NOTES.md)."""
     if torch.compiler.is_compiling():
         # Inductor generates no code for complex numbers; under torch.compile the same rotation in real
         # arithmetic fuses with its neighbours (the strided reads that make it slow in eager disappear).
@@ -838,10 +786,8 @@ class Attention(nn.Module):
     """q/k/v projections (no bias) and Lumina's qk-norm: LayerNorm over all heads at once, before RoPE.
 
     Only the cross-attention owns an output projection (`to_out.0`): a Next-DiT block mixes the heads of
-    self- and cross-attention first and projects the sum once (see NextDiTBlock).
-    q, k and v stay three Linears, the checkpoint's layout, so loading stays a straight copy: fusing them
-    into one matmul makes a CPU training step no faster (NOTES.md).
-    """
+    self- and cross-attention first and projects the sum once (see NextDiTBlock). q, k and v stay three
+    Linears, the checkpoint's layout: fused, a CPU training step is no faster (NOTES.md)."""
 
     def __init__(self, dim: int, context_dim: int, num_heads: int, num_kv_heads: int, out_proj: bool):
         super().__init__()
@@ -858,9 +804,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context, rope, rope_keys: bool) -> torch.Tensor:
         """x (B, N, dim) attends to context (B, L, context_dim); returns the heads (B, H, N, head_dim).
-
-        RoPE always rotates the queries; the keys only when they live on the same grid (self-attention).
-        """
+        RoPE always rotates the queries; the keys only when they live on the same grid (self-attention)."""
         hd = self.head_dim
         q = self.norm_q(self.to_q(x)).unflatten(-1, (self.num_heads, hd))  # (B, N, H, hd)
         k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_kv_heads, hd))  # (B, L, Hkv, hd)
@@ -1007,14 +951,7 @@ class NextDiT(nn.Module):
       x (B, N, in_channels) noisy tokens, row-major on the grid_size x grid_size grid;
       t (B,) in [0, 1], 0 = noise, 1 = data; cond (B, L, cond_dim), every token real (BLIP3-o's condition
       is always its 64 query states, so no mask); returns the velocity v = x1 - x0, (B, N, in_channels).
-    Inside it speaks the released model's convention (diffusers' Lumina pipeline):
-    noise level sigma = 1 - t, timestep = 1000 * sigma fed to the sinusoidal embedding, and the network
-    predicts noise - data, so its output is negated. Released weights therefore run unchanged.
-
-    Initialization for training from scratch: xavier-uniform linear layers with zero bias, N(0, 0.02)
-    timestep MLP, zeros for the cross-attention gates (BLIP3-o's code) and for the whole final layer (the
-    model starts by predicting v = 0). Unlike Lumina-Next's adaLN-zero, the modulation layers start
-    non-zero, as in diffusers' port that BLIP3-o trained with (see `reset_parameters`).
+    Inside it speaks the released model's convention (this section's header), converting t and v itself.
     """
 
     def __init__(self, cfg: DiTConfig):
@@ -1030,8 +967,8 @@ class NextDiT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Lumina-Next's initialization (see the class docstring). The condition MLP, BLIP3-o's addition,
-        keeps PyTorch's default, as diffusers' PixArtAlphaTextProjection that the release trained."""
+        """Init for training from scratch: xavier-uniform linears with zero bias, N(0, 0.02) timestep MLP;
+        the condition MLP keeps PyTorch's default, as the release's PixArtAlphaTextProjection (diffusers)."""
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear) and not name.startswith("caption_projection"):
                 nn.init.xavier_uniform_(module.weight)
@@ -1040,21 +977,19 @@ class NextDiT(nn.Module):
         timestep_mlp = self.time_caption_embed.timestep_embedder
         for lin in (timestep_mlp.linear_1, timestep_mlp.linear_2):
             nn.init.normal_(lin.weight, std=0.02)
-        # Zero: the final layer (the model starts by predicting v = 0) and the gates. The adaLN modulation
-        # and the pooled-condition projection keep their xavier init, as in diffusers' port that BLIP3-o
-        # trained with: zeroing them too (Lumina-Next's adaLN-zero) makes every conditional path a product
-        # of zeros, and the toy generator then learns to follow its prompt far later (NOTES.md).
-        zero = [self.norm_out.linear_1, self.norm_out.linear_2]
-        for lin in zero:
+        # Zero: the final layer (the model starts by predicting v = 0) and the cross-attention gates
+        # (BLIP3-o's code). The adaLN modulation and pooled-condition projection keep xavier, as in diffusers'
+        # port that BLIP3-o trained with: Lumina-Next's adaLN-zero makes every conditional path a product of
+        # zeros, and the toy then follows its prompt far later (NOTES.md).
+        for lin in (self.norm_out.linear_1, self.norm_out.linear_2):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
         for layer in self.layers:
             nn.init.zeros_(layer.gate)
 
     def compile_blocks(self, **kwargs) -> "NextDiT":
-        """torch.compile each block (regional compilation). The blocks share one compiled graph, so this
-        compiles in seconds rather than the minutes a whole-model compile takes, and the cheap code around
-        them stays eager. Speed: NOTES.md, "Speed and memory"."""
+        """torch.compile each block (regional compilation): the blocks share one graph, compiled in seconds
+        where a whole model takes minutes; the code around stays eager (NOTES.md, "Speed and memory")."""
         for layer in self.layers:
             layer.compile(**kwargs)
         return self
@@ -1081,11 +1016,10 @@ class NextDiT(nn.Module):
 def flow_matching_loss(model, x1, cond, *, cond_drop=0.1, time_sampling="uniform", rng=None):
     """Rectified-flow loss || v_theta(x_t, t, cond) - (x1 - x0) ||^2 on a batch of targets x1 (B, N, C).
 
-    t ~ U(0, 1) ("uniform", the paper) or sigmoid(N(0, 1)) ("logit_normal", SD3's choice, which spends
-    more steps at mid noise). With probability cond_drop a sample's condition is replaced by zeros (the
-    unconditional branch of classifier-free guidance). `rng` (a torch.Generator) must live on x1's device.
-    Returns (mean loss, t (B,), per-sample loss (B,)) so callers can log the loss per t-bin (minRF).
-    """
+    t ~ U(0, 1) ("uniform", the paper) or sigmoid(N(0, 1)) ("logit_normal", SD3's: more steps at mid noise).
+    With probability cond_drop a sample's condition is zeroed (guidance's unconditional branch); `rng` (a
+    torch.Generator) lives on x1's device. Returns (mean loss, t (B,), per-sample loss (B,)): callers log
+    the loss per t-bin (minRF)."""
     B, device = x1.shape[0], x1.device
     if time_sampling == "uniform":
         t = torch.rand(B, device=device, generator=rng)
@@ -1104,11 +1038,8 @@ def flow_matching_loss(model, x1, cond, *, cond_drop=0.1, time_sampling="uniform
 
 
 def guided_velocity(model, x, t, cond, guidance):
-    """Guided velocity v_u + guidance * (v_c - v_u), both branches in one batched forward.
-
-    The unconditional branch sees an all-zeros condition, as in training's condition dropout.
-    guidance == 1 is plain conditional sampling and skips the unconditional half.
-    """
+    """Guided velocity v_u + guidance * (v_c - v_u), both branches in one batched forward. The unconditional
+    one sees an all-zeros condition, as in training's dropout; guidance == 1 skips it (plain conditional)."""
     if guidance == 1:
         return model(x, t, cond)
     v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, torch.zeros_like(cond)]))  # (2B, N, C)
@@ -1120,10 +1051,7 @@ def guided_velocity(model, x, t, cond, guidance):
 def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, rng=None,
                  x0=None):
     """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 with `steps` Euler steps; returns x1.
-
-    Defaults are the paper's sampling settings (30 steps, guidance 3.0). x0 (B, num_tokens, channels) may
-    be given for reproducible starts; otherwise it is drawn with `rng` (on cond's device, in cond's dtype).
-    """
+    x0 (B, num_tokens, channels) may be given; else it is drawn with `rng`, on cond's device and dtype."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     if guidance < 0:
@@ -1147,10 +1075,9 @@ class Generator(nn.Module):
     """Stage 2: 64 learnable queries -> frozen LM -> query states -> Next-DiT (flow) or W (MSE).
 
     The LM is passed in at call time, not owned: it is frozen (`requires_grad_(False)`, `eval()`), its
-    weights are saved by stage 1, and gradients still flow *through* it into the queries.
-    `target_scale` divides the target tokens so they have unit standard deviation, like Stable
-    Diffusion's latent scaling factor; it is 1.0 for the real model (the paper does not normalize).
-    """
+    weights are saved by stage 1, and gradients still flow *through* it into the queries. `target_scale`
+    gives the targets unit std (Stable Diffusion's latent scaling); 1.0 at real scale, as the paper does not
+    normalize."""
 
     def __init__(self, cfg: Config, loss: str = "flow", target_dim: int | None = None,
                  lm_dim: int | None = None):
@@ -1169,18 +1096,14 @@ class Generator(nn.Module):
             dit_cfg = dataclasses.replace(cfg.dit, in_channels=target_dim, cond_dim=lm_dim)
             self.dit = NextDiT(dit_cfg)
         else:
-            # The "CLIP + MSE" ablation: a linear map W, L = ||X - W Q||^2 (paper section 3.2). Deterministic:
-            # one prompt, one output.
+            # The "CLIP + MSE" ablation: a linear map W, L = ||X - W Q||^2 (paper section 3.2), deterministic.
             self.mse = nn.Linear(lm_dim, target_dim)
         self.register_buffer("target_scale", torch.ones(()))
         self.target_dim = target_dim
 
     def condition(self, lm, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
-        """Prompt ids (B, T) right-padded, lengths (B,) -> query states (B, 64, D_lm).
-
-        Each sample's sequence is its prompt followed directly by the 64 queries; the final hidden state
-        (after the LM's last norm) at those 64 positions is the condition.
-        """
+        """Prompt ids (B, T) right-padded, lengths (B,) -> query states (B, 64, D_lm): each prompt followed
+        directly by the 64 queries, the LM's final hidden states (after its last norm) at those positions."""
         B, T = prompt_ids.shape
         Q = self.num_queries
         embeds = lm.get_input_embeddings()(prompt_ids)  # (B, T, D)
@@ -1190,7 +1113,6 @@ class Generator(nn.Module):
         index = slots[..., None].expand(B, Q, D)
         queries = self.queries.to(seq.dtype)[None].expand(B, Q, D)
         seq = seq.scatter(1, index, queries)  # (B, T + Q, D), differentiable w.r.t. the queries
-        # The LM's decoder stack without its head: the hidden states after its last norm.
         out = lm.get_decoder()(inputs_embeds=seq, position_ids=text_positions(seq), use_cache=False)
         hidden = out.last_hidden_state  # (B, T + Q, D), post final norm
         return hidden.gather(1, index).float()  # (B, Q, D)
@@ -1198,10 +1120,8 @@ class Generator(nn.Module):
     def loss(self, lm, prompt_ids, prompt_lens, target, *, time_sampling: str = "uniform",
              noise_repeats: int = 1, cond_drop: float = 0.1, rng=None):
         """Stage 2's training loss: prompts (B, T), lengths (B,) and their raw target tokens (B, 64, D_target)
-        -> (scalar loss, t (B,) or None, per-sample loss (B,)).
-
-        noise_repeats > 1 computes each prompt's condition once and noises its target that many times (own
-        t, own noise), as MAR does for its diffusion head: one LM pass serves several DiT samples."""
+        -> (scalar loss, t (B,) or None, per-sample loss (B,)). noise_repeats > 1 noises each target that many
+        times (own t and noise) under one condition, as MAR's diffusion head: one LM pass, several samples."""
         cond = self.condition(lm, prompt_ids, prompt_lens)  # (B, 64, D_lm)
         cond, x1 = cond.repeat_interleave(noise_repeats, 0), target.repeat_interleave(noise_repeats, 0)
         x1 = x1 / self.target_scale
@@ -1262,18 +1182,15 @@ class PixelDecoder(nn.Module):
     """Scene tokens -> image in one forward pass: where and what each object is, then every patch drawn.
 
     From the pooled scene tokens each of the SCENE_SLOTS objects gets a place (its box's top-left corner,
-    classified over the `position_step` grid per axis, like Pix2Seq's quantised coordinates), a colour
-    (classified, with a "no object" class) and features (`what`, for its shape and size). A renderer MLP
-    draws each 4x4 patch once per object, from the object's features and Fourier features of its place
-    and of the patch's offset from it, as a coverage in [0, 1] per pixel that paints the object's colour
-    (a learned palette) over a learned background; objects do not overlap in the toy world, so their
-    paints add up (a spatial-broadcast decoder). Places and colours are drawn from the likeliest class,
-    so a generated feature a little off the real ones still draws a definite place in an exact colour
-    (a decoder that draws straight from the features puts generated objects in blended colours; NOTES.md).
-    Trained on real scenes, drawing from their true places and colours while the classifiers learn to
-    read them. Deterministic, as BLIP3-o's decoder at inference ("the model performs deterministic
-    reconstruction"): the variety of the pictures comes from the first diffusion stage. At real scale
-    BLIP3-o reuses Emu2-Gen's SDXL UNet (a diffusion decoder) instead; see released.py.
+    classified on the `position_step` grid per axis, like Pix2Seq's quantised coordinates), a colour
+    (classified, with a "no object" class) and features (`what`: shape and size). A renderer MLP draws each
+    patch per object from its features and Fourier features of its place and of the patch's offset, as a
+    coverage in [0, 1] per pixel painting the object's colour (a learned palette) over a learned background;
+    the toy's objects never overlap, so paints add up (a spatial-broadcast decoder). Drawing the likeliest
+    place and colour keeps a slightly-off generated feature definite and exactly coloured (drawn straight
+    from the features, generated objects blend colours; NOTES.md). Deterministic, as BLIP3-o's decoder at
+    inference: variety comes from the diffusion stage. At real scale BLIP3-o reuses Emu2-Gen's SDXL UNet
+    (a diffusion decoder) instead; see released.py.
     """
 
     def __init__(self, cfg: DecoderConfig, token_dim: int, image_size: int = 32):
@@ -1345,11 +1262,8 @@ class PixelDecoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """A small convolutional VAE: 32x32x3 image <-> 8x8xC latent, i.e. 64 tokens of C channels.
-
-    Used only by the "VAE + Flow" ablation, whose generator targets these latents instead of CLIP tokens
-    (the paper's Figure 3). Loss: pixel MSE + a small KL weight (an autoencoder that stays near N(0, I)).
-    """
+    """A small convolutional VAE: 32x32x3 image <-> 8x8xC latent, i.e. 64 tokens of C channels, the target of
+    the "VAE + Flow" ablation (the paper's Figure 3). Loss: pixel MSE + a small KL weight (near N(0, I))."""
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
