@@ -96,13 +96,13 @@ class Objective(nn.Module):
     forward(*batch, rng) -> (loss, logs dict of floats); `inner` is what gets checkpointed.
     """
 
-    def __init__(self, inner: nn.Module, loss):
+    def __init__(self, inner: nn.Module, loss_fn):
         super().__init__()
         self.inner = inner
-        self.loss = loss  # (inner, *batch, rng) -> (loss, logs)
+        self.loss_fn = loss_fn  # (inner, *batch, rng) -> (loss, logs): each stage's closure below
 
     def forward(self, *batch, rng=None):
-        return self.loss(self.inner, *batch, rng)
+        return self.loss_fn(self.inner, *batch, rng)
 
 
 @dataclass
