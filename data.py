@@ -1,15 +1,12 @@
 """data: the shapes world, its GenEval prompts and pixel scorer, and real-data sources (tar shards, folders).
 
-The toy pipeline cannot download images, so it draws them. The *shapes world* is a 32x32 canvas (any
-`image_size` works, sizes scale with it) on a flat grey BACKGROUND holding 1-4 flat shapes:
-
-    SHAPES = circle, square, triangle        COLORS = GenEval's ten colour names, one exact RGB each
-
-Every image comes from a `Scene` (its object list), so its caption, its questions and its GenEval score
-are exact. Each object fills an 8 or 12 px box on the CLIP's 4-px patch lattice, at least one patch of
-background apart (see `_place`), and is drawn without anti-aliasing, so a detector that groups pixels by
-colour into connected components finds every object again. That detector plus GenEval's rules is the
-scorer of section 3: pixel arithmetic replaces GenEval's Mask2Former + CLIP detector, its rules are kept.
+The toy pipeline cannot download images, so it draws them: a 32x32 canvas (any `image_size` works, sizes
+scale with it) on a flat grey BACKGROUND holding 1-4 flat SHAPES (circle, square, triangle) in COLORS
+(GenEval's ten colour names, one exact RGB each). Every image comes from a `Scene` (its object list), so
+its caption, its questions and its GenEval score are exact. Objects fill 8 or 12 px boxes on the CLIP's
+4-px patch lattice, at least one patch apart (see `_place`), without anti-aliasing, so grouping pixels by
+colour into connected components finds every object again: that detector plus GenEval's rules is the
+scorer of section 3 (pixel arithmetic in place of GenEval's Mask2Former + CLIP detector).
 
 Prompts follow GenEval's six tags and phrasing (the official `evaluation_metadata.jsonl` records):
 
@@ -20,19 +17,17 @@ Prompts follow GenEval's six tags and phrasing (the official `evaluation_metadat
 
 Held-out compositions (the generalisation test). HELDOUT_COMBOS are pairs of coloured objects ("a red
 circle" with "a blue square") that never share a train image; every single (colour, shape) pair is seen.
-HELDOUT_RELATIONS are spatial configurations, listed in both phrasings ("circle above triangle" is the
-same picture as "triangle below circle"); a train *image* never shows one under GenEval's position rule,
-so neither its prompt, its caption nor its questions can mention one. Rules of split "test":
+HELDOUT_RELATIONS are spatial configurations in both phrasings ("circle above triangle" is the same
+picture as "triangle below circle"); no train *image* shows one under GenEval's position rule, so neither
+its prompt, its caption nor its questions can mention one. Split "test":
   * every scene with two different shapes holds a held-out colour composition;
   * color_attr prompts name a held-out composition; position prompts use a held-out relation triple;
-  * single_object, two_object, counting and colors prompts are the same as in training (GenEval's
-    phrasing leaves few of them); their test images are new, and two_object's hold a held-out composition.
+  * the other tags' prompts are those of training (GenEval's phrasing leaves few of them), on new
+    images; two_object's hold a held-out composition.
 
-Sections, in the order data flows:
-  1. the world: constants, Scene, make_scene, draw, captions, the training image set (make_image_set)
-  2. understanding data: questions with one-word answers, VOCAB
-  3. GenEval: prompts, rendering any in-world record, the pixel detector and the scorer, folder layout
-  4. data at scale: WebDataset-style tar shards and image folders, robust to bad samples, streamed to train.py
+Sections: 1. the world (Scene, make_scene, draw, captions, make_image_set); 2. understanding data
+(one-word questions, VOCAB); 3. GenEval (prompts, render, the pixel detector and scorer, folder layout);
+4. data at scale (tar shards and image folders, robust to bad samples, streamed to train.py).
 """
 from __future__ import annotations
 
@@ -62,16 +57,9 @@ COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
 # One exact RGB per colour, far apart (and far from each other's blends with the background), so that
 # noisy or blurred pixels still map back to the right name.
 COLOR_RGB = {
-    "red": (220, 20, 20),
-    "orange": (255, 140, 0),
-    "yellow": (255, 230, 0),
-    "green": (0, 160, 40),
-    "blue": (30, 60, 230),
-    "purple": (130, 20, 210),
-    "pink": (255, 120, 200),
-    "brown": (120, 60, 0),
-    "black": (0, 0, 0),
-    "white": (255, 255, 255),
+    "red": (220, 20, 20), "orange": (255, 140, 0), "yellow": (255, 230, 0), "green": (0, 160, 40),
+    "blue": (30, 60, 230), "purple": (130, 20, 210), "pink": (255, 120, 200), "brown": (120, 60, 0),
+    "black": (0, 0, 0), "white": (255, 255, 255),
 }
 BACKGROUND = (128, 128, 128)  # mid grey: not a GenEval colour, and as far from black as from white
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
