@@ -520,18 +520,13 @@ def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return qa
 
 
-def _vocab() -> list:
-    """Every word of every prompt, caption, question and answer (plus the generation template) as the toy
-    tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word."""
-    words = {"a", "an", "and", "in", "photo", "of", "objects"}
-    words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
-    words |= {w for rel in RELATIONS for w in rel.split()}
-    words |= set("what color is the shape object how many are there where relative to ?".split())
-    words |= set(caption_question.split()) | set(toy_words(PROMPT_TEMPLATE.format("")))
-    return sorted(words)
-
-
-VOCAB = _vocab()
+# Every word of every prompt, caption, question and answer (plus the generation template) as the toy
+# tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word.
+VOCAB = sorted({"a", "an", "and", "in", "photo", "of", "objects"}
+               | set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
+               | {w for rel in RELATIONS for w in rel.split()}
+               | set("what color is the shape object how many are there where relative to ?".split())
+               | set(caption_question.split()) | set(toy_words(PROMPT_TEMPLATE.format(""))))
 
 
 # --- 3. GenEval: prompts, rendering, a pixel detector and the official scoring rules ------------------
@@ -880,17 +875,13 @@ class _CaptionStream(torch.utils.data.IterableDataset):
         self.start, self.position, self.max_pixels = start, start, max_pixels
         self.stats = {"ok": 0, "skipped": {}}
 
-    def _slot(self) -> tuple[int, int]:
-        """(this reader's slot, number of slots) from the rank and the DataLoader worker."""
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.rank * workers + worker, self.world_size * workers
-
     def _skip(self, reason: str) -> None:
         self.stats["skipped"][reason] = self.stats["skipped"].get(reason, 0) + 1
 
     def __iter__(self):
-        slot, slots = self._slot()
+        info = torch.utils.data.get_worker_info()  # this reader's slot from its rank and DataLoader worker
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
         self.stats = {"ok": 0, "skipped": {}}
         index = 0  # this slot's sample index in the pass
         for is_sample, image_bytes, caption, reason in self._raw(slot, slots):
