@@ -127,10 +127,8 @@ def plural(word: str) -> str:
 
 
 def relation_direction(box_a, box_b) -> tuple[float, float]:
-    """GenEval's direction of A relative to B as (dx, dy), image y pointing down.
-
-    The centre offset A - B is shrunk towards zero by POSITION_THRESHOLD x (size A + size B) on each axis,
-    then divided by the length of the *unshrunk* offset; (0, 0) when the shrunk offset vanishes."""
+    """GenEval's direction (dx, dy) of A relative to B, y down: the centre offset A - B shrunk towards zero
+    by POSITION_THRESHOLD x (size A + size B) per axis, over the *unshrunk* offset's length (or (0, 0))."""
     a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)  # (x0, y0, x1, y1)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
     sizes = a[2:] - a[:2] + b[2:] - b[:2]
@@ -252,10 +250,8 @@ def in_world(metadata: dict) -> bool:
 
 
 def _choose_colors(includes: list, rng: random.Random, split: str | None) -> list:
-    """One (shape, colour, include index) per object: the record's colours, free ones drawn at random.
-
-    split "train": no two objects form a held-out composition (HELDOUT_COMBOS); "test": a scene with two
-    different shapes holds at least one; None (render): any colours."""
+    """One (shape, colour, include index) per object: the record's colours, free ones drawn at random so
+    that on split "train" no two objects form a held-out composition, on "test" (two shapes) one does."""
     specs = [[req["class"], req.get("color"), i]
              for i, req in enumerate(includes) for _ in range(req["count"])]
     fixed = [spec[1] for spec in specs]
@@ -277,10 +273,9 @@ def _apart(a, b, gap: int) -> bool:
 def _place(specs: list, rng: random.Random, image_size: int, accept, tries: int = 2000) -> list:
     """Random sizes and lattice positions for the objects, redrawn until none overlap and accept(objects).
 
-    Objects sit on the toy CLIP's patch lattice (box corners on multiples of its 4-pixel patch at 32 px)
-    in two sizes, 2x2 and 3x3 patches, at least one patch apart. Every patch token then lies wholly inside
-    one object or the background, so its content is one of a few kinds (which object, which part of it)
-    rather than an arbitrary cut through an outline."""
+    Boxes of 2x2 or 3x3 patches of the toy CLIP (4 px at 32 px), corners on the patch lattice, at least a
+    patch apart: every patch token lies wholly in one object or the background, so its content is one of a
+    few kinds (which object, which part of it), not an arbitrary cut through an outline."""
     step = max(1, round(4 * image_size / 32))  # one patch: the lattice step and the least gap
     sizes = (2 * step, 3 * step)
     for attempt in range(tries):
@@ -355,10 +350,9 @@ def caption_for(objects: list) -> str:
 
 def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None = None,
                image_size: int = 32) -> Scene:
-    """Scene number `index` of a split: a pure function of (seed, split, index, tag, image_size).
-
-    tag None cycles through TAGS (index % 6), so any run of six indices is balanced. The record is drawn
-    uniformly from the tag's prompt space for the split, then realised with random colours and layout."""
+    """Scene number `index` of a split, a pure function of (seed, split, index, tag, image_size): a record
+    drawn uniformly from the split's prompt space of `tag` (None: TAGS[index % 6], so any six indices are
+    balanced), realised with random colours and layout."""
     tag = TAGS[index % len(TAGS)] if tag is None else tag
     rng = random.Random(stable_seed("scene", seed, split, index, tag))
     record = json.loads(rng.choice(_prompt_space(tag, split)))
@@ -368,9 +362,8 @@ def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None 
 
 @functools.lru_cache(maxsize=None)
 def shape_mask(shape: str, size: int) -> np.ndarray:
-    """Boolean (size, size) mask of a shape filling its box exactly: every edge row/column is touched.
-
-    A pixel belongs to the shape when its centre does (no anti-aliasing, so colours stay exact)."""
+    """Boolean (size, size) mask of a shape touching every edge row/column of its box; a pixel belongs to
+    the shape when its centre does (no anti-aliasing, so colours stay exact)."""
     centres = np.arange(size) + 0.5
     u, v = np.meshgrid(centres, centres)  # (size, size): u = x, v = y, both measured from the box corner
     half = size / 2
@@ -400,11 +393,10 @@ def draw_objects(objects: list, image_size: int = 32) -> np.ndarray:
 def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token ground truth for the toy CLIP's dense objective, on a grid x grid token layout.
 
-    A cell (4x4 pixels for 32 px and grid 8) belongs to the object covering most of its pixels when that
-    is at least a quarter of them, else to the background. Returns colour (grid*grid,) int into COLORS
-    and shape (grid*grid,) int into SHAPES (len(COLORS) / len(SHAPES) for background), and box
-    (grid*grid, 4) float, the owner's (x0, y0, x1, y1) / image size, zeros on background. Every token of
-    an object carries the whole object, so tokens are object-level rather than a copy of their pixels."""
+    A cell (4x4 px at 32 px, grid 8) belongs to the object covering most of its pixels if that is at least
+    a quarter, else to the background. Returns colour and shape (grid*grid,) int into COLORS / SHAPES
+    (len(COLORS) / len(SHAPES): background) and box (grid*grid, 4) float, the owner's (x0, y0, x1, y1) /
+    image size or zeros: every token of an object carries the whole object, not a copy of its pixels."""
     size = scene.image_size
     cell = size // grid
     owner = np.full((size, size), -1, dtype=np.int64)  # (H, W) index of the object drawn at each pixel
@@ -423,10 +415,8 @@ def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, n
 
 
 def scene_labels(scene: Scene, slots: int = MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ground truth for the scene tokens: the scene's objects in reading order, one per slot.
-
-    colour (slots,) and shape (slots,) int as in token_labels (len(COLORS) / len(SHAPES) = no object),
-    box (slots, 4) float, (x0, y0, x1, y1) / image size, zeros where the slot is empty."""
+    """Ground truth for the scene tokens, the objects in reading order, one per slot: colour, shape (slots,)
+    and box (slots, 4) as in token_labels (len(COLORS) / len(SHAPES) and zeros: an empty slot)."""
     colour = np.full(slots, len(COLORS), dtype=np.int64)
     shape = np.full(slots, len(SHAPES), dtype=np.int64)
     box = np.zeros((slots, 4), dtype=np.float32)
