@@ -452,9 +452,8 @@ def draw(scene: Scene, image_size: int | None = None) -> np.ndarray:
 
 def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int = 32,
                    tags: tuple | None = None) -> tuple[torch.Tensor, list]:
-    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
-
-    tags None cycles through all TAGS, a tuple through its own (scene i gets tags[i % len(tags)])."""
+    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes); scene i gets tag
+    tags[i % len(tags)] (tags None: all TAGS in turn)."""
     scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
               for i in range(n)]
     images = np.array([draw(s) for s in scenes], dtype=np.uint8).reshape(n, image_size, image_size, 3)
@@ -483,11 +482,9 @@ caption_question = "describe the image ."  # its answer is scene.caption
 
 
 def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """Every unambiguous (qtype, question, answer) about a scene, in an order shuffled by `rng`.
-
-    A question is asked only when its answer is certain: the colour of a shape present exactly once, the
-    shape of a colour present exactly once, the count (1-4) of each present shape and of all objects, and
-    the position of one unique shape relative to another when clear_relation() finds one."""
+    """Every (qtype, question, answer) about a scene whose answer is certain, shuffled by `rng`: the colour
+    of a shape present once, the shape of a colour present once, the count (1-4) of each present shape and
+    of all objects, the position of a unique shape relative to another when clear_relation() finds one."""
     objs = scene.objects
     by_shape = {s: [o for o in objs if o.shape == s] for s in SHAPES}
     by_color = {c: [o for o in objs if o.color == c] for c in COLORS}
@@ -522,10 +519,8 @@ VOCAB = sorted({"a", "an", "and", "in", "photo", "of", "objects"}
 # --- 3. GenEval: prompts, rendering, a pixel detector and the official scoring rules ------------------
 
 def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int = 0) -> list[dict]:
-    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag (None: all).
-
-    split "test" gives the held-out compositions (see the module docstring); a tag whose prompt space is
-    smaller than n_per_tag contributes all of it."""
+    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag (None: all;
+    a smaller prompt space gives all of it); split "test" gives the held-out compositions."""
     records = []
     for tag in TAGS:
         space = [json.loads(r) for r in _prompt_space(tag, split)]
@@ -536,17 +531,15 @@ def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int =
 
 
 def render(metadata: dict, seed: int = 0, image_size: int = 32) -> np.ndarray:
-    """uint8 (H, W, 3) image that satisfies any in-world GenEval record (ValueError for e.g. "bench").
-
-    Free colours are drawn at random; position requirements are drawn clearly (see clear_relation)."""
+    """uint8 (H, W, 3) image that satisfies any in-world GenEval record (ValueError for e.g. "bench"):
+    free colours drawn at random, positions drawn clearly (see clear_relation)."""
     rng = random.Random(stable_seed("render", seed, json.dumps(metadata, sort_keys=True)))
     return draw_objects(_objects_for(metadata, rng, None, image_size), image_size)
 
 
 def load_geneval_metadata(path) -> list[dict]:
-    """Records of an official `evaluation_metadata.jsonl`: one JSON object a line, blank lines skipped.
-
-    A line that is not a GenEval record raises ValueError naming the file and line."""
+    """Records of an official `evaluation_metadata.jsonl`: one JSON object a line, blank lines skipped; a
+    line that is not a GenEval record raises ValueError naming the file and line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -593,9 +586,8 @@ def classify_pixels(img: np.ndarray) -> np.ndarray:
 def connected_components(labels: np.ndarray) -> np.ndarray:
     """(H, W) component ids (-1 for background) of 4-connected pixels sharing the same label >= 0.
 
-    Min-label propagation: each pixel starts with its own flat index and repeatedly takes the smallest
-    id among same-label 4-neighbours until nothing changes; then every component holds its smallest
-    index. Plain numpy, as many sweeps as the longest path inside a component."""
+    Min-label propagation in plain numpy: each pixel starts with its flat index and takes the smallest id
+    among same-label 4-neighbours until nothing changes (as many sweeps as a component's longest path)."""
     h, w = labels.shape
     big = h * w
     ids = np.where(labels >= 0, np.arange(big).reshape(h, w), big)
@@ -615,11 +607,9 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
 
 
 def prune_spurs(labels: np.ndarray) -> np.ndarray:
-    """Drop foreground pixels with fewer than two 4-neighbours of their own colour.
-
-    Noise turns the odd background pixel next to a shape into foreground; left in, it would widen the
-    box by a pixel and lower the fill ratio that tells a square from a circle. Drawn shapes have no
-    such pixels (see shape_mask), so clean images are unchanged."""
+    """Drop foreground pixels with fewer than two 4-neighbours of their own colour: noise makes the odd
+    background pixel by a shape foreground, which would widen its box and lower the fill ratio that tells
+    a square from a circle. Drawn shapes have no such pixels (see shape_mask): clean images are unchanged."""
     padded = np.pad(labels, 1, constant_values=-1)  # (H + 2, W + 2)
     neighbours = sum((padded[1 + dy:padded.shape[0] - 1 + dy, 1 + dx:padded.shape[1] - 1 + dx] == labels)
                      for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))  # (H, W) same-colour neighbours
@@ -627,12 +617,9 @@ def prune_spurs(labels: np.ndarray) -> np.ndarray:
 
 
 def classify_shape(mask: np.ndarray) -> str:
-    """Shape of a component from its (h, w) box mask.
-
-    A triangle (apex up) widens from top to bottom: its rows in the bottom half are on average about
-    half a box wider than those in the top half, while a circle or a square is symmetric. Otherwise the
-    fill ratio separates a square (~1.0) from a circle (~0.785; up to 0.85 for small odd sizes). Both
-    features survive noise and a slight blur."""
+    """Shape of a component from its (h, w) box mask, by two features that survive noise and slight blur:
+    a triangle (apex up) has bottom-half rows about half a box wider than top-half ones (a circle or a
+    square is symmetric); the fill ratio tells a square (~1.0) from a circle (~0.785; ~0.85 if small, odd)."""
     h, w = mask.shape
     widths = mask.sum(1)  # (h,) pixels per row
     half = max(1, h // 2)
@@ -643,9 +630,8 @@ def classify_shape(mask: np.ndarray) -> str:
 
 
 def detect_objects(img: np.ndarray) -> list[dict]:
-    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}, largest first.
-
-    The area stands in for the confidence GenEval sorts by (it checks only the top `count` of a class)."""
+    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}, largest first
+    (the area stands in for the confidence GenEval sorts by: it checks the top `count` of a class)."""
     img = np.asarray(img)
     labels = prune_spurs(classify_pixels(img))
     comps = connected_components(labels)
@@ -709,11 +695,9 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
 
 def _to_hwc_uint8(image) -> np.ndarray:
     """uint8 (H, W, 3) from either a uint8 array (H, W, 3) or a float tensor/array (3, H, W) in [0, 1]."""
-    if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8:
-            return to_uint8(image).numpy()  # float (3, H, W) -> uint8 (H, W, 3)
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image)
+    if isinstance(image, torch.Tensor) and image.dtype != torch.uint8:
+        return to_uint8(image).numpy()  # float (3, H, W) -> uint8 (H, W, 3)
+    image = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
     if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
         image = image.transpose(1, 2, 0)  # (H, W, 3)
     if image.dtype != np.uint8:
