@@ -787,10 +787,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Encoded image bytes -> (float (3, S, S) in [0, 1], None), or (None, reason) when unreadable.
-
-    The shorter side is resized to image_size and the centre cropped square. Reasons: "empty_image",
-    "too_large" (refused from the header size), "bad_image" (corrupt, truncated, unsupported)."""
+    """Encoded image bytes -> (float (3, S, S) in [0, 1], None): shorter side resized to S, centre cropped;
+    or (None, reason): "empty_image", "too_large" (from the header), "bad_image" (corrupt, unsupported)."""
     if not data:
         return None, "empty_image"
     try:
@@ -832,14 +830,12 @@ class _CaptionStream(torch.utils.data.IterableDataset):
     False for an input holding no sample at all (a bad shard).
 
     Splitting: the world_size x num_workers readers are "slots"; slot k owns sample i of the stream when
-    i % slots == k (each reader parses all the input but decodes only its own samples) or, splitting tar
-    shards by shard (the default once there are as many shards as slots), whole shards j % slots == k.
-    Either way every sample is seen by exactly one reader.
+    i % slots == k (each reader parses all the input, decodes only its own) or, splitting tar shards by
+    shard (the default once there are as many shards as slots), whole shards j % slots == k.
 
-    Resume: `position` counts the current pass's samples (good or bad) this reader has handed out or
-    skipped; state_dict() saves it, load_state_dict() / `start` make the next pass skip that many. Both
-    `position` and `stats` are exact when read in the training process (num_workers=0, as train.py
-    does); with DataLoader workers they live in the workers."""
+    Resume: `position` counts the current pass's samples (good or bad) handed out or skipped; state_dict()
+    saves it, load_state_dict() / `start` make the next pass skip that many. `position` and `stats` are
+    exact in the training process (num_workers=0, as train.py does); with workers they live there."""
 
     def __init__(self, image_size: int, rank: int, world_size: int, start: int, max_pixels: int):
         super().__init__()
@@ -901,11 +897,9 @@ def _split_name(name: str):
 
 
 def _tar_groups(path: str, max_member_bytes: int):
-    """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order.
-
-    A member larger than max_member_bytes is not read (its value is None). When the stream breaks, the
-    sample being assembled is yielded with reason "truncated_shard" (or, if no sample was started, key
-    None with "bad_shard") and the shard ends there."""
+    """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order; a member
+    over max_member_bytes is not read (None). A broken stream ends the shard, the sample being assembled
+    yielded with reason "truncated_shard" (or, if none was started, key None with "bad_shard")."""
     key, members = None, {}
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
