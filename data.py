@@ -756,9 +756,9 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
 
 
 # --- 4. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples -----------
-# Real caption data is messy: corrupt or truncated files, missing or undecodable captions, odd image
-# modes, decompression bombs. A bad sample must never stop a multi-day run, so the readers below skip
-# it and count why; only a pass that finds nothing readable at all is an error (a wrong path, say).
+# Real caption data is messy (corrupt or truncated files, bad captions, odd image modes, decompression
+# bombs) and must not stop a multi-day run: the readers skip a bad sample and count why; only a pass that
+# finds nothing readable at all is an error (a wrong path, say).
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused from their header, before any decoding
 MAX_MEMBER_BYTES = 64 * 2 ** 20  # larger tar members are not even read into memory
@@ -931,11 +931,10 @@ class TarShards(_CaptionStream):
     """WebDataset-style .tar shards -> (image float (3, S, S) in [0, 1], caption str), bad samples skipped.
 
     A sample is the run of consecutive members sharing a key: KEY.jpg / .jpeg / .png / .webp (image) and
-    KEY.txt (UTF-8 caption); other members are ignored. Shards are read with the stdlib tarfile as a
-    stream (no index, no seeking), one after another. `stats` = {"ok": n, "skipped": {reason: n}} with
-    reasons empty_image, bad_image, too_large, missing_image, missing_caption, bad_caption,
-    empty_caption, truncated_shard (the sample cut by a broken stream), bad_shard (no sample at all).
-    See _CaptionStream for how ranks and workers split the work and how to resume, open_source for use."""
+    KEY.txt (UTF-8 caption); other members are ignored. Shards are read in turn as tarfile streams (no
+    index, no seeking). `stats` = {"ok": n, "skipped": {reason: n}}, reasons empty_image, bad_image,
+    too_large, missing_image, missing_caption, bad_caption, empty_caption, truncated_shard (the sample cut
+    by a broken stream), bad_shard (no sample at all). Splitting and resume: _CaptionStream."""
 
     def __init__(self, shards: list, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, split_by: str = "auto", max_pixels: int = MAX_IMAGE_PIXELS,
@@ -977,9 +976,8 @@ class TarShards(_CaptionStream):
 
 class ImageFolderCaptions(_CaptionStream):
     """An image folder plus a JSONL file of {"file": path relative to root, "caption": str} lines ->
-    (image float (3, S, S), caption), with the same skipping, counting, splitting and resume as
-    TarShards (split by line). Unparseable lines are skipped as "bad_record", unreadable files as
-    "missing_image"."""
+    (image float (3, S, S), caption), skipped, counted, split (by line) and resumed as TarShards; bad
+    lines are skipped as "bad_record", unreadable files as "missing_image"."""
 
     def __init__(self, root: str, captions: str, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -1012,10 +1010,9 @@ class ImageFolderCaptions(_CaptionStream):
 
 
 def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -> list[str]:
-    """Write WebDataset-style shards out_dir/{prefix}-00000.tar, ... and return their paths.
-
-    samples: an iterable of dicts {"__key__": key, ext: bytes | str, ...}, e.g.
-    {"__key__": "000001", "png": encode_image(img), "txt": "a red circle"}; str values are stored UTF-8."""
+    """Write WebDataset-style shards out_dir/{prefix}-00000.tar, ... and return their paths; samples are
+    dicts {"__key__": key, ext: bytes | str (stored UTF-8), ...}, e.g. {"__key__": "000001", "png":
+    encode_image(img), "txt": "a red circle"}."""
     os.makedirs(out_dir, exist_ok=True)
     samples, paths = iter(samples), []
     while chunk := list(itertools.islice(samples, per_shard)):
@@ -1079,9 +1076,9 @@ def _add_counts(a: dict, b: dict) -> dict:
 class StreamBatches:
     """This rank's endless stream of (images, captions) batches, pass after pass, resumable.
 
-    Samples are read in the training process (no DataLoader workers), so the position saved with a
-    checkpoint is exactly what the finished steps consumed. The reader skips bad samples and counts
-    them per pass; the counts here add up over passes and resumes, and go into the checkpoint."""
+    Read in the training process (no DataLoader workers), so the position saved with a checkpoint is
+    exactly what the finished steps consumed; the reader's per-pass skip counts add up here over passes
+    and resumes, and go into the checkpoint."""
 
     def __init__(self, dataset):
         self.dataset = dataset
