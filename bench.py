@@ -38,21 +38,17 @@ from pipeline import CheckpointError, count_params, load_run
 ROOT = Path(__file__).resolve().parent
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device) -> float:
-    sync(device)
+    """Seconds of one fn() call; on a GPU, from an idle queue to a drained one."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     fn()
-    sync(device)
+    sync()
     return time.perf_counter() - start
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------------
-
 
 def dit_forward_flops(cfg: DiTConfig, cond_tokens: int) -> int:
     """Matmul FLOPs (2 per multiply-add) of one NextDiT forward for one sample. Elementwise work (norms,
@@ -111,7 +107,6 @@ def bench_matmul(args):
 
 
 # ---- Next-DiT training step, ours vs diffusers --------------------------------------------------------
-
 
 class DiffusersDiT(nn.Module):
     """diffusers' LuminaNextDiT2DModel behind NextDiT's interface, as the official BLIP3-o code runs it:
@@ -250,7 +245,6 @@ def bench_dit_8b(args):
 
 # ---- text -> image sampling of a trained run -----------------------------------------------------------
 
-
 def bench_sampling(args):
     """Images/s of text -> CLIP features -> pixels, and of text -> CLIP features alone, per batch size."""
     device = args.device
@@ -289,7 +283,6 @@ def bench_sampling(args):
 
 
 # ---- memory -------------------------------------------------------------------------------------------
-
 
 def saved_activation_bytes(model, x, t, cond) -> int:
     """Bytes of the tensors autograd keeps for backward in one forward (parameters excluded)."""
