@@ -333,10 +333,9 @@ def bench_memory(args):
     return result
 
 
-# A command's peak RSS, from a tiny interpreter that runs it as its own child and reads the child's peak
-# from os.wait4 (as GNU `time -v` does): a child's ru_maxrss starts at what it held *before* exec, so a
-# child forked straight from this (large) process would report this process's size. ru_maxrss is in KiB
-# on Linux and in bytes on macOS.
+# A command's peak RSS, from a tiny interpreter that runs it as its own child and reads its peak from
+# os.wait4 (as GNU `time -v` does): a child's ru_maxrss starts at what it held *before* exec, so a child
+# forked straight from this (large) process would report this process's size. KiB on Linux, bytes on macOS.
 PEAK_RSS_WRAPPER = """
 import os, subprocess, sys
 child = subprocess.Popen(sys.argv[1:])
@@ -344,17 +343,6 @@ _, status, usage = os.wait4(child.pid, 0)
 print("peak_rss_bytes", usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024), flush=True)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
-
-
-def run_with_peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int | None]:
-    """Run cmd (from the repository root) -> (finished process, its peak resident memory in bytes)."""
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *cmd], cwd=ROOT, capture_output=True,
-                          text=True)
-    lines = proc.stdout.strip().splitlines()
-    peak = int(lines[-1].split()[1]) if lines and lines[-1].startswith("peak_rss_bytes") else None
-    return proc, peak
-
-
 TRAIN_MEMORY_STEPS = 5  # enough to allocate everything a step needs (AdamW states appear at step 1)
 
 
@@ -366,17 +354,19 @@ def bench_train_memory(args):
           "sizes and image set; time includes start-up and data preparation)")
     with tempfile.TemporaryDirectory(prefix="blip3o-bench-") as out:
         for stage in ("clip", "understand", "decoder", "generate"):  # each builds on the ones before
-            cmd = [sys.executable, "train.py", "--stage", stage, "--out", out, "--steps",
-                   str(TRAIN_MEMORY_STEPS), "--quiet", "--ckpt-every", "0", "--device", str(args.device),
-                   "--threads", str(args.threads)]
+            cmd = [sys.executable, "-c", PEAK_RSS_WRAPPER, sys.executable, "train.py", "--stage", stage,
+                   "--out", out, "--steps", str(TRAIN_MEMORY_STEPS), "--quiet", "--ckpt-every", "0",
+                   "--device", str(args.device), "--threads", str(args.threads)]
             start = time.perf_counter()
-            proc, peak = run_with_peak_rss(cmd)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             seconds = time.perf_counter() - start
-            if proc.returncode != 0 or peak is None:
+            last = (proc.stdout.strip().splitlines() or [""])[-1]  # the wrapper's "peak_rss_bytes N"
+            if proc.returncode != 0 or not last.startswith("peak_rss_bytes"):
                 error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 result[stage] = {"error": f"exit status {proc.returncode}: {error}"}
                 print(f"  {stage:>10}: failed ({result[stage]['error']}); later stages need it: stopping")
                 break
+            peak = int(last.split()[1])
             result[stage] = {"peak_rss_mib": peak / 2**20, "wall_s": seconds}
             print(f"  {stage:>10}: {peak / 2**20:7.0f} MiB peak RSS   ({seconds:.0f} s)")
     return result
