@@ -10,9 +10,8 @@ The benchmarks, in the order they run (each prints a table; the last line of std
 with every figure):
 - matmul: the dense matmul FLOP/s torch reaches here at --dtype, the machine's practical limit.
 - dit_toy, dit_mid, dit_8b (CUDA only): one Next-DiT training step at the toy size, a mid size and the
-  released blip3o-8b head's, against the same step of diffusers' LuminaNextDiT2DModel (interleaved;
-  --no-peer leaves it out): samples/s, FLOP/s and their share of the matmul peak (with --dtype bf16 on
-  a GPU, the MFU).
+  released blip3o-8b head's, against diffusers' LuminaNextDiT2DModel's (interleaved; --no-peer: ours
+  alone): samples/s, FLOP/s and their share of the matmul peak (with --dtype bf16 on a GPU, the MFU).
 - sampling: text -> image and text -> CLIP features of a trained run (--run), images/s per batch size.
 - memory: this process's peak RSS; parameters, weights, AdamW states and activations of the real heads.
 - train_memory: the peak RSS of each toy training stage, trained in pipeline order.
@@ -79,8 +78,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # bf16: the DiT steps 
 
 
 def bench_matmul(args):
-    """Best dense matmul FLOP/s at --dtype over a few shapes, among them the DiTs' own (tokens x width x FFN)
-    and on a GPU 8192^3 and the 8B head's."""
+    """Best matmul FLOP/s at --dtype over a few shapes, among them the DiTs' own (tokens x width x FFN)."""
     device, dtype = args.device, DTYPES[args.dtype]
     shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (2048, 512, 1536), (4096, 128, 512)]
     per_call = 4  # products per timed call
@@ -96,8 +94,7 @@ def bench_matmul(args):
         seconds = statistics.median(timed(lambda: [a @ b for _ in range(per_call)], device) / per_call
                                     for _ in range(reps))
         results[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds
-    peak = max(results.values())
-    _PEAK[args.dtype] = peak
+    peak = _PEAK[args.dtype] = max(results.values())
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     print(f"matmul {args.dtype} ({where}):")
     for shape, flops in results.items():
@@ -139,13 +136,11 @@ class DiffusersDiT(nn.Module):
 
 
 def make_train_step(model, x1, cond, dtype, fused_adamw=False):
-    """One full training step: flow-matching loss, backward, AdamW (the training loop's inner body);
-    dtype=torch.bfloat16 runs the forward under autocast with fp32 weights, as train.py does on CUDA."""
+    """A training step (flow-matching loss, backward, AdamW); bf16 autocasts over fp32 weights (train.py)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw or None)
-    device_type = x1.device.type
 
     def step():
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(x1.device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss, _, _ = flow_matching_loss(model, x1, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -232,9 +227,8 @@ def bench_dit_mid(args):
 
 
 def bench_dit_8b(args):
-    """The released blip3o-8b DiT head (condition: 64 query states of the 7B LM's width 3584), one
-    training step: a GPU benchmark. Its MFU is the step's model FLOPs over the measured matmul peak at
-    --dtype (run it with --dtype bf16: the peak is then the bf16 one)."""
+    """One training step of the released blip3o-8b DiT head (condition: 64 query states of the 7B LM's
+    width 3584) on a GPU; with --dtype bf16 its share of the (bf16) matmul peak is the MFU."""
     if args.device.type != "cuda":
         print(f"dit_8b: needs a CUDA GPU (fp32 weights + AdamW of 1.37B parameters are 22 GB): skipped on "
               f"{args.device}")
@@ -347,8 +341,7 @@ TRAIN_MEMORY_STEPS = 5  # enough to allocate everything a step needs (AdamW stat
 
 
 def bench_train_memory(args):
-    """Peak RSS of each toy stage, trained in order into a temporary run folder (default sizes): only the
-    step count is cut, to TRAIN_MEMORY_STEPS."""
+    """Peak RSS of each toy stage at its default sizes for TRAIN_MEMORY_STEPS steps, trained in order."""
     result = {"steps": TRAIN_MEMORY_STEPS}
     print(f"train_memory: peak resident memory of train.py --stage S --steps {TRAIN_MEMORY_STEPS} (toy batch "
           "sizes and image set; time includes start-up and data preparation)")
@@ -389,14 +382,13 @@ def main():
                         help="timed interleaved rounds (dit_mid: half; sampling: at most 3)")
     parser.add_argument("--run", default="out/toy", help="trained run folder for the sampling benchmark")
     parser.add_argument("--sample-batches", default="1,16", help="comma-separated batch sizes for sampling")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=torch.device)
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                         help="matmul peak dtype; bf16 also runs the DiT steps under bf16 autocast (GPU)")
     parser.add_argument("--batch-8b", type=int, default=64, help="batch of the dit_8b step (GPU)")
     parser.add_argument("--no-peer", action="store_true", help="time our Next-DiT alone (no diffusers)")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in the DiT steps")
     args = parser.parse_args()
-    args.device = torch.device(args.device)
     args.sample_batches = [int(b) for b in args.sample_batches.split(",") if b.strip()]
     if not args.sample_batches or min(args.sample_batches) < 1 or args.rounds < 1:
         parser.exit(2, "--sample-batches needs positive batch sizes and --rounds at least 1\n")
