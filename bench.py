@@ -10,9 +10,8 @@ The benchmarks, in the order they run (each prints a table; the last line of std
 with every figure):
 - matmul: the dense matmul FLOP/s torch reaches here at --dtype, the machine's practical limit.
 - dit_toy, dit_mid, dit_8b (CUDA only): one Next-DiT training step at the toy size, a mid size and the
-  released blip3o-8b head's, against the same step of diffusers' LuminaNextDiT2DModel (interleaved;
-  --no-peer leaves it out): samples/s, FLOP/s and their share of the matmul peak (with --dtype bf16 on
-  a GPU, the MFU).
+  released blip3o-8b head's, against diffusers' LuminaNextDiT2DModel's (interleaved; --no-peer: ours
+  alone): samples/s, FLOP/s and their share of the matmul peak (with --dtype bf16 on a GPU, the MFU).
 - sampling: text -> image and text -> CLIP features of a trained run (--run), images/s per batch size.
 - memory: this process's peak RSS; parameters, weights, AdamW states and activations of the real heads.
 - train_memory: the peak RSS of each toy training stage, trained in pipeline order.
@@ -38,21 +37,17 @@ from pipeline import CheckpointError, count_params, load_run
 ROOT = Path(__file__).resolve().parent
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn, device) -> float:
-    sync(device)
+    """Seconds of one fn() call; on a GPU, from an idle queue to a drained one."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     fn()
-    sync(device)
+    sync()
     return time.perf_counter() - start
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------------
-
 
 def dit_forward_flops(cfg: DiTConfig, cond_tokens: int) -> int:
     """Matmul FLOPs (2 per multiply-add) of one NextDiT forward for one sample. Elementwise work (norms,
@@ -83,8 +78,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # bf16: the DiT steps 
 
 
 def bench_matmul(args):
-    """Best dense matmul FLOP/s at --dtype over a few shapes, among them the DiTs' own (tokens x width x FFN)
-    and on a GPU 8192^3 and the 8B head's."""
+    """Best matmul FLOP/s at --dtype over a few shapes, among them the DiTs' own (tokens x width x FFN)."""
     device, dtype = args.device, DTYPES[args.dtype]
     shapes = [(1024, 1024, 1024), (2048, 2048, 2048), (2048, 512, 1536), (4096, 128, 512)]
     per_call = 4  # products per timed call
@@ -100,8 +94,7 @@ def bench_matmul(args):
         seconds = statistics.median(timed(lambda: [a @ b for _ in range(per_call)], device) / per_call
                                     for _ in range(reps))
         results[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds
-    peak = max(results.values())
-    _PEAK[args.dtype] = peak
+    peak = _PEAK[args.dtype] = max(results.values())
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
     print(f"matmul {args.dtype} ({where}):")
     for shape, flops in results.items():
@@ -111,7 +104,6 @@ def bench_matmul(args):
 
 
 # ---- Next-DiT training step, ours vs diffusers --------------------------------------------------------
-
 
 class DiffusersDiT(nn.Module):
     """diffusers' LuminaNextDiT2DModel behind NextDiT's interface, as the official BLIP3-o code runs it:
@@ -144,13 +136,11 @@ class DiffusersDiT(nn.Module):
 
 
 def make_train_step(model, x1, cond, dtype, fused_adamw=False):
-    """One full training step: flow-matching loss, backward, AdamW (the training loop's inner body);
-    dtype=torch.bfloat16 runs the forward under autocast with fp32 weights, as train.py does on CUDA."""
+    """A training step (flow-matching loss, backward, AdamW); bf16 autocasts over fp32 weights (train.py)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused_adamw or None)
-    device_type = x1.device.type
 
     def step():
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(x1.device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss, _, _ = flow_matching_loss(model, x1, cond)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -237,9 +227,8 @@ def bench_dit_mid(args):
 
 
 def bench_dit_8b(args):
-    """The released blip3o-8b DiT head (condition: 64 query states of the 7B LM's width 3584), one
-    training step: a GPU benchmark. Its MFU is the step's model FLOPs over the measured matmul peak at
-    --dtype (run it with --dtype bf16: the peak is then the bf16 one)."""
+    """One training step of the released blip3o-8b DiT head (condition: 64 query states of the 7B LM's
+    width 3584) on a GPU; with --dtype bf16 its share of the (bf16) matmul peak is the MFU."""
     if args.device.type != "cuda":
         print(f"dit_8b: needs a CUDA GPU (fp32 weights + AdamW of 1.37B parameters are 22 GB): skipped on "
               f"{args.device}")
@@ -249,7 +238,6 @@ def bench_dit_8b(args):
 
 
 # ---- text -> image sampling of a trained run -----------------------------------------------------------
-
 
 def bench_sampling(args):
     """Images/s of text -> CLIP features -> pixels, and of text -> CLIP features alone, per batch size."""
@@ -289,7 +277,6 @@ def bench_sampling(args):
 
 
 # ---- memory -------------------------------------------------------------------------------------------
-
 
 def saved_activation_bytes(model, x, t, cond) -> int:
     """Bytes of the tensors autograd keeps for backward in one forward (parameters excluded)."""
@@ -340,10 +327,9 @@ def bench_memory(args):
     return result
 
 
-# A command's peak RSS, from a tiny interpreter that runs it as its own child and reads the child's peak
-# from os.wait4 (as GNU `time -v` does): a child's ru_maxrss starts at what it held *before* exec, so a
-# child forked straight from this (large) process would report this process's size. ru_maxrss is in KiB
-# on Linux and in bytes on macOS.
+# A command's peak RSS, from a tiny interpreter that runs it as its own child and reads its peak from
+# os.wait4 (as GNU `time -v` does): a child's ru_maxrss starts at what it held *before* exec, so a child
+# forked straight from this (large) process would report this process's size. KiB on Linux, bytes on macOS.
 PEAK_RSS_WRAPPER = """
 import os, subprocess, sys
 child = subprocess.Popen(sys.argv[1:])
@@ -351,39 +337,29 @@ _, status, usage = os.wait4(child.pid, 0)
 print("peak_rss_bytes", usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024), flush=True)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
-
-
-def run_with_peak_rss(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int | None]:
-    """Run cmd (from the repository root) -> (finished process, its peak resident memory in bytes)."""
-    proc = subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, *cmd], cwd=ROOT, capture_output=True,
-                          text=True)
-    lines = proc.stdout.strip().splitlines()
-    peak = int(lines[-1].split()[1]) if lines and lines[-1].startswith("peak_rss_bytes") else None
-    return proc, peak
-
-
 TRAIN_MEMORY_STEPS = 5  # enough to allocate everything a step needs (AdamW states appear at step 1)
 
 
 def bench_train_memory(args):
-    """Peak RSS of each toy stage, trained in order into a temporary run folder (default sizes): only the
-    step count is cut, to TRAIN_MEMORY_STEPS."""
+    """Peak RSS of each toy stage at its default sizes for TRAIN_MEMORY_STEPS steps, trained in order."""
     result = {"steps": TRAIN_MEMORY_STEPS}
     print(f"train_memory: peak resident memory of train.py --stage S --steps {TRAIN_MEMORY_STEPS} (toy batch "
           "sizes and image set; time includes start-up and data preparation)")
     with tempfile.TemporaryDirectory(prefix="blip3o-bench-") as out:
         for stage in ("clip", "understand", "decoder", "generate"):  # each builds on the ones before
-            cmd = [sys.executable, "train.py", "--stage", stage, "--out", out, "--steps",
-                   str(TRAIN_MEMORY_STEPS), "--quiet", "--ckpt-every", "0", "--device", str(args.device),
-                   "--threads", str(args.threads)]
+            cmd = [sys.executable, "-c", PEAK_RSS_WRAPPER, sys.executable, "train.py", "--stage", stage,
+                   "--out", out, "--steps", str(TRAIN_MEMORY_STEPS), "--quiet", "--ckpt-every", "0",
+                   "--device", str(args.device), "--threads", str(args.threads)]
             start = time.perf_counter()
-            proc, peak = run_with_peak_rss(cmd)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             seconds = time.perf_counter() - start
-            if proc.returncode != 0 or peak is None:
+            last = (proc.stdout.strip().splitlines() or [""])[-1]  # the wrapper's "peak_rss_bytes N"
+            if proc.returncode != 0 or not last.startswith("peak_rss_bytes"):
                 error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                 result[stage] = {"error": f"exit status {proc.returncode}: {error}"}
                 print(f"  {stage:>10}: failed ({result[stage]['error']}); later stages need it: stopping")
                 break
+            peak = int(last.split()[1])
             result[stage] = {"peak_rss_mib": peak / 2**20, "wall_s": seconds}
             print(f"  {stage:>10}: {peak / 2**20:7.0f} MiB peak RSS   ({seconds:.0f} s)")
     return result
@@ -406,14 +382,13 @@ def main():
                         help="timed interleaved rounds (dit_mid: half; sampling: at most 3)")
     parser.add_argument("--run", default="out/toy", help="trained run folder for the sampling benchmark")
     parser.add_argument("--sample-batches", default="1,16", help="comma-separated batch sizes for sampling")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=torch.device)
     parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                         help="matmul peak dtype; bf16 also runs the DiT steps under bf16 autocast (GPU)")
     parser.add_argument("--batch-8b", type=int, default=64, help="batch of the dit_8b step (GPU)")
     parser.add_argument("--no-peer", action="store_true", help="time our Next-DiT alone (no diffusers)")
     parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in the DiT steps")
     args = parser.parse_args()
-    args.device = torch.device(args.device)
     args.sample_batches = [int(b) for b in args.sample_batches.split(",") if b.strip()]
     if not args.sample_batches or min(args.sample_batches) < 1 or args.rounds < 1:
         parser.exit(2, "--sample-batches needs positive batch sizes and --rounds at least 1\n")

@@ -1,15 +1,12 @@
 """data: the shapes world, its GenEval prompts and pixel scorer, and real-data sources (tar shards, folders).
 
-The toy pipeline cannot download images, so it draws them. The *shapes world* is a 32x32 canvas (any
-`image_size` works, sizes scale with it) on a flat grey BACKGROUND holding 1-4 flat shapes:
-
-    SHAPES = circle, square, triangle        COLORS = GenEval's ten colour names, one exact RGB each
-
-Every image comes from a `Scene` (its object list), so its caption, its questions and its GenEval score
-are exact. Each object fills an 8 or 12 px box on the CLIP's 4-px patch lattice, at least one patch of
-background apart (see `_place`), and is drawn without anti-aliasing, so a detector that groups pixels by
-colour into connected components finds every object again. That detector plus GenEval's rules is the
-scorer of section 3: pixel arithmetic replaces GenEval's Mask2Former + CLIP detector, its rules are kept.
+The toy pipeline cannot download images, so it draws them: a 32x32 canvas (any `image_size` works, sizes
+scale with it) on a flat grey BACKGROUND holding 1-4 flat SHAPES (circle, square, triangle) in COLORS
+(GenEval's ten colour names, one exact RGB each). Every image comes from a `Scene` (its object list), so
+its caption, its questions and its GenEval score are exact. Objects fill 8 or 12 px boxes on the CLIP's
+4-px patch lattice, at least one patch apart (see `_place`), without anti-aliasing, so grouping pixels by
+colour into connected components finds every object again: that detector plus GenEval's rules is the
+scorer of section 3 (pixel arithmetic in place of GenEval's Mask2Former + CLIP detector).
 
 Prompts follow GenEval's six tags and phrasing (the official `evaluation_metadata.jsonl` records):
 
@@ -20,19 +17,17 @@ Prompts follow GenEval's six tags and phrasing (the official `evaluation_metadat
 
 Held-out compositions (the generalisation test). HELDOUT_COMBOS are pairs of coloured objects ("a red
 circle" with "a blue square") that never share a train image; every single (colour, shape) pair is seen.
-HELDOUT_RELATIONS are spatial configurations, listed in both phrasings ("circle above triangle" is the
-same picture as "triangle below circle"); a train *image* never shows one under GenEval's position rule,
-so neither its prompt, its caption nor its questions can mention one. Rules of split "test":
+HELDOUT_RELATIONS are spatial configurations in both phrasings ("circle above triangle" is the same
+picture as "triangle below circle"); no train *image* shows one under GenEval's position rule, so neither
+its prompt, its caption nor its questions can mention one. Split "test":
   * every scene with two different shapes holds a held-out colour composition;
   * color_attr prompts name a held-out composition; position prompts use a held-out relation triple;
-  * single_object, two_object, counting and colors prompts are the same as in training (GenEval's
-    phrasing leaves few of them); their test images are new, and two_object's hold a held-out composition.
+  * the other tags' prompts are those of training (GenEval's phrasing leaves few of them), on new
+    images; two_object's hold a held-out composition.
 
-Sections, in the order data flows:
-  1. the world: constants, Scene, make_scene, draw, captions, the training image set (make_image_set)
-  2. understanding data: questions with one-word answers, VOCAB
-  3. GenEval: prompts, rendering any in-world record, the pixel detector and the scorer, folder layout
-  4. data at scale: WebDataset-style tar shards and image folders, robust to bad samples, streamed to train.py
+Sections: 1. the world (Scene, make_scene, draw, captions, make_image_set); 2. understanding data
+(one-word questions, VOCAB); 3. GenEval (prompts, render, the pixel detector and scorer, folder layout);
+4. data at scale (tar shards and image folders, robust to bad samples, streamed to train.py).
 """
 from __future__ import annotations
 
@@ -62,16 +57,9 @@ COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown",
 # One exact RGB per colour, far apart (and far from each other's blends with the background), so that
 # noisy or blurred pixels still map back to the right name.
 COLOR_RGB = {
-    "red": (220, 20, 20),
-    "orange": (255, 140, 0),
-    "yellow": (255, 230, 0),
-    "green": (0, 160, 40),
-    "blue": (30, 60, 230),
-    "purple": (130, 20, 210),
-    "pink": (255, 120, 200),
-    "brown": (120, 60, 0),
-    "black": (0, 0, 0),
-    "white": (255, 255, 255),
+    "red": (220, 20, 20), "orange": (255, 140, 0), "yellow": (255, 230, 0), "green": (0, 160, 40),
+    "blue": (30, 60, 230), "purple": (130, 20, 210), "pink": (255, 120, 200), "brown": (120, 60, 0),
+    "black": (0, 0, 0), "white": (255, 255, 255),
 }
 BACKGROUND = (128, 128, 128)  # mid grey: not a GenEval colour, and as far from black as from white
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
@@ -139,10 +127,8 @@ def plural(word: str) -> str:
 
 
 def relation_direction(box_a, box_b) -> tuple[float, float]:
-    """GenEval's direction of A relative to B as (dx, dy), image y pointing down.
-
-    The centre offset A - B is shrunk towards zero by POSITION_THRESHOLD x (size A + size B) on each axis,
-    then divided by the length of the *unshrunk* offset; (0, 0) when the shrunk offset vanishes."""
+    """GenEval's direction (dx, dy) of A relative to B, y down: the centre offset A - B shrunk towards zero
+    by POSITION_THRESHOLD x (size A + size B) per axis, over the *unshrunk* offset's length (or (0, 0))."""
     a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)  # (x0, y0, x1, y1)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
     sizes = a[2:] - a[:2] + b[2:] - b[:2]
@@ -264,10 +250,8 @@ def in_world(metadata: dict) -> bool:
 
 
 def _choose_colors(includes: list, rng: random.Random, split: str | None) -> list:
-    """One (shape, colour, include index) per object: the record's colours, free ones drawn at random.
-
-    split "train": no two objects form a held-out composition (HELDOUT_COMBOS); "test": a scene with two
-    different shapes holds at least one; None (render): any colours."""
+    """One (shape, colour, include index) per object: the record's colours, free ones drawn at random so
+    that on split "train" no two objects form a held-out composition, on "test" (two shapes) one does."""
     specs = [[req["class"], req.get("color"), i]
              for i, req in enumerate(includes) for _ in range(req["count"])]
     fixed = [spec[1] for spec in specs]
@@ -289,10 +273,9 @@ def _apart(a, b, gap: int) -> bool:
 def _place(specs: list, rng: random.Random, image_size: int, accept, tries: int = 2000) -> list:
     """Random sizes and lattice positions for the objects, redrawn until none overlap and accept(objects).
 
-    Objects sit on the toy CLIP's patch lattice (box corners on multiples of its 4-pixel patch at 32 px)
-    in two sizes, 2x2 and 3x3 patches, at least one patch apart. Every patch token then lies wholly inside
-    one object or the background, so its content is one of a few kinds (which object, which part of it)
-    rather than an arbitrary cut through an outline."""
+    Boxes of 2x2 or 3x3 patches of the toy CLIP (4 px at 32 px), corners on the patch lattice, at least a
+    patch apart: every patch token lies wholly in one object or the background, so its content is one of a
+    few kinds (which object, which part of it), not an arbitrary cut through an outline."""
     step = max(1, round(4 * image_size / 32))  # one patch: the lattice step and the least gap
     sizes = (2 * step, 3 * step)
     for attempt in range(tries):
@@ -367,10 +350,9 @@ def caption_for(objects: list) -> str:
 
 def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None = None,
                image_size: int = 32) -> Scene:
-    """Scene number `index` of a split: a pure function of (seed, split, index, tag, image_size).
-
-    tag None cycles through TAGS (index % 6), so any run of six indices is balanced. The record is drawn
-    uniformly from the tag's prompt space for the split, then realised with random colours and layout."""
+    """Scene number `index` of a split, a pure function of (seed, split, index, tag, image_size): a record
+    drawn uniformly from the split's prompt space of `tag` (None: TAGS[index % 6], so any six indices are
+    balanced), realised with random colours and layout."""
     tag = TAGS[index % len(TAGS)] if tag is None else tag
     rng = random.Random(stable_seed("scene", seed, split, index, tag))
     record = json.loads(rng.choice(_prompt_space(tag, split)))
@@ -380,9 +362,8 @@ def make_scene(index: int, split: str = "train", seed: int = 0, tag: str | None 
 
 @functools.lru_cache(maxsize=None)
 def shape_mask(shape: str, size: int) -> np.ndarray:
-    """Boolean (size, size) mask of a shape filling its box exactly: every edge row/column is touched.
-
-    A pixel belongs to the shape when its centre does (no anti-aliasing, so colours stay exact)."""
+    """Boolean (size, size) mask of a shape touching every edge row/column of its box; a pixel belongs to
+    the shape when its centre does (no anti-aliasing, so colours stay exact)."""
     centres = np.arange(size) + 0.5
     u, v = np.meshgrid(centres, centres)  # (size, size): u = x, v = y, both measured from the box corner
     half = size / 2
@@ -412,11 +393,10 @@ def draw_objects(objects: list, image_size: int = 32) -> np.ndarray:
 def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-token ground truth for the toy CLIP's dense objective, on a grid x grid token layout.
 
-    A cell (4x4 pixels for 32 px and grid 8) belongs to the object covering most of its pixels when that
-    is at least a quarter of them, else to the background. Returns colour (grid*grid,) int into COLORS
-    and shape (grid*grid,) int into SHAPES (len(COLORS) / len(SHAPES) for background), and box
-    (grid*grid, 4) float, the owner's (x0, y0, x1, y1) / image size, zeros on background. Every token of
-    an object carries the whole object, so tokens are object-level rather than a copy of their pixels."""
+    A cell (4x4 px at 32 px, grid 8) belongs to the object covering most of its pixels if that is at least
+    a quarter, else to the background. Returns colour and shape (grid*grid,) int into COLORS / SHAPES
+    (len(COLORS) / len(SHAPES): background) and box (grid*grid, 4) float, the owner's (x0, y0, x1, y1) /
+    image size or zeros: every token of an object carries the whole object, not a copy of its pixels."""
     size = scene.image_size
     cell = size // grid
     owner = np.full((size, size), -1, dtype=np.int64)  # (H, W) index of the object drawn at each pixel
@@ -435,10 +415,8 @@ def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, n
 
 
 def scene_labels(scene: Scene, slots: int = MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ground truth for the scene tokens: the scene's objects in reading order, one per slot.
-
-    colour (slots,) and shape (slots,) int as in token_labels (len(COLORS) / len(SHAPES) = no object),
-    box (slots, 4) float, (x0, y0, x1, y1) / image size, zeros where the slot is empty."""
+    """Ground truth for the scene tokens, the objects in reading order, one per slot: colour, shape (slots,)
+    and box (slots, 4) as in token_labels (len(COLORS) / len(SHAPES) and zeros: an empty slot)."""
     colour = np.full(slots, len(COLORS), dtype=np.int64)
     shape = np.full(slots, len(SHAPES), dtype=np.int64)
     box = np.zeros((slots, 4), dtype=np.float32)
@@ -474,9 +452,8 @@ def draw(scene: Scene, image_size: int | None = None) -> np.ndarray:
 
 def make_image_set(n: int, split: str = "train", seed: int = 0, image_size: int = 32,
                    tags: tuple | None = None) -> tuple[torch.Tensor, list]:
-    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes).
-
-    tags None cycles through all TAGS, a tuple through its own (scene i gets tags[i % len(tags)])."""
+    """Scenes 0..n-1 of a split drawn at once: (uint8 images (n, 3, H, W), scenes); scene i gets tag
+    tags[i % len(tags)] (tags None: all TAGS in turn)."""
     scenes = [make_scene(i, split, seed, None if tags is None else tags[i % len(tags)], image_size)
               for i in range(n)]
     images = np.array([draw(s) for s in scenes], dtype=np.uint8).reshape(n, image_size, image_size, 3)
@@ -505,11 +482,9 @@ caption_question = "describe the image ."  # its answer is scene.caption
 
 
 def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """Every unambiguous (qtype, question, answer) about a scene, in an order shuffled by `rng`.
-
-    A question is asked only when its answer is certain: the colour of a shape present exactly once, the
-    shape of a colour present exactly once, the count (1-4) of each present shape and of all objects, and
-    the position of one unique shape relative to another when clear_relation() finds one."""
+    """Every (qtype, question, answer) about a scene whose answer is certain, shuffled by `rng`: the colour
+    of a shape present once, the shape of a colour present once, the count (1-4) of each present shape and
+    of all objects, the position of a unique shape relative to another when clear_relation() finds one."""
     objs = scene.objects
     by_shape = {s: [o for o in objs if o.shape == s] for s in SHAPES}
     by_color = {c: [o for o in objs if o.color == c] for c in COLORS}
@@ -532,27 +507,20 @@ def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     return qa
 
 
-def _vocab() -> list:
-    """Every word of every prompt, caption, question and answer (plus the generation template) as the toy
-    tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word."""
-    words = {"a", "an", "and", "in", "photo", "of", "objects"}
-    words |= set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
-    words |= {w for rel in RELATIONS for w in rel.split()}
-    words |= set("what color is the shape object how many are there where relative to ?".split())
-    words |= set(caption_question.split()) | set(toy_words(PROMPT_TEMPLATE.format("")))
-    return sorted(words)
-
-
-VOCAB = _vocab()
+# Every word of every prompt, caption, question and answer (plus the generation template) as the toy
+# tokenizer reads it (lower case, punctuation as separate words): it never meets an unknown word.
+VOCAB = sorted({"a", "an", "and", "in", "photo", "of", "objects"}
+               | set(SHAPES) | {plural(s) for s in SHAPES} | set(COLORS) | set(NUMBER_WORDS.values())
+               | {w for rel in RELATIONS for w in rel.split()}
+               | set("what color is the shape object how many are there where relative to ?".split())
+               | set(caption_question.split()) | set(toy_words(PROMPT_TEMPLATE.format(""))))
 
 
 # --- 3. GenEval: prompts, rendering, a pixel detector and the official scoring rules ------------------
 
 def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int = 0) -> list[dict]:
-    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag (None: all).
-
-    split "test" gives the held-out compositions (see the module docstring); a tag whose prompt space is
-    smaller than n_per_tag contributes all of it."""
+    """GenEval-schema records of the shapes world, up to `n_per_tag` distinct prompts per tag (None: all;
+    a smaller prompt space gives all of it); split "test" gives the held-out compositions."""
     records = []
     for tag in TAGS:
         space = [json.loads(r) for r in _prompt_space(tag, split)]
@@ -563,17 +531,15 @@ def geneval_prompts(split: str = "test", n_per_tag: int | None = 16, seed: int =
 
 
 def render(metadata: dict, seed: int = 0, image_size: int = 32) -> np.ndarray:
-    """uint8 (H, W, 3) image that satisfies any in-world GenEval record (ValueError for e.g. "bench").
-
-    Free colours are drawn at random; position requirements are drawn clearly (see clear_relation)."""
+    """uint8 (H, W, 3) image that satisfies any in-world GenEval record (ValueError for e.g. "bench"):
+    free colours drawn at random, positions drawn clearly (see clear_relation)."""
     rng = random.Random(stable_seed("render", seed, json.dumps(metadata, sort_keys=True)))
     return draw_objects(_objects_for(metadata, rng, None, image_size), image_size)
 
 
 def load_geneval_metadata(path) -> list[dict]:
-    """Records of an official `evaluation_metadata.jsonl`: one JSON object a line, blank lines skipped.
-
-    A line that is not a GenEval record raises ValueError naming the file and line."""
+    """Records of an official `evaluation_metadata.jsonl`: one JSON object a line, blank lines skipped; a
+    line that is not a GenEval record raises ValueError naming the file and line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -620,9 +586,8 @@ def classify_pixels(img: np.ndarray) -> np.ndarray:
 def connected_components(labels: np.ndarray) -> np.ndarray:
     """(H, W) component ids (-1 for background) of 4-connected pixels sharing the same label >= 0.
 
-    Min-label propagation: each pixel starts with its own flat index and repeatedly takes the smallest
-    id among same-label 4-neighbours until nothing changes; then every component holds its smallest
-    index. Plain numpy, as many sweeps as the longest path inside a component."""
+    Min-label propagation in plain numpy: each pixel starts with its flat index and takes the smallest id
+    among same-label 4-neighbours until nothing changes (as many sweeps as a component's longest path)."""
     h, w = labels.shape
     big = h * w
     ids = np.where(labels >= 0, np.arange(big).reshape(h, w), big)
@@ -642,11 +607,9 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
 
 
 def prune_spurs(labels: np.ndarray) -> np.ndarray:
-    """Drop foreground pixels with fewer than two 4-neighbours of their own colour.
-
-    Noise turns the odd background pixel next to a shape into foreground; left in, it would widen the
-    box by a pixel and lower the fill ratio that tells a square from a circle. Drawn shapes have no
-    such pixels (see shape_mask), so clean images are unchanged."""
+    """Drop foreground pixels with fewer than two 4-neighbours of their own colour: noise makes the odd
+    background pixel by a shape foreground, which would widen its box and lower the fill ratio that tells
+    a square from a circle. Drawn shapes have no such pixels (see shape_mask): clean images are unchanged."""
     padded = np.pad(labels, 1, constant_values=-1)  # (H + 2, W + 2)
     neighbours = sum((padded[1 + dy:padded.shape[0] - 1 + dy, 1 + dx:padded.shape[1] - 1 + dx] == labels)
                      for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))  # (H, W) same-colour neighbours
@@ -654,12 +617,9 @@ def prune_spurs(labels: np.ndarray) -> np.ndarray:
 
 
 def classify_shape(mask: np.ndarray) -> str:
-    """Shape of a component from its (h, w) box mask.
-
-    A triangle (apex up) widens from top to bottom: its rows in the bottom half are on average about
-    half a box wider than those in the top half, while a circle or a square is symmetric. Otherwise the
-    fill ratio separates a square (~1.0) from a circle (~0.785; up to 0.85 for small odd sizes). Both
-    features survive noise and a slight blur."""
+    """Shape of a component from its (h, w) box mask, by two features that survive noise and slight blur:
+    a triangle (apex up) has bottom-half rows about half a box wider than top-half ones (a circle or a
+    square is symmetric); the fill ratio tells a square (~1.0) from a circle (~0.785; ~0.85 if small, odd)."""
     h, w = mask.shape
     widths = mask.sum(1)  # (h,) pixels per row
     half = max(1, h // 2)
@@ -670,9 +630,8 @@ def classify_shape(mask: np.ndarray) -> str:
 
 
 def detect_objects(img: np.ndarray) -> list[dict]:
-    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}, largest first.
-
-    The area stands in for the confidence GenEval sorts by (it checks only the top `count` of a class)."""
+    """Objects in a uint8 (H, W, 3) image: dicts {class, color, box (x0, y0, x1, y1), area}, largest first
+    (the area stands in for the confidence GenEval sorts by: it checks the top `count` of a class)."""
     img = np.asarray(img)
     labels = prune_spurs(classify_pixels(img))
     comps = connected_components(labels)
@@ -736,11 +695,9 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
 
 def _to_hwc_uint8(image) -> np.ndarray:
     """uint8 (H, W, 3) from either a uint8 array (H, W, 3) or a float tensor/array (3, H, W) in [0, 1]."""
-    if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8:
-            return to_uint8(image).numpy()  # float (3, H, W) -> uint8 (H, W, 3)
-        image = image.detach().cpu().numpy()
-    image = np.asarray(image)
+    if isinstance(image, torch.Tensor) and image.dtype != torch.uint8:
+        return to_uint8(image).numpy()  # float (3, H, W) -> uint8 (H, W, 3)
+    image = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
     if image.ndim == 3 and image.shape[0] == 3 and image.shape[-1] != 3:
         image = image.transpose(1, 2, 0)  # (H, W, 3)
     if image.dtype != np.uint8:
@@ -799,9 +756,9 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
 
 
 # --- 4. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples -----------
-# Real caption data is messy: corrupt or truncated files, missing or undecodable captions, odd image
-# modes, decompression bombs. A bad sample must never stop a multi-day run, so the readers below skip
-# it and count why; only a pass that finds nothing readable at all is an error (a wrong path, say).
+# Real caption data is messy (corrupt or truncated files, bad captions, odd image modes, decompression
+# bombs) and must not stop a multi-day run: the readers skip a bad sample and count why; only a pass that
+# finds nothing readable at all is an error (a wrong path, say).
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused from their header, before any decoding
 MAX_MEMBER_BYTES = 64 * 2 ** 20  # larger tar members are not even read into memory
@@ -830,10 +787,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Encoded image bytes -> (float (3, S, S) in [0, 1], None), or (None, reason) when unreadable.
-
-    The shorter side is resized to image_size and the centre cropped square. Reasons: "empty_image",
-    "too_large" (refused from the header size), "bad_image" (corrupt, truncated, unsupported)."""
+    """Encoded image bytes -> (float (3, S, S) in [0, 1], None): shorter side resized to S, centre cropped;
+    or (None, reason): "empty_image", "too_large" (from the header), "bad_image" (corrupt, unsupported)."""
     if not data:
         return None, "empty_image"
     try:
@@ -875,14 +830,12 @@ class _CaptionStream(torch.utils.data.IterableDataset):
     False for an input holding no sample at all (a bad shard).
 
     Splitting: the world_size x num_workers readers are "slots"; slot k owns sample i of the stream when
-    i % slots == k (each reader parses all the input but decodes only its own samples) or, splitting tar
-    shards by shard (the default once there are as many shards as slots), whole shards j % slots == k.
-    Either way every sample is seen by exactly one reader.
+    i % slots == k (each reader parses all the input, decodes only its own) or, splitting tar shards by
+    shard (the default once there are as many shards as slots), whole shards j % slots == k.
 
-    Resume: `position` counts the current pass's samples (good or bad) this reader has handed out or
-    skipped; state_dict() saves it, load_state_dict() / `start` make the next pass skip that many. Both
-    `position` and `stats` are exact when read in the training process (num_workers=0, as train.py
-    does); with DataLoader workers they live in the workers."""
+    Resume: `position` counts the current pass's samples (good or bad) handed out or skipped; state_dict()
+    saves it, load_state_dict() / `start` make the next pass skip that many. `position` and `stats` are
+    exact in the training process (num_workers=0, as train.py does); with workers they live there."""
 
     def __init__(self, image_size: int, rank: int, world_size: int, start: int, max_pixels: int):
         super().__init__()
@@ -892,17 +845,13 @@ class _CaptionStream(torch.utils.data.IterableDataset):
         self.start, self.position, self.max_pixels = start, start, max_pixels
         self.stats = {"ok": 0, "skipped": {}}
 
-    def _slot(self) -> tuple[int, int]:
-        """(this reader's slot, number of slots) from the rank and the DataLoader worker."""
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        return self.rank * workers + worker, self.world_size * workers
-
     def _skip(self, reason: str) -> None:
         self.stats["skipped"][reason] = self.stats["skipped"].get(reason, 0) + 1
 
     def __iter__(self):
-        slot, slots = self._slot()
+        info = torch.utils.data.get_worker_info()  # this reader's slot from its rank and DataLoader worker
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        slot, slots = self.rank * workers + worker, self.world_size * workers
         self.stats = {"ok": 0, "skipped": {}}
         index = 0  # this slot's sample index in the pass
         for is_sample, image_bytes, caption, reason in self._raw(slot, slots):
@@ -948,11 +897,9 @@ def _split_name(name: str):
 
 
 def _tar_groups(path: str, max_member_bytes: int):
-    """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order.
-
-    A member larger than max_member_bytes is not read (its value is None). When the stream breaks, the
-    sample being assembled is yielded with reason "truncated_shard" (or, if no sample was started, key
-    None with "bad_shard") and the shard ends there."""
+    """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order; a member
+    over max_member_bytes is not read (None). A broken stream ends the shard, the sample being assembled
+    yielded with reason "truncated_shard" (or, if none was started, key None with "bad_shard")."""
     key, members = None, {}
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -984,11 +931,10 @@ class TarShards(_CaptionStream):
     """WebDataset-style .tar shards -> (image float (3, S, S) in [0, 1], caption str), bad samples skipped.
 
     A sample is the run of consecutive members sharing a key: KEY.jpg / .jpeg / .png / .webp (image) and
-    KEY.txt (UTF-8 caption); other members are ignored. Shards are read with the stdlib tarfile as a
-    stream (no index, no seeking), one after another. `stats` = {"ok": n, "skipped": {reason: n}} with
-    reasons empty_image, bad_image, too_large, missing_image, missing_caption, bad_caption,
-    empty_caption, truncated_shard (the sample cut by a broken stream), bad_shard (no sample at all).
-    See _CaptionStream for how ranks and workers split the work and how to resume, open_source for use."""
+    KEY.txt (UTF-8 caption); other members are ignored. Shards are read in turn as tarfile streams (no
+    index, no seeking). `stats` = {"ok": n, "skipped": {reason: n}}, reasons empty_image, bad_image,
+    too_large, missing_image, missing_caption, bad_caption, empty_caption, truncated_shard (the sample cut
+    by a broken stream), bad_shard (no sample at all). Splitting and resume: _CaptionStream."""
 
     def __init__(self, shards: list, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, split_by: str = "auto", max_pixels: int = MAX_IMAGE_PIXELS,
@@ -1030,9 +976,8 @@ class TarShards(_CaptionStream):
 
 class ImageFolderCaptions(_CaptionStream):
     """An image folder plus a JSONL file of {"file": path relative to root, "caption": str} lines ->
-    (image float (3, S, S), caption), with the same skipping, counting, splitting and resume as
-    TarShards (split by line). Unparseable lines are skipped as "bad_record", unreadable files as
-    "missing_image"."""
+    (image float (3, S, S), caption), skipped, counted, split (by line) and resumed as TarShards; bad
+    lines are skipped as "bad_record", unreadable files as "missing_image"."""
 
     def __init__(self, root: str, captions: str, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -1065,10 +1010,9 @@ class ImageFolderCaptions(_CaptionStream):
 
 
 def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -> list[str]:
-    """Write WebDataset-style shards out_dir/{prefix}-00000.tar, ... and return their paths.
-
-    samples: an iterable of dicts {"__key__": key, ext: bytes | str, ...}, e.g.
-    {"__key__": "000001", "png": encode_image(img), "txt": "a red circle"}; str values are stored UTF-8."""
+    """Write WebDataset-style shards out_dir/{prefix}-00000.tar, ... and return their paths; samples are
+    dicts {"__key__": key, ext: bytes | str (stored UTF-8), ...}, e.g. {"__key__": "000001", "png":
+    encode_image(img), "txt": "a red circle"}."""
     os.makedirs(out_dir, exist_ok=True)
     samples, paths = iter(samples), []
     while chunk := list(itertools.islice(samples, per_shard)):
@@ -1132,9 +1076,9 @@ def _add_counts(a: dict, b: dict) -> dict:
 class StreamBatches:
     """This rank's endless stream of (images, captions) batches, pass after pass, resumable.
 
-    Samples are read in the training process (no DataLoader workers), so the position saved with a
-    checkpoint is exactly what the finished steps consumed. The reader skips bad samples and counts
-    them per pass; the counts here add up over passes and resumes, and go into the checkpoint."""
+    Read in the training process (no DataLoader workers), so the position saved with a checkpoint is
+    exactly what the finished steps consumed; the reader's per-pass skip counts add up here over passes
+    and resumes, and go into the checkpoint."""
 
     def __init__(self, dataset):
         self.dataset = dataset
