@@ -50,7 +50,6 @@ class DecoderError(UserError):
 
 # ---- checks that cost nothing: run before the backbone and the DiT load --------------------------------
 
-
 def decoder_config(checkpoint, size: int = SIZE) -> dict:
     """Check DIR/diffusion-decoder/, that diffusers imports, and that the VAE can make size x size images;
     -> the UNet's config (its JSON, a dict)."""
@@ -96,7 +95,6 @@ def check_width(unet_config: dict, width: int, where="the decoder") -> None:
 
 
 # ---- loading and decoding -------------------------------------------------------------------------------
-
 
 @dataclass
 class Decoder:
