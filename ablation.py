@@ -1,4 +1,5 @@
-"""The paper's design study (BLIP3-o Figures 3 and 4) at toy scale, on a trained run's frozen pieces.
+"""The paper's design study (BLIP3-o Figures 3 and 4) at toy scale, on a trained run's frozen pieces, trained
+through train.py's own plans and loop and scored by eval.py; stdout ends in one JSON line.
 
     python ablation.py study                  # -> out/ablation/ablation.md, .png, .json
     python ablation.py study --quick --out /tmp/ablation      # the same in seconds (tiny sizes)
@@ -6,10 +7,7 @@
 
 Finding 1: CLIP features are a better generation target than VAE latents (same DiT, same flow loss).
 Finding 2: flow matching gives diverse samples for one prompt; MSE regression gives one answer.
-Finding 3: sequential training (LM frozen) leaves understanding as it was; joint training trades one task
-           against the other (both tasks mixed, LM unfrozen).
-
-Designs train through train.py's own plans and loop, scored by eval.py; stdout ends in one JSON line.
+Finding 3: sequential training (LM frozen) keeps understanding as it was; joint training trades it off.
 """
 from __future__ import annotations
 
@@ -35,6 +33,7 @@ from cli import (OneLineParser, UserError, add_run_options, add_sampling_options
 DESIGNS = {"mse-clip": "CLIP + MSE", "flow-clip": "CLIP + Flow", "flow-vae": "VAE + Flow"}  # Figure 3
 ABLATION_HEADER = ["design", "toy GenEval", "CLIP retrieval", "diversity (CLIP)", "understanding",
                    "LM weights"]
+DIVERSITY_COLUMNS = ["CLIP embedding", "tokens (unit std)", "pixels"]  # eval_diversity's spaces
 
 # Sizes of `ablation.py study` (quick: seconds, for the tests; vae_* None: train.py's toy defaults).
 ABLATION = {"default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300,
@@ -45,9 +44,8 @@ ABLATION = {"default": dict(steps=400, every=100, batch=32, per_tag=8, per_promp
 
 
 def mean_pairwise_distance(x: torch.Tensor, rms: bool = True) -> float:
-    """x (P, S, ...): S samples of each of P prompts -> the distance between two samples of one prompt,
-    averaged over every pair and prompt; exactly 0 when each prompt's samples are identical. rms: per
-    element (tokens, pixels); else Euclidean (unit-norm embeddings: 0 the same, sqrt(2) orthogonal)."""
+    """x (P, S, ...): S samples of each of P prompts -> the mean distance between two samples of one prompt,
+    over all pairs and prompts: rms per element (tokens, pixels), else Euclidean (orthogonal unit: 1.41)."""
     flat = x.flatten(2).double()  # (P, S, F)
     P, S, F = flat.shape
     # Pair by pair, written out: torch.cdist's matmul shortcut is not exactly 0 for equal rows.
@@ -286,7 +284,7 @@ def ablation_markdown(r: dict) -> str:
            "## Diversity (Finding 2)", "",
            f"{r['diversity']['seeds']} seeds for each of {len(r['diversity']['prompts'])} held-out prompts; "
            "the pixel decoder is deterministic, so pixels differ only where the generated tokens do.", ""]
-    md += evaluation.md_table(["design", "CLIP embedding", "tokens (unit std)", "pixels"],
+    md += evaluation.md_table(["design", *DIVERSITY_COLUMNS],
                               [[DESIGNS[variant], *(f"{x:.4f}" for x in v.values())]
                                for variant, v in r["diversity"]["variants"].items()])
     md += ["", "![diversity](diversity.png)", "", "## The three findings, as measured here", ""]
@@ -366,11 +364,10 @@ def run_command(args) -> dict:
                            args.seed, device, args.allow_unknown_words)
         print(f"Diversity: mean pairwise distance between {m['seeds']} samples of the same prompt "
               f"({len(m['prompts'])} prompts)")
-        rows = [[v, DESIGNS.get(v, v), *s.values()] for v, s in m["variants"].items()]  # CLIP, tokens, pixels
+        rows = [[v, DESIGNS.get(v, v), *s.values()] for v, s in m["variants"].items()]  # DIVERSITY_COLUMNS
         if "mse_over_flow" in m:
             rows.append(["mse / flow", "(paper: ~0)", *map(evaluation.fmt, m["mse_over_flow"].values())])
-        print(evaluation.format_table(["variant", "design", "CLIP embedding", "tokens (unit std)", "pixels"],
-                                      rows))
+        print(evaluation.format_table(["variant", "design", *DIVERSITY_COLUMNS], rows))
         if m["skipped"]:
             print(f"not trained, skipped: {', '.join(m['skipped'])}")
         print(f"picture: {m['picture']}")
