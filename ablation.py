@@ -55,9 +55,8 @@ def mean_pairwise_distance(x: torch.Tensor, rms: bool = True) -> float:
 
 def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: float, seed: int = 0,
                    device="cpu", allow_unknown_words: bool = False) -> dict:
-    """Finding 2: each prompt (default: one held-out prompt per tag) sampled with seeds seed.. by each
-    trained variant -> the mean pairwise distance of one prompt's samples as toy CLIP embeddings, tokens in
-    unit std (CLIP features and VAE latents alike) and pixels. RUN/diversity.png: the first two prompts."""
+    """Finding 2: each prompt (default: one held-out per tag) sampled with seeds seed.. by each trained
+    variant -> the mean pairwise distance of its samples as CLIP embeddings, unit-std tokens and pixels."""
     prompts = prompts or [r["prompt"] for r in data.geneval_prompts("test", n_per_tag=1)]
     out = {"prompts": list(prompts), "seeds": seeds, "variants": {}, "skipped": []}
     rows, labels = [], []
@@ -154,8 +153,7 @@ def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None
 
 
 def run_ablation(run, out, sizes: dict, device) -> dict:
-    """Train and score the three designs and joint CLIP + Flow alike, `every` steps at a time; then
-    understanding before / after and diversity -> OUT/ablation.json, ablation.md and ablation.png."""
+    """Train and score the three designs and joint CLIP + Flow, `every` steps at a time -> OUT/ablation.*"""
     start = time.time()
     run, out = Path(run), Path(out)
     data_args = ablation_folder(run, out, sizes, device)
@@ -335,8 +333,7 @@ def parse_args(argv=None):
     c.add_argument("--seeds", type=int, default=8, help="samples per prompt, seeds seed .. seed+seeds-1")
     c.add_argument("--seed", type=int, default=0, help="first seed")
     add_sampling_options(c)
-    c = command("study", "the paper's design study: CLIP/VAE x MSE/Flow, sequential vs joint -> "
-                "OUT/ablation.md, .png, .json")
+    c = command("study", "the paper's design study: CLIP/VAE x MSE/Flow, sequential vs joint (Findings 1-3)")
     c.add_argument("--out", default="out/ablation", help="the study's folder (RUN's checkpoints copied in)")
     c.add_argument("--steps", metavar="N", type=int, default=None,
                    help=f"training steps per design (default {ABLATION['default']['steps']})")
