@@ -1,15 +1,13 @@
-"""The paper's design study (BLIP3-o Figures 3 and 4) at toy scale, on a trained run's frozen pieces.
+"""The paper's design study (BLIP3-o Figures 3 and 4) at toy scale, on a trained run's frozen pieces, trained
+through train.py's own plans and loop and scored by eval.py; stdout ends in one JSON line.
 
     python ablation.py study                  # -> out/ablation/ablation.md, .png, .json
     python ablation.py study --quick --out /tmp/ablation      # the same in seconds (tiny sizes)
-    python ablation.py diversity              # one prompt, 8 seeds: spread of the samples per design
+    python ablation.py diversity              # 8 seeds per prompt: the spread of each design's samples
 
 Finding 1: CLIP features are a better generation target than VAE latents (same DiT, same flow loss).
 Finding 2: flow matching gives diverse samples for one prompt; MSE regression gives one answer.
-Finding 3: sequential training (LM frozen in stage 2) leaves understanding exactly as it was; joint
-           training (both tasks mixed, LM unfrozen) trades one task against the other.
-
-Designs train through train.py's own plans and loop, scored by eval.py; stdout ends in one JSON line.
+Finding 3: sequential training (LM frozen) keeps understanding as it was; joint training trades it off.
 """
 from __future__ import annotations
 
@@ -35,6 +33,7 @@ from cli import (OneLineParser, UserError, add_run_options, add_sampling_options
 DESIGNS = {"mse-clip": "CLIP + MSE", "flow-clip": "CLIP + Flow", "flow-vae": "VAE + Flow"}  # Figure 3
 ABLATION_HEADER = ["design", "toy GenEval", "CLIP retrieval", "diversity (CLIP)", "understanding",
                    "LM weights"]
+DIVERSITY_COLUMNS = ["CLIP embedding", "tokens (unit std)", "pixels"]  # eval_diversity's spaces
 
 # Sizes of `ablation.py study` (quick: seconds, for the tests; vae_* None: train.py's toy defaults).
 ABLATION = {"default": dict(steps=400, every=100, batch=32, per_tag=8, per_prompt=2, questions=300,
@@ -45,9 +44,8 @@ ABLATION = {"default": dict(steps=400, every=100, batch=32, per_tag=8, per_promp
 
 
 def mean_pairwise_distance(x: torch.Tensor, rms: bool = True) -> float:
-    """x (P, S, ...): S samples of each of P prompts -> the distance between two samples of one prompt,
-    averaged over every pair and prompt; exactly 0 when each prompt's samples are identical. rms: per
-    element (tokens, pixels); else Euclidean (unit-norm embeddings: 0 the same, sqrt(2) orthogonal)."""
+    """x (P, S, ...): S samples of each of P prompts -> the mean distance between two samples of one prompt,
+    over all pairs and prompts: rms per element (tokens, pixels), else Euclidean (orthogonal unit: 1.41)."""
     flat = x.flatten(2).double()  # (P, S, F)
     P, S, F = flat.shape
     # Pair by pair, written out: torch.cdist's matmul shortcut is not exactly 0 for equal rows.
@@ -57,9 +55,8 @@ def mean_pairwise_distance(x: torch.Tensor, rms: bool = True) -> float:
 
 def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: float, seed: int = 0,
                    device="cpu", allow_unknown_words: bool = False) -> dict:
-    """Finding 2: each prompt (default: one held-out prompt per tag) sampled with seeds seed.. by each
-    trained variant -> the mean pairwise distance of one prompt's samples as toy CLIP embeddings, tokens in
-    unit std (CLIP features and VAE latents alike) and pixels. RUN/diversity.png: the first two prompts."""
+    """Finding 2: each prompt (default: one held-out per tag) sampled with seeds seed.. by each trained
+    variant -> the mean pairwise distance of its samples as CLIP embeddings, unit-std tokens and pixels."""
     prompts = prompts or [r["prompt"] for r in data.geneval_prompts("test", n_per_tag=1)]
     out = {"prompts": list(prompts), "seeds": seeds, "variants": {}, "skipped": []}
     rows, labels = [], []
@@ -95,8 +92,7 @@ def train_segment(out, stage_argv: list, steps, batch, data_args: dict, device, 
     argv += ["--steps", str(steps)] if steps else []
     argv += ["--batch-size", str(batch)] if batch else []
     argv += ["--restart"] if restart else []
-    # One noise draw per prompt: every design sees the same samples per step.
-    argv += ["--noise-repeats", "1"] if "generate" in stage_argv else []
+    argv += ["--noise-repeats", "1"] if "generate" in stage_argv else []  # every design: the same noise
     args = train.parse_args(argv)
     args.config = blip3o.get_config(args.preset)
     torch.manual_seed(args.seed)  # as train.main does: the new modules' initial weights
@@ -157,14 +153,12 @@ def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None
 
 
 def run_ablation(run, out, sizes: dict, device) -> dict:
-    """Train and score the three designs and joint CLIP + Flow alike, `every` steps at a time; then
-    understanding before / after and diversity -> OUT/ablation.json, ablation.md and ablation.png."""
+    """Train and score the three designs and joint CLIP + Flow, `every` steps at a time -> OUT/ablation.*"""
     start = time.time()
     run, out = Path(run), Path(out)
     data_args = ablation_folder(run, out, sizes, device)
     stage1 = pipeline.load_checkpoint(out / "understand", stage="understand")[1]
-    points = list(range(sizes["every"], sizes["steps"] + 1, sizes["every"]))
-    points += [sizes["steps"]] if points[-1] != sizes["steps"] else []
+    points = [*range(sizes["every"], sizes["steps"], sizes["every"]), sizes["steps"]]
     before = understanding(out, "flow-clip", sizes, device)
     designs, sequential_lm = {}, None
     for variant in (*DESIGNS, "joint"):
@@ -216,21 +210,18 @@ def ablation_findings(r: dict) -> dict:
     d, und, ratio = r["designs"], r["understanding"], r["diversity"].get("mse_over_flow", {})
     clip, vae = d["flow-clip"]["curve"], d["flow-vae"]["curve"]
     before = und["before"]["accuracy"]
-    return {
-        "1_clip_vs_vae": {
-            "steps": r["points"][-1],
-            "clip_flow_geneval": clip[-1]["geneval"], "vae_flow_geneval": vae[-1]["geneval"],
-            "clip_flow_retrieval": clip[-1]["retrieval"], "vae_flow_retrieval": vae[-1]["retrieval"],
-            "clip_ahead_points": sum(c["geneval"] > v["geneval"] for c, v in zip(clip, vae)),
-            "clip_behind_points": sum(c["geneval"] < v["geneval"] for c, v in zip(clip, vae)),
-            "points": len(clip)},
-        "2_mse_over_flow_diversity": ratio.get("clip_embedding"),
-        "2_reproduced": all(x is not None and x <= 0.1 for x in ratio.values()) if ratio else False,
-        "3_sequential_lm_bit_identical": all(d[v]["lm_bit_identical"] for v in DESIGNS),
-        "3_sequential_understanding_unchanged": und["sequential_after"]["accuracy"] == before,
-        "3_joint_understanding_change": und["joint_after"]["accuracy"] - before,
-        "3_joint_minus_sequential_geneval": d["joint"]["curve"][-1]["geneval"] - clip[-1]["geneval"],
-    }
+    f1 = {"steps": r["points"][-1],
+          "clip_flow_geneval": clip[-1]["geneval"], "vae_flow_geneval": vae[-1]["geneval"],
+          "clip_flow_retrieval": clip[-1]["retrieval"], "vae_flow_retrieval": vae[-1]["retrieval"],
+          "clip_ahead_points": sum(c["geneval"] > v["geneval"] for c, v in zip(clip, vae)),
+          "clip_behind_points": sum(c["geneval"] < v["geneval"] for c, v in zip(clip, vae)),
+          "points": len(clip)}
+    return {"1_clip_vs_vae": f1, "2_mse_over_flow_diversity": ratio.get("clip_embedding"),
+            "2_reproduced": all(x is not None and x <= 0.1 for x in ratio.values()) if ratio else False,
+            "3_sequential_lm_bit_identical": all(d[v]["lm_bit_identical"] for v in DESIGNS),
+            "3_sequential_understanding_unchanged": und["sequential_after"]["accuracy"] == before,
+            "3_joint_understanding_change": und["joint_after"]["accuracy"] - before,
+            "3_joint_minus_sequential_geneval": d["joint"]["curve"][-1]["geneval"] - clip[-1]["geneval"]}
 
 
 def ablation_rows(r: dict) -> list[list]:
@@ -291,7 +282,7 @@ def ablation_markdown(r: dict) -> str:
            "## Diversity (Finding 2)", "",
            f"{r['diversity']['seeds']} seeds for each of {len(r['diversity']['prompts'])} held-out prompts; "
            "the pixel decoder is deterministic, so pixels differ only where the generated tokens do.", ""]
-    md += evaluation.md_table(["design", "CLIP embedding", "tokens (unit std)", "pixels"],
+    md += evaluation.md_table(["design", *DIVERSITY_COLUMNS],
                               [[DESIGNS[variant], *(f"{x:.4f}" for x in v.values())]
                                for variant, v in r["diversity"]["variants"].items()])
     md += ["", "![diversity](diversity.png)", "", "## The three findings, as measured here", ""]
@@ -342,8 +333,7 @@ def parse_args(argv=None):
     c.add_argument("--seeds", type=int, default=8, help="samples per prompt, seeds seed .. seed+seeds-1")
     c.add_argument("--seed", type=int, default=0, help="first seed")
     add_sampling_options(c)
-    c = command("study", "the paper's design study: CLIP/VAE x MSE/Flow, sequential vs joint -> "
-                "OUT/ablation.md, .png, .json")
+    c = command("study", "the paper's design study: CLIP/VAE x MSE/Flow, sequential vs joint (Findings 1-3)")
     c.add_argument("--out", default="out/ablation", help="the study's folder (RUN's checkpoints copied in)")
     c.add_argument("--steps", metavar="N", type=int, default=None,
                    help=f"training steps per design (default {ABLATION['default']['steps']})")
@@ -367,19 +357,14 @@ def main(argv=None) -> int:
 def run_command(args) -> dict:
     device = pipeline.pick_device(args.device)
     if args.command == "diversity":
-        try:
-            m = eval_diversity(args.run, args.variants, args.prompts, args.seeds, args.steps, args.guidance,
-                               args.seed, device, args.allow_unknown_words)
-        except ValueError as e:  # e.g. an empty prompt, or one longer than the backbone's context
-            raise UserError(str(e)) from None
+        m = eval_diversity(args.run, args.variants, args.prompts, args.seeds, args.steps, args.guidance,
+                           args.seed, device, args.allow_unknown_words)
         print(f"Diversity: mean pairwise distance between {m['seeds']} samples of the same prompt "
               f"({len(m['prompts'])} prompts)")
-        rows = [[v, DESIGNS.get(v, v), s["clip_embedding"], s["tokens"], s["pixels"]]
-                for v, s in m["variants"].items()]
+        rows = [[v, DESIGNS.get(v, v), *s.values()] for v, s in m["variants"].items()]  # DIVERSITY_COLUMNS
         if "mse_over_flow" in m:
             rows.append(["mse / flow", "(paper: ~0)", *map(evaluation.fmt, m["mse_over_flow"].values())])
-        print(evaluation.format_table(["variant", "design", "CLIP embedding", "tokens (unit std)", "pixels"],
-                                      rows))
+        print(evaluation.format_table(["variant", "design", *DIVERSITY_COLUMNS], rows))
         if m["skipped"]:
             print(f"not trained, skipped: {', '.join(m['skipped'])}")
         print(f"picture: {m['picture']}")

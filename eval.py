@@ -17,7 +17,6 @@ Every number is deterministic: fixed seeds, greedy decoding, seeded diffusion no
 "Held-out" means split "test" of the shapes world: images never drawn in training, and for two-object
 scenes colour compositions ("a red circle and a blue square") and spatial relations that no training
 image shows (data.HELDOUT_COMBOS, data.HELDOUT_RELATIONS). `zero_shot_seen` scores training images.
-The paper's design study and the diversity of its designs: ablation.py.
 """
 from __future__ import annotations
 
@@ -113,26 +112,18 @@ def meaning(record: dict) -> tuple:
 
 
 def zero_shot(pipe, split: str, n: int, seed: int, tag: str = "colors") -> dict:
-    """Single-object images of `tag` classified among its prompts (colors: 30, single_object: 3 shapes)
-    -> accuracy with color and shape both right, and each alone."""
+    """Images of `tag` classified among its prompts (colors: 30, single_object: 3, color_attr: 600):
+    accuracy of the first object's color and shape, both and each alone, and of the whole meaning."""
     images, scenes = data.make_image_set(n, split=split, seed=seed, tags=(tag,))
     records, img = tag_records(tag), image_embeddings(pipe, images)
     pred = (img @ text_embeddings(pipe, [r["prompt"] for r in records]).t()).argmax(1)
-    shape_ok = color_ok = both_ok = 0
+    shape_ok = color_ok = both_ok = meaning_ok = 0
     for scene, p in zip(scenes, pred.tolist()):
         want, got = scene.objects[0], records[p]["include"][0]
         s, c = got["class"] == want.shape, got.get("color", want.color) == want.color
         shape_ok, color_ok, both_ok = shape_ok + s, color_ok + c, both_ok + (s and c)
-    return {"both": both_ok / n, "color": color_ok / n, "shape": shape_ok / n}
-
-
-def zero_shot_compositions(pipe, n: int, seed: int) -> float:
-    """Held-out two-object scenes ("a photo of a red circle and a blue square", a colour composition
-    never seen in training) classified among all 600 such prompts: is each colour bound to its shape?"""
-    images, scenes = data.make_image_set(n, split="test", seed=seed, tags=("color_attr",))
-    records, img = tag_records("color_attr"), image_embeddings(pipe, images)
-    pred = (img @ text_embeddings(pipe, [r["prompt"] for r in records]).t()).argmax(1)
-    return sum(meaning(records[p]) == meaning(s.metadata) for s, p in zip(scenes, pred.tolist())) / n
+        meaning_ok += meaning(records[p]) == meaning(scene.metadata)
+    return {"both": both_ok / n, "color": color_ok / n, "shape": shape_ok / n, "meaning": meaning_ok / n}
 
 
 def retrieval_r1(pipe, n: int, seed: int, group: int = 100) -> tuple[float, float]:
@@ -160,7 +151,7 @@ def eval_clip(pipe, n: int = 500) -> dict:
     i2t, t2i = retrieval_r1(pipe, n, SEED_RETRIEVAL)
     return {"zero_shot": held["both"], "zero_shot_color": held["color"], "zero_shot_shape": held["shape"],
             "zero_shot_seen": seen["both"], "single_object_shape": single["shape"],
-            "zero_shot_compositions": zero_shot_compositions(pipe, n, SEED_CLIP),
+            "zero_shot_compositions": zero_shot(pipe, "test", n, SEED_CLIP, tag="color_attr")["meaning"],
             "retrieval_i2t_r1": i2t, "retrieval_t2i_r1": t2i, "images": n}
 
 
@@ -231,8 +222,7 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
 
 @torch.no_grad()
 def generated_embeddings(pipe, tokens: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Generated targets (N, 64, D) -> CLIP image embeddings (N, E) of their decoded pixels (the pixel
-    decoder's, or the VAE's): every design is scored the same way."""
+    """Generated targets (N, 64, D) -> CLIP image embeddings (N, E) of their decoded pixels (any design)."""
     return torch.cat([pipe.clip.encode_image(pipe.tokens_to_images(tokens[i:i + batch].to(pipe.device))).cpu()
                       for i in range(0, len(tokens), batch)])
 
@@ -280,13 +270,8 @@ def eval_clipgen(pipe, n_per_tag: int, samples: int, steps: int, guidance: float
                  tags=None) -> dict:
     """Held-out prompts (n_per_tag per tag of `tags`) -> `samples` generated targets each -> scores."""
     records = [r for r in data.geneval_prompts("test", n_per_tag) if tags is None or r["tag"] in tags]
-    prompts = [r["prompt"] for r in records]
-    columns = []
-    for j in range(samples):
-        rng = torch.Generator(pipe.device).manual_seed(seed + j)
-        columns.append(torch.cat([pipe.generate_tokens(prompts[i:i + 64], steps, guidance, rng).cpu()
-                                  for i in range(0, len(prompts), 64)]))
-    return clipgen_scores(pipe, records, torch.stack(columns, 1))  # tokens (P, S, 64, D)
+    _, tokens = sample.generate_grid(pipe, [r["prompt"] for r in records], samples, seed, steps, guidance)
+    return clipgen_scores(pipe, records, tokens)  # tokens (P, S, 64, D)
 
 
 # --- 4. GenEval: scoring folders, reconstructions, the toy prompt set -----------------------------
@@ -361,8 +346,8 @@ def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | N
 # --- 5. The report: every evaluation, pictures, loss curves, cached by checkpoint fingerprint -----
 
 def checkpoints(run) -> dict:
-    """{stage name: checkpoint folder} of every stage trained in the run, in pipeline order:
-    clip, understand, decoder, vae, generate/<variant> ..., then any other (e.g. joint)."""
+    """{stage name: (checkpoint folder, its meta.json's "state")} of every stage trained in the run, in
+    pipeline order: clip, understand, decoder, vae, generate/<variant> ..., then any other (e.g. joint)."""
     run = Path(run)
     order = ["clip", "understand", "decoder", "vae"]
     names = order + [f"generate/{p.name}" for p in sorted((run / "generate").glob("*"))]
@@ -373,23 +358,21 @@ def checkpoints(run) -> dict:
         ckpt = pipeline.checkpoint_path(run / name) if "." not in name else None
         if ckpt is not None and ckpt.is_dir() and any((ckpt / f).exists()
                                                       for f in ("meta.json", "model.safetensors")):
-            found[name] = ckpt
+            found[name] = ckpt, pipeline.read_meta(ckpt, name, run / name)["state"]
     return found
 
 
 def fingerprint(run) -> dict:
     """Each checkpoint's step and meta.json mtime, the evaluation version and sizes: the metrics' inputs."""
-    ckpts = {name: {"step": pipeline.read_meta(path, name, Path(run) / name)["state"]["step"],
-                    "mtime_ns": (path / "meta.json").stat().st_mtime_ns}
-             for name, path in checkpoints(run).items()}
+    ckpts = {name: {"step": state["step"], "mtime_ns": (path / "meta.json").stat().st_mtime_ns}
+             for name, (path, state) in checkpoints(run).items()}
     return {"eval_version": EVAL_VERSION, "sizes": REPORT, "checkpoints": ckpts}
 
 
 def stage_summaries(run) -> dict:
     """Per trained stage: steps and the final loss (mean of the last 10% of logged steps)."""
     out = {}
-    for name, path in checkpoints(run).items():
-        state = pipeline.read_meta(path, name, Path(run) / name)["state"]
+    for name, (_, state) in checkpoints(run).items():
         tail = [h["loss"] for h in state["history"][-max(1, len(state["history"]) // 10):]]
         out[name] = {"steps": state["step"], "final_loss": sum(tail) / len(tail) if tail else None}
     return out
@@ -401,9 +384,8 @@ def plot_losses(run) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     files = []
-    for name, path in checkpoints(run).items():
-        hist = pipeline.read_meta(path, name, Path(run) / name)["state"]["history"]
-        if not hist:
+    for name, (_, state) in checkpoints(run).items():
+        if not (hist := state["history"]):
             continue
         steps = [h["step"] for h in hist]
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -430,20 +412,8 @@ def plot_losses(run) -> list[str]:
     return files
 
 
-def sample_rows(records) -> list[int]:
-    """Indices of the ~8 fixed held-out prompts shown in samples.png: 1-2 of every tag."""
-    want = {"single_object": 1, "two_object": 1, "counting": 1, "colors": 2, "position": 1, "color_attr": 2}
-    picked = []
-    for i, r in enumerate(records):
-        if want.get(r["tag"], 0) > 0:
-            picked.append(i)
-            want[r["tag"]] -= 1
-    return picked
-
-
 def evaluate_all(run, device) -> dict:
-    """Every evaluation of full_report, sharing work: the toy GenEval samples are also scored in CLIP
-    space (clipgen), and the pictures are cut from the samples and reconstructions already made."""
+    """Every evaluation of full_report, sharing work: the toy GenEval samples are clipgen's too."""
     t, metrics = {}, {"variant": "flow-clip"}
     pipe = pipeline.load_run(run, device=device)
     start = time.time()
@@ -467,15 +437,19 @@ def evaluate_all(run, device) -> dict:
             REPORT["guidance"], quiet=True)
         metrics["toygeneval"] = geneval
         metrics["clipgen"] = {"flow-clip": clipgen_scores(pipe, records, tokens)}
-        picked = sample_rows(records)
+        picked, want = [], {"single_object": 1, "two_object": 1, "counting": 1, "colors": 2, "position": 1,
+                            "color_attr": 2}  # samples.png: the first 1-2 held-out prompts of every tag
+        for i, r in enumerate(records):
+            if want.get(r["tag"], 0) > 0:
+                picked.append(i)
+                want[r["tag"]] -= 1
         sample.save_png(sample.image_grid([list(images[i]) for i in picked],
                                           [records[i]["prompt"] for i in picked]), Path(run) / "samples.png")
         t["toygeneval+clipgen"] = time.time() - start
     # The ablations' generators, when trained: CLIP-space scores on a smaller prompt set.
-    for name in checkpoints(run):
-        if not name.startswith("generate/") or name == "generate/flow-clip":
+    for variant in [n.removeprefix("generate/") for n in checkpoints(run) if n.startswith("generate/")]:
+        if variant == "flow-clip":
             continue
-        variant = name.removeprefix("generate/")
         start = time.time()
         ablation = pipeline.load_run(run, variant, device, need=("clip", "understand", "generate"))
         if ablation.target == "vae" and ablation.vae is None:
@@ -505,13 +479,10 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     cached = (not force and old.get("fingerprint") == fp
               and all(p.is_file() for p in pictures if p.name in old.get("pictures", [])))
     metrics = old["metrics"] if cached else rounded(evaluate_all(run, device))
-    train_times = dict(old.get("train_seconds_per_stage", {}))
-    trained_now = False
-    for stage, seconds in (timings or {}).items():
-        if seconds:  # 0: the stage was already trained and skipped; keep the time it took then
-            # train.py's `--stage all` names the generation stage "generate": the default flow-clip variant
-            train_times["generate/flow-clip" if stage == "generate" else stage] = round(seconds, 1)
-            trained_now = True
+    # 0 s: already trained and skipped (its recorded time stays); train.py's "generate" is flow-clip
+    trained_now = {("generate/flow-clip" if stage == "generate" else stage): round(seconds, 1)
+                   for stage, seconds in (timings or {}).items() if seconds}
+    train_times = {**old.get("train_seconds_per_stage", {}), **trained_now}
     record = {"fingerprint": fp, "metrics": metrics, "stages": rounded(stage_summaries(run)),
               "train_seconds_per_stage": train_times,
               "last_train_run_seconds": (round(train_seconds, 1) if trained_now and train_seconds
@@ -542,8 +513,7 @@ def summary_table(record: dict, run) -> str:
     note = "cached: checkpoints unchanged since the last evaluation" if record["cached"] else "evaluated"
     text = (f"\nBLIP3-o toy report ({note}, {record['report_seconds']:.0f} s)\n"
             + format_table(["held-out metric", "value", "target", ""], rows))
-    if "toygeneval" in record["metrics"]:
-        g = record["metrics"]["toygeneval"]
+    if g := record["metrics"].get("toygeneval"):
         text += "\ntoy GenEval per tag: " + ", ".join(f"{t} {a:.2f}" for t, a in g["per_tag"].items())
         if "tokens_say" in g:
             text += f"\nthe same samples drawn from what their tokens say: {g['tokens_say']['overall']:.3f}"
@@ -566,21 +536,19 @@ def report_markdown(run: Path, record: dict) -> str:
     for name, value in headline(m).items():
         mark = "ok" if value >= TARGETS[name] else "below"
         md.append(f"| {name} | {value:.3f} | >= {TARGETS[name]:.2f} | {mark} |")
-    stages = []
+    rows = []
     for name, s in record["stages"].items():
         secs, plot = times.get(name), f"loss_{name.replace('/', '-')}.png"
-        stages.append([name, s["steps"], s["final_loss"] if s["final_loss"] is not None else "-",
+        rows.append([name, s["steps"], s["final_loss"] if s["final_loss"] is not None else "-",
                        f"{secs:.0f} s" if secs else "-",
                        f"![]({plot})" if plot in record["loss_plots"] else "-"])
-    md += ["", "## Stages", ""]
-    md += md_table(["stage", "steps", "final loss", "train time", "loss curve"], stages)
+    md += ["", "## Stages", "", *md_table(["stage", "steps", "final loss", "train time", "loss curve"], rows)]
     if times:
         md.append(f"\nTraining time, all stages above: {sum(times.values()) / 60:.1f} min.")
     if record.get("last_train_run_seconds"):
         md.append(f"The last `python train.py` that trained anything took "
                   f"{record['last_train_run_seconds'] / 60:.1f} min, evaluations excluded.")
-    if "toygeneval" in m:
-        g = m["toygeneval"]
+    if g := m.get("toygeneval"):
         said = g.get("tokens_say", {"per_tag": {}})
         md += ["", "## Toy GenEval (text -> CLIP features -> pixels, scored from pixels)", "",
                f"{g['images']} images of the held-out prompt set in `{Path(g['folder']).name}/` "
@@ -593,18 +561,15 @@ def report_markdown(run: Path, record: dict) -> str:
         md += md_table(["tag", "images", "decoded", "tokens say"], rows)
     if "samples.png" in record["pictures"]:
         md += ["", "Samples (4 seeds per held-out prompt):", "", "![samples](samples.png)"]
-    if m.get("clipgen"):
+    if scores := m.get("clipgen"):
         md += ["", "## Generated samples, scored in CLIP space", "",
                "Top-1 retrieval of the right prompt among all prompts of its tag (both splits), by the "
                "toy CLIP embedding of each decoded sample. Ablations appear when trained.", ""]
-        scores = m["clipgen"]
         tags = list(dict.fromkeys(t for v in scores.values() for t in v["per_tag"]))
-        md += md_table(["tag", *scores], [[t, *(fmt(v["per_tag"][t] if t in v["per_tag"] else v.get(t))
-                                                for v in scores.values())]
+        md += md_table(["tag", *scores], [[t, *(fmt(v["per_tag"].get(t, v.get(t))) for v in scores.values())]
                                           for t in tags + ["single_object+colors", "overall"]])
 
-    if "understand" in m:
-        u = m["understand"]
+    if u := m.get("understand"):
         md += ["", "## Understanding (stage 1): exact match, greedy", ""]
         md += md_table(["question type", "questions", "accuracy"],
                        [[q, v["questions"], fmt(v["accuracy"])] for q, v in u["per_type"].items()]
@@ -620,8 +585,7 @@ def report_markdown(run: Path, record: dict) -> str:
     if "clip" in m:
         md += ["", "## CLIP (toy, contrastive)", ""]
         md += md_table(["metric", "value"], [[name, fmt(m["clip"][key])] for key, name in CLIP_ROWS.items()])
-    if "recon" in m:
-        r = m["recon"]
+    if r := m.get("recon"):
         md += ["", "## Reconstruction (image -> 64 CLIP tokens -> pixel decoder)", "",
                f"{r['images']} held-out images, each scored by the GenEval rules against its own record: "
                f"**{r['recon']:.3f}** (the originals themselves: {r['originals']:.3f}).", ""]
@@ -731,9 +695,8 @@ def run_command(args) -> dict:
         m = recon_scores(*reconstruct_set(pipe, args.n))
         print(f"Reconstruction (image -> CLIP features -> pixel decoder) of {m['images']} held-out images, "
               "scored by the GenEval rules against each scene's own record")
-        rows = [[tag, acc] for tag, acc in m["per_tag"].items()]
-        print(format_table(["tag", "correct"], rows + [["all", m["recon"]],
-                                                       ["(originals, detector ceiling)", m["originals"]]]))
+        rows = [*m["per_tag"].items(), ("all", m["recon"]), ("(originals, detector ceiling)", m["originals"])]
+        print(format_table(["tag", "correct"], rows))
     elif args.command == "clipgen":
         if pipe.target == "vae":
             sample.check_pixels(pipe, args.run)
@@ -749,8 +712,7 @@ def run_command(args) -> dict:
         m, *_ = eval_toygeneval(pipe, args.run, variant, args.per_prompt, args.per_tag, args.steps,
                                 args.guidance, args.seed, tags=args.tags)
         print_geneval(m, f"Toy GenEval ({variant}): {m['images']} images in {m['folder']}")
-        if "tokens_say" in m:
-            said = m["tokens_say"]
+        if said := m.get("tokens_say"):
             print(f"The same samples drawn exactly from what their tokens say: {fmt(said['overall'])} ("
                   + ", ".join(f"{t} {fmt(a)}" for t, a in said["per_tag"].items()) + ")")
     return {"variant": variant, **m} if args.command in ("clipgen", "toygeneval") else m

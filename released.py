@@ -12,8 +12,7 @@ This file is that pipeline's decoding loop, written out over the same diffusers 
     STEPS Euler steps, guidance GUIDANCE against the features generated for NEGATIVE_PROMPT
     VAE decode -> images (B, 3, H, W) in [0, 1]
 
-`python sample.py --official-checkpoint DIR` runs it. diffusers is needed by this path only (pip install
-diffusers); nothing else in the repository imports it.
+`python sample.py --official-checkpoint DIR` runs it: the only path that needs diffusers.
 
 Sources, cited at the lines that follow them:
 - BLIP3o's pipeline_llava_gen.py (shipped in diffusion-decoder/; read from the public copy in the
@@ -50,7 +49,6 @@ class DecoderError(UserError):
 
 # ---- checks that cost nothing: run before the backbone and the DiT load --------------------------------
 
-
 def decoder_config(checkpoint, size: int = SIZE) -> dict:
     """Check DIR/diffusion-decoder/, that diffusers imports, and that the VAE can make size x size images;
     -> the UNet's config (its JSON, a dict)."""
@@ -80,9 +78,8 @@ def read_json(path: Path) -> dict:
 
 
 def check_width(unet_config: dict, width: int, where="the decoder") -> None:
-    """The UNet must read `width`-wide features twice: per token (cross-attention) and mean-pooled. SDXL's
-    "text_time" added embedding concatenates the pooled vector with 6 sinusoidal time ids of
-    addition_time_embed_dim each, so its input width is pooled + 6 x addition_time_embed_dim."""
+    """The UNet must read `width`-wide features per token (cross-attention) and mean-pooled: its SDXL
+    "text_time" embedding takes the pooled vector and 6 time ids of addition_time_embed_dim each."""
     cross = unet_config.get("cross_attention_dim")
     cross = set(cross) if isinstance(cross, (list, tuple)) else {cross}
     if unet_config.get("addition_embed_type") != "text_time":
@@ -96,7 +93,6 @@ def check_width(unet_config: dict, width: int, where="the decoder") -> None:
 
 
 # ---- loading and decoding -------------------------------------------------------------------------------
-
 
 @dataclass
 class Decoder:
@@ -120,8 +116,7 @@ def load_decoder(checkpoint, device) -> Decoder:
         print("note: the decoder loads faster with accelerate installed (pip install accelerate)")
 
     def variant(sub):
-        # BLIP3o's inference.py loads the decoder with variant="bf16" (files *.bf16.safetensors); a folder
-        # re-saved without a variant loads too.
+        # BLIP3o's inference.py: variant="bf16" (*.bf16.safetensors); a folder saved without one loads too
         return "bf16" if any((root / sub).glob("*.bf16.safetensors")) else None
 
     try:
@@ -143,8 +138,7 @@ def decode(decoder: Decoder, features: torch.Tensor, negative: torch.Tensor, *, 
            guidance: float = GUIDANCE, height: int = SIZE, width: int = SIZE, rng=None) -> torch.Tensor:
     """CLIP features (B, 64, D), the negative prompt's features (1, 64, D) -> images (B, 3, H, W) in [0, 1]:
     the loop of BLIP3o's pipeline_llava_gen.py, __call__, step for step. The initial noise is drawn with
-    `rng` in one call for the batch (as diffusers' pipelines do): one image per call is independent of others.
-    """
+    `rng` in one call for the batch (as diffusers' pipelines do): one image per call is independent."""
     unet, vae, scheduler = decoder.unet, decoder.vae, decoder.scheduler
     device, dtype = unet.device, unet.dtype
     scale = 2 ** (len(vae.config.block_out_channels) - 1)  # __init__: vae_scale_factor (8 for SDXL's VAE)
@@ -162,15 +156,13 @@ def decode(decoder: Decoder, features: torch.Tensor, negative: torch.Tensor, *, 
         # __call__: time_ids = original_size + crop_info + [height, width], original_size fixed at 1024
         "time_ids": torch.tensor([SIZE, SIZE, 0, 0, height, width], device=device).expand(cond.shape[0], 6),
     }
-    # diffusers' Euler scheduler calls np.array on a torch tensor, and NumPy 2 warns that the tensor's
-    # __array__ takes no `copy` argument: harmless, and not ours to fix, so silenced for this call only.
+    # diffusers' Euler scheduler calls np.array on a tensor; NumPy 2's warning about it is harmless: silenced.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
         scheduler.set_timesteps(steps, device=device)  # __call__: 2. Prepare timesteps
     # __call__: 3. latents = randn(B, in_channels, H / 8, W / 8) * scheduler.init_noise_sigma
     latents = torch.randn((B, unet.config.in_channels, height // scale, width // scale), generator=rng,
-                          device=device, dtype=dtype)  # (B, 4, H/8, W/8)
-    latents = latents * scheduler.init_noise_sigma
+                          device=device, dtype=dtype) * scheduler.init_noise_sigma  # (B, 4, H/8, W/8)
     for t in scheduler.timesteps:  # __call__: 4. Denoising loop
         x = torch.cat([latents] * 2) if guided else latents  # (2B, 4, H/8, W/8)
         x = scheduler.scale_model_input(x, t)  # Euler: x / sqrt(sigma^2 + 1)

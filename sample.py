@@ -1,7 +1,6 @@
 """Use a trained BLIP3-o run: text -> image, image -> text, reconstructions, and GenEval folders.
 
-Every model is rebuilt from the checkpoints in --run (default out/toy, what `python train.py` writes);
-there are no model flags. Examples:
+Every model is rebuilt from the checkpoints in --run (default out/toy, what `python train.py` writes):
 
     python sample.py --prompt "a photo of a red circle" --prompt "a photo of two squares"
         -> out/samples.png: one row per prompt, 4 samples each, the prompt written beside its row
@@ -22,8 +21,6 @@ own diffusion decoder (DIR/diffusion-decoder/, Emu2-Gen's SDXL UNet; needs diffu
         -> out/official/grid.png, p000_s00.png ... (one image per sample), features.safetensors
     python sample.py --official-checkpoint BLIP3o-Model-8B --backbone Qwen/Qwen2.5-VL-7B-Instruct \\
         --prompt "a photo of a red circle" --out out/features.safetensors      # CLIP features only
-
-Sampling is deterministic: sample j of every prompt uses the noise of seed + j.
 """
 from __future__ import annotations
 
@@ -46,7 +43,6 @@ from cli import OneLineParser, UserError, add_run_options, add_sampling_options,
 
 # ---- pictures: tensors -> PIL, and a grid with a text label beside each row ---------------------------
 
-
 def to_pil(image) -> Image.Image:
     """A float (3, H, W) tensor in [0, 1] or a uint8 (H, W, 3) array -> PIL RGB image."""
     if isinstance(image, torch.Tensor):
@@ -58,25 +54,14 @@ WORD_GAP = 5  # pixels between words: PIL's default font draws a space 2 px wide
 
 
 def text_width(draw, text: str, font) -> int:
-    """Pixel width of `text` as draw_text writes it."""
+    """Pixel width of `text` as image_grid writes it: word by word, WORD_GAP pixels apart."""
     words = text.split(" ")
     return sum(int(draw.textlength(w, font=font)) for w in words) + WORD_GAP * (len(words) - 1)
 
 
-def draw_text(draw, xy, text: str, font) -> None:
-    """Write `text` word by word, WORD_GAP pixels apart."""
-    x, y = xy
-    for word in text.split(" "):
-        draw.text((x, y), word, fill="black", font=font)
-        x += int(draw.textlength(word, font=font)) + WORD_GAP
-
-
 def image_grid(rows, labels=None, scale: int = 4, pad: int = 2) -> Image.Image:
-    """Rows of images -> one PIL image; each row's label is written at its left (PIL's default font).
-
-    rows: list of lists of images (float (3, H, W) tensors or uint8 (H, W, 3) arrays), all one size.
-    The 32x32 toy images are upscaled `scale` times with nearest neighbour, so pixels stay crisp.
-    """
+    """Rows of images (any that to_pil takes, all one size) -> one PIL image, each row's label written at its
+    left (PIL's default font). Upscaled `scale` times by nearest neighbour: the pixels stay crisp."""
     font = ImageFont.load_default()
     tiles = [[to_pil(im) for im in row] for row in rows]
     h, w = tiles[0][0].height * scale, tiles[0][0].width * scale
@@ -89,7 +74,10 @@ def image_grid(rows, labels=None, scale: int = 4, pad: int = 2) -> Image.Image:
         y = pad + r * (h + pad)
         if labels:
             box = probe.textbbox((0, 0), labels[r], font=font)
-            draw_text(draw, (pad, y + (h - (box[3] - box[1])) // 2), labels[r], font)
+            x, text_y = pad, y + (h - (box[3] - box[1])) // 2
+            for word in labels[r].split(" "):  # WORD_GAP pixels apart
+                draw.text((x, text_y), word, fill="black", font=font)
+                x += int(draw.textlength(word, font=font)) + WORD_GAP
         for c, tile in enumerate(row):
             grid.paste(tile.resize((w, h), Image.Resampling.NEAREST), (text_w + pad + c * (w + pad), y))
     return grid
@@ -104,7 +92,6 @@ def save_png(image: Image.Image, path) -> Path:
 
 # ---- generation helpers (shared with eval.py) ---------------------------------------------------------
 
-
 def check_known_words(tokenizer, texts, allow: bool) -> None:
     """Refuse prompts or questions with words the toy tokenizer lacks (it would read them as <unk>),
     unless `allow` (--allow-unknown-words). Real backbones' tokenizers know every word."""
@@ -118,10 +105,9 @@ def check_known_words(tokenizer, texts, allow: bool) -> None:
 
 def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int, seed: int, steps: int, guidance: float,
                   batch: int = 64, quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)): text -> CLIP features
-    (diffusion; or VAE latents) -> pixels (the decoder). Column j draws all its noise from a generator
-    seeded with seed + j, prompts batched `batch` at a time: reproducible for the same prompts, seed, batch.
-    """
+    """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)). Column j draws all its
+    noise from a generator seeded with seed + j, prompts batched `batch` at a time: reproducible for the same
+    prompts, seed and batch."""
     if not prompts:
         raise UserError("no prompts to generate")
     if pipe.generator is not None:  # refuse empty or over-long prompts before any progress bar is drawn
@@ -169,9 +155,8 @@ def read_image(path, image_size: int) -> torch.Tensor:
 
 # ---- released BLIP3-o weights: queries + Next-DiT from the checkpoint, the backbone from its own path ----
 
-# The released model's generation input, as BLIP3o's inference builds it (NOTES.md, "The generation input"):
-# the caption in Qwen's ChatML template with the assistant turn left open (inference.py, add_template), then
-# [IMG] (generate_image appends it), then the 64 queries. Training closed the empty assistant turn.
+# The released model's generation input (NOTES.md, "The generation input"): the caption in Qwen's ChatML
+# template, the assistant turn left open (inference.py, add_template), then [IMG], then the 64 queries.
 OFFICIAL_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                      "<|im_start|>user\nPlease generate image based on the following caption: {}<|im_end|>\n"
                      "<|im_start|>assistant\n")
@@ -179,10 +164,9 @@ IMG_TOKEN = "[IMG]"  # added by BLIP3o's training after Qwen's own tokens: id 15
 
 
 def load_official(checkpoint, backbone, device: torch.device):
-    """-> (generator with the released queries and DiT, frozen LM, tokenizer). The backbone (Qwen2.5-VL
-    at real scale) loads from its own path, in bf16 on CUDA and fp32 elsewhere; the tokenizer from the
-    checkpoint when it ships one (as BLIP3o's builder.py loads it), else from the backbone; the DiT, the
-    queries and [IMG]'s input embedding from the checkpoint (an incomplete load is refused)."""
+    """-> (generator with the released queries and DiT, frozen LM, tokenizer). The backbone loads from its own
+    path (bf16 on CUDA, fp32 elsewhere); the tokenizer from the checkpoint when it ships one (as BLIP3o's
+    builder.py does), else the backbone's; the DiT, the queries and [IMG]'s embedding from the checkpoint."""
     try:
         queries, dit, report = pipeline.load_official_generation_weights(checkpoint, device=device,
                                                                        dtype=torch.float32)
@@ -251,7 +235,6 @@ def official_features(generator, lm, tok, prompts, num_samples: int, seed: int, 
 
 # ---- command line --------------------------------------------------------------------------------------
 
-
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_options(p)
@@ -269,10 +252,9 @@ def parse_args(argv=None):
     opts.add_argument("--num-samples", type=int, default=4, help="images per prompt (default 4)")
     opts.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
     add_sampling_options(opts)
-    opts.add_argument("--decoder-steps", type=int, default=released.STEPS,
-                      help=f"--official-checkpoint: Euler steps of the released decoder ({released.STEPS})")
-    opts.add_argument("--decoder-guidance", type=float, default=released.GUIDANCE,
-                      help=f"--official-checkpoint: guidance of the released decoder ({released.GUIDANCE})")
+    for name, kind, default in (("steps", int, released.STEPS), ("guidance", float, released.GUIDANCE)):
+        opts.add_argument(f"--decoder-{name}", type=kind, default=default,
+                          help=f"--official-checkpoint: {name} of the released decoder ({default})")
     opts.add_argument("--allow-unknown-words", action="store_true",
                       help="go on with prompt or question words the toy model never saw (read as <unk>)")
     opts.add_argument("--temperature", type=float, default=0.0, help="answer sampling (0: greedy)")
@@ -385,15 +367,12 @@ def run_geneval(args, device):
 
 
 def run_official(args, device):
-    """Released stage 2 on our code -> CLIP features -> the checkpoint's own diffusion decoder -> PNGs;
-    the decoder is checked (folder, diffusers, conditioning width) before the backbone and the DiT load."""
-    unet_config = None
-    if not args.features_only:  # cheap checks first: the folder, diffusers, the image size
-        unet_config = released.decoder_config(args.official_checkpoint, args.resolution)
-    generator, lm, tok = load_official(args.official_checkpoint, args.backbone, device)
+    """Released stage 2 on our code -> CLIP features -> the checkpoint's own diffusion decoder -> PNGs."""
+    ckpt = args.official_checkpoint  # the decoder's cheap checks first, before the backbone and the DiT load
+    unet_config = None if args.features_only else released.decoder_config(ckpt, args.resolution)
+    generator, lm, tok = load_official(ckpt, args.backbone, device)
     if unet_config is not None:
-        unet_dir = Path(args.official_checkpoint) / released.DECODER_DIR / "unet"
-        released.check_width(unet_config, generator.target_dim, where=str(unet_dir))
+        released.check_width(unet_config, generator.target_dim, str(Path(ckpt, released.DECODER_DIR, "unet")))
     feats = official_features(generator, lm, tok, args.prompt, args.num_samples, args.seed, args.steps,
                               args.guidance, device)  # (P, S, 64, D)
     if args.features_only:
@@ -401,16 +380,14 @@ def run_official(args, device):
         print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples -> CLIP features "
               f"{tuple(feats.shape)} -> {out}")
         return
-    # The decoder's unconditional input: the features the model generates for the bare text " " (no template;
-    # [IMG] and the queries follow it as always), made once (released.NEGATIVE_PROMPT).
     negative = official_features(generator, lm, tok, [released.NEGATIVE_PROMPT], 1, args.seed, args.steps,
-                                 args.guidance, device, template=False)[0]  # (1, 64, D)
+                                 args.guidance, device, template=False)[0]  # (1, 64, D), unconditional
     del generator, lm  # done with the LM and the DiT: their memory goes to the UNet
     if device.type == "cuda":
         torch.cuda.empty_cache()
     out = Path(args.out or "out/official")
     save_features(feats, args.prompt, out / "features.safetensors")
-    decoder = released.load_decoder(args.official_checkpoint, device)
+    decoder = released.load_decoder(ckpt, device)
     rows = render_official(decoder, feats, negative, args, device, out)
     grid = save_png(image_grid(rows, args.prompt, scale=1), out / "grid.png")
     how = f"{args.decoder_steps} steps, guidance {args.decoder_guidance}, {args.resolution}x{args.resolution}"
