@@ -68,7 +68,7 @@ def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: flo
             continue
         sample.check_pixels(pipe, run)
         images, tokens = sample.generate_grid(pipe, prompts, seeds, seed, steps, guidance, batch=len(prompts))
-        emb = evaluation.generated_embeddings(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
+        emb = evaluation.generated_embeddings(pipe, images.flatten(0, 1)).unflatten(0, images.shape[:2])
         scale = pipe.generator.target_scale.cpu()
         out["variants"][variant] = {"clip_embedding": mean_pairwise_distance(emb, rms=False),
                                     "tokens": mean_pairwise_distance(tokens / scale),
@@ -176,10 +176,10 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
             d["lm_max_change"] = max(d["lm_max_change"], change)
             t = time.time()  # toy GenEval from pixels, and CLIP-space retrieval of the same samples
             pipe = pipeline.load_run(out, variant, device, need=("clip", "understand", "generate"))
-            geneval, records, _, tokens = evaluation.eval_toygeneval(
+            geneval, records, images, _ = evaluation.eval_toygeneval(
                 pipe, out, variant, sizes["per_prompt"], sizes["per_tag"], sizes["sample_steps"],
                 evaluation.REPORT["guidance"], quiet=True)
-            retrieval = evaluation.clipgen_scores(pipe, records, tokens)
+            retrieval = evaluation.clipgen_scores(pipe, records, images)
             d["curve"].append({"step": step, "geneval": geneval["overall"], "retrieval": retrieval["overall"],
                                "images": geneval["images"], "geneval_per_tag": geneval["per_tag"],
                                "retrieval_per_tag": retrieval["per_tag"]})

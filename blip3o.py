@@ -691,7 +691,9 @@ def build_conversation_batch(tokenizer, image_tokens: int, conversations, length
         lab = [-100] * len(row)
         for q, a in turns:
             q_ids = tokenizer(q, add_special_tokens=False)["input_ids"]
-            a_ids = [] if a is None else tokenizer(a, add_special_tokens=False)["input_ids"] + [EOS_ID]
+            a_ids = []
+            if a is not None:  # the answer and its <eos>; None ends the row after the question
+                a_ids = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             row += q_ids + a_ids
             lab += [-100] * len(q_ids) + a_ids
         rows.append(row)

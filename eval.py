@@ -221,10 +221,10 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
 # --- 3. Generation scored in CLIP space -----------------------------------------------------------
 
 @torch.no_grad()
-def generated_embeddings(pipe, tokens: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Generated targets (N, 64, D) -> CLIP image embeddings (N, E) of their decoded pixels (any design)."""
-    return torch.cat([pipe.clip.encode_image(pipe.tokens_to_images(tokens[i:i + batch].to(pipe.device))).cpu()
-                      for i in range(0, len(tokens), batch)])
+def generated_embeddings(pipe, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Generated images (N, 3, H, W), decoded from any design's targets -> CLIP image embeddings (N, E)."""
+    return torch.cat([pipe.clip.encode_image(images[i:i + batch].to(pipe.device)).cpu()
+                      for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()
@@ -247,11 +247,11 @@ def score_images(records, images_u8: torch.Tensor) -> dict:
     return {"per_tag": per_tag, "overall": sum(per_tag.values()) / len(per_tag)}
 
 
-def clipgen_scores(pipe, records, tokens: torch.Tensor) -> dict:
-    """Top-1 retrieval of each record's prompt among its tag's prompts by its samples, tokens (P, S, 64, D)
+def clipgen_scores(pipe, records, images: torch.Tensor) -> dict:
+    """Top-1 retrieval of each record's prompt among its tag's prompts by its samples, images (P, S, 3, H, W)
     (a prompt that means the same counts) -> accuracy per tag, single_object+colors pooled, overall."""
-    P, S = tokens.shape[:2]
-    emb = generated_embeddings(pipe, tokens.flatten(0, 1)).unflatten(0, (P, S))  # (P, S, E)
+    P, S = images.shape[:2]
+    emb = generated_embeddings(pipe, images.flatten(0, 1)).unflatten(0, (P, S))  # (P, S, E)
     hits = {}
     for tag in dict.fromkeys(r["tag"] for r in records):
         cands = tag_records(tag)
@@ -270,8 +270,8 @@ def eval_clipgen(pipe, n_per_tag: int, samples: int, steps: int, guidance: float
                  tags=None) -> dict:
     """Held-out prompts (n_per_tag per tag of `tags`) -> `samples` generated targets each -> scores."""
     records = [r for r in data.geneval_prompts("test", n_per_tag) if tags is None or r["tag"] in tags]
-    _, tokens = sample.generate_grid(pipe, [r["prompt"] for r in records], samples, seed, steps, guidance)
-    return clipgen_scores(pipe, records, tokens)  # tokens (P, S, 64, D)
+    images, _ = sample.generate_grid(pipe, [r["prompt"] for r in records], samples, seed, steps, guidance)
+    return clipgen_scores(pipe, records, images)  # images (P, S, 3, H, W)
 
 
 # --- 4. GenEval: scoring folders, reconstructions, the toy prompt set -----------------------------
@@ -327,7 +327,7 @@ def recon_scores(images: torch.Tensor, recon: torch.Tensor, scenes) -> dict:
 def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | None, steps: int,
                     guidance: float, seed: int = 0, quiet: bool = False, tags=None) -> tuple:
     """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> (scores,
-    records, images (P, S, 3, H, W), tokens (P, S, 64, D)): full_report scores the tokens in CLIP space."""
+    records, images (P, S, 3, H, W), tokens (P, S, 64, D)): the images are also scored in CLIP space."""
     sample.check_pixels(pipe, run)
     records = [r for r in data.geneval_prompts("test", n_per_tag) if tags is None or r["tag"] in tags]
     outdir = Path(run) / f"geneval-{variant}"
@@ -432,11 +432,11 @@ def evaluate_all(run, device) -> dict:
         t["recon"] = time.time() - start
     if pipe.generator is not None and pipe.vlm is not None and pipe.decoder is not None:
         start = time.time()
-        geneval, records, images, tokens = eval_toygeneval(
+        geneval, records, images, _ = eval_toygeneval(
             pipe, run, "flow-clip", REPORT["per_prompt"], REPORT["geneval_per_tag"], REPORT["steps"],
             REPORT["guidance"], quiet=True)
         metrics["toygeneval"] = geneval
-        metrics["clipgen"] = {"flow-clip": clipgen_scores(pipe, records, tokens)}
+        metrics["clipgen"] = {"flow-clip": clipgen_scores(pipe, records, images)}
         picked, want = [], {"single_object": 1, "two_object": 1, "counting": 1, "colors": 2, "position": 1,
                             "color_attr": 2}  # samples.png: the first 1-2 held-out prompts of every tag
         for i, r in enumerate(records):
