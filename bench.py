@@ -15,8 +15,10 @@ with every figure):
 - sampling: text -> image and text -> CLIP features of a trained run (--run), images/s per batch size.
 - memory: this process's peak RSS; parameters, weights, AdamW states and activations of the real heads.
 - train_memory: the peak RSS of each toy training stage, trained in pipeline order.
+- stages: each toy stage's start-up and step, split into data, forward, backward and optimizer.
 """
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -365,10 +367,68 @@ def bench_train_memory(args):
     return result
 
 
+STAGE_STEPS = 6  # timed steps per stage (after one warm-up step); the stage's own batch and data
+
+
+def bench_stages(args):
+    """Each toy stage of `python train.py`: start-up (drawing, encoding, tables), then a step split into
+    data (chunk_fn), forward, backward and optimizer, with the matmul FLOP rate of forward + backward
+    (torch's FlopCounterMode) against the matmul peak. The stages before each are trained for 2 steps."""
+    import train
+    from torch.utils.flop_counter import FlopCounterMode
+
+    result, phases = {}, ("data", "forward", "backward", "optimizer")
+    print(f"stages: median of {STAGE_STEPS} steps per phase, in ms (the recipe's steps x batch; CPU)")
+    with tempfile.TemporaryDirectory(prefix="blip3o-bench-") as out:
+        for stage in train.PIPELINE:
+            targs = train.parse_args(["--stage", stage, "--out", out, "--quiet", "--ckpt-every", "0"])
+            targs.config = train.blip3o.get_config(targs.preset)
+            start = time.perf_counter()
+            plan = train.PLANS[stage](targs, args.device)
+            startup = time.perf_counter() - start
+            model = plan.model.to(args.device).train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = train.make_optimizer(params, plan.lr, 0.0, args.device)
+            times, flops = {k: [] for k in phases}, 0
+            for step in range(STAGE_STEPS + 1):
+                rng = torch.Generator().manual_seed(step)
+                t0 = time.perf_counter()
+                batch = plan.chunk_fn(step, 0, plan.batch, rng)
+                t1 = time.perf_counter()
+                with FlopCounterMode(display=False) if step == 0 else contextlib.nullcontext() as counter:
+                    loss, _ = model(*batch, rng=rng)
+                    t2 = time.perf_counter()
+                    loss.backward()
+                t3 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                t4 = time.perf_counter()
+                if step == 0:
+                    flops = counter.get_total_flops()
+                    continue
+                for k, a, b in zip(phases, (t0, t1, t2, t3), (t1, t2, t3, t4)):
+                    times[k].append(b - a)
+            med = {k: statistics.median(v) for k, v in times.items()}
+            total = sum(med.values())
+            peak = _PEAK.get("fp32")
+            rate = flops / (med["forward"] + med["backward"])
+            result[stage] = {"startup_s": startup, "steps": plan.steps, "batch": plan.batch, "step_s": total,
+                             "phases_s": med, "flops_fwd_bwd": flops, "flops_per_s": rate,
+                             "projected_stage_s": startup + plan.steps * total}
+            share = f", {100 * rate / peak:.0f}% of peak" if peak else ""
+            print(f"  {stage:>10}: start-up {startup:5.1f} s | step {1e3 * total:6.1f} ms = "
+                  + " + ".join(f"{k} {1e3 * v:.1f}" for k, v in med.items())
+                  + f" | fwd+bwd {flops / 1e9:.2f} GFLOP at {rate / 1e9:.1f} GFLOP/s{share}"
+                  + f" | x {plan.steps} steps ~ {result[stage]['projected_stage_s']:.0f} s")
+            train.main(["--stage", stage, "--out", out, "--steps", "2", "--quiet", "--ckpt-every", "0"])
+    return result
+
+
 # Every benchmark: fn(args) -> dict of figures, run in this order (--only picks some).
 BENCHMARKS = {"matmul": bench_matmul, "dit_toy": bench_dit_toy, "dit_mid": bench_dit_mid,
               "dit_8b": bench_dit_8b, "sampling": bench_sampling, "memory": bench_memory,
-              "train_memory": bench_train_memory}
+              "train_memory": bench_train_memory, "stages": bench_stages}
 
 
 def main():
@@ -398,7 +458,7 @@ def main():
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.exit(2, f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}\n")
-    if any(n.startswith("dit_") for n in names) and "matmul" not in names:
+    if any(n.startswith("dit_") or n == "stages" for n in names) and "matmul" not in names:
         names.insert(0, "matmul")  # the DiT figures are reported as a fraction of it
     machine = {"device": str(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                "cpu": platform.processor() or platform.machine()}
