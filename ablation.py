@@ -95,7 +95,7 @@ def train_segment(out, stage_argv: list, steps, batch, data_args: dict, device, 
     argv += ["--noise-repeats", "1"] if "generate" in stage_argv else []  # every design: the same noise
     args = train.parse_args(argv)
     args.config = blip3o.get_config(args.preset)
-    torch.manual_seed(args.seed)  # as train.main does: the new modules' initial weights
+    train.seed_init(args, args.stage)  # as train.main does: the new modules' initial weights
     plan = train.PLANS[args.stage](args, device)
     train.fit(plan, args, device)
     return plan.model.inner
@@ -178,7 +178,7 @@ def run_ablation(run, out, sizes: dict, device) -> dict:
             pipe = pipeline.load_run(out, variant, device, need=("clip", "understand", "generate"))
             geneval, records, images, _ = evaluation.eval_toygeneval(
                 pipe, out, variant, sizes["per_prompt"], sizes["per_tag"], sizes["sample_steps"],
-                evaluation.REPORT["guidance"], quiet=True)
+                evaluation.REPORT["guidance"], quiet=True, per_position=0, per_seen=0)
             retrieval = evaluation.clipgen_scores(pipe, records, images)
             d["curve"].append({"step": step, "geneval": geneval["overall"], "retrieval": retrieval["overall"],
                                "images": geneval["images"], "geneval_per_tag": geneval["per_tag"],

@@ -679,21 +679,26 @@ class VisionLanguageModel(nn.Module):
 
 def build_conversation_batch(tokenizer, image_tokens: int, conversations, length: int | None = None):
     """Several question/answer turns about one image per row -> (input_ids, labels, lengths).
+    Questions and answers are texts or lists of their token ids.
 
     Layout: <bos> <image>*image_tokens q1 a1 <eos> q2 a2 <eos> ... (LLaVA's multi-turn format): the image is
     the bulk of a sequence, so a few turns per image multiply the supervision cheaply. Labels keep only the
     answers and their <eos>; image_tokens 0 builds text-only rows, and an answer None ends the row after its
     question (a prompt to answer)."""
     img = [tokenizer.convert_tokens_to_ids(IMAGE)] * image_tokens
+
+    def ids(text):  # a text, or its token ids already (train.py tokenizes its tables once)
+        return text if isinstance(text, list) else tokenizer(text, add_special_tokens=False)["input_ids"]
+
     rows, labels = [], []
     for turns in conversations:
         row = [tokenizer.bos_token_id] + img
         lab = [-100] * len(row)
         for q, a in turns:
-            q_ids = tokenizer(q, add_special_tokens=False)["input_ids"]
+            q_ids = ids(q)
             a_ids = []
             if a is not None:  # the answer and its <eos>; None ends the row after the question
-                a_ids = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                a_ids = ids(a) + [tokenizer.eos_token_id]
             row += q_ids + a_ids
             lab += [-100] * len(q_ids) + a_ids
         rows.append(row)

@@ -38,14 +38,14 @@ import sample
 from cli import (OneLineParser, UserError, add_run_options, add_sampling_options, check_numbers, comma_list,
                  metrics_main, rounded)
 
-EVAL_VERSION = 4  # part of the report cache's fingerprint: bump it when an evaluation changes
+EVAL_VERSION = 5  # part of the report cache's fingerprint: bump it when an evaluation changes
 
 # Seeds of the evaluation sets (disjoint from training, which draws split "train" with seed 0).
-SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON = 1, 2, 3, 4, 5, 6
+SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON, SEED_POSITION = range(1, 8)
 
 # Sizes of full_report's evaluations (geneval_per_tag None: every held-out prompt, 144, x per_prompt).
 REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, geneval_per_tag=None,
-              per_prompt=4, ablation_per_tag=8, ablation_samples=2,
+              per_prompt=4, per_position=32, per_seen=16, ablation_per_tag=8, ablation_samples=2,
               steps=blip3o.SAMPLE_STEPS, guidance=blip3o.GUIDANCE)
 
 # Targets for the default toy run (REPORT.md marks each number against its target).
@@ -183,6 +183,27 @@ def question_set(n: int, seed: int) -> tuple[torch.Tensor, list, list]:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), rows[:n], n_objects  # (M, 3, H, W)
 
 
+def position_set(n: int, seed: int) -> tuple[torch.Tensor, list]:
+    """n position questions on seen arrangements and n on never-pictured ones (data.HELDOUT_RELATIONS),
+    from held-out scenes -> (uint8 images, rows [(image index, arrangement, question, answer, held out)]);
+    the arrangement is the question's form, "circle above triangle"."""
+    images, rows, count, i = [], [], {True: 0, False: 0}, 0
+    while min(count.values()) < n:
+        scene = data.make_scene(i, split="test", seed=seed)
+        for qtype, q, a in data.make_qa(scene, random.Random(data.stable_seed("eval-qa", seed, i))):
+            if qtype != "position":
+                continue
+            words = q.split()  # "where is the A relative to the B ?"
+            form = (words[3], {"left": "left of", "right": "right of"}.get(a, a), words[-2])
+            held = form in data.HELDOUT_RELATIONS
+            if count[held] < n:
+                rows.append((len(images), " ".join(form), q, a, held))
+                count[held] += 1
+        images.append(data.draw(scene))
+        i += 1
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), rows  # (M, 3, H, W)
+
+
 def answer_all(pipe, images: torch.Tensor, questions, answers, batch: int = 250) -> list[str]:
     """Greedy answers, batched. Decoding stops one token past the longest right answer: exact match
     needs nothing more, and an untrained model would otherwise ramble to the token limit."""
@@ -192,8 +213,22 @@ def answer_all(pipe, images: torch.Tensor, questions, answers, batch: int = 250)
                                       temperature=0.0, max_new_tokens=longest + 1)]
 
 
-def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -> dict:
-    """Exact-match accuracy per question type and overall (mean over all questions), and captions."""
+def eval_position(pipe, n: int) -> dict:
+    """Position answers on arrangements training pictured and on never-pictured ones (n each), and per
+    never-pictured arrangement: how the LM reads relations it never saw drawn."""
+    images, rows = position_set(n, SEED_POSITION)
+    preds = answer_all(pipe, images[[r[0] for r in rows]], [r[2] for r in rows], [r[3] for r in rows])
+    hits = {}
+    for p, (_, form, _, a, held) in zip(preds, rows):
+        for key in ("heldout" if held else "seen", form if held else None):
+            hits.setdefault(key, []).append(p.strip() == a)
+    hits.pop(None)
+    return {k: {"accuracy": sum(h) / len(h), "questions": len(h)} for k, h in sorted(hits.items())}
+
+
+def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6, n_position: int = 200) -> dict:
+    """Exact-match accuracy per question type and overall (mean over all questions), position on seen and
+    never-pictured arrangements apart (eval_position), and captions."""
     images, rows, n_objects = question_set(n, SEED_QA)
     preds = answer_all(pipe, images[[r[0] for r in rows]], [r[2] for r in rows], [r[3] for r in rows])
     hits = [p.strip() == r[3] for p, r in zip(preds, rows)]
@@ -214,8 +249,8 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
     examples += [{"question": data.caption_question, "answer": t, "predicted": p}
                  for t, p in zip(truth[:2], cap_preds)]
     return {"overall": sum(hits) / len(hits), "per_type": per_type, "by_scene_size": by_size,
-            "questions": len(rows), "caption_exact": sum(cap_hits) / n_captions, "captions": n_captions,
-            "examples": examples}
+            "questions": len(rows), "position": eval_position(pipe, n_position),
+            "caption_exact": sum(cap_hits) / n_captions, "captions": n_captions, "examples": examples}
 
 
 # --- 3. Generation scored in CLIP space -----------------------------------------------------------
@@ -303,44 +338,76 @@ def print_geneval(m: dict, title: str) -> None:
 
 @torch.no_grad()
 def reconstruct_set(pipe, n: int, batch: int = 100):
-    """-> (uint8 originals (n, 3, H, W), float reconstructions (n, 3, H, W), scenes) of held-out scenes."""
+    """-> (uint8 originals (n, 3, H, W), float reconstructions (n, 3, H, W), scenes, uint8 (n, H, W, 3)
+    drawings of what the real target tokens say, or None) of held-out scenes."""
     images, scenes = data.make_image_set(n, split="test", seed=SEED_RECON)
     recon = torch.cat([pipe.reconstruct(data.as_float(images[i:i + batch])).cpu()
                        for i in range(0, n, batch)])
-    return images, recon, scenes
+    said = None
+    if pipe.target == "clip" and pipe.clip.scene is not None:
+        said = what_tokens_say(pipe, pipe.clip.target_tokens(data.as_float(images).to(pipe.device)))
+    return images, recon, scenes, said
 
 
-def recon_scores(images: torch.Tensor, recon: torch.Tensor, scenes) -> dict:
+def recon_scores(images: torch.Tensor, recon: torch.Tensor, scenes, said=None) -> dict:
     """Each reconstruction scored by the GenEval rules against its scene's own record, per tag; the
-    originals scored the same way are the detector's ceiling."""
-    per_tag, ceiling = {}, []
-    for orig, rec, scene in zip(images, data.to_uint8(recon), scenes):
-        ok, _ = data.score_record(scene.metadata, data.detect_objects(rec.numpy()))
-        per_tag.setdefault(scene.tag, []).append(ok)
-        ceiling.append(data.score_record(scene.metadata,
-                                         data.detect_objects(orig.permute(1, 2, 0).numpy()))[0])
-    hits = [ok for h in per_tag.values() for ok in h]
-    return {"recon": sum(hits) / len(hits), "per_tag": {t: sum(h) / len(h) for t, h in per_tag.items()},
-            "originals": sum(ceiling) / len(ceiling), "images": len(hits)}
+    originals scored the same way are the detector's ceiling. `said`: the same scored for the drawings of
+    what the real tokens say, so a lost binding is placed in the tokens or in the decoder."""
+    out = {}
+    for name, pictures in (("recon", data.to_uint8(recon)), ("tokens_say", said),
+                           ("originals", images.permute(0, 2, 3, 1))):
+        if pictures is None:
+            continue
+        per_tag = {}
+        for img, scene in zip(pictures, scenes):
+            per_tag.setdefault(scene.tag, []).append(data.score_record(scene.metadata,
+                                                                       data.detect_objects(img.numpy()))[0])
+        hits = [ok for h in per_tag.values() for ok in h]
+        out[name] = sum(hits) / len(hits)
+        key = "per_tag" if name == "recon" else f"{name}_per_tag"
+        out[key] = {t: sum(h) / len(h) for t, h in per_tag.items()}
+    return {**out, "images": len(scenes)}
 
 
 def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | None, steps: int,
-                    guidance: float, seed: int = 0, quiet: bool = False, tags=None) -> tuple:
+                    guidance: float, seed: int = 0, quiet: bool = False, tags=None, per_position: int = 32,
+                    per_seen: int = 16) -> tuple:
     """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> (scores,
-    records, images (P, S, 3, H, W), tokens (P, S, 64, D)): the images are also scored in CLIP space."""
+    records, images (P, S, 3, H, W), tokens (P, S, 64, D)): the images are also scored in CLIP space.
+
+    The 6 held-out position prompts get `per_position` images each (at 4, one image moves the tag by 0.04)
+    and the 18 position prompts of arrangements training pictured `per_seen` new ones ("position_seen",
+    GenEval's own sense of the tag: its prompts are not held out); the other prompts `per_prompt`."""
     sample.check_pixels(pipe, run)
     records = [r for r in data.geneval_prompts("test", n_per_tag) if tags is None or r["tag"] in tags]
+    records.sort(key=lambda r: r["tag"] == "position")  # stable: the position prompts last
+    split = sum(r["tag"] != "position" for r in records)
+    parts = [(records[:split], per_prompt), (records[split:], max(per_prompt, per_position))]
+    images, tokens = [], []
+    for part, n in parts:
+        if part:
+            img, tok = sample.generate_grid(pipe, [r["prompt"] for r in part], n, seed, steps, guidance,
+                                            quiet=quiet)
+            images, tokens = images + list(img), tokens + list(tok)  # per record: (S, 3, H, W), (S, 64, D)
     outdir = Path(run) / f"geneval-{variant}"
     shutil.rmtree(outdir, ignore_errors=True)  # no stale prompt folders from a larger earlier set
-    images, tokens = sample.generate_grid(pipe, [r["prompt"] for r in records], per_prompt, seed, steps,
-                                          guidance, quiet=quiet)
-    sample.write_geneval(outdir, records, images)
+    data.write_geneval_folder(str(outdir), records, [list(x) for x in images])
     scores = eval_geneval(outdir)
     scores["folder"] = str(outdir)
-    if pipe.target == "clip" and pipe.clip.scene is not None:  # the same samples, drawn from what they say
-        said = what_tokens_say(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
-        scores["tokens_say"] = score_images(records, said)
-    return scores, records, images, tokens
+    said = pipe.target == "clip" and pipe.clip.scene is not None  # drawn from what the tokens say
+    if said:
+        scores["tokens_say"] = score_images(records, [what_tokens_say(pipe, t) for t in tokens])
+    seen = [r for r in data.geneval_prompts("train", None) if r["tag"] == "position"]
+    if per_seen and (tags is None or "position" in tags):
+        img, tok = sample.generate_grid(pipe, [r["prompt"] for r in seen], per_seen, seed + per_position,
+                                        steps, guidance, quiet=quiet)
+        scores["position_seen"] = {"decoded": score_images(seen, data.to_uint8(img))["overall"],
+                                   "prompts": len(seen), "images": len(seen) * per_seen}
+        if said:
+            scores["position_seen"]["tokens_say"] = score_images(
+                seen, [what_tokens_say(pipe, t) for t in tok])["overall"]
+    return (scores, records, torch.stack([x[:per_prompt] for x in images]),
+            torch.stack([x[:per_prompt] for x in tokens]))
 
 
 # --- 5. The report: every evaluation, pictures, loss curves, cached by checkpoint fingerprint -----
@@ -425,8 +492,8 @@ def evaluate_all(run, device) -> dict:
         t["understand"] = time.time() - start
     if pipe.decoder is not None:
         start = time.time()
-        images, recon, scenes = reconstruct_set(pipe, REPORT["recon_images"])
-        metrics["recon"] = recon_scores(images, recon, scenes)
+        images, recon, scenes, said = reconstruct_set(pipe, REPORT["recon_images"])
+        metrics["recon"] = recon_scores(images, recon, scenes, said)
         sample.save_png(sample.image_grid([list(data.as_float(images[:8])), list(recon[:8])],
                                           ["original", "reconstruction"]), Path(run) / "reconstructions.png")
         t["recon"] = time.time() - start
@@ -434,7 +501,7 @@ def evaluate_all(run, device) -> dict:
         start = time.time()
         geneval, records, images, _ = eval_toygeneval(
             pipe, run, "flow-clip", REPORT["per_prompt"], REPORT["geneval_per_tag"], REPORT["steps"],
-            REPORT["guidance"], quiet=True)
+            REPORT["guidance"], quiet=True, per_position=REPORT["per_position"], per_seen=REPORT["per_seen"])
         metrics["toygeneval"] = geneval
         metrics["clipgen"] = {"flow-clip": clipgen_scores(pipe, records, images)}
         picked, want = [], {"single_object": 1, "two_object": 1, "counting": 1, "colors": 2, "position": 1,
@@ -558,7 +625,14 @@ def report_markdown(run: Path, record: dict) -> str:
         rows = [[t, g["images_per_tag"][t], f"{a:.3f}", fmt(said["per_tag"].get(t))]
                 for t, a in g["per_tag"].items()]
         rows.append(["**overall**", g["images"], f"**{g['overall']:.3f}**", fmt(said.get("overall"))])
+        if seen := g.get("position_seen"):
+            rows.append([f"position, *seen* arrangements ({seen['prompts']} prompts)", seen["images"],
+                         f"{seen['decoded']:.3f}", fmt(seen.get("tokens_say"))])
         md += md_table(["tag", "images", "decoded", "tokens say"], rows)
+        md += ["", "The position tag's prompts are arrangements no training image shows (the generalization "
+               "test); GenEval's own position prompts are not held out, which the *seen* line measures: "
+               "the 18 position prompts of arrangements training pictured, on new samples. Neither is in "
+               "the other's number; the overall is the mean of the six held-out tags."]
     if "samples.png" in record["pictures"]:
         md += ["", "Samples (4 seeds per held-out prompt):", "", "![samples](samples.png)"]
     if scores := m.get("clipgen"):
@@ -575,6 +649,15 @@ def report_markdown(run: Path, record: dict) -> str:
                        [[q, v["questions"], fmt(v["accuracy"])] for q, v in u["per_type"].items()]
                        + [["**overall**", u["questions"], f"**{u['overall']:.3f}**"],
                           ["whole caption", u["captions"], f"{u['caption_exact']:.3f}"]])
+        pos = u["position"]
+        md += ["", "Position answers on arrangements training pictured (*seen*) and on arrangements no "
+               "training image shows (*never pictured*, each of its question forms apart):", ""]
+        md += md_table(["arrangement", "questions", "accuracy"],
+                       [["*seen*", pos["seen"]["questions"], fmt(pos["seen"]["accuracy"])],
+                        ["**never pictured**", pos["heldout"]["questions"],
+                         f"**{pos['heldout']['accuracy']:.3f}**"]]
+                       + [[k, v["questions"], fmt(v["accuracy"])] for k, v in pos.items()
+                          if k not in ("seen", "heldout")])
         md += ["", "By objects in the image (questions, accuracy). With two objects a colour or shape "
                "question picks one by the other attribute: 0.5 is answering about either at random.", ""]
         md += md_table(["question type", *SCENE_SIZES],
@@ -589,6 +672,12 @@ def report_markdown(run: Path, record: dict) -> str:
         md += ["", "## Reconstruction (image -> 64 CLIP tokens -> pixel decoder)", "",
                f"{r['images']} held-out images, each scored by the GenEval rules against its own record: "
                f"**{r['recon']:.3f}** (the originals themselves: {r['originals']:.3f}).", ""]
+        if "tokens_say" in r:
+            md += ["Per tag, decoded beside what the real scene tokens say, drawn exactly: a binding lost in "
+                   "the tokens shows in both, one lost by the decoder only in the first.", ""]
+            md += md_table(["tag", "decoded", "tokens say"], [[t, fmt(a), fmt(r["tokens_say_per_tag"][t])]
+                                                              for t, a in r["per_tag"].items()])
+            md.append("")
         if "reconstructions.png" in record["pictures"]:
             md.append("![reconstructions](reconstructions.png)")
     md += ["", "## Timings", ""]
@@ -640,6 +729,10 @@ def parse_args(argv=None):
             c.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
             c.add_argument("--per-tag", type=int, default=None,
                            help="held-out prompts per tag (at most; default: every held-out prompt, 144)")
+            c.add_argument("--per-position", type=int, default=REPORT["per_position"],
+                           help="images per held-out position prompt (at least --per-prompt)")
+            c.add_argument("--per-seen", type=int, default=REPORT["per_seen"], help="images per position "
+                           "prompt of arrangements training pictured (0: skip that line)")
     c = command("recon", "reconstructions of held-out images scored by the GenEval rules")
     c.add_argument("--n", type=int, default=200, help="images")
     c = command("report", "every evaluation -> RUN/REPORT.md, metrics.json and pictures")
@@ -683,6 +776,9 @@ def run_command(args) -> dict:
         rows += [["overall", m["questions"], m["overall"]],
                  ["caption (whole caption)", m["captions"], m["caption_exact"]]]
         print(format_table(["question type", "n", "accuracy"], rows))
+        print("\nposition on arrangements training pictured (seen), never pictured (heldout), and by form:")
+        print(format_table(["arrangement", "n", "accuracy"],
+                           [[k, v["questions"], v["accuracy"]] for k, v in m["position"].items()]))
         print("\nthe same by objects in the image (n, accuracy):")
         rows = [[q] + [f"{v[z]['questions']}, {v[z]['accuracy']:.3f}" if z in v else "-" for z in SCENE_SIZES]
                 for q, v in m["by_scene_size"].items()]
@@ -695,8 +791,11 @@ def run_command(args) -> dict:
         m = recon_scores(*reconstruct_set(pipe, args.n))
         print(f"Reconstruction (image -> CLIP features -> pixel decoder) of {m['images']} held-out images, "
               "scored by the GenEval rules against each scene's own record")
-        rows = [*m["per_tag"].items(), ("all", m["recon"]), ("(originals, detector ceiling)", m["originals"])]
-        print(format_table(["tag", "correct"], rows))
+        said = m.get("tokens_say_per_tag", {})
+        rows = [[t, a, said.get(t, "-")] for t, a in m["per_tag"].items()]
+        rows += [["all", m["recon"], m.get("tokens_say", "-")],
+                 ["(originals, detector ceiling)", m["originals"], ""]]
+        print(format_table(["tag", "decoded", "tokens say"], rows))
     elif args.command == "clipgen":
         if pipe.target == "vae":
             sample.check_pixels(pipe, args.run)
@@ -710,8 +809,13 @@ def run_command(args) -> dict:
         print(format_table(["tag", "candidates", "top-1"], rows))
     else:  # toygeneval
         m, *_ = eval_toygeneval(pipe, args.run, variant, args.per_prompt, args.per_tag, args.steps,
-                                args.guidance, args.seed, tags=args.tags)
+                                args.guidance, args.seed, tags=args.tags, per_position=args.per_position,
+                                per_seen=args.per_seen)
         print_geneval(m, f"Toy GenEval ({variant}): {m['images']} images in {m['folder']}")
+        if seen := m.get("position_seen"):
+            print(f"position on the {seen['prompts']} prompts of arrangements training pictured, "
+                  f"{seen['images']} images: {fmt(seen['decoded'])}, tokens say "
+                  f"{fmt(seen.get('tokens_say'))}")
         if said := m.get("tokens_say"):
             print(f"The same samples drawn exactly from what their tokens say: {fmt(said['overall'])} ("
                   + ", ".join(f"{t} {fmt(a)}" for t, a in said["per_tag"].items()) + ")")

@@ -258,6 +258,12 @@ def qa_table(scenes, seed: int):
     return rows
 
 
+def token_table(tok, texts) -> dict:
+    """{text: its token ids} for every distinct text, tokenized in one batched call."""
+    unique = list(dict.fromkeys(texts))
+    return dict(zip(unique, tok(unique, add_special_tokens=False)["input_ids"]))
+
+
 def text_qa_table(scenes, seed: int, template: str) -> list[list[tuple[str, str]]]:
     """Text-only conversations, two per training scene: the generation prompt wrapping the scene's caption,
     and wrapping its GenEval-style prompt, each followed by the questions that text alone answers, in a
@@ -300,13 +306,17 @@ def plan_understand(args, device) -> Plan:
     vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, image_id, cfg.lm.image_merge)
     n_image = vlm.image_tokens(clip_tokens.shape[1])  # <image> placeholders per image
 
-    per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns
+    # Every question and answer is tokenized once here, so that no step calls the tokenizer.
+    text_rows = text_qa_table(scenes, args.seed, cfg.prompt_template)
+    ids = token_table(tok, [x for _, q, a, _ in rows for x in (q, a)] + [x for turns in text_rows
+                                                                         for turn in turns for x in turn])
+    per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns, as ids
     weights = [[] for _ in range(len(images))]  # image index -> how often each turn is drawn
     for i, q, a, w in rows:
-        per_image[i].append((q, a))
-        weights[i].append(w)
-
-    text_rows = text_qa_table(scenes, args.seed, cfg.prompt_template)
+        per_image[i].append((ids[q], ids[a]))
+        weights[i].append(torch.tensor(w))
+    weights = [torch.stack(w) for w in weights]
+    text_rows = [[(ids[q], ids[a]) for q, a in turns] for turns in text_rows]
 
     def chunk_fn(step, chunk, size, rng):
         n_text = int(size * UNDERSTAND_TEXT_ROWS)
@@ -314,7 +324,7 @@ def plan_understand(args, device) -> Plan:
         conversations = []
         for i in img.tolist():  # up to UNDERSTAND_TURNS turns about each image, drawn by weight
             k = min(UNDERSTAND_TURNS, len(per_image[i]))
-            order = torch.multinomial(torch.tensor(weights[i]), k, replacement=False, generator=rng).tolist()
+            order = torch.multinomial(weights[i], k, replacement=False, generator=rng).tolist()
             conversations.append([per_image[i][j] for j in order])
         ids, labels, _ = blip3o.build_conversation_batch(tok, n_image, conversations)
         # Text rows: the prompt turn and up to UNDERSTAND_TURNS - 1 more, no image placeholders.
@@ -573,7 +583,6 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, _, world = dist_info()
-    torch.manual_seed(args.seed + rank)  # per-rank seed for anything not drawn from the batch generators
     try:
         check_args(args, world)
         check_writable(Path(args.out))
@@ -582,6 +591,9 @@ def main(argv=None) -> int:
         t0 = time.time()
         timings = {}
         for stage in stages:
+            if finished(args, stage):  # before the plan, which draws and encodes the image set
+                continue
+            seed_init(args, stage)
             result = fit(PLANS[stage](args, device), args, device)
             if "seconds" in result:  # a stage skipped as already trained keeps its recorded time
                 timings[result["stage"]] = result["seconds"]
@@ -657,6 +669,30 @@ def parse_args(argv=None):
         if not ok:
             p.error(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     return args
+
+
+def seed_init(args, stage: str) -> None:
+    """Seed the new modules' initial weights from the run's seed and the stage alone, so that a stage
+    trained by itself (--stage X) starts exactly where it starts inside `--stage all`. The joint ablation
+    starts where stage 2 starts: the same generator."""
+    torch.manual_seed(data.stable_seed("init", args.seed, "generate" if stage == "joint" else stage) % 2**63)
+
+
+def finished(args, stage: str) -> bool:
+    """True when the stage's latest checkpoint is a finished run of at least the planned steps (fit would
+    skip it too, after its plan had drawn the data for nothing)."""
+    name = f"generate/{args.loss}-{args.target}" if stage == "generate" else stage
+    path = pipeline.checkpoint_path(Path(args.out) / name)
+    if args.restart or path is None:
+        return False
+    try:
+        state = pipeline.read_meta(path, name)["state"]
+    except pipeline.CheckpointError:
+        return False  # fit resumes from the previous checkpoint or names the damaged file
+    done = state["done"] and state["step"] >= stage_hparams(args, stage)["steps"]
+    if done:
+        print0(f"[{name}] already trained ({state['step']} steps): skipping")
+    return done
 
 
 def check_args(args, world: int) -> None:

@@ -92,7 +92,7 @@ def test_joint_starts_where_sequential_stage_2_starts(tiny_run):
     def initial(stage):
         args = train.parse_args(["--stage", stage, "--out", str(tiny_run), "--images", "48", "--quiet"])
         args.config = blip3o.get_config(args.preset)
-        torch.manual_seed(args.seed)  # as train.main
+        train.seed_init(args, stage)  # as train.main
         return train.PLANS[stage](args, CPU).model.inner
 
     sequential, joint = initial("generate"), initial("joint")

@@ -97,7 +97,8 @@ def test_generate_grid_columns_follow_seeds(tiny_run):
     assert two.shape == (2, 2, 3, 32, 32) and tokens.shape == (2, 2, 64, pipe.config.clip.scene_width)
     # The same noise through the same modules and shapes, in one process: bit-equal.
     assert torch.equal(two[:, 1], one[:, 0])
-    assert (two[:, 0] - two[:, 1]).abs().max() > 1e-3  # another seed, another sample
+    # Another seed, another sample (in the features: a 2-step decoder draws nearly the same grey for any)
+    assert (tokens[:, 0] - tokens[:, 1]).abs().max() > 1e-2
 
 
 def test_answer_caption_and_reconstruct(tiny_run, tmp_path, capsys):
