@@ -414,8 +414,10 @@ class ImageEncoder(nn.Module):
         # shape logits (3 + background) and the object's box (4). Linear, so the tokens themselves carry it.
         self.dense_head = nn.Linear(cfg.width, OBJECT_OUTPUTS) if cfg.dense_weight > 0 else None
         # Scene blocks (toy): the generation target, deep and global as EVA-CLIP's features are: each of the
-        # 64 outputs names every object (colour, shape, box, in reading order) through one linear head, a
-        # scene the generator places as a whole rather than 64 local patches (NOTES.md has the measurements).
+        # 64 outputs names every object (colour, shape, box, in reading order), a scene the generator places
+        # as a whole rather than 64 local patches. Object-centric: object k of a scene owns its own block of
+        # scene_width / SCENE_SLOTS channels, read by one linear head shared by every slot, so an object's
+        # colour lives beside its own shape, never beside another's (NOTES.md has the measurements).
         self.scene = None
         if cfg.scene_layers > 0:
             block = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 2 * cfg.width, dropout=0.0,
@@ -423,7 +425,7 @@ class ImageEncoder(nn.Module):
             self.scene = nn.TransformerEncoder(block, cfg.scene_layers, enable_nested_tensor=False)
             self.scene_pos = nn.Parameter(torch.zeros(cfg.grid ** 2, cfg.width))
             self.scene_out = nn.Sequential(nn.LayerNorm(cfg.width), nn.Linear(cfg.width, cfg.scene_width))
-            self.scene_head = nn.Linear(cfg.scene_width, SCENE_SLOTS * OBJECT_OUTPUTS)
+            self.scene_head = nn.Linear(cfg.scene_width // SCENE_SLOTS, OBJECT_OUTPUTS)
         # On the model's device from the start (the meta device too: a CPU buffer would not mix with it).
         for name, value in (("mean", cfg.image_mean), ("std", cfg.image_std)):
             self.register_buffer(name, torch.tensor(value, device=device).view(1, 3, 1, 1), persistent=False)
@@ -456,12 +458,17 @@ class ImageEncoder(nn.Module):
         tokens = self.tokens(images)
         return tokens if self.scene is None else self.scene_tokens(tokens)
 
+    def read_objects(self, scene: torch.Tensor) -> torch.Tensor:
+        """Scene tokens (..., S) -> each object's predicted colour logits, shape logits and box (..., 4, 19),
+        object k from its own block of channels."""
+        return self.scene_head(scene.unflatten(-1, (SCENE_SLOTS, -1)))  # (..., 4, S / 4) -> (..., 4, 19)
+
     def scene_loss(self, scene: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor):
         """Every scene token (B, 64, S) predicts all SCENE_SLOTS objects: labels (B, 4), (B, 4), (B, 4, 4).
 
         Boxes are scored in patch units (x grid), so a place one patch off costs as much as a wrong colour:
         the decoder must read each object's place to the patch."""
-        out = self.scene_head(scene).unflatten(-1, (SCENE_SLOTS, OBJECT_OUTPUTS))  # (B, 64, 4, 19)
+        out = self.read_objects(scene)  # (B, 64, 4, 19)
         n = out.shape[1]
         return object_loss(out, colour[:, None].expand(-1, n, -1), shape[:, None].expand(-1, n, -1),
                            box[:, None].expand(-1, n, -1, -1) * self.cfg.grid)
@@ -470,7 +477,7 @@ class ImageEncoder(nn.Module):
     def read_scene(self, scene: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What scene tokens (B, 64, S), real or generated, say: the head on their mean token -> colour ids
         (B, 4), shape ids (B, 4) (the last id of each = no object) and boxes (B, 4, 4) in [0, 1]."""
-        out = self.scene_head(scene.mean(1)).unflatten(-1, (SCENE_SLOTS, OBJECT_OUTPUTS))  # (B, 4, 19)
+        out = self.read_objects(scene.mean(1))  # (B, 4, 19)
         c_logits, s_logits, box = out.split([DENSE_COLOURS, DENSE_SHAPES, 4], dim=-1)
         return c_logits.argmax(-1), s_logits.argmax(-1), box / self.cfg.grid
 
@@ -1188,9 +1195,10 @@ def fourier_features(pos: torch.Tensor, octaves: int, image_size: int) -> torch.
 class PixelDecoder(nn.Module):
     """Scene tokens -> image in one forward pass: where and what each object is, then every patch drawn.
 
-    From the pooled scene tokens each of the SCENE_SLOTS objects gets a place (its box's top-left corner,
-    classified on the `position_step` grid per axis, like Pix2Seq's quantised coordinates), a colour
-    (classified, with a "no object" class) and features (`what`: shape and size). A renderer MLP draws each
+    From its own channels of the pooled scene tokens, by maps that every slot shares, each of the
+    SCENE_SLOTS objects gets a place (its box's top-left corner, classified on the `position_step` grid per
+    axis, like Pix2Seq's quantised coordinates), a colour (classified, with a "no object" class) and
+    features (`what`: shape and size): one object is read as any other. A renderer MLP draws each
     patch per object from its features and Fourier features of its place and of the patch's offset, as a
     coverage in [0, 1] per pixel painting the object's colour (a learned palette) over a learned background;
     the toy's objects never overlap, so paints add up (a spatial-broadcast decoder). Drawing the likeliest
@@ -1205,11 +1213,11 @@ class PixelDecoder(nn.Module):
         self.cfg, self.image_size = cfg, image_size
         W, P = cfg.width, image_size // cfg.patch  # P x P patches
         self.points = image_size // cfg.position_step  # grid points per axis an object's corner can take
-        # (x, y) logits of each corner: an MLP, as a linear map cannot cut one coordinate into sharp bins.
-        self.where = nn.Sequential(nn.Linear(token_dim, W), nn.GELU(),
-                                   nn.Linear(W, SCENE_SLOTS * 2 * self.points))
-        self.colour = nn.Linear(token_dim, SCENE_SLOTS * DENSE_COLOURS)  # colour logits, last = no object
-        self.what = nn.Linear(token_dim, SCENE_SLOTS * W)
+        slot = token_dim // SCENE_SLOTS  # each object's own channels (ImageEncoder's scene tokens)
+        # (x, y) logits of the corner: an MLP, as a linear map cannot cut one coordinate into sharp bins.
+        self.where = nn.Sequential(nn.Linear(slot, W), nn.GELU(), nn.Linear(W, 2 * self.points))
+        self.colour = nn.Linear(slot, DENSE_COLOURS)  # colour logits, last = no object
+        self.what = nn.Linear(slot, W)
         # Each colour relative to the background, in [-1, 1] units. It starts at zero: a large random paint
         # makes the renderer shut every pixel's coverage at once, and a saturated sigmoid learns nothing.
         self.palette = nn.Embedding(DENSE_COLOURS, 3)
@@ -1228,10 +1236,9 @@ class PixelDecoder(nn.Module):
     def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11) and features
         (B, 4, W) of the SCENE_SLOTS objects."""
-        pooled = (tokens / self.cond_scale).mean(1)  # (B, S): every scene token describes the whole scene
-        return (self.where(pooled).unflatten(-1, (SCENE_SLOTS, 2, self.points)),
-                self.colour(pooled).unflatten(-1, (SCENE_SLOTS, DENSE_COLOURS)),
-                self.what(pooled).unflatten(-1, (SCENE_SLOTS, self.cfg.width)))
+        # Every scene token describes the whole scene: their mean, split into the objects' channels.
+        objects = (tokens / self.cond_scale).mean(1).unflatten(-1, (SCENE_SLOTS, -1))  # (B, 4, S / 4)
+        return self.where(objects).unflatten(-1, (2, self.points)), self.colour(objects), self.what(objects)
 
     def draw(self, corners: torch.Tensor, colours: torch.Tensor, what: torch.Tensor) -> torch.Tensor:
         """Objects (corners (B, 4, 2) on the grid, colour ids (B, 4), features (B, 4, W)) -> (B, 3, H, W)

@@ -93,16 +93,23 @@ def test_scene_labels_draw_back_to_the_same_image():
 def test_pixel_decoder_reads_objects_and_learns_to_draw_them():
     torch.manual_seed(0)
     cfg = blip3o.DecoderConfig(width=32, layers=2)
-    dec = blip3o.PixelDecoder(cfg, token_dim=8)
+    dec = blip3o.PixelDecoder(cfg, token_dim=32)
     images, scenes = data.make_image_set(8, split="train", seed=1)
     images = images.float() / 255
     colour, _, box = (torch.from_numpy(np.stack(x)) for x in zip(*[data.scene_labels(s) for s in scenes]))
-    tokens = torch.randn(8, 1, 8).expand(8, 64, 8)  # one scene vector per image, repeated on every token
+    tokens = torch.randn(8, 1, 32).expand(8, 64, 32)  # one scene vector per image, on every token
     out = dec(tokens)
     assert out.shape == (8, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
     where, colours, what = dec.read(tokens)
     assert where.shape == (8, blip3o.SCENE_SLOTS, 2, 8)  # (x, y) of each corner over 0, 4, ..., 28 px
     assert colours.shape == (8, blip3o.SCENE_SLOTS, 11)  # 10 colours + no object
+    # Object-centric: each object is read from its own 8 channels only, by the same maps as any other.
+    other = tokens.clone()
+    other[..., 8:16] += 1  # object 1's channels
+    changed = dec.read(other)
+    assert torch.equal(changed[1][:, 0], colours[:, 0]) and not torch.equal(changed[1][:, 1], colours[:, 1])
+    swapped = tokens.unflatten(-1, (4, 8)).flip(-2).flatten(-2)  # the objects' channel blocks reversed
+    assert torch.allclose(dec.read(swapped)[1], colours.flip(1), atol=1e-6)
     # The renderer draws every patch from every object: moving an object changes the picture (once the
     # palette, zero at the start, has colours).
     with torch.no_grad():
