@@ -477,14 +477,30 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 # --- 2. Understanding data: questions with one-word answers -------------------------------------------
 
-QTYPES = ("color", "shape", "count", "position")
+QTYPES = ("color", "shape", "count", "position")  # what eval.py scores
+# Teaching questions, asked in training when the recipe says so (train.py), never scored: a relation
+# between two objects named by their colours, which no (shape pair, axis) prior answers, and an object's
+# own place in the picture.
+AUX_QTYPES = ("color_position", "place")
 caption_question = "describe the image ."  # its answer is scene.caption
 
 
-def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+def place_of(box, image_size: int) -> str | None:
+    """Where an object sits in the picture, from its centre: "above left", "below", ...; None near the
+    middle on both axes (within a patch of it)."""
+    cx, cy = (box[0] + box[2]) / 2 / image_size - 0.5, (box[1] + box[3]) / 2 / image_size - 0.5
+    margin = 1 / 16  # 2 px at 32 px
+    words = [w for w, holds in (("above", cy < -margin), ("below", cy > margin),
+                                ("left", cx < -margin), ("right", cx > margin)) if holds]
+    return " ".join(words) or None
+
+
+def make_qa(scene: Scene, rng: random.Random, aux: tuple = ()) -> list[tuple[str, str, str]]:
     """Every (qtype, question, answer) about a scene whose answer is certain, shuffled by `rng`: the colour
     of a shape present once, the shape of a colour present once, the count (1-4) of each present shape and
-    of all objects, the position of a unique shape relative to another when clear_relation() finds one."""
+    of all objects, the position of a unique shape relative to another when clear_relation() finds one;
+    and the AUX_QTYPES in `aux`: the same relation between objects of unique colours, the place of a unique
+    shape."""
     objs = scene.objects
     by_shape = {s: [o for o in objs if o.shape == s] for s in SHAPES}
     by_color = {c: [o for o in objs if o.color == c] for c in COLORS}
@@ -498,11 +514,19 @@ def make_qa(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
     for c, group in by_color.items():
         if len(group) == 1:
             qa.append(("shape", f"what shape is the {c} object ?", group[0].shape))
-    for a, b in itertools.permutations(SHAPES, 2):
-        if len(by_shape[a]) == 1 and len(by_shape[b]) == 1:
-            rel = clear_relation(by_shape[a][0].box, by_shape[b][0].box)
-            if rel is not None:
-                qa.append(("position", f"where is the {a} relative to the {b} ?", rel.split()[0]))
+    for qtype, groups, name in (("position", by_shape, "the {}"), ("color_position", by_color, "the {} object")):
+        if qtype != "position" and qtype not in aux:
+            continue
+        for a, b in itertools.permutations(groups, 2):
+            if len(groups[a]) == 1 and len(groups[b]) == 1:
+                rel = clear_relation(groups[a][0].box, groups[b][0].box)
+                if rel is not None:
+                    q = f"where is {name.format(a)} relative to {name.format(b)} ?"
+                    qa.append((qtype, q, rel.split()[0]))
+    if "place" in aux:
+        for s, group in by_shape.items():
+            if len(group) == 1 and (where := place_of(group[0].box, scene.image_size)) is not None:
+                qa.append(("place", f"where is the {s} ?", where))
     rng.shuffle(qa)
     return qa
 

@@ -79,6 +79,9 @@ BINDING_WEIGHT = 3.0
 # from its caption alone (see text_qa_table). A real backbone is a language model before it sees images;
 # the toy LM learns to read a caption here, and stage 2 reads captions through it (NOTES.md).
 UNDERSTAND_TEXT_ROWS = 1 / 3
+# Teaching questions (data.AUX_QTYPES) mixed into stage 1, never scored: relations between objects named
+# by colour and an object's own place.
+AUX_QUESTIONS = ()
 
 
 def stage_hparams(args, stage: str) -> dict:
@@ -251,8 +254,8 @@ def qa_table(scenes, seed: int):
     in an image of two or more), 1 for the rest, which a small LM answers early."""
     rows = []
     for i, s in enumerate(scenes):
-        for qtype, q, a in data.make_qa(s, random.Random(data.stable_seed("qa", seed, i))):
-            binding = len(s.objects) >= 2 and qtype in ("color", "position")
+        for qtype, q, a in data.make_qa(s, random.Random(data.stable_seed("qa", seed, i)), AUX_QUESTIONS):
+            binding = len(s.objects) >= 2 and qtype in ("color", "position", "color_position")
             rows.append((i, q, a, BINDING_WEIGHT if binding else 1.0))
         rows.append((i, data.caption_question, s.caption, 1.0))
     return rows
@@ -271,11 +274,12 @@ def text_qa_table(scenes, seed: int, template: str) -> list[list[tuple[str, str]
     and, for two objects, their relation; the GenEval-style prompt names what its record includes."""
     out = []
     for i, s in enumerate(scenes):
-        qa = data.make_qa(s, random.Random(data.stable_seed("text-qa", seed, i)))
-        # The caption states everything but the relations of three or more objects; a GenEval-style prompt
-        # states every object and count, colours only when it names them all (colors, color_attr), and a
-        # relation only for the position tag.
-        by_caption = {"color", "shape", "count"} | ({"position"} if len(s.objects) == 2 else set())
+        qa = data.make_qa(s, random.Random(data.stable_seed("text-qa", seed, i)), AUX_QUESTIONS)
+        # The caption states every colour, shape and count, and the relation of two objects of two shapes
+        # ("two squares in red and blue" states none); a GenEval-style prompt states every object and count,
+        # colours only when it names them all (colors, color_attr), and a relation only for the position tag.
+        relation = len(s.objects) == 2 and s.objects[0].shape != s.objects[1].shape
+        by_caption = {"color", "shape", "count"} | ({"position", "color_position"} if relation else set())
         by_prompt = {"count"} | ({"color", "shape"} if all("color" in inc for inc in s.metadata["include"])
                                  else set()) | ({"position"} if s.tag == "position" else set())
         for text, stated in ((s.caption, by_caption), (s.prompt, by_prompt)):
@@ -388,21 +392,6 @@ def plan_vae(args, device) -> Plan:
                 **stage_hparams(args, "vae"))
 
 
-def generation_data(args, device, target: str):
-    """Prompts (ids, lengths) and targets (scene tokens or VAE latents) for the training images."""
-    enc, tok = load_clip(args, device)
-    images, scenes = toy_images(args)
-    if target == "clip":
-        targets = encode_all(enc.target_tokens, images, device)
-    else:
-        targets = encode_all(pipeline.load_vae(args.out).to(device).eval().tokens, images, device)
-    # Two phrasings per image, the free caption and the GenEval-style prompt, padded to one length.
-    template = args.config.prompt_template
-    c_ids, c_len, _ = blip3o.encode_prompts(tok, [s.caption for s in scenes], template=template)
-    p_ids, p_len, _ = blip3o.encode_prompts(tok, [s.prompt for s in scenes], c_ids.shape[1], template)
-    return tok, enc, targets, (p_ids, p_len, c_ids, c_len)
-
-
 def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor | None = None):
     """A fresh stage-2 generator (queries + head), initialised as the preset says (Config.query_init,
     Config.target_norm: `targets` set the target scale)."""
@@ -416,82 +405,43 @@ def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor |
     return generator
 
 
-def generation_loss(args, noise_repeats: int | None = None):
-    """Stage 2's loss on a batch (prompt ids, lengths, targets): one call to Generator.loss, the flow-matching
-    step, plus the loss per quarter of t for the log. Time sampling and noise repeats: the preset's, unless
-    the command line says (MSE draws no noise: one repeat)."""
-    cfg = args.config
-    sampling = args.time_sampling or cfg.time_sampling
-    if noise_repeats is None:
-        noise_repeats = args.noise_repeats or (cfg.noise_repeats if args.loss == "flow" else 1)
-
-    def loss(m, ids, lens, target, rng):  # m: {"generator", "vlm"}
-        value, t, per = m.generator.loss(m.vlm.lm, ids, lens, target, time_sampling=sampling,
-                                         noise_repeats=noise_repeats, rng=rng)
-        return value, t_bin_logs(t, per)
-
-    return loss
-
-
-def t_bin_logs(t, per) -> dict:
-    """Flow loss per quarter of t (minRF's habit): where along the path the model struggles."""
-    if t is None:
-        return {}
-    quarter = (t * 4).long().clamp(max=3)  # (B,): 0 for t in [0, 0.25), ..., 3 for [0.75, 1]
-    return {f"loss_t{k}": float(per[quarter == k].detach().mean()) for k in range(4) if (quarter == k).any()}
-
-
-def pick_phrasing(rng, idx: torch.Tensor, phrasings: tuple):
-    """For each image in idx, its GenEval-style prompt or its free caption, half and half at random.
-
-    phrasings = (p_ids, p_len, c_ids, c_len) from generation_data -> (ids (B, T), lengths (B,))."""
-    p_ids, p_len, c_ids, c_len = phrasings
-    use_prompt = torch.rand(len(idx), generator=rng) < 0.5
-    return (torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx]),
-            torch.where(use_prompt, p_len[idx], c_len[idx]))
-
-
-def plan_generate(args, device) -> Plan:
-    """Stage 2: queries + Next-DiT (flow) or W (MSE), on the frozen stage-1 LM."""
-    cfg = args.config
-    if args.data:
-        return plan_generate_stream(args, device)
-    if cfg.clip.name is not None:
-        raise UserError(f"preset {cfg.preset} trains on real images: give them with --data SHARDS")
-    tok, enc, targets, phrasings = generation_data(args, device, args.target)
-    vlm = load_lm(args, tok, device)
-    if args.grad_checkpointing:
-        enable_grad_checkpointing(vlm.lm)
-    gen_model = new_generator(args, vlm, args.loss, targets.shape[-1], targets)
+def toy_generation_data(args, enc, tok, device, target: str):
+    """The toy world's stage-2 data: every training image's targets (scene tokens, or VAE latents),
+    encoded once, and two phrasings of it, its free caption and its GenEval-style prompt, half and half.
+    -> (chunk_fn: (step, chunk, size, rng) -> (prompt ids (B, T), lengths (B,), targets (B, 64, D)),
+    all targets)."""
+    images, scenes = toy_images(args)
+    encoder = enc.target_tokens if target == "clip" else pipeline.load_vae(args.out).to(device).eval().tokens
+    targets = encode_all(encoder, images, device)  # (N, 64, D)
+    template = args.config.prompt_template
+    c_ids, c_len, _ = blip3o.encode_prompts(tok, [s.caption for s in scenes], template=template)
+    p_ids, p_len, _ = blip3o.encode_prompts(tok, [s.prompt for s in scenes], c_ids.shape[1], template)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(targets), (size,), generator=rng)
-        ids, lens = pick_phrasing(rng, idx, phrasings)
+        use_prompt = torch.rand(size, generator=rng) < 0.5
+        ids = torch.where(use_prompt[:, None], p_ids[idx], c_ids[idx])  # (B, T), padded to one length
+        lens = torch.where(use_prompt, p_len[idx], c_len[idx])
         return ids.to(device), lens.to(device), targets[idx].to(device)
 
-    return generation_plan(args, gen_model, vlm, chunk_fn, args.target)
+    return chunk_fn, targets
 
 
-def plan_generate_stream(args, device) -> Plan:
+def streamed_generation_data(args, enc, tok, device):
     """Stage 2 on streamed image-caption data (--data): each rank reads its share of the samples, the
-    frozen CLIP encodes the images as they arrive, and captions become prompts with the paper's template."""
+    frozen CLIP encodes the images as they arrive, and captions become prompts with the paper's template.
+    -> (chunk_fn as toy_generation_data's, the first 64 samples' targets (for their scale) or None, the
+    stream)."""
     cfg = args.config
     if args.target != "clip":
         raise UserError("--data trains the paper's target, CLIP features (--target clip)")
     rank, _, world = dist_info()
-    enc, tok = load_clip(args, device)
-    vlm = load_lm(args, tok, device)
-    if args.grad_checkpointing:
-        enable_grad_checkpointing(vlm.lm)
     stream = data.StreamBatches(data.open_source(args.data, args.captions, cfg.clip.image_size, rank, world))
-    gen_model = new_generator(args, vlm, args.loss, enc.target_width)
-    if cfg.target_norm:
-        # The target scale: the std of the first samples, read by a reader of its own so every rank
-        # computes the same number.
+    sample_targets = None
+    if cfg.target_norm:  # the target scale: the first samples, read apart so every rank gets one number
         first = data.StreamBatches(data.open_source(args.data, args.captions, cfg.clip.image_size, 0, 1))
-        images, _ = first.take(64)
         with torch.no_grad(), pipeline.autocast(device):
-            set_unit_scale(gen_model.target_scale, enc.target_tokens(images.to(device)).float())
+            sample_targets = enc.target_tokens(first.take(64)[0].to(device)).float()
     limit = cfg.lm.max_length - cfg.num_queries  # the prompt and the 64 queries share the context
 
     def chunk_fn(step, chunk, size, rng):
@@ -502,16 +452,48 @@ def plan_generate_stream(args, device) -> Plan:
         stream.truncated += int((full > limit).sum())
         return ids[:, :limit].to(device), lens.clamp(max=limit).to(device), targets
 
-    return generation_plan(args, gen_model, vlm, chunk_fn, "clip", stream)
+    return chunk_fn, sample_targets, stream
 
 
-def generation_plan(args, generator, vlm, chunk_fn, target: str, stream=None) -> Plan:
-    """Stage 2's plan: the generator (saved, with an EMA) beside the frozen LM it reads prompts with."""
-    meta = {"loss": args.loss, "target": target, "target_dim": generator.target_dim}
-    model = Objective(nn.ModuleDict({"generator": generator, "vlm": vlm}), generation_loss(args))
-    return Plan(f"generate/{args.loss}-{target}", model, chunk_fn,
+def plan_generate(args, device) -> Plan:
+    """Stage 2: the frozen stage-1 LM reads each prompt followed by the 64 learnable queries, and the
+    Next-DiT learns by flow matching to generate the image's target tokens from the queries' states (or,
+    for the ablation, W by MSE). Trained: the queries and the head; the LM only passes gradients on."""
+    cfg = args.config
+    if cfg.clip.name is not None and not args.data:
+        raise UserError(f"preset {cfg.preset} trains on real images: give them with --data SHARDS")
+    enc, tok = load_clip(args, device)
+    stream = None
+    if args.data:
+        chunk_fn, targets, stream = streamed_generation_data(args, enc, tok, device)
+    else:
+        chunk_fn, targets = toy_generation_data(args, enc, tok, device, args.target)
+    vlm = load_lm(args, tok, device)
+    if args.grad_checkpointing:
+        enable_grad_checkpointing(vlm.lm)
+    dim = enc.target_width if targets is None else targets.shape[-1]
+    generator = new_generator(args, vlm, args.loss, dim, targets)
+    sampling = args.time_sampling or cfg.time_sampling
+    repeats = args.noise_repeats or (cfg.noise_repeats if args.loss == "flow" else 1)  # MSE draws no noise
+
+    def loss(m, ids, lens, target, rng):  # m: {"generator", "vlm"}; the flow-matching step is one call
+        value, t, per = m.generator.loss(m.vlm.lm, ids, lens, target, time_sampling=sampling,
+                                         noise_repeats=repeats, rng=rng)
+        return value, t_bin_logs(t, per)
+
+    meta = {"loss": args.loss, "target": args.target, "target_dim": generator.target_dim}
+    model = Objective(nn.ModuleDict({"generator": generator, "vlm": vlm}), loss)
+    return Plan(f"generate/{args.loss}-{args.target}", model, chunk_fn,
                 lambda m: pipeline.module_tensors("generator", m.generator), meta, ema_prefix="",
                 shard_fn=shard_generation, stream=stream, **stage_hparams(args, "generate"))
+
+
+def t_bin_logs(t, per) -> dict:
+    """Flow loss per quarter of t (minRF's habit): where along the path the model struggles."""
+    if t is None:
+        return {}
+    quarter = (t * 4).long().clamp(max=3)  # (B,): 0 for t in [0, 0.25), ..., 3 for [0.75, 1]
+    return {f"loss_t{k}": float(per[quarter == k].detach().mean()) for k in range(4) if (quarter == k).any()}
 
 
 def plan_joint(args, device) -> Plan:
@@ -530,7 +512,8 @@ def plan_joint(args, device) -> Plan:
     hparams = stage_hparams(args, "joint")
     if hparams["batch"] < 2:
         raise UserError("--stage joint splits each micro-batch between the two tasks: --batch-size >= 2")
-    tok, enc, targets, phrasings = generation_data(args, device, "clip")
+    enc, tok = load_clip(args, device)
+    gen_chunk, targets = toy_generation_data(args, enc, tok, device, "clip")
     images, scenes = toy_images(args)
     clip_tokens = encode_all(enc.tokens, images, device)  # what the understanding rows read (N, 64, D_clip)
     rows = qa_table(scenes, args.seed)
@@ -545,17 +528,15 @@ def plan_joint(args, device) -> Plan:
         img = torch.tensor([rows[j][0] for j in pick])
         qa_ids, labels, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(clip_tokens.shape[1]),
                                                   [rows[j][1] for j in pick], [rows[j][2] for j in pick])
-        idx = torch.randint(len(targets), (size - n_und,), generator=rng)
-        ids, lens = pick_phrasing(rng, idx, phrasings)
         return (qa_ids.to(device), clip_tokens[img].to(device), labels.to(device),
-                ids.to(device), lens.to(device), targets[idx].to(device))
+                *gen_chunk(step, chunk, size - n_und, rng))
 
-    gen_loss = generation_loss(args, noise_repeats=1)
-
-    def loss(m, qa_ids, ctok, labels, ids, lens, target, rng):
+    def loss(m, qa_ids, ctok, labels, ids, lens, target, rng):  # one noise draw per prompt
         und = m.vlm(qa_ids, ctok, labels)[0]
-        gen, logs = gen_loss(m, ids, lens, target, rng)
-        return und + gen, {"loss_und": float(und.detach()), "loss_gen": float(gen.detach()), **logs}
+        gen, t, per = m.generator.loss(m.vlm.lm, ids, lens, target, rng=rng,
+                                       time_sampling=args.time_sampling or cfg.time_sampling)
+        return und + gen, {"loss_und": float(und.detach()), "loss_gen": float(gen.detach()),
+                           **t_bin_logs(t, per)}
 
     def save_fn(m):  # both halves: the LM the generator conditions on is no longer stage 1's
         return {**pipeline.module_tensors("vlm", m.vlm), **pipeline.module_tensors("generator", m.generator)}
@@ -943,8 +924,7 @@ def save_stage(plan: Plan, model: Objective, opt, ema, folder: Path, args, step:
     if ema is not None:
         tensors.update({f"ema.{plan.ema_prefix}{n}": full_tensor(v) for n, v in ema.items()})
     opt_state = optimizer_state(model, opt, args)
-    loop = {"step": step, "done": done, "history": history, "optimizer_format": optimizer_format(args),
-            "data_position": step * plan.batch * args.grad_accum * world}
+    loop = {"step": step, "done": done, "history": history, "optimizer_format": optimizer_format(args)}
     if plan.stream is not None:
         loop["data"] = {"world": world, "ranks": gather_objects(plan.stream.state())}  # a collective
         print0(f"[{plan.name}] data: {data.stream_summary(loop['data']['ranks'])}")
