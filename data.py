@@ -514,7 +514,8 @@ def make_qa(scene: Scene, rng: random.Random, aux: tuple = ()) -> list[tuple[str
     for c, group in by_color.items():
         if len(group) == 1:
             qa.append(("shape", f"what shape is the {c} object ?", group[0].shape))
-    for qtype, groups, name in (("position", by_shape, "the {}"), ("color_position", by_color, "the {} object")):
+    for qtype, groups, name in (("position", by_shape, "the {}"),
+                                ("color_position", by_color, "the {} object")):
         if qtype != "position" and qtype not in aux:
             continue
         for a, b in itertools.permutations(groups, 2):

@@ -194,3 +194,20 @@ def test_geneval_folder_round_trip(tmp_path):
     assert summary["per_tag"][tag1] < 1.0
     # A mean of six Python floats: exact up to float64 rounding (pytest.approx's default 1e-6 relative).
     assert summary["overall"] == pytest.approx(sum(summary["per_tag"].values()) / len(summary["per_tag"]))
+
+
+def test_the_second_scorer_agrees_with_the_project_scorer():
+    """eval.second_opinion shares no code with the detector and rules it checks: both pass the drawn
+    truth, both fail shuffled prompts, and on softened, noisy pictures (as decoders draw) they agree."""
+    import eval as evaluation
+
+    records = data.geneval_prompts("test", n_per_tag=None)
+    shuffled = records[:]
+    random.Random(0).shuffle(shuffled)
+    agree = total = 0
+    for i, (record, other) in enumerate(zip(records, shuffled)):
+        assert evaluation.second_opinion(record, data.render(record, seed=3))
+        for img in (data.render(other, seed=3), _degrade(data.render(record, seed=4), i)):
+            agree += evaluation.second_opinion(record, img) == evaluation.project_scorer(record, img)
+            total += 1
+    assert agree / total >= 0.9
