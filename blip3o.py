@@ -362,7 +362,7 @@ def _is_word_level(tokenizer) -> bool:
 
 DENSE_COLOURS, DENSE_SHAPES = 11, 4  # the toy world's 10 colours and 3 shapes, each + background
 OBJECT_OUTPUTS = DENSE_COLOURS + DENSE_SHAPES + 4  # one object: colour logits, shape logits, box
-SCENE_SLOTS = 4  # objects a scene token describes, in reading order (the toy world has at most 4)
+SCENE_SLOTS = 4  # objects a scene token describes, top-left first (the toy world has at most 4)
 
 
 def object_loss(out: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor, box: torch.Tensor):
@@ -414,7 +414,7 @@ class ImageEncoder(nn.Module):
         # shape logits (3 + background) and the object's box (4). Linear, so the tokens themselves carry it.
         self.dense_head = nn.Linear(cfg.width, OBJECT_OUTPUTS) if cfg.dense_weight > 0 else None
         # Scene blocks (toy): the generation target, deep and global as EVA-CLIP's features are: each of the
-        # 64 outputs names every object (colour, shape, box, in reading order), a scene the generator places
+        # 64 outputs names every object (colour, shape, box, top-left first), a scene the generator places
         # as a whole rather than 64 local patches. Object-centric: object k of a scene owns its own block of
         # scene_width / SCENE_SLOTS channels, read by one linear head shared by every slot, so an object's
         # colour lives beside its own shape, never beside another's (NOTES.md has the measurements).
@@ -1262,7 +1262,7 @@ class PixelDecoder(nn.Module):
     def loss(self, images: torch.Tensor, tokens: torch.Tensor, colour: torch.Tensor, box: torch.Tensor):
         """MSE to the image in [-1, 1] drawn from the true places and colours, plus their cross-entropy.
 
-        colour (B, 4) and box (B, 4, 4) in [0, 1] are the true objects in reading order (data.scene_labels);
+        colour (B, 4) and box (B, 4, 4) in [0, 1] are the true objects in slot order (data.scene_labels);
         an empty slot is drawn at its read place, and must learn to draw nothing."""
         where, c_logits, what = self.read(tokens)
         present = colour < DENSE_COLOURS - 1  # (B, 4)

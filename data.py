@@ -414,13 +414,20 @@ def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, n
     return colour.astype(np.int64), shape.astype(np.int64), box
 
 
+def slot_order(objects):
+    """The objects top-left first: by x + y of the box centre. Of two objects in a clear relation the one
+    left of or above the other comes first (the main axis's offset is over twice the other's), so "A left
+    of B" and "A above B" both put A in the first slot: a relation word says which slot holds which."""
+    return sorted(objects, key=lambda o: (o.box[0] + o.box[2] + o.box[1] + o.box[3], o.box[0] + o.box[2]))
+
+
 def scene_labels(scene: Scene, slots: int = MAX_OBJECTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ground truth for the scene tokens, the objects in reading order, one per slot: colour, shape (slots,)
+    """Ground truth for the scene tokens, the objects in slot_order, one per slot: colour, shape (slots,)
     and box (slots, 4) as in token_labels (len(COLORS) / len(SHAPES) and zeros: an empty slot)."""
     colour = np.full(slots, len(COLORS), dtype=np.int64)
     shape = np.full(slots, len(SHAPES), dtype=np.int64)
     box = np.zeros((slots, 4), dtype=np.float32)
-    for k, o in enumerate(_reading_order(scene.objects)):
+    for k, o in enumerate(slot_order(scene.objects)):
         colour[k], shape[k] = COLORS.index(o.color), SHAPES.index(o.shape)
         box[k] = np.asarray(o.box, dtype=np.float32) / scene.image_size
     return colour, shape, box
