@@ -1193,34 +1193,36 @@ def fourier_features(pos: torch.Tensor, octaves: int, image_size: int) -> torch.
 
 
 class PixelDecoder(nn.Module):
-    """Scene tokens -> image in one forward pass: where and what each object is, then every patch drawn.
+    """Scene tokens -> image in one forward pass: what and where each object is, then every patch drawn.
 
-    From its own channels of the pooled scene tokens, by maps that every slot shares, each of the
-    SCENE_SLOTS objects gets a place (its box's top-left corner, classified on the `position_step` grid per
-    axis, like Pix2Seq's quantised coordinates), a colour (classified, with a "no object" class) and
-    features (`what`: shape and size): one object is read as any other. A renderer MLP draws each
-    patch per object from its features and Fourier features of its place and of the patch's offset, as a
-    coverage in [0, 1] per pixel painting the object's colour (a learned palette) over a learned background;
-    the toy's objects never overlap, so paints add up (a spatial-broadcast decoder). Drawing the likeliest
-    place and colour keeps a slightly-off generated feature definite and exactly coloured (drawn straight
-    from the features, generated objects blend colours; NOTES.md). Deterministic, as BLIP3-o's decoder at
-    inference: variety comes from the diffusion stage. At real scale BLIP3-o reuses Emu2-Gen's SDXL UNet
-    (a diffusion decoder) instead; see released.py.
+    Each of the SCENE_SLOTS objects is read from its own channels of the pooled scene tokens by one head
+    that every slot shares: its colour (with a "no object" class), shape, size and place (the box's
+    top-left corner), each classified, size and corner on the `position_step` grid (as Pix2Seq quantises
+    coordinates). A renderer MLP draws each patch per object from embeddings of its shape and size and
+    Fourier features of its place and of the patch's offset, as a coverage in [0, 1] per pixel painting the
+    object's colour (a learned palette) over a learned background; the toy's objects never overlap, so
+    paints add up (a spatial-broadcast decoder). Drawn from the likeliest classes, a slightly-off generated
+    feature still gives a crisp object of one colour and shape (drawn straight from the features, generated
+    objects blend them; NOTES.md). Deterministic, as BLIP3-o's decoder at inference: variety comes from
+    the diffusion stage. At real scale BLIP3-o reuses Emu2-Gen's SDXL UNet (a diffusion decoder) instead;
+    see released.py.
     """
 
     def __init__(self, cfg: DecoderConfig, token_dim: int, image_size: int = 32):
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
         W, P = cfg.width, image_size // cfg.patch  # P x P patches
-        self.points = image_size // cfg.position_step  # grid points per axis an object's corner can take
-        slot = token_dim // SCENE_SLOTS  # each object's own channels (ImageEncoder's scene tokens)
-        # (x, y) logits of the corner: an MLP, as a linear map cannot cut one coordinate into sharp bins.
-        self.where = nn.Sequential(nn.Linear(slot, W), nn.GELU(), nn.Linear(W, 2 * self.points))
-        self.colour = nn.Linear(slot, DENSE_COLOURS)  # colour logits, last = no object
-        self.what = nn.Linear(slot, W)
-        # Each colour relative to the background, in [-1, 1] units. It starts at zero: a large random paint
-        # makes the renderer shut every pixel's coverage at once, and a saturated sigmoid learns nothing.
-        self.palette = nn.Embedding(DENSE_COLOURS, 3)
+        self.points = image_size // cfg.position_step  # grid points per axis a corner or a size can take
+        # One object's classes from its own channels: colour, shape, size, x and y of the corner. An MLP, as
+        # a linear map cannot cut one coordinate into sharp bins.
+        self.classes = (DENSE_COLOURS, DENSE_SHAPES, self.points, self.points, self.points)
+        self.read_head = nn.Sequential(nn.Linear(token_dim // SCENE_SLOTS, W), nn.GELU(),
+                                       nn.Linear(W, sum(self.classes)))
+        self.shape_embed, self.size_embed = nn.Embedding(DENSE_SHAPES, W), nn.Embedding(self.points, W)
+        # Each colour relative to the background, in [-1, 1] units; "no object" paints nothing. It starts at
+        # zero: a large random paint makes the renderer shut every pixel's coverage at once, and a saturated
+        # sigmoid learns nothing.
+        self.palette = nn.Embedding(DENSE_COLOURS, 3, padding_idx=DENSE_COLOURS - 1)
         nn.init.zeros_(self.palette.weight)
         self.background = nn.Parameter(torch.zeros(3))
         cells = (torch.arange(P, dtype=torch.float32) + 0.5) * cfg.patch  # patch centres along one axis
@@ -1233,44 +1235,48 @@ class PixelDecoder(nn.Module):
         self.render = nn.Sequential(*layers, nn.Linear(W, cfg.patch ** 2))  # coverage logit of each pixel
         self.register_buffer("cond_scale", torch.ones(()))  # scene tokens / cond_scale: unit std
 
-    def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tokens (B, 64, S) -> corner logits (B, 4, 2, points), colour logits (B, 4, 11) and features
-        (B, 4, W) of the SCENE_SLOTS objects."""
+    def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """tokens (B, 64, S) -> the logits of the SCENE_SLOTS objects' colour (B, 4, 11), shape (B, 4, 4),
+        size (B, 4, points) and corner x, y (B, 4, points) each."""
         # Every scene token describes the whole scene: their mean, split into the objects' channels.
         objects = (tokens / self.cond_scale).mean(1).unflatten(-1, (SCENE_SLOTS, -1))  # (B, 4, S / 4)
-        return self.where(objects).unflatten(-1, (2, self.points)), self.colour(objects), self.what(objects)
+        return self.read_head(objects).split(self.classes, dim=-1)
 
-    def draw(self, corners: torch.Tensor, colours: torch.Tensor, what: torch.Tensor) -> torch.Tensor:
-        """Objects (corners (B, 4, 2) on the grid, colour ids (B, 4), features (B, 4, W)) -> (B, 3, H, W)
-        in [-1, 1]."""
-        size, n = self.image_size, self.patch_centres.shape[0]
-        corners = corners.float() * self.cfg.position_step  # (B, 4, 2) in pixels
-        offset = self.patch_centres[None, :, None] - corners[:, None]  # (B, 64, 4, 2) in pixels
-        place = fourier_features(corners, self.cfg.octaves, size)[:, None].expand(-1, n, -1, -1)  # (B,64,4,F)
+    def draw(self, colour: torch.Tensor, shape: torch.Tensor, size: torch.Tensor,
+             corner: torch.Tensor) -> torch.Tensor:
+        """Objects as class ids, colour, shape, size (B, 4), corner (B, 4, 2) -> (B, 3, H, W) in [-1, 1]."""
+        img, n = self.image_size, self.patch_centres.shape[0]
+        corner = corner.float() * self.cfg.position_step  # (B, 4, 2) in pixels
+        offset = self.patch_centres[None, :, None] - corner[:, None]  # (B, 64, 4, 2) in pixels
+        what = self.shape_embed(shape) + self.size_embed(size)  # (B, 4, W)
+        place = fourier_features(corner, self.cfg.octaves, img)[:, None].expand(-1, n, -1, -1)  # (B,64,4,F)
         inputs = torch.cat([what[:, None].expand(-1, n, -1, -1), place,
-                            fourier_features(offset, self.cfg.octaves, size), offset / size], -1)
+                            fourier_features(offset, self.cfg.octaves, img), offset / img], -1)
         cover = torch.sigmoid(self.render(inputs))  # (B, 64, 4, p * p)
-        paint = cover[..., None] * self.palette(colours)[:, None, :, None]  # (B, 64, 4, p * p, 3)
+        paint = cover[..., None] * self.palette(colour)[:, None, :, None]  # (B, 64, 4, p * p, 3)
         pixels = paint.sum(2) + self.background  # (B, 64, p * p, 3): every object over the background
         return unpatchify(pixels.flatten(2), self.cfg.patch)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Scene tokens (B, 64, S) -> images (B, 3, H, W) in [0, 1], places and colours the likeliest."""
-        where, colour, what = self.read(tokens)
-        return (self.draw(where.argmax(-1), colour.argmax(-1), what) + 1).div(2).clamp(0, 1)
+        """Scene tokens (B, 64, S) -> images (B, 3, H, W) in [0, 1], every object its likeliest classes."""
+        colour, shape, size, x, y = (logits.argmax(-1) for logits in self.read(tokens))
+        return (self.draw(colour, shape, size, torch.stack([x, y], -1)) + 1).div(2).clamp(0, 1)
 
-    def loss(self, images: torch.Tensor, tokens: torch.Tensor, colour: torch.Tensor, box: torch.Tensor):
-        """MSE to the image in [-1, 1] drawn from the true places and colours, plus their cross-entropy.
+    def loss(self, images: torch.Tensor, tokens: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor,
+             box: torch.Tensor):
+        """The classes' cross-entropy, plus MSE to the image in [-1, 1] drawn from the true classes.
 
-        colour (B, 4) and box (B, 4, 4) in [0, 1] are the true objects in slot order (data.scene_labels);
-        an empty slot is drawn at its read place, and must learn to draw nothing."""
-        where, c_logits, what = self.read(tokens)
+        colour, shape (B, 4) and box (B, 4, 4) in [0, 1] are the true objects in slot order
+        (data.scene_labels); an empty slot has the "no object" colour and shape, and no size or place."""
         present = colour < DENSE_COLOURS - 1  # (B, 4)
-        true = (box[..., :2] * self.points).round().long().clamp(0, self.points - 1)  # (B, 4, 2) grid points
-        l_read = F.cross_entropy(where[present].flatten(0, 1), true[present].flatten()) + \
-            F.cross_entropy(c_logits.flatten(0, 1), colour.flatten())
-        corners = torch.where(present[..., None], true, where.detach().argmax(-1))
-        l_pixels = F.mse_loss(self.draw(corners, colour, what), images * 2 - 1)
+        grid = (box * self.points).round().long().clamp(0, self.points - 1)  # (B, 4, 4) on the grid
+        size = (grid[..., 2] - grid[..., 0]).clamp(min=0)  # (B, 4): the box's side, in grid steps
+        logits = self.read(tokens)
+        # Colour and shape in every slot (an empty one: "no object"); size and corner where an object is.
+        l_read = sum(F.cross_entropy(lg.flatten(0, 1), y.flatten()) for lg, y in zip(logits, (colour, shape)))
+        l_read = l_read + sum(F.cross_entropy(lg[present], y[present])
+                              for lg, y in zip(logits[2:], (size, grid[..., 0], grid[..., 1])))
+        l_pixels = F.mse_loss(self.draw(colour, shape, size, grid[..., :2]), images * 2 - 1)
         logs = {"loss_pixels": float(l_pixels.detach()), "loss_read": float(l_read.detach())}
         return l_pixels + l_read, logs
 

@@ -370,7 +370,7 @@ def plan_decoder(args, device) -> Plan:
         return tuple(x.to(device) for x in batch)
 
     def loss(dec, images_b, tokens_b, colour, shape, box, rng):
-        return dec.loss(images_b, tokens_b, colour, box)
+        return dec.loss(images_b, tokens_b, colour, shape, box)
 
     return Plan("decoder", Objective(dec, loss), chunk_fn, lambda m: pipeline.module_tensors("decoder", m),
                 {}, ema_prefix="decoder.", **stage_hparams(args, "decoder"))

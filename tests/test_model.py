@@ -96,33 +96,34 @@ def test_pixel_decoder_reads_objects_and_learns_to_draw_them():
     dec = blip3o.PixelDecoder(cfg, token_dim=32)
     images, scenes = data.make_image_set(8, split="train", seed=1)
     images = images.float() / 255
-    colour, _, box = (torch.from_numpy(np.stack(x)) for x in zip(*[data.scene_labels(s) for s in scenes]))
+    colour, shape, box = (torch.from_numpy(np.stack(x)) for x in zip(*[data.scene_labels(s) for s in scenes]))
     tokens = torch.randn(8, 1, 32).expand(8, 64, 32)  # one scene vector per image, on every token
     out = dec(tokens)
     assert out.shape == (8, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
-    where, colours, what = dec.read(tokens)
-    assert where.shape == (8, blip3o.SCENE_SLOTS, 2, 8)  # (x, y) of each corner over 0, 4, ..., 28 px
-    assert colours.shape == (8, blip3o.SCENE_SLOTS, 11)  # 10 colours + no object
-    # Object-centric: each object is read from its own 8 channels only, by the same maps as any other.
+    logits = dec.read(tokens)  # colour, shape, size, corner x, corner y of every object
+    assert [tuple(x.shape) for x in logits] == [(8, 4, 11), (8, 4, 4)] + [(8, 4, 8)] * 3  # sizes: 0..28 px
+    # Object-centric: each object is read from its own 8 channels only, by the same head as any other.
     other = tokens.clone()
     other[..., 8:16] += 1  # object 1's channels
-    changed = dec.read(other)
-    assert torch.equal(changed[1][:, 0], colours[:, 0]) and not torch.equal(changed[1][:, 1], colours[:, 1])
+    changed = dec.read(other)[0]
+    assert torch.equal(changed[:, 0], logits[0][:, 0]) and not torch.equal(changed[:, 1], logits[0][:, 1])
     swapped = tokens.unflatten(-1, (4, 8)).flip(-2).flatten(-2)  # the objects' channel blocks reversed
-    assert torch.allclose(dec.read(swapped)[1], colours.flip(1), atol=1e-6)
+    assert torch.allclose(dec.read(swapped)[0], logits[0].flip(1), atol=1e-6)
     # The renderer draws every patch from every object: moving an object changes the picture (once the
-    # palette, zero at the start, has colours).
+    # palette, zero at the start, has colours), and "no object" paints nothing.
     with torch.no_grad():
-        dec.palette.weight.normal_()
-    corners = where.argmax(-1)
-    moved = corners.clone()
+        dec.palette.weight[:-1].normal_()
+    size, corner = torch.full_like(colour, 2), torch.stack([x.argmax(-1) for x in logits[3:]], -1)
+    moved = corner.clone()
     moved[:, 0, 0] = (moved[:, 0, 0] + 2) % 8
-    assert not torch.allclose(dec.draw(moved, colour, what), dec.draw(corners, colour, what))
+    assert not torch.allclose(dec.draw(colour, shape, size, moved), dec.draw(colour, shape, size, corner))
+    nothing = torch.full_like(colour, blip3o.DENSE_COLOURS - 1)
+    assert torch.equal(dec.draw(nothing, shape, size, corner), dec.background.view(1, 3, 1, 1).expand_as(out))
     # Trained on these 8 images, the pixel loss and the read-out's loss fall.
     opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
-    first = dec.loss(images, tokens, colour, box)[1]
+    first = dec.loss(images, tokens, colour, shape, box)[1]
     for _ in range(150):
-        loss, logs = dec.loss(images, tokens, colour, box)
+        loss, logs = dec.loss(images, tokens, colour, shape, box)
         opt.zero_grad()
         loss.backward()
         opt.step()
