@@ -1115,8 +1115,7 @@ class Generator(nn.Module):
     def condition(self, lm, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, output_attentions=False):
         """Prompt ids (B, T) right-padded, lengths (B,) -> query states (B, 64, D_lm): each prompt followed
         directly by the 64 queries, the LM's final hidden states (after its last norm) at those positions.
-        output_attentions: also the LM's attention probabilities, one (B, H, T + 64, T + 64) per layer
-        (an LM set to eager attention gives them; SDPA does not)."""
+        output_attentions: also the LM's attention, (B, H, T + 64, T + 64) per layer; eager attention only."""
         B, T = prompt_ids.shape
         Q = self.num_queries
         embeds = lm.get_input_embeddings()(prompt_ids)  # (B, T, D)
@@ -1152,12 +1151,11 @@ class Generator(nn.Module):
         every Euler step as in euler_sample, unscaled too: in the units the decoder reads."""
         if self.loss_type == "mse":
             return self.mse(cond) * self.target_scale
-
-        def unscaled(t, x, guess):
-            on_step(t, x * self.target_scale, guess * self.target_scale)
+        scale = self.target_scale
+        unscaled = on_step and (lambda t, x, guess: on_step(t, x * scale, guess * scale))  # None stays None
         x1 = euler_sample(self.dit, cond, self.dit.cfg.num_tokens, self.target_dim, steps=steps,
-                          guidance=guidance, rng=rng, on_step=unscaled if on_step else None)
-        return x1 * self.target_scale
+                          guidance=guidance, rng=rng, on_step=unscaled)
+        return x1 * scale
 
 
 @torch.no_grad()

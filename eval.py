@@ -44,7 +44,8 @@ SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON = 1, 2,
 
 # Sizes of full_report's evaluations (geneval_per_tag None: every held-out prompt, 144, x per_prompt).
 REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, geneval_per_tag=None,
-              per_prompt=4, views_per_tag=2, views_samples=2, steps=blip3o.SAMPLE_STEPS, guidance=blip3o.GUIDANCE)
+              per_prompt=4, views_per_tag=2, views_samples=2, steps=blip3o.SAMPLE_STEPS,
+              guidance=blip3o.GUIDANCE)
 
 # Targets for the default toy run (REPORT.md marks each number against its target).
 TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.88,
@@ -69,10 +70,11 @@ def fmt(x) -> str:
 # --- 1. CLIP: zero-shot classification and retrieval ----------------------------------------------
 
 @torch.no_grad()
-def image_embeddings(pipe, images_u8: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> unit-norm CLIP image embeddings (N, E)."""
-    return torch.cat([pipe.clip.encode_image(data.as_float(images_u8[i:i + batch]).to(pipe.device)).cpu()
-                      for i in range(0, len(images_u8), batch)])
+def image_embeddings(pipe, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Images (N, 3, H, W), uint8 or float in [0, 1] (decoded) -> unit-norm CLIP image embeddings (N, E)."""
+    images = data.as_float(images) if images.dtype == torch.uint8 else images
+    return torch.cat([pipe.clip.encode_image(images[i:i + batch].to(pipe.device)).cpu()
+                      for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()
@@ -218,13 +220,6 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6) -
 # --- 3. Generated samples: what their tokens say, GenEval's rules, CLIP space (the design study) -----
 
 @torch.no_grad()
-def generated_embeddings(pipe, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Generated images (N, 3, H, W), decoded from any design's targets -> CLIP image embeddings (N, E)."""
-    return torch.cat([pipe.clip.encode_image(images[i:i + batch].to(pipe.device)).cpu()
-                      for i in range(0, len(images), batch)])
-
-
-@torch.no_grad()
 def what_tokens_say(pipe, tokens: torch.Tensor) -> torch.Tensor:
     """Generated scene tokens (N, 64, S) -> uint8 (N, H, W, 3): the objects the CLIP's scene head reads in
     them, drawn exactly. Scored beside the decoded pictures: the generator's errors, not the decoder's."""
@@ -253,7 +248,7 @@ def clipgen_scores(pipe, records, images: torch.Tensor) -> dict:
     """Top-1 retrieval of each record's prompt among its tag's prompts by its samples, images (P, S, 3, H, W)
     (a prompt that means the same counts) -> accuracy per tag, single_object+colors pooled, overall."""
     P, S = images.shape[:2]
-    emb = generated_embeddings(pipe, images.flatten(0, 1)).unflatten(0, (P, S))  # (P, S, E)
+    emb = image_embeddings(pipe, images.flatten(0, 1)).unflatten(0, (P, S))  # (P, S, E)
     hits = {}
     for tag in dict.fromkeys(r["tag"] for r in records):
         cands = tag_records(tag)
@@ -340,43 +335,38 @@ def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | N
 # --- 5. Inside the sampler: its trajectory, what each word steers, guidance and steps swept -------
 
 SWEEP_GUIDANCE, SWEEP_STEPS = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0), (5, 10, 20, 30, 50)  # the paper's among them
-VIEW_TAGS = ("two_object", "position", "color_attr")  # views() draws the first held-out prompt of each
+VIEW_TAGS = ("two_object", "position", "color_attr")  # views() shows the first held-out prompt of each
 
 
 def sweep(pipe, records, samples: int) -> tuple[dict, list]:
-    """The same prompts and seeds (0 .. samples - 1) at each guidance (the report's steps) and each number of
-    Euler steps (the report's guidance), scored as toygeneval scores -> ({"guidance": [[g,
-    decoded, tokens say], ...], "steps": [[n, ...], ...]}, per guidance (uint8 images (P, S, H, W, 3), hits))."""
-    scores, done = {"guidance": [], "steps": []}, {}
+    """The same prompts and seeds (0 .. samples - 1) at each guidance (REPORT's steps) and each number of
+    steps (REPORT's guidance), scored as toygeneval scores -> ({"guidance": [[g, decoded, tokens say], ...],
+    "steps": [[n, ...], ...]}, per guidance: uint8 images (P, S, H, W, 3) and image_hits)."""
+    scores, done, prompts = {"guidance": [], "steps": []}, {}, [r["prompt"] for r in records]
     for axis, x, steps, guidance in ([("guidance", g, REPORT["steps"], g) for g in SWEEP_GUIDANCE]
                                      + [("steps", n, n, REPORT["guidance"]) for n in SWEEP_STEPS]):
         if (steps, guidance) not in done:  # the paper's setting lies on both axes: sampled once
-            images, tokens = sample.generate_grid(pipe, [r["prompt"] for r in records], samples, 0, steps,
-                                                  guidance)
+            images, tokens = sample.generate_grid(pipe, prompts, samples, 0, steps, guidance)
             said = what_tokens_say(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
             images = data.to_uint8(images)  # (P, S, H, W, 3)
             done[steps, guidance] = images, image_hits(records, images), image_hits(records, said)
-        _, hits, said = done[steps, guidance]
-        scores[axis].append([x, score_images(records, hits)["overall"], score_images(records, said)["overall"]])
+        scores[axis].append([x, *(score_images(records, h)["overall"] for h in done[steps, guidance][1:])])
     return scores, [done[REPORT["steps"], g][:2] for g in SWEEP_GUIDANCE]
 
 
 def word_peaks(images: torch.Tensor, maps) -> dict:
     """How often a shape word's map (sample.word_maps) peaks on a patch whose centre lies in a box that the
-    detector finds for that shape in the picture (shapes not drawn are left out), and chance: the share of
-    the patches in those boxes."""
+    detector finds for that shape (shapes not drawn are left out); chance: the share of such patches."""
     hits, chance = [], []
     for image, (m, _, tokens) in zip(images, maps):
         found, cell = data.detect_objects(data.to_uint8(image).numpy()), image.shape[-1] // int(len(m) ** 0.5)
         for w, token in enumerate(tokens):
             inside = np.zeros(image.shape[-2:], bool)
-            for o in found:
-                if token in (o["class"], data.plural(o["class"])):
-                    inside[o["box"][1]:o["box"][3], o["box"][0]:o["box"][2]] = True
+            for x0, y0, x1, y1 in [o["box"] for o in found if token in (o["class"], data.plural(o["class"]))]:
+                inside[y0:y1, x0:x1] = True
             inside = inside[cell // 2::cell, cell // 2::cell].flatten()  # (64,): each patch's centre pixel
             if inside.any():
-                hits.append(bool(inside[m[:, w].argmax()]))
-                chance.append(inside.mean())
+                hits, chance = hits + [inside[m[:, w].argmax()]], chance + [inside.mean()]
     return {"peak_in_object": float(np.mean(hits)) if hits else None, "words": len(hits),
             "chance": float(np.mean(chance)) if hits else None}
 
@@ -400,9 +390,8 @@ def plot_sweep(scores: dict, out) -> None:
         ax.plot(x, decoded, "o-", label="decoded pictures")
         ax.plot(x, said, "s--", label="what their tokens say")
         ax.axvline(paper, color="0.5", ls=":", label="the paper's setting")
-        ax.set(xscale="log", xticks=x, xticklabels=[f"{v:g}" for v in x], xlabel=label)
+        ax.set(xscale="log", xticks=x, xticklabels=[f"{v:g}" for v in x], xlabel=label, ylabel="toy GenEval")
         ax.minorticks_off()
-    axes[0].set_ylabel("toy GenEval")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -410,21 +399,20 @@ def plot_sweep(scores: dict, out) -> None:
 
 
 def views(pipe, outdir, per_tag: int, samples: int) -> dict:
-    """The sampler seen from inside on `per_tag` held-out prompts of each tag (seed 0; the trajectory and the
-    sweep: seeds 0 .. samples - 1) -> OUTDIR/trajectory.png and .gif, words.png, sweep.png (the guidance
-    sweep, each picture framed right or wrong), sweep_plot.png. Returns the word maps' peak rate, the sweeps."""
+    """The sampler seen from inside on `per_tag` held-out prompts of each tag -> OUTDIR/trajectory.png and
+    .gif, words.png, sweep.png (the guidance sweep, each picture framed right or wrong), sweep_plot.png;
+    returns the word maps' peak rate (seed 0) and the sweeps (seeds 0 .. samples - 1, as the trajectory)."""
     outdir, records = Path(outdir), data.geneval_prompts("test", per_tag)
     prompts = [r["prompt"] for r in records]
     shown = [next(i for i, r in enumerate(records) if r["tag"] == tag) for tag in VIEW_TAGS]
-    labels = [f"{prompts[i]}, seed {j}" for i in shown for j in range(samples)]
-    steps = sample.trajectory(pipe, [prompts[i] for i in shown[1:]], samples, 0, REPORT["steps"],
-                              REPORT["guidance"])
-    sample.save_trajectory(steps.flatten(0, 1), labels[samples:], outdir / "trajectory.png")
+    labels, seeds = [f"{prompts[i]}, seed {j}" for i in shown for j in range(samples)], range(samples)
+    sample.trajectory(pipe, [prompts[i] for i in shown[1:]], samples, 0, REPORT["steps"], REPORT["guidance"],
+                      outdir / "trajectory.png")
     images, maps = sample.word_maps(pipe, prompts, 0, REPORT["steps"], REPORT["guidance"])
-    sample.save_word_maps(images[shown], [maps[i] for i in shown], [prompts[i] for i in shown], pipe.tokenizer,
-                          outdir / "words.png")
+    sample.save_word_maps(images[shown], [maps[i] for i in shown], [prompts[i] for i in shown],
+                          pipe.tokenizer, outdir / "words.png")
     scores, swept = sweep(pipe, records, samples)
-    rows = [[framed(im[i, j].numpy(), hits[i][j]) for im, hits in swept] for i in shown for j in range(samples)]
+    rows = [[framed(im[i, j].numpy(), hits[i][j]) for im, hits in swept] for i in shown for j in seeds]
     sample.save_png(sample.image_grid(rows, labels), outdir / "sweep.png")
     plot_sweep(scores, outdir / "sweep_plot.png")
     return {"words": word_peaks(images, maps), "sweep": scores, "prompts": len(records), "samples": samples}
@@ -523,9 +511,10 @@ def evaluate_all(run, device) -> dict:
             pipe, run, "flow-clip", REPORT["per_prompt"], REPORT["geneval_per_tag"], REPORT["steps"],
             REPORT["guidance"], quiet=True)
         metrics["toygeneval"] = geneval
-        rows = {"single_object": 1, "two_object": 1, "counting": 1, "colors": 2, "position": 1, "color_attr": 2}
-        picked = [i for tag, n in rows.items() for i in [j for j, r in enumerate(records) if r["tag"] == tag][:n]]
-        sample.save_png(sample.image_grid([list(images[i]) for i in picked],  # the first 1-2 prompts of each tag
+        rows = dict(single_object=1, two_object=1, counting=1, colors=2, position=1, color_attr=2)
+        picked = [i for tag, n in rows.items()  # samples.png: the first 1-2 held-out prompts of every tag
+                  for i in [j for j, r in enumerate(records) if r["tag"] == tag][:n]]
+        sample.save_png(sample.image_grid([list(images[i]) for i in picked],
                                           [records[i]["prompt"] for i in picked]), Path(run) / "samples.png")
         t["toygeneval"] = time.time() - start
         start = time.time()
@@ -548,8 +537,8 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
         old = json.loads((run / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
         old = {}
-    pictures = [run / name for name in ("samples.png", "reconstructions.png", "trajectory.png", "trajectory.gif",
-                                        "words.png", "sweep.png", "sweep_plot.png")]
+    pictures = [run / name for name in ("samples.png", "reconstructions.png", "trajectory.png",
+                                        "trajectory.gif", "words.png", "sweep.png", "sweep_plot.png")]
     cached = (not force and old.get("fingerprint") == fp
               and all(p.is_file() for p in pictures if p.name in old.get("pictures", [])))
     metrics = old["metrics"] if cached else rounded(evaluate_all(run, device))
@@ -634,24 +623,20 @@ def report_markdown(run: Path, record: dict) -> str:
     if "samples.png" in record["pictures"]:
         md += ["", "Samples (4 seeds per held-out prompt):", "", "![samples](samples.png)"]
     if v := m.get("views"):
-        w, seeds = v["words"], f"seeds 0-{v['samples'] - 1}"
-        md += ["", "## Inside the sampler", "", f"The trajectory of held-out prompts ({seeds}): 8 of the "
-               f"{blip3o.SAMPLE_STEPS} Euler steps from t = 0 (noise) to 1; under each row of states x_t its "
-               "row of clean guesses x_t + (1 - t) v, where one straight step would land. "
-               "[Every step](trajectory.gif) adds what the guess's tokens say.", "", "![trajectory](trajectory.png)",
-               "", "What each word steers: each image token's attention to each word, rolled out through the "
-               "Next-DiT's cross-attention and the LM's attention (`sample.word_maps`); under each map the word "
-               "and its share of the weight. Attention shows where information can flow, not what caused the "
-               f"picture. A shape word's map peaks inside that shape's box in {fmt(w['peak_in_object'])} of "
-               f"{w['words']} cases ({v['prompts']} held-out prompts, seed 0; chance {fmt(w['chance'])}).", "",
-               "![word maps](words.png)", "", f"The same {v['prompts']} prompts ({seeds}) swept over guidance and "
-               "Euler steps, toy GenEval of the decoded pictures and of what their tokens say. Rows: guidance "
-               f"{', '.join(f'{x:g}' for x, *_ in v['sweep']['guidance'])}, framed green when the scorer calls "
-               "the picture right.", "", "![sweep](sweep.png) ![guidance and steps](sweep_plot.png)", ""]
-        md += md_table(["", *(f"{x:g}" for x, *_ in v["sweep"]["guidance"]), "steps",
-                        *(f"{x}" for x, *_ in v["sweep"]["steps"])],
-                       [[name, *(fmt(r[i]) for r in v["sweep"]["guidance"]), "",
-                         *(fmt(r[i]) for r in v["sweep"]["steps"])] for i, name in ((1, "decoded"), (2, "tokens say"))])
+        w, g = v["words"], ", ".join(f"{x:g}" for x, *_ in v["sweep"]["guidance"])
+        md += ["", "## Inside the sampler", "",
+               f"{v['prompts']} held-out prompts, seeds 0-{v['samples'] - 1}. The trajectory: 8 of the Euler "
+               "steps from t = 0 (noise) to 1, each sample's states x_t above its clean guesses "
+               "x_t + (1 - t) v ([every step](trajectory.gif), with what the guess's tokens say).", "",
+               "![trajectory](trajectory.png)", "", "What each word steers: each image token's attention to "
+               "each word, rolled out through the Next-DiT and the LM (`sample.word_maps`), the word's share "
+               "of it under its map: where information can flow, not what caused the picture. A shape word's "
+               f"map peaks inside that shape's box in {fmt(w['peak_in_object'])} of {w['words']} cases "
+               f"(seed 0; chance {fmt(w['chance'])}): the toy's generated tokens are scene tokens that each "
+               "name every object, so a token's place on the grid need not be a place in the picture.", "",
+               "![word maps](words.png)", "",
+               f"The guidance sweep (columns: {g}; green: right by the toy scorer), and toy GenEval against "
+               "guidance and Euler steps:", "", "![sweep](sweep.png)", "", "![sweeps](sweep_plot.png)"]
     if u := m.get("understand"):
         md += ["", "## Understanding (stage 1): exact match, greedy", ""]
         md += md_table(["question type", "questions", "accuracy"],
@@ -710,7 +695,7 @@ def parse_args(argv=None):
     c.add_argument("--variant", default="flow-clip", help="flow-clip, mse-clip or flow-vae")
     add_sampling_options(c)
     c.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
-    c.add_argument("--tags", default=",".join(data.TAGS), help="comma-separated GenEval tags (default: all six)")
+    c.add_argument("--tags", default=",".join(data.TAGS), help="comma-separated GenEval tags (default: all)")
     c.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     c.add_argument("--per-tag", type=int, default=None,
                    help="held-out prompts per tag (at most; default: every held-out prompt, 144)")
@@ -777,10 +762,10 @@ def run_command(args) -> dict:
     elif args.command == "views":
         sample.check_pixels(pipe, args.run)
         m = views(pipe, args.run, args.per_tag, args.samples)
-        print(f"{args.run}/trajectory.png, .gif, words.png, sweep.png, sweep_plot.png; a shape word's map peaks "
-              f"in its object: {fmt(m['words']['peak_in_object'])} (chance {fmt(m['words']['chance'])})")
-        print(format_table(["", "setting", "decoded", "tokens say"], [[axis, *r] for axis, rs in m["sweep"].items()
-                                                                       for r in rs]))
+        rows = [[axis, *r] for axis, results in m["sweep"].items() for r in results]
+        print(format_table(["sweep", "setting", "decoded", "tokens say"], rows))
+        print(f"a shape word's map peaks in its object {fmt(m['words']['peak_in_object'])} (chance "
+              f"{fmt(m['words']['chance'])}); {args.run}/trajectory.png, .gif, words.png, sweep*.png")
     else:  # toygeneval
         m, *_ = eval_toygeneval(pipe, args.run, variant, args.per_prompt, args.per_tag, args.steps,
                                 args.guidance, args.seed, tags=args.tags)

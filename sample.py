@@ -6,9 +6,8 @@ Every model is rebuilt from the checkpoints in --run (default out/toy, what `pyt
         -> out/samples.png: one row per prompt, 4 samples each, the prompt written beside its row
     python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --guidance 2.0 --steps 40
     python sample.py --prompt "a photo of a red circle" --variant mse-clip      # the CLIP + MSE ablation
-    python sample.py --prompt "a photo of a red circle" --trajectory --seed 0
-        -> out/trajectory.png (columns: 8 of the 30 Euler steps, t = 0 to 1; rows: x_t, the clean guess)
-           and out/trajectory.gif (every step: x_t | clean guess | what its tokens say); last frame: the sample
+    python sample.py --prompt "a photo of a red circle" --trajectory   # -> out/trajectory.png: 8 Euler steps
+        of each sample, x_t over its clean guess; out/trajectory.gif: every step, and what its tokens say
     python sample.py --prompt "a photo of a red circle left of a blue square" --words    # -> out/words.png
     python sample.py --reconstruct img.png        # image -> 64 CLIP tokens -> pixel decoder, side by side
     python sample.py --image img.png --question "what color is the circle?"
@@ -141,58 +140,53 @@ def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int, seed: int,
 # ---- inside the sampler: every Euler step, and what each prompt word steers ----------------------------
 
 def trajectory(pipe: pipeline.Pipeline, prompts, num_samples: int, seed: int, steps: int, guidance: float,
-               batch: int = 64) -> torch.Tensor:
-    """generate_grid's samples and every Euler step on the way, recorded by the sampler itself (on_step) ->
-    uint8 views (P, S, steps + 1, 3, H, W, 3) at t = 0, 1/steps, ..., 1: x_t decoded, the clean guess
-    x_t + (1 - t) v decoded, what the guess's tokens say. At t = 1 both are generate_grid's own images."""
-    import eval as evaluation  # for what_tokens_say; eval.py imports this file, so not at the top
+               out=None, batch: int = 64) -> torch.Tensor:
+    """generate_grid's samples and every Euler step on the way, recorded by the sampler (on_step) -> uint8
+    views (P, S, steps + 1, 3, H, W, 3) at t = 0, 1/steps, ..., 1: x_t, the clean guess x_t + (1 - t) v and
+    what the guess's tokens say, decoded. `out`: OUT.png, 8 steps, x_t above the clean guess; OUT.gif, every
+    step's three views."""
+    import eval as evaluation  # what_tokens_say; eval.py imports this file, so not at the top
     P, S, N, D = len(prompts), num_samples, pipe.generator.dit.cfg.num_tokens, pipe.generator.target_dim
-    x_t, guess = torch.zeros(2, P, S, steps + 1, N, D)  # every step's tokens, then the samples at t = 1
+    x_t, guess = torch.zeros(2, P, S, steps + 1, N, D)  # every step's tokens; t = 1: the samples
 
     def record(j, i, t, x, g):  # column j, prompts i, i + 1, ...
         x_t[i:i + len(x), j, round(t * steps)], guess[i:i + len(x), j, round(t * steps)] = x.cpu(), g.cpu()
 
-    images, tokens = generate_grid(pipe, prompts, S, seed, steps, guidance, batch, on_step=record)
-    x_t[:, :, -1] = guess[:, :, -1] = tokens
+    images, x_t[:, :, -1] = generate_grid(pipe, prompts, S, seed, steps, guidance, batch, on_step=record)
+    guess[:, :, -1] = x_t[:, :, -1]
     views = [data.to_uint8(pipe.tokens_to_images(z.flatten(0, 2).to(pipe.device))) for z in (x_t, guess)]
     views = torch.stack([*views, evaluation.what_tokens_say(pipe, guess.flatten(0, 2))], 1)
     views = views.unflatten(0, (P, S, steps + 1))
-    views[:, :, -1, :2] = data.to_uint8(images)[:, :, None]  # the samples exactly as generate_grid decoded them
+    views[:, :, -1, :2] = data.to_uint8(images)[:, :, None]  # the samples as generate_grid decoded them
+    if out is not None:
+        rows, labels = views.flatten(0, 1), [f"{p}, seed {seed + j}" for p in prompts for j in range(S)]
+        picks = torch.linspace(0, steps, min(8, steps + 1)).round().long()
+        save_png(image_grid([list(row[picks, v].numpy()) for row in rows for v in (0, 1)],
+                            [name for label in labels for name in (f"{label}: x_t", "clean guess")]), out)
+        frames = [image_grid([list(row[k].numpy()) for row in rows], [f"{x}, t = {k / steps:.2f}" for x in
+                                                                       labels]) for k in range(steps + 1)]
+        frames[0].save(Path(out).with_suffix(".gif"), save_all=True, append_images=frames[1:], loop=0,
+                       duration=[120] * steps + [2000])  # the sample, last, held 2 s
     return views
-
-
-def save_trajectory(views: torch.Tensor, labels, out, columns: int = 8) -> Path:
-    """Views (R, steps + 1, 3, H, W, 3), a row per label -> OUT.png, a strip of `columns` even steps from
-    t = 0 to 1, each row's x_t above its clean guess; OUT.gif, every step's three views side by side."""
-    out, K = Path(out).with_suffix(".png"), views.shape[1] - 1
-    picks = torch.linspace(0, K, min(columns, K + 1)).round().long()
-    rows = [list(views[r, picks, v].numpy()) for r in range(len(labels)) for v in (0, 1)]
-    save_png(image_grid(rows, [name for label in labels for name in (f"{label}: x_t", "clean guess")]), out)
-    frames = [image_grid([list(row[k].numpy()) for row in views], [f"{label}, t = {k / K:.2f}" for label in labels])
-              for k in range(K + 1)]
-    frames[0].save(out.with_suffix(".gif"), save_all=True, append_images=frames[1:], loop=0,
-                   duration=[120] * K + [2000])  # the last frame, the sample, held 2 s
-    return out
 
 
 @torch.no_grad()
 def word_maps(pipe: pipeline.Pipeline, prompts, seed: int, steps: int, guidance: float):
     """How much each generated image token draws on each prompt token, through the two attentions on the
-    way, composed as attention rollout does (Abnar & Zuidema, 2020): Next-DiT's cross-attention from image
-    tokens to query states (heads, blocks and Euler steps averaged) times the LM's attention from the
-    queries to the prompt (heads averaged, each layer 0.5 A + 0.5 I for the residual, layers multiplied,
-    the queries' rows renormalised over the prompt). -> (images (P, 3, H, W), generate_grid's first
-    column; per prompt: maps (64, T) whose rows sum to 1, queries (64, T), its T tokens)."""
+    way composed as attention rollout does (Abnar & Zuidema, 2020): the Next-DiT's cross-attention to the
+    query states (heads, blocks, Euler steps averaged) times the LM's attention from the queries to the
+    prompt (heads averaged, each layer 0.5 A + 0.5 I for the residual, renormalised over the prompt) ->
+    (generate_grid's images (P, 3, H, W); per prompt: maps (64, T) whose rows sum to 1, queries (64, T),
+    its T tokens)."""
     g, lm = pipe.generator, pipe.vlm.lm
-    blocks, cross = [block.attn2 for block in g.dit.layers], {}  # cross: batch's first prompt -> (B, N, Q)
+    blocks, cross = [block.attn2 for block in g.dit.layers], [0]  # cross: (P, N, Q) summed over the steps
 
     def record(j, i, t, x, guess):  # guidance's batch: the conditional half first
-        probs = torch.stack([a.probs[:len(x)] for a in blocks]).mean((0, 2))  # (B, N, Q)
-        cross[i] = cross.get(i, 0) + probs.cpu() / steps
+        cross[0] += torch.stack([a.probs[:len(x)] for a in blocks]).mean((0, 2)).cpu() / steps  # (P, N, Q)
 
     for a in blocks:
         a.keep_probs = True
-    images, _ = generate_grid(pipe, prompts, 1, seed, steps, guidance, on_step=record)
+    images, _ = generate_grid(pipe, prompts, 1, seed, steps, guidance, batch=len(prompts), on_step=record)
     for a in blocks:
         a.keep_probs, a.probs = False, None
     ids, lens, _ = blip3o.encode_prompts(pipe.tokenizer, prompts, template=g.template, limit=g.max_prompt)
@@ -203,11 +197,12 @@ def word_maps(pipe: pipeline.Pipeline, prompts, seed: int, steps: int, guidance:
     rollout = torch.eye(layers[0].shape[-1])
     for a in layers:  # (P, H, T + Q, T + Q) each, first layer first
         rollout = (0.5 * a.mean(1).cpu().float() + 0.5 * torch.eye(a.shape[-1])) @ rollout
-    cross, out = torch.cat([cross[i] for i in sorted(cross)]), []  # (P, N, Q)
+    out = []
     for p, n in enumerate(lens.tolist()):
         queries = rollout[p, n:n + g.num_queries, :n]  # (Q, n): the queries follow the prompt
         queries = queries / queries.sum(-1, keepdim=True)
-        out.append((cross[p] @ queries, queries, pipe.tokenizer.convert_ids_to_tokens(ids[p, :n].tolist())))
+        tokens = pipe.tokenizer.convert_ids_to_tokens(ids[p, :n].tolist())
+        out.append((cross[0][p] @ queries, queries, tokens))
     return images[:, 0], out
 
 
@@ -218,23 +213,24 @@ def save_word_maps(images: torch.Tensor, maps, prompts, tokenizer, out) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     words = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]  # the prompt ends so
-    fig, axes = plt.subplots(len(prompts), max(words) + 2, figsize=(1.2 * max(words) + 2.4, 1.6 * len(prompts)),
-                             squeeze=False, subplot_kw=dict(xticks=[], yticks=[]))
+    size = (1.2 * max(words) + 2.4, 1.6 * len(prompts))
+    fig, axes = plt.subplots(len(prompts), max(words) + 2, figsize=size, squeeze=False,
+                             subplot_kw=dict(xticks=[], yticks=[]))
     for ax, image, (m, queries, tokens), k, prompt in zip(axes, images, maps, words, prompts):
-        side, size = int(m.shape[0] ** 0.5), image.shape[-1]
+        side, size = int(len(m) ** 0.5), image.shape[-1]  # the token grid, the picture
         ax[0].imshow(to_pil(image))
         ax[0].set_title(prompt, fontsize=7, loc="left")
-        for w in range(-k, 0):  # the caption's words: the template's come first
-            ax[k + w + 1].imshow(to_pil(image))
-            ax[k + w + 1].imshow(m[:, w].view(side, side).numpy(), cmap="jet", alpha=0.5, extent=(0, size, size, 0))
-            ax[k + w + 1].set_xlabel(f"{tokens[w]} {m[:, w].mean():.2f}", fontsize=7)
+        for a, w in zip(ax[1:], range(-k, 0)):  # the caption's words: the template's come first
+            a.imshow(to_pil(image))
+            a.imshow(m[:, w].view(side, side).numpy(), cmap="jet", alpha=0.5, extent=(0, size, size, 0))
+            a.set_xlabel(f"{tokens[w]} {m[:, w].mean():.2f}", fontsize=7)
         ax[-1].imshow(queries[:, -k:].numpy(), aspect="auto")
         ax[-1].set(ylabel="64 queries", xticks=range(k), xticklabels=tokens[-k:])
         ax[-1].tick_params(axis="x", rotation=90, labelsize=6)
     for a in axes.flat:
         a.axis("on" if a.images else "off")
-    fig.suptitle("Attention rolled out from each image token to each word: where information can flow, "
-                 "not what caused the picture", fontsize=7)
+    fig.suptitle("Attention rolled out from each image token to each word: where information can flow, not "
+                 "what caused the picture", fontsize=7)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -422,7 +418,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = {"official_checkpoint": run_official, "geneval": run_geneval, "image": run_answer,
-             "reconstruct": run_reconstruct, "trajectory": run_trajectory, "words": run_words}
+             "reconstruct": run_reconstruct}
     run = next((fn for mode, fn in modes.items() if getattr(args, mode)), run_text_to_image)
     return run_main(run, args, pipeline.pick_device(args.device))
 
@@ -435,38 +431,27 @@ def check_pixels(pipe: pipeline.Pipeline, run) -> None:
                         f"--out {run})")
 
 
-def prompt_pipeline(args, device) -> pipeline.Pipeline:
-    """The run's text -> image pipeline, refused in one line when it cannot draw args.prompt."""
+def run_text_to_image(args, device):
     pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
     check_pixels(pipe, args.run)
     check_known_words(pipe.tokenizer, args.prompt, args.allow_unknown_words)
     if (args.trajectory or args.words) and (pipe.generator.loss_type, pipe.target) != ("flow", "clip"):
         raise UserError(f"--trajectory and --words look inside CLIP + Flow; {args.variant} is not")
-    return pipe
-
-
-def run_text_to_image(args, device):
-    pipe = prompt_pipeline(args, device)
-    images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
-                              args.batch_size, quiet=False)
-    out = save_png(image_grid([list(row) for row in images], args.prompt), args.out or "out/samples.png")
-    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples ({args.variant}, seed {args.seed}, "
-          f"guidance {args.guidance}, {args.steps} steps) -> {out}")
-
-
-def run_trajectory(args, device):
-    pipe = prompt_pipeline(args, device)
-    views = trajectory(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance, args.batch_size)
-    labels = [f"{p}, seed {args.seed + j}" for p in args.prompt for j in range(args.num_samples)]
-    out = save_trajectory(views.flatten(0, 1), labels, args.out or "out/trajectory.png")
-    print(f"{len(labels)} samples at each of {args.steps} Euler steps -> {out}, {out.with_suffix('.gif')}")
-
-
-def run_words(args, device):
-    pipe = prompt_pipeline(args, device)
-    images, maps = word_maps(pipe, args.prompt, args.seed, args.steps, args.guidance)
-    print(f"word maps of {len(args.prompt)} prompt(s), seed {args.seed} -> "
-          f"{save_word_maps(images, maps, args.prompt, pipe.tokenizer, args.out or 'out/words.png')}")
+    how = f"{args.variant}, seed {args.seed}, guidance {args.guidance}, {args.steps} steps"
+    if args.trajectory:
+        out = Path(args.out or "out/trajectory.png")
+        trajectory(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance, out,
+                   args.batch_size)
+        print(f"{args.num_samples} samples a prompt, each Euler step ({how}) -> {out} and .gif")
+    elif args.words:
+        images, maps = word_maps(pipe, args.prompt, args.seed, args.steps, args.guidance)
+        out = save_word_maps(images, maps, args.prompt, pipe.tokenizer, args.out or "out/words.png")
+        print(f"word maps of {len(args.prompt)} prompt(s) ({how}) -> {out}")
+    else:
+        images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
+                                  args.batch_size, quiet=False)
+        out = save_png(image_grid([list(row) for row in images], args.prompt), args.out or "out/samples.png")
+        print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples ({how}) -> {out}")
 
 
 def run_reconstruct(args, device):
