@@ -631,7 +631,7 @@ def report_markdown(run: Path, record: dict) -> str:
                "![trajectory](trajectory.png)", "", "What each word steers: each image token's attention to "
                "each word, rolled out through the Next-DiT and the LM (`sample.word_maps`), the word's share "
                "of it under its map: where information can flow, not what caused the picture. A shape word's "
-               f"map peaks inside that shape's box in {fmt(w['peak_in_object'])} of {w['words']} cases "
+               f"map peaks inside that shape's box for {fmt(w['peak_in_object'])} of {w['words']} such words "
                f"(seed 0; chance {fmt(w['chance'])}): the toy's generated tokens are scene tokens that each "
                "name every object, so a token's place on the grid need not be a place in the picture.", "",
                "![word maps](words.png)", "",

@@ -152,8 +152,8 @@ def trajectory(pipe: pipeline.Pipeline, prompts, num_samples: int, seed: int, st
     def record(j, i, t, x, g):  # column j, prompts i, i + 1, ...
         x_t[i:i + len(x), j, round(t * steps)], guess[i:i + len(x), j, round(t * steps)] = x.cpu(), g.cpu()
 
-    images, x_t[:, :, -1] = generate_grid(pipe, prompts, S, seed, steps, guidance, batch, on_step=record)
-    guess[:, :, -1] = x_t[:, :, -1]
+    images, tokens = generate_grid(pipe, prompts, S, seed, steps, guidance, batch, on_step=record)
+    x_t[:, :, -1] = guess[:, :, -1] = tokens
     views = [data.to_uint8(pipe.tokens_to_images(z.flatten(0, 2).to(pipe.device))) for z in (x_t, guess)]
     views = torch.stack([*views, evaluation.what_tokens_say(pipe, guess.flatten(0, 2))], 1)
     views = views.unflatten(0, (P, S, steps + 1))
@@ -179,10 +179,11 @@ def word_maps(pipe: pipeline.Pipeline, prompts, seed: int, steps: int, guidance:
     (generate_grid's images (P, 3, H, W); per prompt: maps (64, T) whose rows sum to 1, queries (64, T),
     its T tokens)."""
     g, lm = pipe.generator, pipe.vlm.lm
-    blocks, cross = [block.attn2 for block in g.dit.layers], [0]  # cross: (P, N, Q) summed over the steps
+    blocks, cross = [block.attn2 for block in g.dit.layers], 0  # cross: (P, N, Q), the mean over the steps
 
     def record(j, i, t, x, guess):  # guidance's batch: the conditional half first
-        cross[0] += torch.stack([a.probs[:len(x)] for a in blocks]).mean((0, 2)).cpu() / steps  # (P, N, Q)
+        nonlocal cross
+        cross = cross + torch.stack([a.probs[:len(x)] for a in blocks]).mean((0, 2)).cpu() / steps
 
     for a in blocks:
         a.keep_probs = True
@@ -202,7 +203,7 @@ def word_maps(pipe: pipeline.Pipeline, prompts, seed: int, steps: int, guidance:
         queries = rollout[p, n:n + g.num_queries, :n]  # (Q, n): the queries follow the prompt
         queries = queries / queries.sum(-1, keepdim=True)
         tokens = pipe.tokenizer.convert_ids_to_tokens(ids[p, :n].tolist())
-        out.append((cross[0][p] @ queries, queries, tokens))
+        out.append((cross[p] @ queries, queries, tokens))
     return images[:, 0], out
 
 
@@ -213,8 +214,8 @@ def save_word_maps(images: torch.Tensor, maps, prompts, tokenizer, out) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     words = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]  # the prompt ends so
-    size = (1.2 * max(words) + 2.4, 1.6 * len(prompts))
-    fig, axes = plt.subplots(len(prompts), max(words) + 2, figsize=size, squeeze=False,
+    cols = max(words) + 2  # the picture, the words, the matrix
+    fig, axes = plt.subplots(len(prompts), cols, figsize=(1.2 * cols, 1.6 * len(prompts)), squeeze=False,
                              subplot_kw=dict(xticks=[], yticks=[]))
     for ax, image, (m, queries, tokens), k, prompt in zip(axes, images, maps, words, prompts):
         side, size = int(len(m) ** 0.5), image.shape[-1]  # the token grid, the picture

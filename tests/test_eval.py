@@ -184,7 +184,7 @@ def test_full_report_writes_files_and_caches(tiny_run, tmp_path, monkeypatch, ca
         assert section in report
     for picture in ("trajectory.png", "words.png", "sweep.png", "sweep_plot.png"):
         assert f"]({picture})" in report  # embedded
-    assert "peaks inside that shape's box in" in report
+    assert "peaks inside that shape's box for" in report
     assert "held-out metric" in capsys.readouterr().out  # the compact summary table
 
     def no_evaluation(*a, **k):
