@@ -68,7 +68,7 @@ def eval_diversity(run, variants, prompts, seeds: int, steps: int, guidance: flo
             continue
         sample.check_pixels(pipe, run)
         images, tokens = sample.generate_grid(pipe, prompts, seeds, seed, steps, guidance, batch=len(prompts))
-        emb = evaluation.generated_embeddings(pipe, images.flatten(0, 1)).unflatten(0, images.shape[:2])
+        emb = evaluation.image_embeddings(pipe, images.flatten(0, 1)).unflatten(0, images.shape[:2])
         scale = pipe.generator.target_scale.cpu()
         out["variants"][variant] = {"clip_embedding": mean_pairwise_distance(emb, rms=False),
                                     "tokens": mean_pairwise_distance(tokens / scale),

@@ -815,6 +815,7 @@ class Attention(nn.Module):
         self.norm_k = nn.LayerNorm(num_kv_heads * self.head_dim, eps=1e-5)
         if out_proj:
             self.to_out = nn.ModuleList([nn.Linear(num_heads * self.head_dim, dim, bias=False)])
+        self.keep_probs = False  # True: also keep the attention probabilities in `probs` (for inspection)
 
     def forward(self, x, context, rope, rope_keys: bool) -> torch.Tensor:
         """x (B, N, dim) attends to context (B, L, context_dim); returns the heads (B, H, N, head_dim).
@@ -829,6 +830,9 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first for SDPA
         # Default scale 1/sqrt(head_dim) in both attentions, as the official model.
         gqa = self.num_kv_heads != self.num_heads
+        if self.keep_probs:  # SDPA never returns its softmax(q k^T / sqrt(hd)): computed again, the same
+            keys = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)  # (B, H, L, hd)
+            self.probs = (q @ keys.transpose(-1, -2) / math.sqrt(hd)).softmax(-1)  # (B, H, N, L)
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)  # (B, H, N, hd)
 
 
@@ -1063,9 +1067,11 @@ def guided_velocity(model, x, t, cond, guidance):
 
 @torch.no_grad()
 def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guidance=GUIDANCE, rng=None,
-                 x0=None):
+                 x0=None, on_step=None):
     """Integrate dx/dt = v(x, t) from t = 0 (noise x0) to t = 1 with `steps` Euler steps; returns x1.
-    x0 (B, num_tokens, channels) may be given; else it is drawn with `rng`, on cond's device and dtype."""
+    x0 (B, num_tokens, channels) may be given; else it is drawn with `rng`, on cond's device and dtype.
+    on_step(t, x_t, guess), if given, sees every step before it moves: the state x_t and the model's clean
+    guess x_t + (1 - t) v, where one straight step would land (the last step's guess is x1 itself)."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     if guidance < 0:
@@ -1076,7 +1082,10 @@ def euler_sample(model, cond, num_tokens, channels, *, steps=SAMPLE_STEPS, guida
     x, dt = x0, 1.0 / steps
     for i in range(steps):
         t = torch.full((B,), i * dt, device=x.device, dtype=torch.float32)
-        x = x + dt * guided_velocity(model, x, t, cond, guidance)
+        v = guided_velocity(model, x, t, cond, guidance)
+        if on_step is not None:
+            on_step(i * dt, x, x + (1 - i * dt) * v)
+        x = x + dt * v
     return x
 
 
@@ -1115,9 +1124,10 @@ class Generator(nn.Module):
         self.register_buffer("target_scale", torch.ones(()))
         self.target_dim = target_dim
 
-    def condition(self, lm, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor) -> torch.Tensor:
+    def condition(self, lm, prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, output_attentions=False):
         """Prompt ids (B, T) right-padded, lengths (B,) -> query states (B, 64, D_lm): each prompt followed
-        directly by the 64 queries, the LM's final hidden states (after its last norm) at those positions."""
+        directly by the 64 queries, the LM's final hidden states (after its last norm) at those positions.
+        output_attentions: also the LM's attention, (B, H, T + 64, T + 64) per layer; eager attention only."""
         B, T = prompt_ids.shape
         Q = self.num_queries
         embeds = lm.get_input_embeddings()(prompt_ids)  # (B, T, D)
@@ -1127,9 +1137,10 @@ class Generator(nn.Module):
         index = slots[..., None].expand(B, Q, D)
         queries = self.queries.to(seq.dtype)[None].expand(B, Q, D)
         seq = seq.scatter(1, index, queries)  # (B, T + Q, D), differentiable w.r.t. the queries
-        out = lm.get_decoder()(inputs_embeds=seq, position_ids=text_positions(seq), use_cache=False)
-        hidden = out.last_hidden_state  # (B, T + Q, D), post final norm
-        return hidden.gather(1, index).float()  # (B, Q, D)
+        out = lm.get_decoder()(inputs_embeds=seq, position_ids=text_positions(seq), use_cache=False,
+                               output_attentions=output_attentions)
+        cond = out.last_hidden_state.gather(1, index).float()  # (B, Q, D), post final norm
+        return (cond, out.attentions) if output_attentions else cond
 
     def loss(self, lm, prompt_ids, prompt_lens, target, *, time_sampling: str = "uniform",
              noise_repeats: int = 1, cond_drop: float = 0.1, rng=None):
@@ -1147,19 +1158,21 @@ class Generator(nn.Module):
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
-               rng=None) -> torch.Tensor:
-        """Query states (B, 64, D_lm) -> generated target tokens (B, 64, D_target), unscaled."""
+               rng=None, on_step=None) -> torch.Tensor:
+        """Query states (B, 64, D_lm) -> generated target tokens (B, 64, D_target), unscaled. on_step sees
+        every Euler step as in euler_sample, unscaled too: in the units the decoder reads."""
         if self.loss_type == "mse":
-            x1 = self.mse(cond)
-        else:
-            x1 = euler_sample(self.dit, cond, self.dit.cfg.num_tokens, self.target_dim, steps=steps,
-                              guidance=guidance, rng=rng)
-        return x1 * self.target_scale
+            return self.mse(cond) * self.target_scale
+        scale = self.target_scale
+        unscaled = on_step and (lambda t, x, guess: on_step(t, x * scale, guess * scale))  # None stays None
+        x1 = euler_sample(self.dit, cond, self.dit.cfg.num_tokens, self.target_dim, steps=steps,
+                          guidance=guidance, rng=rng, on_step=unscaled)
+        return x1 * scale
 
 
 @torch.no_grad()
 def generate(generator: Generator, lm, tokenizer, captions, steps: int = SAMPLE_STEPS,
-             guidance: float = GUIDANCE, rng=None) -> torch.Tensor:
+             guidance: float = GUIDANCE, rng=None, on_step=None) -> torch.Tensor:
     """Text -> image features, BLIP3-o's generation up to the pixel decoder: captions -> prompts (the
     paper's template) -> the frozen LM reads each with the 64 queries -> query states -> the Next-DiT
     integrates noise to target tokens in `steps` Euler steps with classifier-free guidance -> (B, 64, D)."""
@@ -1167,7 +1180,7 @@ def generate(generator: Generator, lm, tokenizer, captions, steps: int = SAMPLE_
                                   limit=generator.max_prompt)
     device = generator.queries.device
     cond = generator.condition(lm, ids.to(device), lens.to(device))  # (B, 64, D_lm)
-    return generator.sample(cond, steps, guidance, rng)
+    return generator.sample(cond, steps, guidance, rng, on_step)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,13 +6,12 @@ Every number is deterministic: fixed seeds, greedy decoding, seeded diffusion no
 
     python eval.py clip          # zero-shot color+shape of held-out single objects, retrieval R@1
     python eval.py understand    # exact-match answers per question type, and captions
-    python eval.py clipgen       # text -> CLIP features; does the feature retrieve its own prompt?
     python eval.py recon         # image -> CLIP tokens -> pixels, scored by the GenEval rules
     python eval.py toygeneval    # the toy GenEval prompt set -> RUN/geneval-flow-clip/, scored
     python eval.py geneval DIR   # score any folder in GenEval's layout (e.g. from sample.py --geneval)
+    python eval.py views         # inside the sampler on held-out prompts -> RUN/trajectory.png and .gif,
+                                 # words.png (what each word steers), sweep.png and sweep_plot.png
     python eval.py report        # all of the above -> RUN/REPORT.md, metrics.json, pictures (cached)
-    python eval.py clipgen --variant mse-clip --run out/toy      # an ablation's generator
-    python eval.py clipgen --tags single_object,colors --per-tag 100 --samples 8   # all 33 such prompts
 
 "Held-out" means split "test" of the shapes world: images never drawn in training, and for two-object
 scenes colour compositions ("a red circle and a blue square") and spatial relations that no training
@@ -45,13 +44,12 @@ SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON, SEED_P
 
 # Sizes of full_report's evaluations (geneval_per_tag None: every held-out prompt, 144, x per_prompt).
 REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, geneval_per_tag=None,
-              per_prompt=4, per_position=32, per_seen=16, ablation_per_tag=8, ablation_samples=2,
+              per_prompt=4, per_position=32, per_seen=16, views_per_tag=2, views_samples=2,
               steps=blip3o.SAMPLE_STEPS, guidance=blip3o.GUIDANCE)
 
 # Targets for the default toy run (REPORT.md marks each number against its target).
 TARGETS = {"clip zero-shot (held-out)": 0.95, "understanding exact match": 0.88,
-           "clipgen single_object+colors": 0.85, "reconstruction (GenEval rules)": 0.90,
-           "toy GenEval overall": 0.50}
+           "reconstruction (GenEval rules)": 0.90, "toy GenEval overall": 0.50}
 SCENE_SIZES = ("1 object", "2 objects", "3-4 objects")  # how eval_understand splits its answers
 
 
@@ -72,10 +70,11 @@ def fmt(x) -> str:
 # --- 1. CLIP: zero-shot classification and retrieval ----------------------------------------------
 
 @torch.no_grad()
-def image_embeddings(pipe, images_u8: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> unit-norm CLIP image embeddings (N, E)."""
-    return torch.cat([pipe.clip.encode_image(data.as_float(images_u8[i:i + batch]).to(pipe.device)).cpu()
-                      for i in range(0, len(images_u8), batch)])
+def image_embeddings(pipe, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """Images (N, 3, H, W), uint8 or float in [0, 1] (decoded) -> unit-norm CLIP image embeddings (N, E)."""
+    images = data.as_float(images) if images.dtype == torch.uint8 else images
+    return torch.cat([pipe.clip.encode_image(images[i:i + batch].to(pipe.device)).cpu()
+                      for i in range(0, len(images), batch)])
 
 
 @torch.no_grad()
@@ -253,14 +252,7 @@ def eval_understand(pipe, n: int = 1000, n_captions: int = 200, show: int = 6, n
             "caption_exact": sum(cap_hits) / n_captions, "captions": n_captions, "examples": examples}
 
 
-# --- 3. Generation scored in CLIP space -----------------------------------------------------------
-
-@torch.no_grad()
-def generated_embeddings(pipe, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Generated images (N, 3, H, W), decoded from any design's targets -> CLIP image embeddings (N, E)."""
-    return torch.cat([pipe.clip.encode_image(images[i:i + batch].to(pipe.device)).cpu()
-                      for i in range(0, len(images), batch)])
-
+# --- 3. Generated samples: what their tokens say, GenEval's rules, CLIP space (the design study) -----
 
 @torch.no_grad()
 def what_tokens_say(pipe, tokens: torch.Tensor) -> torch.Tensor:
@@ -327,12 +319,18 @@ def project_scorer(record: dict, img: np.ndarray) -> bool:
     return data.score_record(record, data.detect_objects(img))[0]
 
 
-def score_images(records, images_u8: torch.Tensor, scorer=project_scorer) -> dict:
-    """uint8 images (P, S, H, W, 3), S per record, scored by the GenEval rules -> per tag and overall."""
-    hits = {}
-    for record, row in zip(records, images_u8):
-        hits.setdefault(record["tag"], []).extend(scorer(record, img.numpy()) for img in row)
-    per_tag = {tag: sum(h) / len(h) for tag, h in hits.items()}
+def image_hits(records, images_u8: torch.Tensor, scorer=project_scorer) -> list[list[bool]]:
+    """uint8 images (P, S, H, W, 3), S per record -> right or wrong by the GenEval rules (the project's
+    detector, or `scorer`), P lists of S."""
+    return [[scorer(r, img.numpy()) for img in row] for r, row in zip(records, images_u8)]
+
+
+def score_images(records, hits) -> dict:
+    """image_hits of the records' samples -> accuracy per tag and overall (the mean of the tags)."""
+    per = {}
+    for record, row in zip(records, hits):
+        per.setdefault(record["tag"], []).extend(row)
+    per_tag = {tag: sum(h) / len(h) for tag, h in per.items()}
     return {"per_tag": per_tag, "overall": sum(per_tag.values()) / len(per_tag)}
 
 
@@ -340,7 +338,7 @@ def clipgen_scores(pipe, records, images: torch.Tensor) -> dict:
     """Top-1 retrieval of each record's prompt among its tag's prompts by its samples, images (P, S, 3, H, W)
     (a prompt that means the same counts) -> accuracy per tag, single_object+colors pooled, overall."""
     P, S = images.shape[:2]
-    emb = generated_embeddings(pipe, images.flatten(0, 1)).unflatten(0, (P, S))  # (P, S, E)
+    emb = image_embeddings(pipe, images.flatten(0, 1)).unflatten(0, (P, S))  # (P, S, E)
     hits = {}
     for tag in dict.fromkeys(r["tag"] for r in records):
         cands = tag_records(tag)
@@ -353,14 +351,6 @@ def clipgen_scores(pipe, records, images: torch.Tensor) -> dict:
     pooled = hits.get("single_object", []) + hits.get("colors", [])
     return {"per_tag": per_tag, "single_object+colors": sum(pooled) / len(pooled) if pooled else None,
             "overall": sum(per_tag.values()) / len(per_tag), "prompts": P, "samples_per_prompt": S}
-
-
-def eval_clipgen(pipe, n_per_tag: int, samples: int, steps: int, guidance: float, seed: int = 0,
-                 tags=None) -> dict:
-    """Held-out prompts (n_per_tag per tag of `tags`) -> `samples` generated targets each -> scores."""
-    records = [r for r in data.geneval_prompts("test", n_per_tag) if tags is None or r["tag"] in tags]
-    images, _ = sample.generate_grid(pipe, [r["prompt"] for r in records], samples, seed, steps, guidance)
-    return clipgen_scores(pipe, records, images)  # images (P, S, 3, H, W)
 
 
 # --- 4. GenEval: scoring folders, reconstructions, the toy prompt set -----------------------------
@@ -448,24 +438,112 @@ def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | N
     data.write_geneval_folder(str(outdir), records, [list(x) for x in images])
     scores = eval_geneval(outdir)
     scores["folder"] = str(outdir)
-    scores["second_opinion"] = score_images(records, [data.to_uint8(x) for x in images], second_opinion)
+    scores["second_opinion"] = score_images(
+        records, image_hits(records, [data.to_uint8(x) for x in images], second_opinion))
     said = pipe.target == "clip" and pipe.clip.scene is not None  # drawn from what the tokens say
     if said:
-        scores["tokens_say"] = score_images(records, [what_tokens_say(pipe, t) for t in tokens])
+        scores["tokens_say"] = score_images(records, image_hits(records, [what_tokens_say(pipe, t)
+                                                                          for t in tokens]))
     seen = [r for r in data.geneval_prompts("train", None) if r["tag"] == "position"]
     if per_seen and (tags is None or "position" in tags):
         img, tok = sample.generate_grid(pipe, [r["prompt"] for r in seen], per_seen, seed + per_position,
                                         steps, guidance, quiet=quiet)
-        scores["position_seen"] = {"decoded": score_images(seen, data.to_uint8(img))["overall"],
-                                   "prompts": len(seen), "images": len(seen) * per_seen}
+        decoded = score_images(seen, image_hits(seen, data.to_uint8(img)))["overall"]
+        scores["position_seen"] = {"decoded": decoded, "prompts": len(seen), "images": len(seen) * per_seen}
         if said:
             scores["position_seen"]["tokens_say"] = score_images(
-                seen, [what_tokens_say(pipe, t) for t in tok])["overall"]
+                seen, image_hits(seen, [what_tokens_say(pipe, t) for t in tok]))["overall"]
     return (scores, records, torch.stack([x[:per_prompt] for x in images]),
             torch.stack([x[:per_prompt] for x in tokens]))
 
 
-# --- 5. The report: every evaluation, pictures, loss curves, cached by checkpoint fingerprint -----
+# --- 5. Inside the sampler: its trajectory, what each word steers, guidance and steps swept -------
+
+SWEEP_GUIDANCE, SWEEP_STEPS = (1.0, 1.5, 2.0, 3.0, 5.0, 8.0), (5, 10, 20, 30, 50)  # the paper's among them
+VIEW_TAGS = ("two_object", "position", "color_attr")  # views() shows the first held-out prompt of each
+
+
+def sweep(pipe, records, samples: int) -> tuple[dict, list]:
+    """The same prompts and seeds (0 .. samples - 1) at each guidance (REPORT's steps) and each number of
+    steps (REPORT's guidance), scored as toygeneval scores -> ({"guidance": [[g, decoded, tokens say], ...],
+    "steps": [[n, ...], ...]}, per guidance: uint8 images (P, S, H, W, 3) and image_hits)."""
+    scores, done, prompts = {"guidance": [], "steps": []}, {}, [r["prompt"] for r in records]
+    for axis, x, steps, guidance in ([("guidance", g, REPORT["steps"], g) for g in SWEEP_GUIDANCE]
+                                     + [("steps", n, n, REPORT["guidance"]) for n in SWEEP_STEPS]):
+        if (steps, guidance) not in done:  # the paper's setting lies on both axes: sampled once
+            images, tokens = sample.generate_grid(pipe, prompts, samples, 0, steps, guidance)
+            said = what_tokens_say(pipe, tokens.flatten(0, 1)).unflatten(0, tokens.shape[:2])
+            images = data.to_uint8(images)  # (P, S, H, W, 3)
+            done[steps, guidance] = images, image_hits(records, images), image_hits(records, said)
+        scores[axis].append([x, *(score_images(records, h)["overall"] for h in done[steps, guidance][1:])])
+    return scores, [done[REPORT["steps"], g][:2] for g in SWEEP_GUIDANCE]
+
+
+def word_peaks(images: torch.Tensor, maps) -> dict:
+    """How often a shape word's map (sample.word_maps) peaks on a patch whose centre lies in a box that the
+    detector finds for that shape (shapes not drawn are left out); chance: the share of such patches."""
+    hits, chance = [], []
+    for image, (m, _, tokens) in zip(images, maps):
+        found, cell = data.detect_objects(data.to_uint8(image).numpy()), image.shape[-1] // int(len(m) ** 0.5)
+        for w, token in enumerate(tokens):
+            inside = np.zeros(image.shape[-2:], bool)
+            for x0, y0, x1, y1 in [o["box"] for o in found if token in (o["class"], data.plural(o["class"]))]:
+                inside[y0:y1, x0:x1] = True
+            inside = inside[cell // 2::cell, cell // 2::cell].flatten()  # (64,): each patch's centre pixel
+            if inside.any():
+                hits, chance = hits + [inside[m[:, w].argmax()]], chance + [inside.mean()]
+    return {"peak_in_object": float(np.mean(hits)) if hits else None, "words": len(hits),
+            "chance": float(np.mean(chance)) if hits else None}
+
+
+def framed(image: np.ndarray, ok: bool) -> np.ndarray:
+    """A uint8 (H, W, 3) picture in a 2-pixel frame: green when the toy scorer calls it right, red if not."""
+    out = np.full((image.shape[0] + 4, image.shape[1] + 4, 3), (0, 170, 0) if ok else (220, 0, 0), np.uint8)
+    out[2:-2, 2:-2] = image
+    return out
+
+
+def plot_sweep(scores: dict, out) -> None:
+    """Toy GenEval against guidance and against Euler steps, side by side, the paper's setting marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(7, 2.6), sharey=True)
+    for ax, axis, paper, label in zip(axes, ("guidance", "steps"), (blip3o.GUIDANCE, blip3o.SAMPLE_STEPS), (
+            f"guidance ({REPORT['steps']} Euler steps)", f"Euler steps (guidance {REPORT['guidance']:g})")):
+        x, decoded, said = zip(*scores[axis])
+        ax.plot(x, decoded, "o-", label="decoded pictures")
+        ax.plot(x, said, "s--", label="what their tokens say")
+        ax.axvline(paper, color="0.5", ls=":", label="the paper's setting")
+        ax.set(xscale="log", xticks=x, xticklabels=[f"{v:g}" for v in x], xlabel=label, ylabel="toy GenEval")
+        ax.minorticks_off()
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def views(pipe, outdir, per_tag: int, samples: int) -> dict:
+    """The sampler seen from inside on `per_tag` held-out prompts of each tag -> OUTDIR/trajectory.png and
+    .gif, words.png, sweep.png (the guidance sweep, each picture framed right or wrong), sweep_plot.png;
+    returns the word maps' peak rate (seed 0) and the sweeps (seeds 0 .. samples - 1, as the trajectory)."""
+    outdir, records = Path(outdir), data.geneval_prompts("test", per_tag)
+    prompts = [r["prompt"] for r in records]
+    shown = [next(i for i, r in enumerate(records) if r["tag"] == tag) for tag in VIEW_TAGS]
+    labels, seeds = [f"{prompts[i]}, seed {j}" for i in shown for j in range(samples)], range(samples)
+    sample.trajectory(pipe, [prompts[i] for i in shown[1:]], samples, 0, REPORT["steps"], REPORT["guidance"],
+                      outdir / "trajectory.png")
+    images, maps = sample.word_maps(pipe, prompts, 0, REPORT["steps"], REPORT["guidance"])
+    sample.save_word_maps(images[shown], [maps[i] for i in shown], [prompts[i] for i in shown],
+                          pipe.tokenizer, outdir / "words.png")
+    scores, swept = sweep(pipe, records, samples)
+    rows = [[framed(im[i, j].numpy(), hits[i][j]) for im, hits in swept] for i in shown for j in seeds]
+    sample.save_png(sample.image_grid(rows, labels), outdir / "sweep.png")
+    plot_sweep(scores, outdir / "sweep_plot.png")
+    return {"words": word_peaks(images, maps), "sweep": scores, "prompts": len(records), "samples": samples}
+
+
+# --- 6. The report: every evaluation, pictures, loss curves, cached by checkpoint fingerprint -----
 
 def checkpoints(run) -> dict:
     """{stage name: (checkpoint folder, its meta.json's "state")} of every stage trained in the run, in
@@ -535,7 +613,7 @@ def plot_losses(run) -> list[str]:
 
 
 def evaluate_all(run, device) -> dict:
-    """Every evaluation of full_report, sharing work: the toy GenEval samples are clipgen's too."""
+    """Every evaluation of full_report, each timed."""
     t, metrics = {}, {"variant": "flow-clip"}
     pipe = pipeline.load_run(run, device=device)
     start = time.time()
@@ -558,28 +636,15 @@ def evaluate_all(run, device) -> dict:
             pipe, run, "flow-clip", REPORT["per_prompt"], REPORT["geneval_per_tag"], REPORT["steps"],
             REPORT["guidance"], quiet=True, per_position=REPORT["per_position"], per_seen=REPORT["per_seen"])
         metrics["toygeneval"] = geneval
-        metrics["clipgen"] = {"flow-clip": clipgen_scores(pipe, records, images)}
-        picked, want = [], {"single_object": 1, "two_object": 1, "counting": 1, "colors": 2, "position": 1,
-                            "color_attr": 2}  # samples.png: the first 1-2 held-out prompts of every tag
-        for i, r in enumerate(records):
-            if want.get(r["tag"], 0) > 0:
-                picked.append(i)
-                want[r["tag"]] -= 1
+        rows = dict(single_object=1, two_object=1, counting=1, colors=2, position=1, color_attr=2)
+        picked = [i for tag, n in rows.items()  # samples.png: the first 1-2 held-out prompts of every tag
+                  for i in [j for j, r in enumerate(records) if r["tag"] == tag][:n]]
         sample.save_png(sample.image_grid([list(images[i]) for i in picked],
                                           [records[i]["prompt"] for i in picked]), Path(run) / "samples.png")
-        t["toygeneval+clipgen"] = time.time() - start
-    # The ablations' generators, when trained: CLIP-space scores on a smaller prompt set.
-    for variant in [n.removeprefix("generate/") for n in checkpoints(run) if n.startswith("generate/")]:
-        if variant == "flow-clip":
-            continue
+        t["toygeneval"] = time.time() - start
         start = time.time()
-        ablation = pipeline.load_run(run, variant, device, need=("clip", "understand", "generate"))
-        if ablation.target == "vae" and ablation.vae is None:
-            continue
-        metrics.setdefault("clipgen", {})[variant] = eval_clipgen(
-            ablation, REPORT["ablation_per_tag"], REPORT["ablation_samples"], REPORT["steps"],
-            REPORT["guidance"])
-        t[f"clipgen {variant}"] = time.time() - start
+        metrics["views"] = views(pipe, run, REPORT["views_per_tag"], REPORT["views_samples"])
+        t["views"] = time.time() - start
     metrics["eval_seconds"] = t
     return metrics
 
@@ -597,7 +662,8 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
         old = json.loads((run / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
         old = {}
-    pictures = [run / "samples.png", run / "reconstructions.png"]
+    pictures = [run / name for name in ("samples.png", "reconstructions.png", "trajectory.png",
+                                        "trajectory.gif", "words.png", "sweep.png", "sweep_plot.png")]
     cached = (not force and old.get("fingerprint") == fp
               and all(p.is_file() for p in pictures if p.name in old.get("pictures", [])))
     metrics = old["metrics"] if cached else rounded(evaluate_all(run, device))
@@ -620,10 +686,8 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
 
 def headline(metrics: dict) -> dict:
     """The numbers that have targets, by the names used in TARGETS."""
-    generated = metrics.get("clipgen", {}).get("flow-clip", {})
     out = {"clip zero-shot (held-out)": metrics.get("clip", {}).get("zero_shot"),
            "understanding exact match": metrics.get("understand", {}).get("overall"),
-           "clipgen single_object+colors": generated.get("single_object+colors"),
            "reconstruction (GenEval rules)": metrics.get("recon", {}).get("recon"),
            "toy GenEval overall": metrics.get("toygeneval", {}).get("overall")}
     return {name: value for name, value in out.items() if value is not None}
@@ -693,14 +757,21 @@ def report_markdown(run: Path, record: dict) -> str:
                "Neither is in the other's number; the overall is the mean of the six held-out tags."]
     if "samples.png" in record["pictures"]:
         md += ["", "Samples (4 seeds per held-out prompt):", "", "![samples](samples.png)"]
-    if scores := m.get("clipgen"):
-        md += ["", "## Generated samples, scored in CLIP space", "",
-               "Top-1 retrieval of the right prompt among all prompts of its tag (both splits), by the "
-               "toy CLIP embedding of each decoded sample. Ablations appear when trained.", ""]
-        tags = list(dict.fromkeys(t for v in scores.values() for t in v["per_tag"]))
-        md += md_table(["tag", *scores], [[t, *(fmt(v["per_tag"].get(t, v.get(t))) for v in scores.values())]
-                                          for t in tags + ["single_object+colors", "overall"]])
-
+    if v := m.get("views"):
+        w, g = v["words"], ", ".join(f"{x:g}" for x, *_ in v["sweep"]["guidance"])
+        md += ["", "## Inside the sampler", "",
+               f"{v['prompts']} held-out prompts, seeds 0-{v['samples'] - 1}. The trajectory: 8 of the Euler "
+               "steps from t = 0 (noise) to 1, each sample's states x_t above its clean guesses "
+               "x_t + (1 - t) v ([every step](trajectory.gif), with what the guess's tokens say).", "",
+               "![trajectory](trajectory.png)", "", "What each word steers: each image token's attention to "
+               "each word, rolled out through the Next-DiT and the LM (`sample.word_maps`), the word's share "
+               "of it under its map: where information can flow, not what caused the picture. A shape word's "
+               f"map peaks inside that shape's box for {fmt(w['peak_in_object'])} of {w['words']} such words "
+               f"(seed 0; chance {fmt(w['chance'])}): the toy's generated tokens are scene tokens that each "
+               "name every object, so a token's place on the grid need not be a place in the picture.", "",
+               "![word maps](words.png)", "",
+               f"The guidance sweep (columns: {g}; green: right by the toy scorer), and toy GenEval against "
+               "guidance and Euler steps:", "", "![sweep](sweep.png)", "", "![sweeps](sweep_plot.png)"]
     if u := m.get("understand"):
         md += ["", "## Understanding (stage 1): exact match, greedy", ""]
         md += md_table(["question type", "questions", "accuracy"],
@@ -748,8 +819,7 @@ def report_markdown(run: Path, record: dict) -> str:
            f"python eval.py report --run {run}            # this report",
            f"python eval.py clip --run {run}",
            f"python eval.py understand --run {run}",
-           f"python eval.py clipgen --run {run} --variant flow-clip --steps {blip3o.SAMPLE_STEPS} "
-           f"--guidance {blip3o.GUIDANCE}",
+           f"python eval.py views --run {run}",
            f"python eval.py recon --run {run} --n 200",
            f"python eval.py toygeneval --run {run} --variant flow-clip --per-prompt 4",
            f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
@@ -771,26 +841,21 @@ def parse_args(argv=None):
     c = command("understand", "exact-match question answering and captioning")
     c.add_argument("--n", type=int, default=1000, help="questions")
     c.add_argument("--captions", type=int, default=200, help="images to caption")
-    for name, help in (("clipgen", "generated CLIP features scored by prompt retrieval"),
-                       ("toygeneval", "the toy GenEval prompt set, generated and scored")):
-        c = command(name, help)
-        c.add_argument("--variant", default="flow-clip", help="flow-clip, mse-clip or flow-vae")
-        add_sampling_options(c)
-        c.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
-        c.add_argument("--tags", default=",".join(data.TAGS),
-                       help="comma-separated GenEval tags to score (default: all six)")
-        if name == "clipgen":
-            c.add_argument("--per-tag", type=int, default=8, help="held-out prompts per GenEval tag, at most "
-                           "(e.g. --tags single_object,colors --per-tag 100: all of them)")
-            c.add_argument("--samples", type=int, default=4, help="samples per prompt")
-        else:
-            c.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
-            c.add_argument("--per-tag", type=int, default=None,
-                           help="held-out prompts per tag (at most; default: every held-out prompt, 144)")
-            c.add_argument("--per-position", type=int, default=REPORT["per_position"],
-                           help="images per held-out position prompt (at least --per-prompt)")
-            c.add_argument("--per-seen", type=int, default=REPORT["per_seen"], help="images per position "
-                           "prompt of arrangements training pictured (0: skip that line)")
+    c = command("toygeneval", "the toy GenEval prompt set, generated and scored")
+    c.add_argument("--variant", default="flow-clip", help="flow-clip, mse-clip or flow-vae")
+    add_sampling_options(c)
+    c.add_argument("--seed", type=int, default=0, help="sample j uses seed + j")
+    c.add_argument("--tags", default=",".join(data.TAGS), help="comma-separated GenEval tags (default: all)")
+    c.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
+    c.add_argument("--per-tag", type=int, default=None,
+                   help="held-out prompts per tag (at most; default: every held-out prompt, 144)")
+    c.add_argument("--per-position", type=int, default=REPORT["per_position"],
+                   help="images per held-out position prompt (at least --per-prompt)")
+    c.add_argument("--per-seen", type=int, default=REPORT["per_seen"],
+                   help="images per position prompt of arrangements training pictured (0: skip that line)")
+    c = command("views", "inside the sampler: trajectory, word maps, guidance and steps swept")
+    c.add_argument("--per-tag", type=int, default=REPORT["views_per_tag"], help="held-out prompts per tag")
+    c.add_argument("--samples", type=int, default=REPORT["views_samples"], help="seeds of the sweep")
     c = command("recon", "reconstructions of held-out images scored by the GenEval rules")
     c.add_argument("--n", type=int, default=200, help="images")
     c = command("report", "every evaluation -> RUN/REPORT.md, metrics.json and pictures")
@@ -801,7 +866,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_numbers(p, args, at_least_one=("n", "captions", "steps", "per_tag", "samples", "per_prompt"),
                   non_negative=("guidance",))
-    if args.command in ("clipgen", "toygeneval"):
+    if args.command == "toygeneval":
         args.tags = comma_list(p, "--tags", args.tags, data.TAGS)
     return args
 
@@ -854,17 +919,13 @@ def run_command(args) -> dict:
         rows += [["all", m["recon"], m.get("tokens_say", "-")],
                  ["(originals, detector ceiling)", m["originals"], ""]]
         print(format_table(["tag", "decoded", "tokens say"], rows))
-    elif args.command == "clipgen":
-        if pipe.target == "vae":
-            sample.check_pixels(pipe, args.run)
-        m = eval_clipgen(pipe, args.per_tag, args.samples, args.steps, args.guidance, args.seed, args.tags)
-        print(f"Generated features ({variant}): top-1 retrieval of the right prompt among its tag's prompts "
-              f"({m['prompts']} held-out prompts x {m['samples_per_prompt']} samples)")
-        rows = [[tag, len(tag_records(tag)), acc] for tag, acc in m["per_tag"].items()]
-        if m["single_object+colors"] is not None:
-            rows.append(["single_object+colors", "", m["single_object+colors"]])
-        rows.append(["overall (mean of tags)", "", m["overall"]])
-        print(format_table(["tag", "candidates", "top-1"], rows))
+    elif args.command == "views":
+        sample.check_pixels(pipe, args.run)
+        m = views(pipe, args.run, args.per_tag, args.samples)
+        rows = [[axis, *r] for axis, results in m["sweep"].items() for r in results]
+        print(format_table(["sweep", "setting", "decoded", "tokens say"], rows))
+        print(f"a shape word's map peaks in its object {fmt(m['words']['peak_in_object'])} (chance "
+              f"{fmt(m['words']['chance'])}); {args.run}/trajectory.png, .gif, words.png, sweep*.png")
     else:  # toygeneval
         m, *_ = eval_toygeneval(pipe, args.run, variant, args.per_prompt, args.per_tag, args.steps,
                                 args.guidance, args.seed, tags=args.tags, per_position=args.per_position,
@@ -878,7 +939,7 @@ def run_command(args) -> dict:
         if said := m.get("tokens_say"):
             print(f"The same samples drawn exactly from what their tokens say: {fmt(said['overall'])} ("
                   + ", ".join(f"{t} {fmt(a)}" for t, a in said["per_tag"].items()) + ")")
-    return {"variant": variant, **m} if args.command in ("clipgen", "toygeneval") else m
+    return {"variant": variant, **m} if args.command == "toygeneval" else m
 
 
 if __name__ == "__main__":

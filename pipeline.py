@@ -445,11 +445,12 @@ class Pipeline:
         return [decode_ids(self.tokenizer, o) for o in outs]
 
     def generate_tokens(self, captions, steps: int = SAMPLE_STEPS, guidance: float = GUIDANCE,
-                        rng=None) -> torch.Tensor:
-        """Captions -> generated target tokens (B, 64, D): scene tokens (or VAE latents)."""
+                        rng=None, on_step=None) -> torch.Tensor:
+        """Captions -> generated target tokens (B, 64, D): scene tokens (or VAE latents). on_step(t, x_t,
+        guess) sees every Euler step (blip3o.euler_sample)."""
         if self.generator is None or self.vlm is None:
             raise CheckpointError("this run has no generation checkpoint (RUN/generate/...)")
-        return generate(self.generator, self.vlm.lm, self.tokenizer, captions, steps, guidance, rng)
+        return generate(self.generator, self.vlm.lm, self.tokenizer, captions, steps, guidance, rng, on_step)
 
     def check_prompts(self, captions) -> None:
         """Refuse empty or over-long prompts (ValueError) before any sampling starts."""

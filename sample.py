@@ -6,6 +6,9 @@ Every model is rebuilt from the checkpoints in --run (default out/toy, what `pyt
         -> out/samples.png: one row per prompt, 4 samples each, the prompt written beside its row
     python sample.py --prompt "a photo of a blue triangle" --num-samples 8 --seed 1 --guidance 2.0 --steps 40
     python sample.py --prompt "a photo of a red circle" --variant mse-clip      # the CLIP + MSE ablation
+    python sample.py --prompt "a photo of a red circle" --trajectory   # -> out/trajectory.png: 8 Euler steps
+        of each sample, x_t over its clean guess; out/trajectory.gif: every step, and what its tokens say
+    python sample.py --prompt "a photo of a red circle left of a blue square" --words    # -> out/words.png
     python sample.py --reconstruct img.png        # image -> 64 CLIP tokens -> pixel decoder, side by side
     python sample.py --image img.png --question "what color is the circle?"
     python sample.py --image img.png --caption --temperature 0.7 --seed 3      # sampled, not greedy
@@ -25,6 +28,7 @@ own diffusion decoder (DIR/diffusion-decoder/, Emu2-Gen's SDXL UNet; needs diffu
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -104,10 +108,11 @@ def check_known_words(tokenizer, texts, allow: bool) -> None:
 
 
 def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int, seed: int, steps: int, guidance: float,
-                  batch: int = 64, quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch: int = 64, quiet: bool = True, on_step=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts -> (images (P, S, 3, H, W) in [0, 1], generated tokens (P, S, 64, D)). Column j draws all its
     noise from a generator seeded with seed + j, prompts batched `batch` at a time: reproducible for the same
-    prompts, seed and batch."""
+    prompts, seed and batch. on_step(j, i, t, x_t, guess) sees column j's every Euler step of the prompts
+    from i on (blip3o.euler_sample)."""
     if not prompts:
         raise UserError("no prompts to generate")
     if pipe.generator is not None:  # refuse empty or over-long prompts before any progress bar is drawn
@@ -122,13 +127,116 @@ def generate_grid(pipe: pipeline.Pipeline, prompts, num_samples: int, seed: int,
             rng = torch.Generator(pipe.device).manual_seed(seed + j)
             images, tokens = [], []
             for i in range(0, len(prompts), batch):
-                tok = pipe.generate_tokens(prompts[i:i + batch], steps=steps, guidance=guidance, rng=rng)
+                tok = pipe.generate_tokens(prompts[i:i + batch], steps=steps, guidance=guidance, rng=rng,
+                                           on_step=on_step and functools.partial(on_step, j, i))
                 images.append(pipe.tokens_to_images(tok).cpu())
                 tokens.append(tok.cpu())
                 bar.update(len(prompts[i:i + batch]))
             image_cols.append(torch.cat(images))  # (P, 3, H, W)
             token_cols.append(torch.cat(tokens))  # (P, 64, D)
     return torch.stack(image_cols, 1), torch.stack(token_cols, 1)  # (P, S, 3, H, W), (P, S, 64, D)
+
+
+# ---- inside the sampler: every Euler step, and what each prompt word steers ----------------------------
+
+def trajectory(pipe: pipeline.Pipeline, prompts, num_samples: int, seed: int, steps: int, guidance: float,
+               out=None, batch: int = 64) -> torch.Tensor:
+    """generate_grid's samples and every Euler step on the way, recorded by the sampler (on_step) -> uint8
+    views (P, S, steps + 1, 3, H, W, 3) at t = 0, 1/steps, ..., 1: x_t, the clean guess x_t + (1 - t) v and
+    what the guess's tokens say, decoded. `out`: OUT.png, 8 steps, x_t above the clean guess; OUT.gif, every
+    step's three views."""
+    import eval as evaluation  # what_tokens_say; eval.py imports this file, so not at the top
+    P, S, N, D = len(prompts), num_samples, pipe.generator.dit.cfg.num_tokens, pipe.generator.target_dim
+    x_t, guess = torch.zeros(2, P, S, steps + 1, N, D)  # every step's tokens; t = 1: the samples
+
+    def record(j, i, t, x, g):  # column j, prompts i, i + 1, ...
+        x_t[i:i + len(x), j, round(t * steps)], guess[i:i + len(x), j, round(t * steps)] = x.cpu(), g.cpu()
+
+    images, tokens = generate_grid(pipe, prompts, S, seed, steps, guidance, batch, on_step=record)
+    x_t[:, :, -1] = guess[:, :, -1] = tokens
+    views = [data.to_uint8(pipe.tokens_to_images(z.flatten(0, 2).to(pipe.device))) for z in (x_t, guess)]
+    views = torch.stack([*views, evaluation.what_tokens_say(pipe, guess.flatten(0, 2))], 1)
+    views = views.unflatten(0, (P, S, steps + 1))
+    views[:, :, -1, :2] = data.to_uint8(images)[:, :, None]  # the samples as generate_grid decoded them
+    if out is not None:
+        rows, labels = views.flatten(0, 1), [f"{p}, seed {seed + j}" for p in prompts for j in range(S)]
+        picks = torch.linspace(0, steps, min(8, steps + 1)).round().long()
+        save_png(image_grid([list(row[picks, v].numpy()) for row in rows for v in (0, 1)],
+                            [name for label in labels for name in (f"{label}: x_t", "clean guess")]), out)
+        frames = [image_grid([list(row[k].numpy()) for row in rows], [f"{x}, t = {k / steps:.2f}" for x in
+                                                                       labels]) for k in range(steps + 1)]
+        frames[0].save(Path(out).with_suffix(".gif"), save_all=True, append_images=frames[1:], loop=0,
+                       duration=[120] * steps + [2000])  # the sample, last, held 2 s
+    return views
+
+
+@torch.no_grad()
+def word_maps(pipe: pipeline.Pipeline, prompts, seed: int, steps: int, guidance: float):
+    """How much each generated image token draws on each prompt token, through the two attentions on the
+    way composed as attention rollout does (Abnar & Zuidema, 2020): the Next-DiT's cross-attention to the
+    query states (heads, blocks, Euler steps averaged) times the LM's attention from the queries to the
+    prompt (heads averaged, each layer 0.5 A + 0.5 I for the residual, renormalised over the prompt) ->
+    (generate_grid's images (P, 3, H, W); per prompt: maps (64, T) whose rows sum to 1, queries (64, T),
+    its T tokens)."""
+    g, lm = pipe.generator, pipe.vlm.lm
+    blocks, cross = [block.attn2 for block in g.dit.layers], 0  # cross: (P, N, Q), the mean over the steps
+
+    def record(j, i, t, x, guess):  # guidance's batch: the conditional half first
+        nonlocal cross
+        cross = cross + torch.stack([a.probs[:len(x)] for a in blocks]).mean((0, 2)).cpu() / steps
+
+    for a in blocks:
+        a.keep_probs = True
+    images, _ = generate_grid(pipe, prompts, 1, seed, steps, guidance, batch=len(prompts), on_step=record)
+    for a in blocks:
+        a.keep_probs, a.probs = False, None
+    ids, lens, _ = blip3o.encode_prompts(pipe.tokenizer, prompts, template=g.template, limit=g.max_prompt)
+    attn = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")  # SDPA, the training path, returns no probabilities
+    _, layers = g.condition(lm, ids.to(pipe.device), lens.to(pipe.device), output_attentions=True)
+    lm.set_attn_implementation(attn)
+    rollout = torch.eye(layers[0].shape[-1])
+    for a in layers:  # (P, H, T + Q, T + Q) each, first layer first
+        rollout = (0.5 * a.mean(1).cpu().float() + 0.5 * torch.eye(a.shape[-1])) @ rollout
+    out = []
+    for p, n in enumerate(lens.tolist()):
+        queries = rollout[p, n:n + g.num_queries, :n]  # (Q, n): the queries follow the prompt
+        queries = queries / queries.sum(-1, keepdim=True)
+        tokens = pipe.tokenizer.convert_ids_to_tokens(ids[p, :n].tolist())
+        out.append((cross[p] @ queries, queries, tokens))
+    return images[:, 0], out
+
+
+def save_word_maps(images: torch.Tensor, maps, prompts, tokenizer, out) -> Path:
+    """A row per prompt: its picture; each caption word's map over it, scaled to its own peak as
+    prompt-to-prompt draws them, the word and its share of the weight under it; the queries x words matrix."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    words = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]  # the prompt ends so
+    cols = max(words) + 2  # the picture, the words, the matrix
+    fig, axes = plt.subplots(len(prompts), cols, figsize=(1.2 * cols, 1.6 * len(prompts)), squeeze=False,
+                             subplot_kw=dict(xticks=[], yticks=[]))
+    for ax, image, (m, queries, tokens), k, prompt in zip(axes, images, maps, words, prompts):
+        side, size = int(len(m) ** 0.5), image.shape[-1]  # the token grid, the picture
+        ax[0].imshow(to_pil(image))
+        ax[0].set_title(prompt, fontsize=7, loc="left")
+        for a, w in zip(ax[1:], range(-k, 0)):  # the caption's words: the template's come first
+            a.imshow(to_pil(image))
+            a.imshow(m[:, w].view(side, side).numpy(), cmap="jet", alpha=0.5, extent=(0, size, size, 0))
+            a.set_xlabel(f"{tokens[w]} {m[:, w].mean():.2f}", fontsize=7)
+        ax[-1].imshow(queries[:, -k:].numpy(), aspect="auto")
+        ax[-1].set(ylabel="64 queries", xticks=range(k), xticklabels=tokens[-k:])
+        ax[-1].tick_params(axis="x", rotation=90, labelsize=6)
+    for a in axes.flat:
+        a.axis("on" if a.images else "off")
+    fig.suptitle("Attention rolled out from each image token to each word: where information can flow, not "
+                 "what caused the picture", fontsize=7)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
 
 
 def write_geneval(outdir, records, images: torch.Tensor, grid: bool = False) -> int:
@@ -247,6 +355,10 @@ def parse_args(argv=None):
     mode.add_argument("--question", help="a question about --image, e.g. 'what color is the circle?'")
     mode.add_argument("--caption", action="store_true", help=f"caption --image ('{data.caption_question}')")
     mode.add_argument("--geneval", metavar="METADATA.jsonl", help="GenEval prompts -> GenEval folder layout")
+    mode.add_argument("--trajectory", action="store_true", help="--prompt's samples at every Euler step: "
+                      "a strip (out/trajectory.png) and an animation (out/trajectory.gif)")
+    mode.add_argument("--words", action="store_true", help="what each word of --prompt steers: one map per "
+                      "word over the first sample (out/words.png)")
     mode.add_argument("--official-checkpoint", metavar="DIR", help="released weights (with --backbone)")
     opts = p.add_argument_group("options")
     opts.add_argument("--num-samples", type=int, default=4, help="images per prompt (default 4)")
@@ -286,6 +398,8 @@ def parse_args(argv=None):
         p.error("--geneval needs --outdir DIR")
     if args.official_checkpoint and not args.backbone:
         p.error("--official-checkpoint needs --backbone PATH")
+    if args.trajectory + args.words + len(modes) > 1 or (args.trajectory or args.words) and not args.prompt:
+        p.error("--trajectory or --words (one of them) goes with --prompt alone")
     if args.prompt and modes and not args.official_checkpoint:
         p.error(f"--prompt does not go with --{modes[0].replace('_', '-')}")
     if args.official_checkpoint and not args.prompt:
@@ -322,11 +436,23 @@ def run_text_to_image(args, device):
     pipe = pipeline.load_run(args.run, args.variant, device, need=("clip", "understand", "generate"))
     check_pixels(pipe, args.run)
     check_known_words(pipe.tokenizer, args.prompt, args.allow_unknown_words)
-    images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
-                              args.batch_size, quiet=False)
-    out = save_png(image_grid([list(row) for row in images], args.prompt), args.out or "out/samples.png")
-    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples ({args.variant}, seed {args.seed}, "
-          f"guidance {args.guidance}, {args.steps} steps) -> {out}")
+    if (args.trajectory or args.words) and (pipe.generator.loss_type, pipe.target) != ("flow", "clip"):
+        raise UserError(f"--trajectory and --words look inside CLIP + Flow; {args.variant} is not")
+    how = f"{args.variant}, seed {args.seed}, guidance {args.guidance}, {args.steps} steps"
+    if args.trajectory:
+        out = Path(args.out or "out/trajectory.png")
+        trajectory(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance, out,
+                   args.batch_size)
+        print(f"{args.num_samples} samples a prompt, each Euler step ({how}) -> {out} and .gif")
+    elif args.words:
+        images, maps = word_maps(pipe, args.prompt, args.seed, args.steps, args.guidance)
+        out = save_word_maps(images, maps, args.prompt, pipe.tokenizer, args.out or "out/words.png")
+        print(f"word maps of {len(args.prompt)} prompt(s) ({how}) -> {out}")
+    else:
+        images, _ = generate_grid(pipe, args.prompt, args.num_samples, args.seed, args.steps, args.guidance,
+                                  args.batch_size, quiet=False)
+        out = save_png(image_grid([list(row) for row in images], args.prompt), args.out or "out/samples.png")
+        print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples ({how}) -> {out}")
 
 
 def run_reconstruct(args, device):

@@ -92,20 +92,18 @@ def test_question_set_one_of_each_type_per_scene():
 # --- every command through the CLI's main() --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["clip", "understand", "clipgen", "recon", "toygeneval"])
+@pytest.mark.parametrize("command", ["clip", "understand", "recon", "toygeneval"])
 def test_command_prints_json_last(command, tiny_run):
     args = {
         "clip": ["--n", "20"],
         "understand": ["--n", "12", "--captions", "4"],
-        "clipgen": ["--per-tag", "1", "--samples", "2", "--steps", "2"],
         "recon": ["--n", "6"],
         "toygeneval": ["--per-tag", "1", "--per-prompt", "1", "--steps", "2"],
     }[command]
     res = run_cli(command, "--run", tiny_run, *args)
     assert res.returncode == 0, res.stderr
     m = last_json(res.stdout)
-    key = {"clip": "zero_shot", "understand": "per_type", "clipgen": "single_object+colors",
-           "recon": "recon", "toygeneval": "overall"}[command]
+    key = {"clip": "zero_shot", "understand": "per_type", "recon": "recon", "toygeneval": "overall"}[command]
     assert key in m
     if command == "understand":
         assert set(m["per_type"]) == set(data.QTYPES) and "caption_exact" in m
@@ -115,9 +113,8 @@ def test_command_prints_json_last(command, tiny_run):
             # Whole numbers of hits, from accuracies the JSON rounds to 4 digits (each product off by
             # < 0.5 below 10,000 questions): the two counts round to the same integer.
             assert round(hits) == round(m["per_type"][qtype]["accuracy"] * m["per_type"][qtype]["questions"])
-    if command in ("clipgen", "toygeneval"):
-        assert set(m["per_tag"]) == set(data.TAGS)
     if command == "toygeneval":  # the folder it wrote is in GenEval's layout, and `geneval` rescores it
+        assert set(m["per_tag"]) == set(data.TAGS)
         folder = Path(tiny_run) / "geneval-flow-clip"
         assert len(list(folder.glob("0*/samples/0000.png"))) == len(data.TAGS)
         res = run_cli("geneval", folder)
@@ -125,21 +122,18 @@ def test_command_prints_json_last(command, tiny_run):
         assert last_json(res.stdout)["overall"] == m["overall"]
 
 
-def test_clipgen_tags_selects_prompts(tiny_run):
+def test_toygeneval_tags_selects_prompts(tiny_run, tmp_path):
     """--tags keeps only those tags' held-out prompts; a --per-tag above a tag's size takes all of them."""
-    res = run_cli("clipgen", "--run", tiny_run, "--tags", "single_object,colors", "--per-tag", "100",
-                  "--samples", "1", "--steps", "2")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("geneval-*", "REPORT.md", "metrics.json"))
+    res = run_cli("toygeneval", "--run", run, "--tags", "single_object,colors", "--per-tag", "100",
+                  "--per-prompt", "1", "--steps", "2")
     assert res.returncode == 0, res.stderr
     m = last_json(res.stdout)
     assert set(m["per_tag"]) == {"single_object", "colors"}
     expected = [r for r in data.geneval_prompts("test", n_per_tag=None)
                 if r["tag"] in ("single_object", "colors")]
-    assert m["prompts"] == len(expected) and m["single_object+colors"] is not None
-    res = run_cli("clipgen", "--run", tiny_run, "--tags", "position", "--per-tag", "1", "--samples", "1",
-                  "--steps", "2")
-    assert res.returncode == 0, res.stderr
-    m = last_json(res.stdout)
-    assert set(m["per_tag"]) == {"position"} and m["single_object+colors"] is None and m["prompts"] == 1
+    assert m["images"] == len(expected)
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "missing run", "bad flag", "bad number",
@@ -152,7 +146,7 @@ def test_cli_errors_are_one_line(case, tiny_run, tmp_path):
         "missing run": ["clip", "--run", tmp_path / "nope"],
         "bad flag": ["clip", "--run", tiny_run, "--no-such-flag"],
         "bad number": ["clip", "--run", tiny_run, "--n", "0"],
-        "negative guidance": ["clipgen", "--run", tiny_run, "--guidance", "-2"],
+        "negative guidance": ["toygeneval", "--run", tiny_run, "--guidance", "-2"],
         "unknown tag": ["toygeneval", "--run", tiny_run, "--tags", "single_object,bench"],
         "geneval missing dir": ["geneval", tmp_path / "nope"],
         "no command": [],
@@ -170,22 +164,27 @@ def test_full_report_writes_files_and_caches(tiny_run, tmp_path, monkeypatch, ca
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("geneval-*", "REPORT.md", "metrics.json"))
     small = dict(clip_images=20, questions=12, captions=4, recon_images=8, geneval_per_tag=1, per_prompt=2,
-                 ablation_per_tag=1, ablation_samples=1, steps=2)
+                 views_per_tag=1, views_samples=1, steps=2)
     for k, v in small.items():
         monkeypatch.setitem(evaluation.REPORT, k, v)
+    monkeypatch.setattr(evaluation, "SWEEP_STEPS", (1, 2))
 
     first = evaluation.full_report(run, timings={"clip": 12.5, "understand": 30.0, "generate": 20.0},
                                    train_seconds=70.0, device="cpu")
     assert not first["cached"]
     for name in ("REPORT.md", "metrics.json", "samples.png", "reconstructions.png", "loss_clip.png",
-                 "loss_understand.png", "loss_decoder.png", "loss_generate-flow-clip.png"):
+                 "loss_understand.png", "loss_decoder.png", "loss_generate-flow-clip.png", "trajectory.png",
+                 "trajectory.gif", "words.png", "sweep.png", "sweep_plot.png"):
         assert (run / name).is_file(), name
     m = first["metrics"]
-    assert {"clip", "understand", "recon", "toygeneval", "clipgen"} <= set(m)
-    assert {"flow-clip", "mse-clip", "flow-vae"} <= set(m["clipgen"])  # ablations, when trained
+    assert {"clip", "understand", "recon", "toygeneval", "views"} <= set(m)
     report = (run / "REPORT.md").read_text()
-    for section in ("Toy GenEval", "Understanding", "CLIP", "Reconstruction", "Timings", "Commands"):
+    for section in ("Toy GenEval", "Inside the sampler", "Understanding", "CLIP", "Reconstruction", "Timings",
+                    "Commands"):
         assert section in report
+    for picture in ("trajectory.png", "words.png", "sweep.png", "sweep_plot.png"):
+        assert f"]({picture})" in report  # embedded
+    assert "peaks inside that shape's box for" in report
     assert "held-out metric" in capsys.readouterr().out  # the compact summary table
 
     def no_evaluation(*a, **k):
