@@ -1,11 +1,9 @@
 """The plumbing around the model in blip3o.py: released weights, checkpoints, devices, a run rebuilt.
 
-- `load_official_generation_weights`: the released BLIP3-o stage-2 weights (the 64 queries and the
-  Next-DiT of BLIP3o/BLIP3o-Model-8B or -4B) read straight into our modules, shard by shard.
-- Checkpoints: safetensors weights + meta.json, written atomically, the previous one kept as
-  `<folder>.prev`; an unreadable file raises CheckpointError naming it and the command that retrains it.
-- Devices and precision: CUDA -> MPS -> CPU, bf16 autocast on CUDA only.
-- `load_run`: every trained piece of a toy run rebuilt from its checkpoints alone, as one `Pipeline`.
+- `load_official_generation_weights`: the released BLIP3-o stage-2 weights (64 queries + Next-DiT).
+- Checkpoints: safetensors + meta.json, written atomically, the previous one kept as `<folder>.prev`;
+  an unreadable file raises CheckpointError naming it and the command that retrains it.
+- Devices: CUDA -> MPS -> CPU, bf16 autocast on CUDA only. `load_run`: a toy run as one `Pipeline`.
 """
 from __future__ import annotations
 
@@ -37,20 +35,14 @@ def official_key_map(dit: NextDiT) -> dict[str, str]:
     return {name: OFFICIAL_DIT_PREFIX + name for name in dit.state_dict()}
 
 
-def _shape(v) -> tuple[int, ...]:
-    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-
-
 def dit_config_from_state(state, **overrides) -> DiTConfig:
-    """Infer a DiTConfig from a DiT state dict or {name: shape} (our names, any common key prefix).
-
-    Widths come from the weight shapes, depth from the layer indices, heads from the per-head `gate`, KV
-    heads from `attn1.to_k`, the FFN width as stored; the rest (grid_size, eps) from `overrides`."""
+    """Infer a DiTConfig from a DiT state dict or {name: shape} (our names, any common key prefix): widths
+    from the weight shapes, depth from the layer indices, heads from the per-head `gate`; rest: overrides."""
     gate_keys = [k for k in state if k.endswith("layers.0.gate")]
     if not gate_keys:
         raise ValueError("not a Next-DiT state: no 'layers.0.gate' key")
     prefix = gate_keys[0][: -len("layers.0.gate")]
-    shape = {k[len(prefix):]: _shape(v) for k, v in state.items() if k.startswith(prefix)}
+    shape = {k[len(prefix):]: tuple(getattr(v, "shape", v)) for k, v in state.items() if k.startswith(prefix)}
     hidden, in_channels = shape["patch_embedder.proj.weight"]
     num_heads = shape["layers.0.gate"][0]
     head_dim = hidden // num_heads
@@ -79,9 +71,8 @@ class LoadReport:
     def __str__(self):
         lines = [f"loaded {self.loaded} tensors from {len(self.files)} file(s)"]
         lines += [f"skipped {n:>6} tensors under {p}" for p, n in sorted(self.skipped.items())]
-        for what in ("missing", "mismatched", "unexpected"):
-            for key in getattr(self, what):
-                lines.append(f"{what}: {key}")
+        lines += [f"{what}: {key}" for what in ("missing", "mismatched", "unexpected")
+                  for key in getattr(self, what)]
         return "\n".join(lines)
 
 
@@ -98,20 +89,11 @@ def load_official_embedding_row(path, token_id: int) -> torch.Tensor | None:
     return None
 
 
-def _top_prefix(key: str) -> str:
-    """'model.layers.3.mlp.up_proj.weight' -> 'model.layers', 'visual.blocks.0...' -> 'visual'."""
-    parts = key.split(".")
-    return ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0]
-
-
 def load_official_generation_weights(path, *, device="cpu", dtype=None):
-    """Load the stage-2 weights of a released BLIP3-o checkpoint: the 64 queries and the DiT.
-
-    path: a folder of *.safetensors shards (index file optional) or one file. Only `model.latent_queries`
-    and `model.dit.model.*` are read; anything else is counted in the report, never loaded. The DiT's
-    config comes from the shapes; it is built on the meta device and takes the tensors in place (no
-    second copy of 1.4 B parameters), or, if some are missing or mis-shaped, built normally with those
-    left at init. -> (queries (64, H) or None, NextDiT, LoadReport); dtype None keeps the stored one."""
+    """The 64 queries and the DiT of a released BLIP3-o checkpoint (a folder of *.safetensors shards or one
+    file); other tensors are only counted. The DiT is configured from the shapes and built on the meta
+    device to take the tensors in place (no second copy of 1.4 B parameters), or normally, missing or
+    mis-shaped ones left at init. -> (queries (64, H) or None, NextDiT, LoadReport); dtype None: as stored."""
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -135,8 +117,10 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
                     dit_state[key[len(OFFICIAL_DIT_PREFIX):]] = f.get_tensor(key)
                 elif key == OFFICIAL_QUERIES_KEY:
                     queries = f.get_tensor(key)
-                else:
-                    skipped[_top_prefix(key)] = skipped.get(_top_prefix(key), 0) + 1
+                else:  # counted under 'model.layers', 'visual', ...
+                    parts = key.split(".")
+                    top = ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0]
+                    skipped[top] = skipped.get(top, 0) + 1
     if not dit_state:
         names = [os.fspath(f) for f in files]
         raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {names}: not a BLIP3-o generation checkpoint")
@@ -153,9 +137,7 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
     report.missing = sorted(OFFICIAL_DIT_PREFIX + k for k in expected if k not in dit_state)
     report.mismatched = sorted(
         f"{OFFICIAL_DIT_PREFIX}{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in dit_state.items()
-        if k in expected and v.shape != expected[k].shape
-    )
+        for k, v in dit_state.items() if k in expected and v.shape != expected[k].shape)
     usable = {k: v for k, v in dit_state.items() if k in expected and v.shape == expected[k].shape}
     if len(usable) == len(expected):
         model.load_state_dict(usable, assign=True)  # the meta parameters become the loaded tensors
@@ -171,7 +153,6 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
 
 
 # --- Checkpoints: safetensors weights + JSON, written atomically --------------------------------------
-
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged, from another stage, or does not match the model.
@@ -209,12 +190,9 @@ def retrain_command(folder, stage: str | None) -> str:
 
 def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | None = None,
                     tokenizer=None, keep_previous: bool = True) -> None:
-    """Write a checkpoint folder atomically, keeping the one it replaces as `<folder>.prev`.
-
-    Everything goes into a sibling temporary folder first (fsync'd); then the current folder becomes
-    `<folder>.prev` and the new one is renamed into place, so a crash at any moment leaves a complete
-    checkpoint (`checkpoint_path` finds it). keep_previous=False replaces the current folder instead
-    (train.py: a damaged one, after resuming from `<folder>.prev`, which then stays)."""
+    """Write a checkpoint folder atomically: into a sibling temporary folder (fsync'd), then the current
+    folder becomes `<folder>.prev` and the new one is renamed into place, so a crash leaves a complete one.
+    keep_previous=False replaces the current folder (train.py: a damaged one; its `.prev` then stays)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -252,9 +230,8 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
 
 
 def checkpoint_path(folder) -> Path | None:
-    """The folder holding a stage's latest checkpoint: the folder itself if it exists (intact or
-    damaged: `load_checkpoint` tells which), else `<folder>.prev` after a crash between the renames of
-    `save_checkpoint`; None if the stage was never saved."""
+    """A stage's latest checkpoint: the folder if it exists (intact or damaged), else `<folder>.prev` (a
+    crash between save_checkpoint's renames), else None."""
     folder = Path(folder)
     for cand in (folder, previous_path(folder)):
         if cand.exists():
@@ -352,11 +329,8 @@ def module_tensors(prefix: str, module: nn.Module) -> dict:
 
 def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "checkpoint",
                 ema: bool = False) -> None:
-    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match.
-
-    ema=True: where the checkpoint holds an exponential moving average "ema.<key>" of a weight, load
-    that instead (diffusion models sample from their EMA weights).
-    """
+    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match. ema=True:
+    load a weight's moving average "ema.<key>" where there is one (diffusion samples from EMA weights)."""
     own = module.state_dict()
     found = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     if ema:
@@ -370,20 +344,15 @@ def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "ch
     unexpected = sorted(set(found) - set(own))
     shapes = [f"{k}: {tuple(found[k].shape)} in {source}, {tuple(own[k].shape)} in model"
               for k in own if k in found and found[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        lines = []
-        if missing:
-            lines.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:5])}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:5])}")
-        if shapes:
-            lines.append("shape mismatch: " + "; ".join(shapes[:5]))
+    lines = [f"{what} {len(keys)} keys, e.g. {', '.join(keys[:5])}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    lines += ["shape mismatch: " + "; ".join(shapes[:5])] if shapes else []
+    if lines:
         raise CheckpointError(f"{source} does not match the {prefix!r} model: " + " | ".join(lines))
     module.load_state_dict(found, strict=True)
 
 
 # --- Devices and precision (chosen once, in one place) ------------------------------------------------
-
 
 def pick_device(name: str = "auto") -> torch.device:
     """CUDA -> MPS -> CPU, unless a device is named."""
@@ -406,21 +375,16 @@ def autocast(device: torch.device):
 def count_params(module: nn.Module) -> tuple[int, int]:
     """(trainable, frozen) parameter counts."""
     t = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    f = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    return t, f
+    return t, sum(p.numel() for p in module.parameters()) - t
 
 
 # --- The whole model, rebuilt from a run folder -------------------------------------------------------
 
-
 @dataclass
 class Pipeline:
-    """Every trained piece of a run, rebuilt from its checkpoints alone (no command-line flags).
-
-    RUN/clip (CLIP + tokenizer), RUN/understand (projector + LM), RUN/decoder (pixels),
-    RUN/generate/<loss>-<target> (queries + Next-DiT or W), RUN/vae (ablation), RUN/joint (ablation:
-    VLM and generator trained together, variant "joint"). Missing pieces are None.
-    """
+    """Every trained piece of a run, rebuilt from its checkpoints alone (no command-line flags): RUN/clip
+    (CLIP + tokenizer), RUN/understand (projector + LM), RUN/decoder (pixels), RUN/generate/<loss>-<target>
+    (queries + Next-DiT or W), RUN/vae, RUN/joint (VLM and generator trained together). Missing: None."""
 
     config: Config
     tokenizer: object
@@ -489,7 +453,6 @@ def check_run_folder(run) -> Path:
 
 
 # Each trained piece, rebuilt from its stage's checkpoint: load_run and train.py's later stages use these.
-
 
 def load_clip(run) -> tuple[ImageEncoder, object, Config]:
     """RUN/clip -> the toy CLIP, the run's tokenizer and the config the CLIP stage saved."""
