@@ -232,11 +232,7 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
 def checkpoint_path(folder) -> Path | None:
     """A stage's latest checkpoint: the folder if it exists (intact or damaged), else `<folder>.prev` (a
     crash between save_checkpoint's renames), else None."""
-    folder = Path(folder)
-    for cand in (folder, previous_path(folder)):
-        if cand.exists():
-            return cand
-    return None
+    return next((cand for cand in (Path(folder), previous_path(folder)) if cand.exists()), None)
 
 
 def read_meta(path, stage: str | None = None, folder=None) -> dict:
@@ -268,8 +264,7 @@ def read_meta(path, stage: str | None = None, folder=None) -> dict:
 
 def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (errors are reported in one line)."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = False, path: Path | None = None):
@@ -302,8 +297,7 @@ def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = Fal
 
 def load_checkpoint_tokenizer(folder, stage: str = "clip"):
     """The tokenizer saved with a checkpoint (RUN/clip/tokenizer), or a CheckpointError naming it."""
-    path = checkpoint_path(folder)
-    tok_dir = path / "tokenizer"
+    tok_dir = checkpoint_path(folder) / "tokenizer"
     hint = "train the stage again: " + retrain_command(folder, stage)
     if not tok_dir.is_dir():
         raise damaged_file(tok_dir, "missing", hint)
