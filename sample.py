@@ -165,8 +165,7 @@ IMG_TOKEN = "[IMG]"  # added by BLIP3o's training after Qwen's own tokens: id 15
 
 def load_official(checkpoint, backbone, device: torch.device):
     """-> (generator with the released queries and DiT, frozen LM, tokenizer). The backbone loads from its own
-    path (bf16 on CUDA, fp32 elsewhere); the tokenizer from the checkpoint when it ships one (as BLIP3o's
-    builder.py does), else the backbone's; the DiT, the queries and [IMG]'s embedding from the checkpoint."""
+    path; the tokenizer from the checkpoint when it ships one (BLIP3o's builder.py), else the backbone's."""
     try:
         queries, dit, report = pipeline.load_official_generation_weights(checkpoint, device=device,
                                                                        dtype=torch.float32)
@@ -210,8 +209,7 @@ def load_official(checkpoint, backbone, device: torch.device):
 
 def official_prompt_ids(tok, texts, template: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Texts -> ids (B, T) right-padded, lengths (B,): each text in OFFICIAL_TEMPLATE (or bare), then [IMG],
-    tokenized as the official generate_image does (tokenizer(text): for Qwen no <bos>). Generator.condition
-    puts each row's queries right after its own [IMG], so every row reads what it would read alone."""
+    tokenized as the official generate_image does (for Qwen no <bos>); each row reads what it would alone."""
     img = tok.convert_tokens_to_ids(IMG_TOKEN)
     rows = [tok(OFFICIAL_TEMPLATE.format(t) if template else t)["input_ids"] + [img] for t in texts]
     T = max(len(r) for r in rows)
