@@ -900,15 +900,6 @@ class _CaptionStream(torch.utils.data.IterableDataset):
         self.start = self.position = int(state["position"])
 
 
-def _split_name(name: str):
-    """WebDataset naming: "dir/0001.jpg" -> key "dir/0001", extension "jpg" (None if no extension)."""
-    folder, base = os.path.split(name)
-    if "." not in base or base.startswith("."):
-        return None, None
-    stem, ext = base.split(".", 1)
-    return os.path.join(folder, stem), ext.lower()
-
-
 def _tar_groups(path: str, max_member_bytes: int):
     """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order; a member
     over max_member_bytes is not read (None). A broken stream ends the shard, the sample being assembled
@@ -919,9 +910,11 @@ def _tar_groups(path: str, max_member_bytes: int):
             for info in tar:
                 if not info.isfile():
                     continue
-                member_key, ext = _split_name(info.name)
-                if member_key is None:
+                folder, base = os.path.split(info.name)  # WebDataset: "dir/0001.jpg" -> "dir/0001", "jpg"
+                if "." not in base or base.startswith("."):
                     continue
+                stem, ext = base.split(".", 1)
+                member_key, ext = os.path.join(folder, stem), ext.lower()
                 if member_key != key:
                     if key is not None:
                         yield key, members, None
