@@ -95,17 +95,12 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
     device to take the tensors in place (no second copy of 1.4 B parameters), or normally, missing or
     mis-shaped ones left at init. -> (queries (64, H) or None, NextDiT, LoadReport); dtype None: as stored."""
     path = Path(path)
-    if path.is_file():
-        files = [path]
-    else:
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            # The index names every shard; reading only the shards that hold our keys skips the rest.
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({path / f for k, f in weight_map.items()
-                            if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY})
-        else:
-            files = sorted(path.glob("*.safetensors"))
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():  # it names every shard: only those holding our keys are read
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for k, f in weight_map.items()
+                        if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY})
     if not files:
         raise ValueError(f"no .safetensors files found at {path}")
 
@@ -122,8 +117,8 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
                     top = ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0]
                     skipped[top] = skipped.get(top, 0) + 1
     if not dit_state:
-        names = [os.fspath(f) for f in files]
-        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {names}: not a BLIP3-o generation checkpoint")
+        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {[os.fspath(f) for f in files]}: not a "
+                         "BLIP3-o generation checkpoint")
     if dtype is not None:
         dit_state = {k: v.to(dtype) for k, v in dit_state.items()}
         queries = None if queries is None else queries.to(dtype)
@@ -295,18 +290,6 @@ def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = Fal
     return meta, tensors, opt
 
 
-def load_checkpoint_tokenizer(folder, stage: str = "clip"):
-    """The tokenizer saved with a checkpoint (RUN/clip/tokenizer), or a CheckpointError naming it."""
-    tok_dir = checkpoint_path(folder) / "tokenizer"
-    hint = "train the stage again: " + retrain_command(folder, stage)
-    if not tok_dir.is_dir():
-        raise damaged_file(tok_dir, "missing", hint)
-    try:
-        return load_tokenizer(str(tok_dir))
-    except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a broken folder
-        raise damaged_file(tok_dir, f"damaged ({first_line(e)})", hint) from None
-
-
 def load_stage(module: nn.Module, tensors: dict, prefix: str, folder, stage: str, ema: bool = False) -> None:
     """load_module for the checkpoint of a run's stage: a mismatch also says how to train it again."""
     try:
@@ -449,13 +432,20 @@ def check_run_folder(run) -> Path:
 # Each trained piece, rebuilt from its stage's checkpoint: load_run and train.py's later stages use these.
 
 def load_clip(run) -> tuple[ImageEncoder, object, Config]:
-    """RUN/clip -> the toy CLIP, the run's tokenizer and the config the CLIP stage saved."""
+    """RUN/clip -> the toy CLIP, the run's tokenizer (saved with it) and the config the CLIP stage saved."""
     folder = Path(run) / "clip"
     meta, tensors, _ = load_checkpoint(folder, stage="clip")
     cfg = Config.from_dict(meta["config"])
     clip = ImageEncoder(cfg.clip)
     load_stage(clip, tensors, "clip", folder, "clip")
-    return clip, load_checkpoint_tokenizer(folder), cfg
+    tok_dir = checkpoint_path(folder) / "tokenizer"
+    hint = "train the stage again: " + retrain_command(folder, "clip")
+    if not tok_dir.is_dir():
+        raise damaged_file(tok_dir, "missing", hint)
+    try:
+        return clip, load_tokenizer(str(tok_dir)), cfg
+    except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a broken folder
+        raise damaged_file(tok_dir, f"damaged ({first_line(e)})", hint) from None
 
 
 def load_vlm(run, tokenizer, clip_width: int) -> VisionLanguageModel:
