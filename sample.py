@@ -386,23 +386,8 @@ def run_official(args, device):
     out = Path(args.out or "out/official")
     save_features(feats, args.prompt, out / "features.safetensors")
     decoder = released.load_decoder(ckpt, device)
-    rows = render_official(decoder, feats, negative, args, device, out)
-    grid = save_png(image_grid(rows, args.prompt, scale=1), out / "grid.png")
-    how = f"{args.decoder_steps} steps, guidance {args.decoder_guidance}, {args.resolution}x{args.resolution}"
-    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples, released decoder ({how}) -> {grid} "
-          "and one PNG each")
-
-
-def save_features(feats: torch.Tensor, prompts, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats.contiguous()}, str(out), metadata={"prompts": json.dumps(prompts)})
-    return out
-
-
-def render_official(decoder, feats, negative, args, device, out: Path):
-    """Each of the P x S feature sets -> one image, out/p{prompt}_s{sample}.png; sample j uses seed + j."""
     P, S = feats.shape[:2]
-    rows = [[] for _ in range(P)]
+    rows = [[] for _ in range(P)]  # feature set (p, s) -> one image, out/p{p}_s{s}.png, drawn with seed + s
     with tqdm(total=P * S, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True) as bar:
         for p in range(P):
             for s in range(S):
@@ -413,7 +398,16 @@ def render_official(decoder, feats, negative, args, device, out: Path):
                 save_png(to_pil(image), out / f"p{p:03d}_s{s:02d}.png")
                 rows[p].append(image)
                 bar.update(1)
-    return rows
+    grid = save_png(image_grid(rows, args.prompt, scale=1), out / "grid.png")
+    how = f"{args.decoder_steps} steps, guidance {args.decoder_guidance}, {args.resolution}x{args.resolution}"
+    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples, released decoder ({how}) -> {grid} "
+          "and one PNG each")
+
+
+def save_features(feats: torch.Tensor, prompts, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": feats.contiguous()}, str(out), metadata={"prompts": json.dumps(prompts)})
+    return out
 
 
 if __name__ == "__main__":
