@@ -597,9 +597,8 @@ MIN_AREA_FRACTION = 0.01  # components smaller than this fraction of the image a
 
 
 def classify_pixels(img: np.ndarray) -> np.ndarray:
-    """(H, W) int map: index into COLORS of each pixel's colour, or -1 for background / no match.
-    A pixel takes the colour c whose segment BACKGROUND -> c in RGB (what blur makes of an edge) is nearest;
-    it is foreground when at least half-way along it (a blurred shape keeps its size) and near enough."""
+    """(H, W) index into COLORS of each pixel's colour (-1: background): the colour c whose segment
+    BACKGROUND -> c in RGB (blur's edges) is nearest, if the pixel is at least half-way along it and near."""
     p = img.astype(np.float32) - _BG  # (H, W, 3) offsets from the background
     d = _PALETTE - _BG  # (K, 3) segment directions
     alpha = np.clip(p @ d.T / (d * d).sum(1), 0.0, 1.0)  # (H, W, K) position along each segment
@@ -840,15 +839,13 @@ def _decode_caption(caption):
 
 
 class _CaptionStream(torch.utils.data.IterableDataset):
-    """Shared machinery of the readers: splitting, decoding, skipping with counts, resume.
-
-    A reader defines `_describe()` (its input, for errors) and `_raw(slot, slots)`, yielding (is_sample,
-    image bytes | None, caption | None, reason | None) for its slot's samples in order (is_sample False:
-    an input with no sample at all, a bad shard). The world_size x num_workers readers are "slots": slot
-    k owns sample i when i % slots == k or, splitting tar shards by shard (the default once there are as
-    many shards as slots), whole shards j % slots == k. Resume: `position` counts the pass's samples (good
-    or bad) handed out or skipped; load_state_dict() / `start` make the next pass skip that many (exact
-    with num_workers=0, as train.py reads)."""
+    """Shared machinery of the readers: splitting, decoding, skipping with counts, resume. A reader defines
+    `_describe()` (its input, for errors) and `_raw(slot, slots)`, yielding (is_sample, image bytes, caption,
+    reason) for its slot's samples in order (is_sample False: a bad shard). The world_size x num_workers
+    readers are "slots": slot k owns sample i when i % slots == k or, splitting tar shards by shard (the
+    default once there are as many shards as slots), whole shards j % slots == k. `position` counts the
+    pass's samples handed out or skipped; load_state_dict() makes the next pass skip them (exact with
+    num_workers=0, as train.py reads: with workers, `position` and `stats` live in the workers)."""
 
     def __init__(self, image_size: int, rank: int, world_size: int, start: int, max_pixels: int):
         super().__init__()
@@ -901,9 +898,8 @@ class _CaptionStream(torch.utils.data.IterableDataset):
 
 
 def _tar_groups(path: str, max_member_bytes: int):
-    """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order; a member
-    over max_member_bytes is not read (None). A broken stream ends the shard, the sample being assembled
-    yielded with reason "truncated_shard" (or, if none was started, key None with "bad_shard")."""
+    """Yield (key, {ext: bytes | None (over max_member_bytes)}, reason) per sample of a tar stream; a broken
+    stream ends it with reason "truncated_shard" (or, no sample started, key None and "bad_shard")."""
     key, members = None, {}
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
@@ -935,11 +931,9 @@ def _tar_groups(path: str, max_member_bytes: int):
 
 class TarShards(_CaptionStream):
     """WebDataset-style .tar shards -> (image float (3, S, S) in [0, 1], caption str), bad samples skipped.
-
     A sample is the run of consecutive members sharing a key: KEY.jpg / .jpeg / .png / .webp (image) and
-    KEY.txt (UTF-8 caption), read as tarfile streams (no seeking). `stats` = {"ok": n, "skipped": {reason:
-    n}}, reasons empty_image, bad_image, too_large, missing_image, missing_caption, bad_caption,
-    empty_caption, truncated_shard (the sample cut by a broken stream), bad_shard (no sample at all)."""
+    KEY.txt (UTF-8 caption). `stats` = {"ok": n, "skipped": {reason: n}}, reasons empty_image, bad_image,
+    too_large, missing_image, missing_caption, bad_caption, empty_caption, truncated_shard, bad_shard."""
 
     def __init__(self, shards: list, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, split_by: str = "auto", max_pixels: int = MAX_IMAGE_PIXELS,
@@ -980,9 +974,8 @@ class TarShards(_CaptionStream):
 
 
 class ImageFolderCaptions(_CaptionStream):
-    """An image folder plus a JSONL file of {"file": path relative to root, "caption": str} lines ->
-    (image float (3, S, S), caption), skipped, counted, split (by line) and resumed as TarShards; bad
-    lines are skipped as "bad_record", unreadable files as "missing_image"."""
+    """An image folder plus a JSONL file of {"file": path under root, "caption": str} lines -> (image,
+    caption) as TarShards; bad lines are skipped as "bad_record", unreadable files as "missing_image"."""
 
     def __init__(self, root: str, captions: str, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, max_pixels: int = MAX_IMAGE_PIXELS):
