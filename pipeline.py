@@ -36,8 +36,7 @@ def official_key_map(dit: NextDiT) -> dict[str, str]:
 
 
 def dit_config_from_state(state, **overrides) -> DiTConfig:
-    """Infer a DiTConfig from a DiT state dict or {name: shape} (our names, any common key prefix): widths
-    from the weight shapes, depth from the layer indices, heads from the per-head `gate`; rest: overrides."""
+    """A DiTConfig read off the shapes of a DiT state dict or {name: shape} (our names, any key prefix)."""
     gate_keys = [k for k in state if k.endswith("layers.0.gate")]
     if not gate_keys:
         raise ValueError("not a Next-DiT state: no 'layers.0.gate' key")
@@ -57,13 +56,12 @@ def dit_config_from_state(state, **overrides) -> DiTConfig:
 
 @dataclass
 class LoadReport:
-    """What load_official_generation_weights did. Loading is complete when missing, mismatched and
-    unexpected are empty; `skipped` counts the checkpoint's other tensors per top-level prefix."""
+    """What load_official_generation_weights did: complete when missing, mismatched, unexpected are empty."""
 
     files: list[str]
     config: DiTConfig
     loaded: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # the checkpoint's other tensors, per top prefix
     missing: list[str] = field(default_factory=list)  # model tensors the checkpoint lacks (left at init)
     mismatched: list[str] = field(default_factory=list)  # "key: checkpoint vs model shape" (left at init)
     unexpected: list[str] = field(default_factory=list)  # DiT keys the model has no place for (ignored)
@@ -77,9 +75,8 @@ class LoadReport:
 
 
 def load_official_embedding_row(path, token_id: int) -> torch.Tensor | None:
-    """Row `token_id` (H,) of a released checkpoint's `model.embed_tokens.weight` (None if it has none),
-    read as a slice. BLIP3o adds [IMG] after Qwen's own tokens and trains its row: the stock backbone's
-    row at that id is not the trained one (NOTES.md)."""
+    """Row `token_id` (H,) of a released checkpoint's `model.embed_tokens.weight` (None if none), read as a
+    slice: BLIP3o adds [IMG] after Qwen's tokens and trains its row, unlike the stock backbone (NOTES.md)."""
     path = Path(path)
     for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
         with safe_open(os.fspath(file), framework="pt") as f:
@@ -225,8 +222,7 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
 
 
 def checkpoint_path(folder) -> Path | None:
-    """A stage's latest checkpoint: the folder if it exists (intact or damaged), else `<folder>.prev` (a
-    crash between save_checkpoint's renames), else None."""
+    """A stage's latest checkpoint: the folder (intact or not), else `<folder>.prev` (a crash), else None."""
     return next((cand for cand in (Path(folder), previous_path(folder)) if cand.exists()), None)
 
 
