@@ -221,19 +221,17 @@ def bench_dit_mid(args):
 
 
 def bench_dit_8b(args):
-    """One training step of the released blip3o-8b DiT head (condition: 64 states 3584 wide) on a GPU."""
     if args.device.type != "cuda":
         print(f"dit_8b: needs a CUDA GPU (fp32 weights + AdamW of 1.37B parameters are 22 GB): skipped on "
               f"{args.device}")
         return {"skipped": f"needs a CUDA GPU, device was {args.device}"}
-    cfg = DiTConfig(cond_dim=3584)  # the defaults are the released 8B head
+    cfg = DiTConfig(cond_dim=3584)  # the defaults are the released 8B head; its condition: 64 LM states
     return bench_dit_step(args, "dit_8b", cfg, batch=args.batch_8b, cond_tokens=64, rounds=args.rounds)
 
 
 # ---- text -> image sampling of a trained run -----------------------------------------------------------
 
 def bench_sampling(args):
-    """Images/s of text -> CLIP features -> pixels, and of text -> CLIP features alone, per batch size."""
     device = args.device
     try:
         pipe = load_run(args.run, device=device, need=("clip", "understand", "decoder", "generate"))
@@ -288,7 +286,6 @@ def saved_activation_bytes(model, x, t, cond) -> int:
 
 
 def bench_memory(args):
-    """This process's peak RSS; parameters, weights, AdamW states and activations of the real DiT heads."""
     result = {}
     # The real heads: parameters from a meta-device build (no memory), activations measured at full width
     # on one and two layers (B = 1, 64 tokens, 64 condition tokens, fp32), extrapolated to 24 layers.
@@ -362,8 +359,7 @@ STAGE_STEPS = 6  # timed steps per stage (after one warm-up step); the stage's o
 
 
 def bench_stages(args):
-    """Each toy stage's start-up, then a step split into data, forward, backward and optimizer, with the
-    FLOP rate of forward + backward (FlopCounterMode); the stages before each are trained for 2 steps."""
+    """The phases of a step timed apart; FLOPs by FlopCounterMode; the stages before each train 2 steps."""
     import train
     from torch.utils.flop_counter import FlopCounterMode
 
