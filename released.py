@@ -138,9 +138,8 @@ def decode(decoder: Decoder, features: torch.Tensor, negative: torch.Tensor, *, 
         raise DecoderError(f"image size {height}x{width} is not a multiple of the VAE's factor {scale}")
     B = features.shape[0]
     guided = guidance > 1.0  # __call__: do_classifier_free_guidance = guidance_scale > 1.0
-    cond = features
-    if guided:  # _prepare_and_encode_inputs: torch.cat([prompt, negative]): conditional first
-        cond = torch.cat([features, negative.expand(B, -1, -1)])  # (2B, 64, D)
+    # _prepare_and_encode_inputs: torch.cat([prompt, negative]): conditional first
+    cond = torch.cat([features, negative.expand(B, -1, -1)]) if guided else features  # (2B, 64, D)
     cond = cond.to(device, dtype)  # __call__: prompt_embeds.to(dtype).to(device)
     added = {
         # __call__: unet_added_conditions["text_embeds"] = torch.mean(prompt_embeds, dim=1): the pooled input
