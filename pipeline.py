@@ -87,10 +87,8 @@ def load_official_embedding_row(path, token_id: int) -> torch.Tensor | None:
 
 
 def load_official_generation_weights(path, *, device="cpu", dtype=None):
-    """The 64 queries and the DiT of a released BLIP3-o checkpoint (a folder of *.safetensors shards or one
-    file); other tensors are only counted. The DiT is configured from the shapes and built on the meta
-    device to take the tensors in place (no second copy of 1.4 B parameters), or normally, missing or
-    mis-shaped ones left at init. -> (queries (64, H) or None, NextDiT, LoadReport); dtype None: as stored."""
+    """A released BLIP3-o checkpoint (a folder of *.safetensors shards or one file) -> (its 64 queries (64, H)
+    or None, its NextDiT configured from the shapes, LoadReport); dtype None keeps the stored one."""
     path = Path(path)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
@@ -109,7 +107,7 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
                     dit_state[key[len(OFFICIAL_DIT_PREFIX):]] = f.get_tensor(key)
                 elif key == OFFICIAL_QUERIES_KEY:
                     queries = f.get_tensor(key)
-                else:  # counted under 'model.layers', 'visual', ...
+                else:  # only counted, under 'model.layers', 'visual', ...
                     parts = key.split(".")
                     top = ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0]
                     skipped[top] = skipped.get(top, 0) + 1
@@ -122,7 +120,7 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
 
     cfg = dit_config_from_state(dit_state)
     report = LoadReport(files=[os.fspath(f) for f in files], config=cfg, skipped=skipped)
-    with torch.device("meta"):
+    with torch.device("meta"):  # takes the tensors in place: no second copy of 1.4 B parameters
         model = NextDiT(cfg)
     expected = model.state_dict()
     report.unexpected = sorted(OFFICIAL_DIT_PREFIX + k for k in dit_state if k not in expected)
@@ -133,7 +131,7 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
     usable = {k: v for k, v in dit_state.items() if k in expected and v.shape == expected[k].shape}
     if len(usable) == len(expected):
         model.load_state_dict(usable, assign=True)  # the meta parameters become the loaded tensors
-    else:
+    else:  # built normally, the missing or mis-shaped tensors left at init
         model = NextDiT(cfg).to(device=device, dtype=dtype)
         model.load_state_dict(usable, strict=False)
     report.loaded = len(usable) + (queries is not None)
@@ -147,12 +145,11 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
 # --- Checkpoints: safetensors weights + JSON, written atomically --------------------------------------
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged, from another stage, or does not match the model.
-    `damaged`: the file that cannot be read and `reason` what is wrong with it (else None)."""
+    """A checkpoint that is missing, damaged, from another stage, or does not match the model."""
 
     def __init__(self, message: str, damaged: Path | None = None, reason: str | None = None):
         super().__init__(message)
-        self.damaged, self.reason = damaged, reason
+        self.damaged, self.reason = damaged, reason  # the file that cannot be read, what is wrong (else None)
 
 
 def damaged_file(file, reason: str, hint: str) -> CheckpointError:
@@ -182,9 +179,8 @@ def retrain_command(folder, stage: str | None) -> str:
 
 def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | None = None,
                     tokenizer=None, keep_previous: bool = True) -> None:
-    """Write a checkpoint folder atomically: into a sibling temporary folder (fsync'd), then the current
-    folder becomes `<folder>.prev` and the new one is renamed into place, so a crash leaves a complete one.
-    keep_previous=False replaces the current folder (train.py: a damaged one; its `.prev` then stays)."""
+    """Write a checkpoint folder atomically, the one it replaces kept as `<folder>.prev` unless not
+    keep_previous (train.py: a damaged one, whose `.prev` then stays)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -193,7 +189,7 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
     prev = previous_path(folder)
     for stale in folder.parent.glob(folder.name + ".tmp-*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir()  # written and fsync'd first, then renamed into place: a crash leaves a complete checkpoint
     # clone(): tied weights (the toy LM's embedding = its output layer) share storage, which
     # safetensors refuses; each key gets its own copy and `load_module` restores both.
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
@@ -302,11 +298,10 @@ def module_tensors(prefix: str, module: nn.Module) -> dict:
 
 def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "checkpoint",
                 ema: bool = False) -> None:
-    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match. ema=True:
-    load a weight's moving average "ema.<key>" where there is one (diffusion samples from EMA weights)."""
+    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match."""
     own = module.state_dict()
     found = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    if ema:
+    if ema:  # a weight's moving average "ema.<key>" where there is one: diffusion samples from EMA weights
         # A tied weight (one tensor, two names: the toy LM's embedding and output layer) has one EMA,
         # under its first name; every name must take that one, or the last name loaded would win.
         first, alias = {}, {}
@@ -355,17 +350,15 @@ def count_params(module: nn.Module) -> tuple[int, int]:
 
 @dataclass
 class Pipeline:
-    """Every trained piece of a run, rebuilt from its checkpoints alone (no command-line flags): RUN/clip
-    (CLIP + tokenizer), RUN/understand (projector + LM), RUN/decoder (pixels), RUN/generate/<loss>-<target>
-    (queries + Next-DiT or W), RUN/vae, RUN/joint (VLM and generator trained together). Missing: None."""
+    """Every trained piece of a run, rebuilt from its checkpoints alone (no command-line flags)."""
 
     config: Config
     tokenizer: object
-    clip: ImageEncoder
-    vlm: VisionLanguageModel | None = None
-    generator: Generator | None = None
-    decoder: PixelDecoder | None = None
-    vae: VAE | None = None
+    clip: ImageEncoder  # RUN/clip, with the tokenizer
+    vlm: VisionLanguageModel | None = None  # RUN/understand: projector + LM (RUN/joint: trained with the DiT)
+    generator: Generator | None = None  # RUN/generate/<loss>-<target> (or RUN/joint): queries + Next-DiT or W
+    decoder: PixelDecoder | None = None  # RUN/decoder: pixels
+    vae: VAE | None = None  # RUN/vae (ablation)
     target: str = "clip"
     device: torch.device = torch.device("cpu")
 
