@@ -675,14 +675,13 @@ def detect_objects(img: np.ndarray) -> list[dict]:
 # --- GenEval's rules ---------------------------------------------------------------------------------
 
 def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
-    """(correct, reason) of detected objects against a GenEval record, with the official semantics:
-    include clauses are ANDed: the top `count` objects of the class (largest first) must exist, have the
-    clause's colour if any, and for a position [rel, i] each stand in relation rel to all include i matched;
-    exclude clauses are ORed: `count` or more objects of the class make the image wrong."""
+    """(correct, reason) of detected objects against a GenEval record, with the official semantics."""
     by_class = {}
     for obj in sorted(objects, key=lambda o: -o["area"]):
         by_class.setdefault(obj["class"], []).append(obj)
     reasons, matched_groups = [], []  # every failed clause adds a reason
+    # Include clauses are ANDed: the top `count` objects of the class (largest first) must exist, have the
+    # clause's colour if any, and for a position [rel, i] each stand in relation rel to all include i matched.
     for req in metadata.get("include", []):
         cls, count, colour = req["class"], req["count"], req.get("color")
         found = by_class.get(cls, [])[:count]
@@ -704,7 +703,7 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
         if reason is not None:
             reasons.append(reason)
         matched_groups.append(found if reason is None else None)
-    for req in metadata.get("exclude", []):
+    for req in metadata.get("exclude", []):  # ORed: `count` or more objects of the class make it wrong
         n = len(by_class.get(req["class"], []))
         if n >= req["count"]:
             reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
@@ -755,8 +754,7 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
                 continue
             path = os.path.join(samples, name)
             with Image.open(path) as im:
-                img = np.asarray(im.convert("RGB"))
-            objects = detect_objects(img)
+                objects = detect_objects(np.asarray(im.convert("RGB")))
             correct, reason = score_record(metadata, objects)
             details = {}
             for obj in objects:
