@@ -613,9 +613,8 @@ def classify_pixels(img: np.ndarray) -> np.ndarray:
 def connected_components(labels: np.ndarray) -> np.ndarray:
     """(H, W) component ids (-1 for background) of 4-connected pixels sharing the same label >= 0, by
     min-label propagation: each pixel starts with its flat index and takes its neighbours' smallest id."""
-    h, w = labels.shape
-    big = h * w
-    ids = np.where(labels >= 0, np.arange(big).reshape(h, w), big)
+    big = labels.size
+    ids = np.where(labels >= 0, np.arange(big).reshape(labels.shape), big)
     while True:
         new = ids.copy()
         # Each pixel against its neighbour below, then (transposed views) to the right; new.T writes to new.
@@ -790,13 +789,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: 16-bit/float grey rescaled to 8 bits, transparency composited on white."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         arr = np.asarray(im, dtype=np.float64)
-        if arr.max(initial=0) > 255:  # 16-bit range
-            arr = arr / 257
+        arr = arr / 257 if arr.max(initial=0) > 255 else arr  # 16-bit range
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
 
 
