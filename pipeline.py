@@ -1,9 +1,5 @@
-"""The plumbing around the model in blip3o.py: released weights, checkpoints, devices, a run rebuilt.
-
-- `load_official_generation_weights`: the released BLIP3-o stage-2 weights (64 queries + Next-DiT).
-- Checkpoints: safetensors + meta.json, written atomically, the previous one kept as `<folder>.prev`;
-  an unreadable file raises CheckpointError naming it and the command that retrains it.
-- Devices: CUDA -> MPS -> CPU, bf16 autocast on CUDA only. `load_run`: a toy run as one `Pipeline`.
+"""The plumbing around the model in blip3o.py: the released weights, checkpoints (an unreadable file raises
+CheckpointError naming it and the command that retrains it), devices, a run rebuilt as one `Pipeline`.
 """
 from __future__ import annotations
 
@@ -272,8 +268,7 @@ def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = Fal
         raise damaged_file(weights, "missing", hint) from None
     except (OSError, SafetensorError) as e:
         raise damaged_file(weights, f"damaged ({first_line(e)})", hint) from None
-    opt = None
-    optimizer = path / "optimizer.pt"
+    opt, optimizer = None, path / "optimizer.pt"
     if with_optimizer and optimizer.is_file():
         try:
             opt = torch.load(optimizer, map_location="cpu", weights_only=True)
