@@ -72,13 +72,11 @@ def add_run_options(c: argparse.ArgumentParser, run: bool = True) -> argparse.Ar
 
 def rounded(obj, digits: int = 4):
     """Floats in a nested structure rounded for the JSON line and metrics.json."""
-    if isinstance(obj, float):
-        return round(obj, digits)
     if isinstance(obj, dict):
         return {k: rounded(v, digits) for k, v in obj.items()}
     if isinstance(obj, list):
         return [rounded(v, digits) for v in obj]
-    return obj
+    return round(obj, digits) if isinstance(obj, float) else obj
 
 
 def metrics_main(run_command, args) -> int:
