@@ -107,15 +107,13 @@ def load_decoder(checkpoint, device) -> Decoder:
     if not fast:
         print("note: the decoder loads faster with accelerate installed (pip install accelerate)")
 
-    def variant(sub):
-        # BLIP3o's inference.py: variant="bf16" (*.bf16.safetensors); a folder saved without one loads too
-        return "bf16" if any((root / sub).glob("*.bf16.safetensors")) else None
-
+    # BLIP3o's inference.py: variant="bf16" (*.bf16.safetensors); a folder saved without one loads too
+    variant = {s: "bf16" if any((root / s).glob("*.bf16.safetensors")) else None for s in ("unet", "vae")}
     try:
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype,
-                                                    variant=variant("unet"), local_files_only=True,
+                                                    variant=variant["unet"], local_files_only=True,
                                                     low_cpu_mem_usage=fast)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, variant=variant("vae"),
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, variant=variant["vae"],
                                             local_files_only=True, low_cpu_mem_usage=fast)
         scheduler = EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as e:  # no weights file, a broken config
