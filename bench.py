@@ -6,8 +6,7 @@
     python bench.py --threads 1 --compile          # pinned threads; each DiT block torch.compiled
     python bench.py --device cuda --dtype bf16 --only dit_8b --batch-8b 128 --no-peer --fused-adamw
 
-The benchmarks, in the order they run (each prints a table; the last line of stdout is one JSON object
-with every figure):
+The benchmarks, in the order they run (each prints a table; stdout ends in one JSON line of every figure):
 - matmul: the dense matmul FLOP/s torch reaches here at --dtype, the machine's practical limit.
 - dit_toy, dit_mid, dit_8b (CUDA only): one Next-DiT training step at the toy size, a mid size and the
   released blip3o-8b head's, against diffusers' LuminaNextDiT2DModel's (interleaved; --no-peer: ours
@@ -56,20 +55,16 @@ def dit_forward_flops(cfg: DiTConfig, cond_tokens: int) -> int:
     RoPE, modulation) is left out, as is usual for MFU figures; a training step counts 3x the forward."""
     D, N, L, T = cfg.hidden_size, cfg.num_tokens, cond_tokens, cfg.time_embed_dim
     kv = cfg.num_kv_heads * cfg.head_dim
-    per_layer = (
-        2 * T * 4 * D  # adaLN modulation
-        + 2 * N * D * (D + 2 * kv)  # self-attention q, k, v
-        + 2 * N * D * D + 2 * L * D * 2 * kv  # cross-attention q; k, v from the condition
-        + 4 * N * N * D + 4 * N * L * D  # scores and weighted values, self and cross
-        + 2 * N * D * D  # shared output projection
-        + 2 * N * D * cfg.ffn_dim * 3  # SwiGLU
-    )
-    outside = (
-        2 * L * (cfg.cond_dim * D + D * D)  # condition MLP
-        + 2 * N * cfg.in_channels * D  # patch embedding
-        + 2 * (256 * T + T * T + D * T)  # timestep MLP and pooled-condition projection
-        + 2 * T * D + 2 * N * D * cfg.in_channels  # final layer
-    )
+    per_layer = (2 * T * 4 * D  # adaLN modulation
+                 + 2 * N * D * (D + 2 * kv)  # self-attention q, k, v
+                 + 2 * N * D * D + 2 * L * D * 2 * kv  # cross-attention q; k, v from the condition
+                 + 4 * N * N * D + 4 * N * L * D  # scores and weighted values, self and cross
+                 + 2 * N * D * D  # shared output projection
+                 + 2 * N * D * cfg.ffn_dim * 3)  # SwiGLU
+    outside = (2 * L * (cfg.cond_dim * D + D * D)  # condition MLP
+               + 2 * N * cfg.in_channels * D  # patch embedding
+               + 2 * (256 * T + T * T + D * T)  # timestep MLP and pooled-condition projection
+               + 2 * T * D + 2 * N * D * cfg.in_channels)  # final layer
     return cfg.num_layers * per_layer + outside
 
 
@@ -91,8 +86,8 @@ def bench_matmul(args):
     for m, k, n in shapes:
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         timed(lambda: a @ b, device)
-        reps = max(3, int(2e10 // (2 * m * k * n)) // 4)  # ~ a few seconds per shape on 2 cores at most
-        reps = max(reps, 10) if device.type == "cuda" else reps
+        # ~ a few seconds per shape on 2 cores at most
+        reps = max(10 if device.type == "cuda" else 3, int(2e10 // (2 * m * k * n)) // 4)
         seconds = statistics.median(timed(lambda: [a @ b for _ in range(per_call)], device) / per_call
                                     for _ in range(reps))
         results[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds
@@ -127,13 +122,10 @@ class DiffusersDiT(nn.Module):
     def forward(self, x, t, cond):
         B, N, C = x.shape
         out = self.model(
-            hidden_states=x.transpose(1, 2).reshape(B, C, self.grid, self.grid),
-            timestep=1000 * (1 - t),
+            hidden_states=x.transpose(1, 2).reshape(B, C, self.grid, self.grid), timestep=1000 * (1 - t),
             encoder_hidden_states=self.caption_projection(cond),
             encoder_mask=torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device),  # all tokens
-            image_rotary_emb=self.rope,
-            cross_attention_kwargs={},
-        ).sample  # (B, C, H, W)
+            image_rotary_emb=self.rope, cross_attention_kwargs={}).sample  # (B, C, H, W)
         return -out.flatten(2).transpose(1, 2)  # (B, N, C)
 
 
@@ -229,20 +221,17 @@ def bench_dit_mid(args):
 
 
 def bench_dit_8b(args):
-    """One training step of the released blip3o-8b DiT head (condition: 64 query states of the 7B LM's
-    width 3584) on a GPU; with --dtype bf16 its share of the (bf16) matmul peak is the MFU."""
     if args.device.type != "cuda":
         print(f"dit_8b: needs a CUDA GPU (fp32 weights + AdamW of 1.37B parameters are 22 GB): skipped on "
               f"{args.device}")
         return {"skipped": f"needs a CUDA GPU, device was {args.device}"}
-    cfg = DiTConfig(cond_dim=3584)  # the defaults are the released 8B head
+    cfg = DiTConfig(cond_dim=3584)  # the defaults are the released 8B head; its condition: 64 LM states
     return bench_dit_step(args, "dit_8b", cfg, batch=args.batch_8b, cond_tokens=64, rounds=args.rounds)
 
 
 # ---- text -> image sampling of a trained run -----------------------------------------------------------
 
 def bench_sampling(args):
-    """Images/s of text -> CLIP features -> pixels, and of text -> CLIP features alone, per batch size."""
     device = args.device
     try:
         pipe = load_run(args.run, device=device, need=("clip", "understand", "decoder", "generate"))
@@ -297,7 +286,6 @@ def saved_activation_bytes(model, x, t, cond) -> int:
 
 
 def bench_memory(args):
-    """This process's peak RSS; parameters, weights, AdamW states and activations of the real DiT heads."""
     result = {}
     # The real heads: parameters from a meta-device build (no memory), activations measured at full width
     # on one and two layers (B = 1, 64 tokens, 64 condition tokens, fp32), extrapolated to 24 layers.
@@ -371,9 +359,7 @@ STAGE_STEPS = 6  # timed steps per stage (after one warm-up step); the stage's o
 
 
 def bench_stages(args):
-    """Each toy stage of `python train.py`: start-up (drawing, encoding, tables), then a step split into
-    data (chunk_fn), forward, backward and optimizer, with the matmul FLOP rate of forward + backward
-    (torch's FlopCounterMode) against the matmul peak. The stages before each are trained for 2 steps."""
+    """The phases of a step timed apart; FLOPs by FlopCounterMode; the stages before each train 2 steps."""
     import train
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -432,32 +418,31 @@ BENCHMARKS = {"matmul": bench_matmul, "dit_toy": bench_dit_toy, "dit_mid": bench
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each DiT block before timing")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch intra-op threads (0: torch's default; 1 is often faster on a busy CPU)")
-    parser.add_argument("--rounds", type=int, default=8,
-                        help="timed interleaved rounds (dit_mid: half; sampling: at most 3)")
-    parser.add_argument("--run", default="out/toy", help="trained run folder for the sampling benchmark")
-    parser.add_argument("--sample-batches", default="1,16", help="comma-separated batch sizes for sampling")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=torch.device)
-    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
-                        help="matmul peak dtype; bf16 also runs the DiT steps under bf16 autocast (GPU)")
-    parser.add_argument("--batch-8b", type=int, default=64, help="batch of the dit_8b step (GPU)")
-    parser.add_argument("--no-peer", action="store_true", help="time our Next-DiT alone (no diffusers)")
-    parser.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in the DiT steps")
-    args = parser.parse_args()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block before timing")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: torch's default; 1 is often faster on a busy CPU)")
+    p.add_argument("--rounds", type=int, default=8,
+                   help="timed interleaved rounds (dit_mid: half; sampling: at most 3)")
+    p.add_argument("--run", default="out/toy", help="trained run folder for the sampling benchmark")
+    p.add_argument("--sample-batches", default="1,16", help="comma-separated batch sizes for sampling")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=torch.device)
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                   help="matmul peak dtype; bf16 also runs the DiT steps under bf16 autocast (GPU)")
+    p.add_argument("--batch-8b", type=int, default=64, help="batch of the dit_8b step (GPU)")
+    p.add_argument("--no-peer", action="store_true", help="time our Next-DiT alone (no diffusers)")
+    p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) in the DiT steps")
+    args = p.parse_args()
     args.sample_batches = [int(b) for b in args.sample_batches.split(",") if b.strip()]
     if not args.sample_batches or min(args.sample_batches) < 1 or args.rounds < 1:
-        parser.exit(2, "--sample-batches needs positive batch sizes and --rounds at least 1\n")
+        p.exit(2, "--sample-batches needs positive batch sizes and --rounds at least 1\n")
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        parser.exit(2, f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}\n")
+        p.exit(2, f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}\n")
     if any(n.startswith("dit_") or n == "stages" for n in names) and "matmul" not in names:
         names.insert(0, "matmul")  # the DiT figures are reported as a fraction of it
     machine = {"device": str(args.device), "threads": torch.get_num_threads(), "torch": torch.__version__,

@@ -1,8 +1,6 @@
-"""Command-line plumbing shared by the scripts (train.py, sample.py, eval.py, ablation.py).
-
-A mistake in the command line or in a run folder is reported in one line on stderr with exit status 2,
-never a traceback: the scripts raise `UserError` (or pipeline's `CheckpointError`) and `run_main` turns
-it into that line.
+"""Command-line plumbing shared by the scripts (train.py, sample.py, eval.py, ablation.py): a mistake in
+the command line or a run folder (`UserError`, pipeline's `CheckpointError`) is one line on stderr with exit
+status 2, never a traceback.
 """
 import argparse
 import json
@@ -26,8 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def positive_int(s: str) -> int:
-    """argparse type: a whole number > 0."""
+def positive_int(s: str) -> int:  # an argparse type
     v = int(s)
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
@@ -45,8 +42,7 @@ def run_main(fn, *args) -> int:
 
 
 def check_numbers(p: argparse.ArgumentParser, args, at_least_one=(), non_negative=()) -> None:
-    """p.error for the first of `args`' named numbers out of range; absent names and None (an option's
-    "all" default) are skipped. Written so that nan fails `non_negative` too."""
+    """p.error for the first named number out of range (absent and None skipped; nan fails non_negative)."""
     for name in at_least_one:
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -76,13 +72,11 @@ def add_run_options(c: argparse.ArgumentParser, run: bool = True) -> argparse.Ar
 
 def rounded(obj, digits: int = 4):
     """Floats in a nested structure rounded for the JSON line and metrics.json."""
-    if isinstance(obj, float):
-        return round(obj, digits)
     if isinstance(obj, dict):
         return {k: rounded(v, digits) for k, v in obj.items()}
     if isinstance(obj, list):
         return [rounded(v, digits) for v in obj]
-    return obj
+    return round(obj, digits) if isinstance(obj, float) else obj
 
 
 def metrics_main(run_command, args) -> int:
@@ -98,7 +92,6 @@ def metrics_main(run_command, args) -> int:
 
 
 def add_sampling_options(c) -> None:
-    """The generation diffusion's knobs, defaulting to the paper's (blip3o.SAMPLE_STEPS, GUIDANCE). The
-    toy pixel decoder is one forward pass and has none."""
+    """The generation diffusion's knobs, the paper's by default (the toy pixel decoder has none)."""
     c.add_argument("--steps", type=int, default=blip3o.SAMPLE_STEPS, help="Euler steps, text -> features")
     c.add_argument("--guidance", type=float, default=blip3o.GUIDANCE, help="classifier-free guidance scale")

@@ -570,8 +570,7 @@ def render(metadata: dict, seed: int = 0, image_size: int = 32) -> np.ndarray:
 
 
 def load_geneval_metadata(path) -> list[dict]:
-    """Records of an official `evaluation_metadata.jsonl`: one JSON object a line, blank lines skipped; a
-    line that is not a GenEval record raises ValueError naming the file and line."""
+    """Records of an official `evaluation_metadata.jsonl`; a bad line raises ValueError naming it."""
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -598,12 +597,8 @@ MIN_AREA_FRACTION = 0.01  # components smaller than this fraction of the image a
 
 
 def classify_pixels(img: np.ndarray) -> np.ndarray:
-    """(H, W) int map: index into COLORS of each pixel's colour, or -1 for background / no match.
-
-    Each colour c is matched together with its blends with the background -- the segment BACKGROUND -> c
-    in RGB -- because that is what blur does to an edge. A pixel takes the colour whose segment is
-    nearest, and counts as foreground when it lies at least half-way along it (alpha >= 0.5), so a
-    blurred shape keeps its size, and within MAX_COLOR_DISTANCE of it."""
+    """(H, W) index into COLORS of each pixel's colour (-1: background): the colour c whose segment
+    BACKGROUND -> c in RGB (blur's edges) is nearest, if the pixel is at least half-way along it and near."""
     p = img.astype(np.float32) - _BG  # (H, W, 3) offsets from the background
     d = _PALETTE - _BG  # (K, 3) segment directions
     alpha = np.clip(p @ d.T / (d * d).sum(1), 0.0, 1.0)  # (H, W, K) position along each segment
@@ -616,17 +611,13 @@ def classify_pixels(img: np.ndarray) -> np.ndarray:
 
 
 def connected_components(labels: np.ndarray) -> np.ndarray:
-    """(H, W) component ids (-1 for background) of 4-connected pixels sharing the same label >= 0.
-
-    Min-label propagation in plain numpy: each pixel starts with its flat index and takes the smallest id
-    among same-label 4-neighbours until nothing changes (as many sweeps as a component's longest path)."""
-    h, w = labels.shape
-    big = h * w
-    ids = np.where(labels >= 0, np.arange(big).reshape(h, w), big)
+    """(H, W) component ids (-1 for background) of 4-connected pixels sharing the same label >= 0, by
+    min-label propagation: each pixel starts with its flat index and takes its neighbours' smallest id."""
+    big = labels.size
+    ids = np.where(labels >= 0, np.arange(big).reshape(labels.shape), big)
     while True:
         new = ids.copy()
-        # Compare each pixel with its neighbour below, then (on the transposed views) to the right, and
-        # propagate both ways; writes to new.T land in new.
+        # Each pixel against its neighbour below, then (transposed views) to the right; new.T writes to new.
         for ids_v, labels_v in ((new, labels), (new.T, labels.T)):
             same = (labels_v[1:] == labels_v[:-1]) & (labels_v[1:] >= 0)  # (H-1, W) / (W-1, H)
             low = np.minimum(ids_v[1:], ids_v[:-1])
@@ -639,9 +630,8 @@ def connected_components(labels: np.ndarray) -> np.ndarray:
 
 
 def prune_spurs(labels: np.ndarray) -> np.ndarray:
-    """Drop foreground pixels with fewer than two 4-neighbours of their own colour: noise makes the odd
-    background pixel by a shape foreground, which would widen its box and lower the fill ratio that tells
-    a square from a circle. Drawn shapes have no such pixels (see shape_mask): clean images are unchanged."""
+    """Drop foreground pixels with fewer than two 4-neighbours of their colour (noise beside a shape widens
+    its box and lowers the fill ratio). Drawn shapes have none (shape_mask): clean images are unchanged."""
     padded = np.pad(labels, 1, constant_values=-1)  # (H + 2, W + 2)
     neighbours = sum((padded[1 + dy:padded.shape[0] - 1 + dy, 1 + dx:padded.shape[1] - 1 + dx] == labels)
                      for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)))  # (H, W) same-colour neighbours
@@ -649,9 +639,8 @@ def prune_spurs(labels: np.ndarray) -> np.ndarray:
 
 
 def classify_shape(mask: np.ndarray) -> str:
-    """Shape of a component from its (h, w) box mask, by two features that survive noise and slight blur:
-    a triangle (apex up) has bottom-half rows about half a box wider than top-half ones (a circle or a
-    square is symmetric); the fill ratio tells a square (~1.0) from a circle (~0.785; ~0.85 if small, odd)."""
+    """Shape of a component from its (h, w) box mask: a triangle (apex up) widens downwards by about half a
+    box; the fill ratio tells a square (~1.0) from a circle (~0.785; ~0.85 if small, odd)."""
     h, w = mask.shape
     widths = mask.sum(1)  # (h,) pixels per row
     half = max(1, h // 2)
@@ -685,16 +674,13 @@ def detect_objects(img: np.ndarray) -> list[dict]:
 # --- GenEval's rules ---------------------------------------------------------------------------------
 
 def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
-    """(correct, reason) of detected objects against a GenEval record, with the official semantics:
-
-    * include clauses are ANDed: the top `count` objects of the class (largest first) must exist;
-      with a colour, all of those `count` objects must have it; with a position [rel, i], each of them
-      must stand in relation `rel` to every object matched by include i (relative_position);
-    * exclude clauses are ORed: `count` or more objects of the class make the image wrong."""
+    """(correct, reason) of detected objects against a GenEval record, with the official semantics."""
     by_class = {}
     for obj in sorted(objects, key=lambda o: -o["area"]):
         by_class.setdefault(obj["class"], []).append(obj)
     reasons, matched_groups = [], []  # every failed clause adds a reason
+    # Include clauses are ANDed: the top `count` objects of the class (largest first) must exist, have the
+    # clause's colour if any, and for a position [rel, i] each stand in relation rel to all include i matched.
     for req in metadata.get("include", []):
         cls, count, colour = req["class"], req["count"], req.get("color")
         found = by_class.get(cls, [])[:count]
@@ -716,7 +702,7 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
         if reason is not None:
             reasons.append(reason)
         matched_groups.append(found if reason is None else None)
-    for req in metadata.get("exclude", []):
+    for req in metadata.get("exclude", []):  # ORed: `count` or more objects of the class make it wrong
         n = len(by_class.get(req["class"], []))
         if n >= req["count"]:
             reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
@@ -738,9 +724,8 @@ def _to_hwc_uint8(image) -> np.ndarray:
 
 
 def write_geneval_folder(outdir: str, records: list[dict], images_per_record: list) -> None:
-    """Write GenEval's layout: outdir/00000/metadata.jsonl (the record) + outdir/00000/samples/0000.png.
-
-    images_per_record[i]: the images of records[i], uint8 (H, W, 3) arrays or float (3, H, W) in [0, 1]."""
+    """GenEval's layout: outdir/00000/metadata.jsonl (the record) + outdir/00000/samples/0000.png, ...;
+    images_per_record[i]: the images of records[i], uint8 (H, W, 3) or float (3, H, W) in [0, 1]."""
     if len(records) != len(images_per_record):
         raise ValueError(f"{len(records)} records but {len(images_per_record)} image lists")
     for i, (record, images) in enumerate(zip(records, images_per_record)):
@@ -753,10 +738,8 @@ def write_geneval_folder(outdir: str, records: list[dict], images_per_record: li
 
 
 def score_folder(outdir: str) -> tuple[list[dict], dict]:
-    """Score a GenEval folder with the pixel detector: (one result per image, summary).
-
-    Results carry the official keys (filename, tag, prompt, correct, reason, metadata, details);
-    summary = {"per_tag": {tag: accuracy}, "overall": mean over the tags present, "images": n}."""
+    """Score a GenEval folder with the pixel detector -> (one result per image, with the official keys;
+    summary {"per_tag": {tag: accuracy}, "overall": mean over the tags present, "images": n})."""
     results = []
     for sub in sorted(os.listdir(outdir)):
         folder = os.path.join(outdir, sub)
@@ -770,8 +753,7 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
                 continue
             path = os.path.join(samples, name)
             with Image.open(path) as im:
-                img = np.asarray(im.convert("RGB"))
-            objects = detect_objects(img)
+                objects = detect_objects(np.asarray(im.convert("RGB")))
             correct, reason = score_record(metadata, objects)
             details = {}
             for obj in objects:
@@ -788,9 +770,8 @@ def score_folder(outdir: str) -> tuple[list[dict], dict]:
 
 
 # --- 4. Data at scale: WebDataset-style tar shards and image folders, robust to bad samples -----------
-# Real caption data is messy (corrupt or truncated files, bad captions, odd image modes, decompression
-# bombs) and must not stop a multi-day run: the readers skip a bad sample and count why; only a pass that
-# finds nothing readable at all is an error (a wrong path, say).
+# Real caption data is messy (corrupt files, bad captions, odd image modes, decompression bombs) and must
+# not stop a multi-day run: a bad sample is skipped and counted; only a pass with nothing readable fails.
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger images are refused from their header, before any decoding
 MAX_MEMBER_BYTES = 64 * 2 ** 20  # larger tar members are not even read into memory
@@ -808,13 +789,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: 16-bit/float grey rescaled to 8 bits, transparency composited on white."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         arr = np.asarray(im, dtype=np.float64)
-        if arr.max(initial=0) > 255:  # 16-bit range
-            arr = arr / 257
+        arr = arr / 257 if arr.max(initial=0) > 255 else arr  # 16-bit range
         return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB
 
 
@@ -855,19 +834,13 @@ def _decode_caption(caption):
 
 
 class _CaptionStream(torch.utils.data.IterableDataset):
-    """Shared machinery of the readers: splitting, decoding, skipping with counts, resume.
-
-    A reader defines `_describe()` (its input, for errors) and `_raw(slot, slots)`, yielding (is_sample,
-    image bytes | None, caption | None, reason | None) for its slot's samples in order; is_sample is
-    False for an input holding no sample at all (a bad shard).
-
-    Splitting: the world_size x num_workers readers are "slots"; slot k owns sample i of the stream when
-    i % slots == k (each reader parses all the input, decodes only its own) or, splitting tar shards by
-    shard (the default once there are as many shards as slots), whole shards j % slots == k.
-
-    Resume: `position` counts the current pass's samples (good or bad) handed out or skipped; state_dict()
-    saves it, load_state_dict() / `start` make the next pass skip that many. `position` and `stats` are
-    exact in the training process (num_workers=0, as train.py does); with workers they live there."""
+    """Shared machinery of the readers: splitting, decoding, skipping with counts, resume. A reader defines
+    `_describe()` (its input, for errors) and `_raw(slot, slots)`, yielding (is_sample, image bytes, caption,
+    reason) for its slot's samples in order (is_sample False: a bad shard). The world_size x num_workers
+    readers are "slots": slot k owns sample i when i % slots == k or, splitting tar shards by shard (the
+    default once there are as many shards as slots), whole shards j % slots == k. `position` counts the
+    pass's samples handed out or skipped; load_state_dict() makes the next pass skip them (exact with
+    num_workers=0, as train.py reads: with workers, `position` and `stats` live in the workers)."""
 
     def __init__(self, image_size: int, rank: int, world_size: int, start: int, max_pixels: int):
         super().__init__()
@@ -919,28 +892,20 @@ class _CaptionStream(torch.utils.data.IterableDataset):
         self.start = self.position = int(state["position"])
 
 
-def _split_name(name: str):
-    """WebDataset naming: "dir/0001.jpg" -> key "dir/0001", extension "jpg" (None if no extension)."""
-    folder, base = os.path.split(name)
-    if "." not in base or base.startswith("."):
-        return None, None
-    stem, ext = base.split(".", 1)
-    return os.path.join(folder, stem), ext.lower()
-
-
 def _tar_groups(path: str, max_member_bytes: int):
-    """Yield (key, {ext: bytes | None}, reason) per sample of a tar read as a stream, in order; a member
-    over max_member_bytes is not read (None). A broken stream ends the shard, the sample being assembled
-    yielded with reason "truncated_shard" (or, if none was started, key None with "bad_shard")."""
+    """Yield (key, {ext: bytes | None (over max_member_bytes)}, reason) per sample of a tar stream; a broken
+    stream ends it with reason "truncated_shard" (or, no sample started, key None and "bad_shard")."""
     key, members = None, {}
     try:
         with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
-                member_key, ext = _split_name(info.name)
-                if member_key is None:
+                folder, base = os.path.split(info.name)  # WebDataset: "dir/0001.jpg" -> "dir/0001", "jpg"
+                if "." not in base or base.startswith("."):
                     continue
+                stem, ext = base.split(".", 1)
+                member_key, ext = os.path.join(folder, stem), ext.lower()
                 if member_key != key:
                     if key is not None:
                         yield key, members, None
@@ -961,12 +926,9 @@ def _tar_groups(path: str, max_member_bytes: int):
 
 class TarShards(_CaptionStream):
     """WebDataset-style .tar shards -> (image float (3, S, S) in [0, 1], caption str), bad samples skipped.
-
     A sample is the run of consecutive members sharing a key: KEY.jpg / .jpeg / .png / .webp (image) and
-    KEY.txt (UTF-8 caption); other members are ignored. Shards are read in turn as tarfile streams (no
-    index, no seeking). `stats` = {"ok": n, "skipped": {reason: n}}, reasons empty_image, bad_image,
-    too_large, missing_image, missing_caption, bad_caption, empty_caption, truncated_shard (the sample cut
-    by a broken stream), bad_shard (no sample at all). Splitting and resume: _CaptionStream."""
+    KEY.txt (UTF-8 caption). `stats` = {"ok": n, "skipped": {reason: n}}, reasons empty_image, bad_image,
+    too_large, missing_image, missing_caption, bad_caption, empty_caption, truncated_shard, bad_shard."""
 
     def __init__(self, shards: list, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, split_by: str = "auto", max_pixels: int = MAX_IMAGE_PIXELS,
@@ -1007,9 +969,8 @@ class TarShards(_CaptionStream):
 
 
 class ImageFolderCaptions(_CaptionStream):
-    """An image folder plus a JSONL file of {"file": path relative to root, "caption": str} lines ->
-    (image float (3, S, S), caption), skipped, counted, split (by line) and resumed as TarShards; bad
-    lines are skipped as "bad_record", unreadable files as "missing_image"."""
+    """An image folder plus a JSONL file of {"file": path under root, "caption": str} lines -> (image,
+    caption) as TarShards; bad lines are skipped as "bad_record", unreadable files as "missing_image"."""
 
     def __init__(self, root: str, captions: str, image_size: int = 32, rank: int = 0, world_size: int = 1,
                  start: int = 0, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -1042,9 +1003,8 @@ class ImageFolderCaptions(_CaptionStream):
 
 
 def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -> list[str]:
-    """Write WebDataset-style shards out_dir/{prefix}-00000.tar, ... and return their paths; samples are
-    dicts {"__key__": key, ext: bytes | str (stored UTF-8), ...}, e.g. {"__key__": "000001", "png":
-    encode_image(img), "txt": "a red circle"}."""
+    """Write shards out_dir/{prefix}-00000.tar, ... -> their paths; samples are dicts {"__key__": key, ext:
+    bytes | str (stored UTF-8)}, e.g. {"__key__": "000001", "png": encode_image(img), "txt": "a circle"}."""
     os.makedirs(out_dir, exist_ok=True)
     samples, paths = iter(samples), []
     while chunk := list(itertools.islice(samples, per_shard)):
@@ -1100,17 +1060,13 @@ def open_source(source: str, captions: str | None, image_size: int, rank: int, w
     return TarShards(shards, image_size, rank=rank, world_size=world)
 
 
-def _add_counts(a: dict, b: dict) -> dict:
-    """Two {reason: count} tallies added up."""
+def _add_counts(a: dict, b: dict) -> dict:  # two {reason: count} tallies added up
     return {k: a.get(k, 0) + b.get(k, 0) for k in a | b}
 
 
 class StreamBatches:
-    """This rank's endless stream of (images, captions) batches, pass after pass, resumable.
-
-    Read in the training process (no DataLoader workers), so the position saved with a checkpoint is
-    exactly what the finished steps consumed; the reader's per-pass skip counts add up here over passes
-    and resumes, and go into the checkpoint."""
+    """This rank's endless stream of (images, captions) batches, pass after pass, resumable: read in the
+    training process (no workers), so the saved position is exactly what the finished steps consumed."""
 
     def __init__(self, dataset):
         self.dataset = dataset

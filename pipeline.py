@@ -1,11 +1,5 @@
-"""The plumbing around the model in blip3o.py: released weights, checkpoints, devices, a run rebuilt.
-
-- `load_official_generation_weights`: the released BLIP3-o stage-2 weights (the 64 queries and the
-  Next-DiT of BLIP3o/BLIP3o-Model-8B or -4B) read straight into our modules, shard by shard.
-- Checkpoints: safetensors weights + meta.json, written atomically, the previous one kept as
-  `<folder>.prev`; an unreadable file raises CheckpointError naming it and the command that retrains it.
-- Devices and precision: CUDA -> MPS -> CPU, bf16 autocast on CUDA only.
-- `load_run`: every trained piece of a toy run rebuilt from its checkpoints alone, as one `Pipeline`.
+"""The plumbing around the model in blip3o.py: the released weights, checkpoints (an unreadable file raises
+CheckpointError naming it and the command that retrains it), devices, a run rebuilt as one `Pipeline`.
 """
 from __future__ import annotations
 
@@ -37,20 +31,13 @@ def official_key_map(dit: NextDiT) -> dict[str, str]:
     return {name: OFFICIAL_DIT_PREFIX + name for name in dit.state_dict()}
 
 
-def _shape(v) -> tuple[int, ...]:
-    return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-
-
 def dit_config_from_state(state, **overrides) -> DiTConfig:
-    """Infer a DiTConfig from a DiT state dict or {name: shape} (our names, any common key prefix).
-
-    Widths come from the weight shapes, depth from the layer indices, heads from the per-head `gate`, KV
-    heads from `attn1.to_k`, the FFN width as stored; the rest (grid_size, eps) from `overrides`."""
+    """A DiTConfig read off the shapes of a DiT state dict or {name: shape} (our names, any key prefix)."""
     gate_keys = [k for k in state if k.endswith("layers.0.gate")]
     if not gate_keys:
         raise ValueError("not a Next-DiT state: no 'layers.0.gate' key")
     prefix = gate_keys[0][: -len("layers.0.gate")]
-    shape = {k[len(prefix):]: _shape(v) for k, v in state.items() if k.startswith(prefix)}
+    shape = {k[len(prefix):]: tuple(getattr(v, "shape", v)) for k, v in state.items() if k.startswith(prefix)}
     hidden, in_channels = shape["patch_embedder.proj.weight"]
     num_heads = shape["layers.0.gate"][0]
     head_dim = hidden // num_heads
@@ -65,13 +52,12 @@ def dit_config_from_state(state, **overrides) -> DiTConfig:
 
 @dataclass
 class LoadReport:
-    """What load_official_generation_weights did. Loading is complete when missing, mismatched and
-    unexpected are empty; `skipped` counts the checkpoint's other tensors per top-level prefix."""
+    """What load_official_generation_weights did: complete when missing, mismatched, unexpected are empty."""
 
     files: list[str]
     config: DiTConfig
     loaded: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # the checkpoint's other tensors, per top prefix
     missing: list[str] = field(default_factory=list)  # model tensors the checkpoint lacks (left at init)
     mismatched: list[str] = field(default_factory=list)  # "key: checkpoint vs model shape" (left at init)
     unexpected: list[str] = field(default_factory=list)  # DiT keys the model has no place for (ignored)
@@ -79,16 +65,14 @@ class LoadReport:
     def __str__(self):
         lines = [f"loaded {self.loaded} tensors from {len(self.files)} file(s)"]
         lines += [f"skipped {n:>6} tensors under {p}" for p, n in sorted(self.skipped.items())]
-        for what in ("missing", "mismatched", "unexpected"):
-            for key in getattr(self, what):
-                lines.append(f"{what}: {key}")
+        lines += [f"{what}: {key}" for what in ("missing", "mismatched", "unexpected")
+                  for key in getattr(self, what)]
         return "\n".join(lines)
 
 
 def load_official_embedding_row(path, token_id: int) -> torch.Tensor | None:
-    """Row `token_id` (H,) of a released checkpoint's `model.embed_tokens.weight` (None if it has none),
-    read as a slice. BLIP3o adds [IMG] after Qwen's own tokens and trains its row: the stock backbone's
-    row at that id is not the trained one (NOTES.md)."""
+    """Row `token_id` (H,) of a released checkpoint's `model.embed_tokens.weight` (None if none), read as a
+    slice: BLIP3o adds [IMG] after Qwen's tokens and trains its row, unlike the stock backbone (NOTES.md)."""
     path = Path(path)
     for file in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
         with safe_open(os.fspath(file), framework="pt") as f:
@@ -98,32 +82,16 @@ def load_official_embedding_row(path, token_id: int) -> torch.Tensor | None:
     return None
 
 
-def _top_prefix(key: str) -> str:
-    """'model.layers.3.mlp.up_proj.weight' -> 'model.layers', 'visual.blocks.0...' -> 'visual'."""
-    parts = key.split(".")
-    return ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0]
-
-
 def load_official_generation_weights(path, *, device="cpu", dtype=None):
-    """Load the stage-2 weights of a released BLIP3-o checkpoint: the 64 queries and the DiT.
-
-    path: a folder of *.safetensors shards (index file optional) or one file. Only `model.latent_queries`
-    and `model.dit.model.*` are read; anything else is counted in the report, never loaded. The DiT's
-    config comes from the shapes; it is built on the meta device and takes the tensors in place (no
-    second copy of 1.4 B parameters), or, if some are missing or mis-shaped, built normally with those
-    left at init. -> (queries (64, H) or None, NextDiT, LoadReport); dtype None keeps the stored one."""
+    """A released BLIP3-o checkpoint (a folder of *.safetensors shards or one file) -> (its 64 queries (64, H)
+    or None, its NextDiT configured from the shapes, LoadReport); dtype None keeps the stored one."""
     path = Path(path)
-    if path.is_file():
-        files = [path]
-    else:
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            # The index names every shard; reading only the shards that hold our keys skips the rest.
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({path / f for k, f in weight_map.items()
-                            if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY})
-        else:
-            files = sorted(path.glob("*.safetensors"))
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.exists():  # it names every shard: only those holding our keys are read
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for k, f in weight_map.items()
+                        if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY})
     if not files:
         raise ValueError(f"no .safetensors files found at {path}")
 
@@ -135,31 +103,31 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
                     dit_state[key[len(OFFICIAL_DIT_PREFIX):]] = f.get_tensor(key)
                 elif key == OFFICIAL_QUERIES_KEY:
                     queries = f.get_tensor(key)
-                else:
-                    skipped[_top_prefix(key)] = skipped.get(_top_prefix(key), 0) + 1
+                else:  # only counted, under 'model.layers', 'visual', ...
+                    parts = key.split(".")
+                    top = ".".join(parts[:2]) if parts[0] == "model" and len(parts) > 2 else parts[0]
+                    skipped[top] = skipped.get(top, 0) + 1
     if not dit_state:
-        names = [os.fspath(f) for f in files]
-        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {names}: not a BLIP3-o generation checkpoint")
+        raise ValueError(f"no '{OFFICIAL_DIT_PREFIX}*' keys in {[os.fspath(f) for f in files]}: not a "
+                         "BLIP3-o generation checkpoint")
     if dtype is not None:
         dit_state = {k: v.to(dtype) for k, v in dit_state.items()}
         queries = None if queries is None else queries.to(dtype)
 
     cfg = dit_config_from_state(dit_state)
     report = LoadReport(files=[os.fspath(f) for f in files], config=cfg, skipped=skipped)
-    with torch.device("meta"):
+    with torch.device("meta"):  # takes the tensors in place: no second copy of 1.4 B parameters
         model = NextDiT(cfg)
     expected = model.state_dict()
     report.unexpected = sorted(OFFICIAL_DIT_PREFIX + k for k in dit_state if k not in expected)
     report.missing = sorted(OFFICIAL_DIT_PREFIX + k for k in expected if k not in dit_state)
     report.mismatched = sorted(
         f"{OFFICIAL_DIT_PREFIX}{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in dit_state.items()
-        if k in expected and v.shape != expected[k].shape
-    )
+        for k, v in dit_state.items() if k in expected and v.shape != expected[k].shape)
     usable = {k: v for k, v in dit_state.items() if k in expected and v.shape == expected[k].shape}
     if len(usable) == len(expected):
         model.load_state_dict(usable, assign=True)  # the meta parameters become the loaded tensors
-    else:
+    else:  # built normally, the missing or mis-shaped tensors left at init
         model = NextDiT(cfg).to(device=device, dtype=dtype)
         model.load_state_dict(usable, strict=False)
     report.loaded = len(usable) + (queries is not None)
@@ -172,14 +140,12 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
 
 # --- Checkpoints: safetensors weights + JSON, written atomically --------------------------------------
 
-
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, damaged, from another stage, or does not match the model.
-    `damaged`: the file that cannot be read and `reason` what is wrong with it (else None)."""
+    """A checkpoint that is missing, damaged, from another stage, or does not match the model."""
 
     def __init__(self, message: str, damaged: Path | None = None, reason: str | None = None):
         super().__init__(message)
-        self.damaged, self.reason = damaged, reason
+        self.damaged, self.reason = damaged, reason  # the file that cannot be read, what is wrong (else None)
 
 
 def damaged_file(file, reason: str, hint: str) -> CheckpointError:
@@ -209,12 +175,8 @@ def retrain_command(folder, stage: str | None) -> str:
 
 def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | None = None,
                     tokenizer=None, keep_previous: bool = True) -> None:
-    """Write a checkpoint folder atomically, keeping the one it replaces as `<folder>.prev`.
-
-    Everything goes into a sibling temporary folder first (fsync'd); then the current folder becomes
-    `<folder>.prev` and the new one is renamed into place, so a crash at any moment leaves a complete
-    checkpoint (`checkpoint_path` finds it). keep_previous=False replaces the current folder instead
-    (train.py: a damaged one, after resuming from `<folder>.prev`, which then stays)."""
+    """Write a checkpoint folder atomically, the one it replaces kept as `<folder>.prev` unless not
+    keep_previous (train.py: a damaged one, whose `.prev` then stays)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -223,7 +185,7 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
     prev = previous_path(folder)
     for stale in folder.parent.glob(folder.name + ".tmp-*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
+    tmp.mkdir()  # written and fsync'd first, then renamed into place: a crash leaves a complete checkpoint
     # clone(): tied weights (the toy LM's embedding = its output layer) share storage, which
     # safetensors refuses; each key gets its own copy and `load_module` restores both.
     weights = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
@@ -252,14 +214,8 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
 
 
 def checkpoint_path(folder) -> Path | None:
-    """The folder holding a stage's latest checkpoint: the folder itself if it exists (intact or
-    damaged: `load_checkpoint` tells which), else `<folder>.prev` after a crash between the renames of
-    `save_checkpoint`; None if the stage was never saved."""
-    folder = Path(folder)
-    for cand in (folder, previous_path(folder)):
-        if cand.exists():
-            return cand
-    return None
+    """A stage's latest checkpoint: the folder (intact or not), else `<folder>.prev` (a crash), else None."""
+    return next((cand for cand in (Path(folder), previous_path(folder)) if cand.exists()), None)
 
 
 def read_meta(path, stage: str | None = None, folder=None) -> dict:
@@ -291,8 +247,7 @@ def read_meta(path, stage: str | None = None, folder=None) -> dict:
 
 def first_line(error: BaseException) -> str:
     """An exception's message cut to its first line (errors are reported in one line)."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = False, path: Path | None = None):
@@ -313,27 +268,13 @@ def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = Fal
         raise damaged_file(weights, "missing", hint) from None
     except (OSError, SafetensorError) as e:
         raise damaged_file(weights, f"damaged ({first_line(e)})", hint) from None
-    opt = None
-    optimizer = path / "optimizer.pt"
+    opt, optimizer = None, path / "optimizer.pt"
     if with_optimizer and optimizer.is_file():
         try:
             opt = torch.load(optimizer, map_location="cpu", weights_only=True)
         except Exception as e:  # truncated (EOFError, RuntimeError) or a refused pickle (UnpicklingError)
             raise damaged_file(optimizer, f"damaged ({first_line(e)})", hint) from None
     return meta, tensors, opt
-
-
-def load_checkpoint_tokenizer(folder, stage: str = "clip"):
-    """The tokenizer saved with a checkpoint (RUN/clip/tokenizer), or a CheckpointError naming it."""
-    path = checkpoint_path(folder)
-    tok_dir = path / "tokenizer"
-    hint = "train the stage again: " + retrain_command(folder, stage)
-    if not tok_dir.is_dir():
-        raise damaged_file(tok_dir, "missing", hint)
-    try:
-        return load_tokenizer(str(tok_dir))
-    except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a broken folder
-        raise damaged_file(tok_dir, f"damaged ({first_line(e)})", hint) from None
 
 
 def load_stage(module: nn.Module, tensors: dict, prefix: str, folder, stage: str, ema: bool = False) -> None:
@@ -352,14 +293,10 @@ def module_tensors(prefix: str, module: nn.Module) -> dict:
 
 def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "checkpoint",
                 ema: bool = False) -> None:
-    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match.
-
-    ema=True: where the checkpoint holds an exponential moving average "ema.<key>" of a weight, load
-    that instead (diffusion models sample from their EMA weights).
-    """
+    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match."""
     own = module.state_dict()
     found = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    if ema:
+    if ema:  # a weight's moving average "ema.<key>" where there is one: diffusion samples from EMA weights
         # A tied weight (one tensor, two names: the toy LM's embedding and output layer) has one EMA,
         # under its first name; every name must take that one, or the last name loaded would win.
         first, alias = {}, {}
@@ -370,20 +307,15 @@ def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "ch
     unexpected = sorted(set(found) - set(own))
     shapes = [f"{k}: {tuple(found[k].shape)} in {source}, {tuple(own[k].shape)} in model"
               for k in own if k in found and found[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        lines = []
-        if missing:
-            lines.append(f"missing {len(missing)} keys, e.g. {', '.join(missing[:5])}")
-        if unexpected:
-            lines.append(f"unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:5])}")
-        if shapes:
-            lines.append("shape mismatch: " + "; ".join(shapes[:5]))
+    lines = [f"{what} {len(keys)} keys, e.g. {', '.join(keys[:5])}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    lines += ["shape mismatch: " + "; ".join(shapes[:5])] if shapes else []
+    if lines:
         raise CheckpointError(f"{source} does not match the {prefix!r} model: " + " | ".join(lines))
     module.load_state_dict(found, strict=True)
 
 
 # --- Devices and precision (chosen once, in one place) ------------------------------------------------
-
 
 def pick_device(name: str = "auto") -> torch.device:
     """CUDA -> MPS -> CPU, unless a device is named."""
@@ -406,29 +338,22 @@ def autocast(device: torch.device):
 def count_params(module: nn.Module) -> tuple[int, int]:
     """(trainable, frozen) parameter counts."""
     t = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    f = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-    return t, f
+    return t, sum(p.numel() for p in module.parameters()) - t
 
 
 # --- The whole model, rebuilt from a run folder -------------------------------------------------------
 
-
 @dataclass
 class Pipeline:
-    """Every trained piece of a run, rebuilt from its checkpoints alone (no command-line flags).
-
-    RUN/clip (CLIP + tokenizer), RUN/understand (projector + LM), RUN/decoder (pixels),
-    RUN/generate/<loss>-<target> (queries + Next-DiT or W), RUN/vae (ablation), RUN/joint (ablation:
-    VLM and generator trained together, variant "joint"). Missing pieces are None.
-    """
+    """Every trained piece of a run, rebuilt from its checkpoints alone (no command-line flags)."""
 
     config: Config
     tokenizer: object
-    clip: ImageEncoder
-    vlm: VisionLanguageModel | None = None
-    generator: Generator | None = None
-    decoder: PixelDecoder | None = None
-    vae: VAE | None = None
+    clip: ImageEncoder  # RUN/clip, with the tokenizer
+    vlm: VisionLanguageModel | None = None  # RUN/understand: projector + LM (RUN/joint: trained with the DiT)
+    generator: Generator | None = None  # RUN/generate/<loss>-<target> (or RUN/joint): queries + Next-DiT or W
+    decoder: PixelDecoder | None = None  # RUN/decoder: pixels
+    vae: VAE | None = None  # RUN/vae (ablation)
     target: str = "clip"
     device: torch.device = torch.device("cpu")
 
@@ -491,15 +416,21 @@ def check_run_folder(run) -> Path:
 
 # Each trained piece, rebuilt from its stage's checkpoint: load_run and train.py's later stages use these.
 
-
 def load_clip(run) -> tuple[ImageEncoder, object, Config]:
-    """RUN/clip -> the toy CLIP, the run's tokenizer and the config the CLIP stage saved."""
+    """RUN/clip -> the toy CLIP, the run's tokenizer (saved with it) and the config the CLIP stage saved."""
     folder = Path(run) / "clip"
     meta, tensors, _ = load_checkpoint(folder, stage="clip")
     cfg = Config.from_dict(meta["config"])
     clip = ImageEncoder(cfg.clip)
     load_stage(clip, tensors, "clip", folder, "clip")
-    return clip, load_checkpoint_tokenizer(folder), cfg
+    tok_dir = checkpoint_path(folder) / "tokenizer"
+    hint = "train the stage again: " + retrain_command(folder, "clip")
+    if not tok_dir.is_dir():
+        raise damaged_file(tok_dir, "missing", hint)
+    try:
+        return clip, load_tokenizer(str(tok_dir)), cfg
+    except Exception as e:  # transformers raises OSError, ValueError or a JSON error for a broken folder
+        raise damaged_file(tok_dir, f"damaged ({first_line(e)})", hint) from None
 
 
 def load_vlm(run, tokenizer, clip_width: int) -> VisionLanguageModel:

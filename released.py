@@ -2,9 +2,8 @@
 
 Our code runs the released stage-2 weights (64 queries + Next-DiT) and ends at 64 CLIP features per image.
 Each released checkpoint (BLIP3o/BLIP3o-Model-8B, -4B) also carries the second diffusion stage in
-`diffusion-decoder/`: Emu2-Gen's SDXL-architecture UNet (`unet/`), an SDXL VAE (`vae/`), an Euler
-scheduler (`scheduler/`), and the custom diffusers pipeline that drives them (`pipeline_llava_gen.py`).
-This file is that pipeline's decoding loop, written out over the same diffusers components:
+`diffusion-decoder/`: Emu2-Gen's SDXL-architecture UNet, an SDXL VAE, an Euler scheduler, and the custom
+diffusers pipeline that drives them (`pipeline_llava_gen.py`), whose decoding loop this file writes out:
 
     features (B, 64, 1792) --+-- encoder_hidden_states   (the UNet cross-attends to all 64 tokens)
                              +-- mean of the 64 tokens     -> text_embeds (SDXL's pooled embedding)
@@ -12,14 +11,11 @@ This file is that pipeline's decoding loop, written out over the same diffusers 
     STEPS Euler steps, guidance GUIDANCE against the features generated for NEGATIVE_PROMPT
     VAE decode -> images (B, 3, H, W) in [0, 1]
 
-`python sample.py --official-checkpoint DIR` runs it: the only path that needs diffusers.
-
-Sources, cited at the lines that follow them:
-- BLIP3o's pipeline_llava_gen.py (shipped in diffusion-decoder/; read from the public copy in the
-  loggerJK/VLM repository), class EmuVisualGenerationPipeline;
-- BLIP3o's inference.py (how that pipeline is loaded: from_pretrained(..., variant="bf16"));
-- Emu2's pipeline_emu2_gen.py (JiuhaiChen/BLIP3o) and conf/diffusion_config/*.json (baaivision/Emu), the
-  Emu2-Gen originals that BLIP3o's decoder and pipeline come from.
+`python sample.py --official-checkpoint DIR` runs it: the only path that needs diffusers. Sources, cited
+at the lines that follow them: BLIP3o's pipeline_llava_gen.py (in diffusion-decoder/; public copy in the
+loggerJK/VLM repository), class EmuVisualGenerationPipeline; BLIP3o's inference.py (how that pipeline is
+loaded); Emu2's pipeline_emu2_gen.py (JiuhaiChen/BLIP3o) and conf/diffusion_config/*.json (baaivision/Emu),
+the Emu2-Gen originals of BLIP3o's decoder and pipeline.
 """
 from __future__ import annotations
 
@@ -50,8 +46,7 @@ class DecoderError(UserError):
 # ---- checks that cost nothing: run before the backbone and the DiT load --------------------------------
 
 def decoder_config(checkpoint, size: int = SIZE) -> dict:
-    """Check DIR/diffusion-decoder/, that diffusers imports, and that the VAE can make size x size images;
-    -> the UNet's config (its JSON, a dict)."""
+    """Check DIR/diffusion-decoder/, diffusers, and that the VAE makes size x size images -> UNet config."""
     root = Path(checkpoint) / DECODER_DIR
     if not root.is_dir():
         raise DecoderError(f"no {DECODER_DIR}/ in {checkpoint}: the released checkpoints carry one (download "
@@ -63,18 +58,16 @@ def decoder_config(checkpoint, size: int = SIZE) -> dict:
         import diffusers  # noqa: F401
     except ImportError:
         raise DecoderError(INSTALL_HINT) from None
-    unet, vae = (read_json(root / sub / "config.json") for sub in ("unet", "vae"))
-    scale = 2 ** (len(vae["block_out_channels"]) - 1)  # pipeline_llava_gen.py, __init__: vae_scale_factor
+    cfg = {}
+    for sub in ("unet", "vae"):
+        try:
+            cfg[sub] = json.loads((root / sub / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DecoderError(f"cannot read {root / sub / 'config.json'}: {e}") from None
+    scale = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)  # pipeline_llava_gen.py: vae_scale_factor
     if size % scale:
         raise DecoderError(f"image size {size} is not a multiple of {scale}, the VAE's down-sampling factor")
-    return unet
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DecoderError(f"cannot read {path}: {e}") from None
+    return cfg["unet"]
 
 
 def check_width(unet_config: dict, width: int, where="the decoder") -> None:
@@ -109,21 +102,18 @@ def load_decoder(checkpoint, device) -> Decoder:
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    # diffusers' fast load (no random init before the weights) needs accelerate; without it diffusers falls
-    # back and prints a five-line notice per model. Asking for the fallback directly keeps it to one line.
+    # diffusers' fast load needs accelerate; asking for the fallback directly spares its five-line notice.
     fast = importlib.util.find_spec("accelerate") is not None
     if not fast:
         print("note: the decoder loads faster with accelerate installed (pip install accelerate)")
 
-    def variant(sub):
-        # BLIP3o's inference.py: variant="bf16" (*.bf16.safetensors); a folder saved without one loads too
-        return "bf16" if any((root / sub).glob("*.bf16.safetensors")) else None
-
+    # BLIP3o's inference.py: variant="bf16" (*.bf16.safetensors); a folder saved without one loads too
+    variant = {s: "bf16" if any((root / s).glob("*.bf16.safetensors")) else None for s in ("unet", "vae")}
     try:
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=dtype,
-                                                    variant=variant("unet"), local_files_only=True,
+                                                    variant=variant["unet"], local_files_only=True,
                                                     low_cpu_mem_usage=fast)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, variant=variant("vae"),
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, variant=variant["vae"],
                                             local_files_only=True, low_cpu_mem_usage=fast)
         scheduler = EulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as e:  # no weights file, a broken config
@@ -146,9 +136,8 @@ def decode(decoder: Decoder, features: torch.Tensor, negative: torch.Tensor, *, 
         raise DecoderError(f"image size {height}x{width} is not a multiple of the VAE's factor {scale}")
     B = features.shape[0]
     guided = guidance > 1.0  # __call__: do_classifier_free_guidance = guidance_scale > 1.0
-    cond = features
-    if guided:  # _prepare_and_encode_inputs: torch.cat([prompt, negative]): conditional first
-        cond = torch.cat([features, negative.expand(B, -1, -1)])  # (2B, 64, D)
+    # _prepare_and_encode_inputs: torch.cat([prompt, negative]): conditional first
+    cond = torch.cat([features, negative.expand(B, -1, -1)]) if guided else features  # (2B, 64, D)
     cond = cond.to(device, dtype)  # __call__: prompt_embeds.to(dtype).to(device)
     added = {
         # __call__: unet_added_conditions["text_embeds"] = torch.mean(prompt_embeds, dim=1): the pooled input

@@ -273,8 +273,7 @@ IMG_TOKEN = "[IMG]"  # added by BLIP3o's training after Qwen's own tokens: id 15
 
 def load_official(checkpoint, backbone, device: torch.device):
     """-> (generator with the released queries and DiT, frozen LM, tokenizer). The backbone loads from its own
-    path (bf16 on CUDA, fp32 elsewhere); the tokenizer from the checkpoint when it ships one (as BLIP3o's
-    builder.py does), else the backbone's; the DiT, the queries and [IMG]'s embedding from the checkpoint."""
+    path; the tokenizer from the checkpoint when it ships one (BLIP3o's builder.py), else the backbone's."""
     try:
         queries, dit, report = pipeline.load_official_generation_weights(checkpoint, device=device,
                                                                        dtype=torch.float32)
@@ -318,8 +317,7 @@ def load_official(checkpoint, backbone, device: torch.device):
 
 def official_prompt_ids(tok, texts, template: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Texts -> ids (B, T) right-padded, lengths (B,): each text in OFFICIAL_TEMPLATE (or bare), then [IMG],
-    tokenized as the official generate_image does (tokenizer(text): for Qwen no <bos>). Generator.condition
-    puts each row's queries right after its own [IMG], so every row reads what it would read alone."""
+    tokenized as the official generate_image does (for Qwen no <bos>); each row reads what it would alone."""
     img = tok.convert_tokens_to_ids(IMG_TOKEN)
     rows = [tok(OFFICIAL_TEMPLATE.format(t) if template else t)["input_ids"] + [img] for t in texts]
     T = max(len(r) for r in rows)
@@ -514,23 +512,8 @@ def run_official(args, device):
     out = Path(args.out or "out/official")
     save_features(feats, args.prompt, out / "features.safetensors")
     decoder = released.load_decoder(ckpt, device)
-    rows = render_official(decoder, feats, negative, args, device, out)
-    grid = save_png(image_grid(rows, args.prompt, scale=1), out / "grid.png")
-    how = f"{args.decoder_steps} steps, guidance {args.decoder_guidance}, {args.resolution}x{args.resolution}"
-    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples, released decoder ({how}) -> {grid} "
-          "and one PNG each")
-
-
-def save_features(feats: torch.Tensor, prompts, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": feats.contiguous()}, str(out), metadata={"prompts": json.dumps(prompts)})
-    return out
-
-
-def render_official(decoder, feats, negative, args, device, out: Path):
-    """Each of the P x S feature sets -> one image, out/p{prompt}_s{sample}.png; sample j uses seed + j."""
     P, S = feats.shape[:2]
-    rows = [[] for _ in range(P)]
+    rows = [[] for _ in range(P)]  # feature set (p, s) -> one image, out/p{p}_s{s}.png, drawn with seed + s
     with tqdm(total=P * S, desc="decoding", unit="image", file=sys.stderr, dynamic_ncols=True) as bar:
         for p in range(P):
             for s in range(S):
@@ -541,7 +524,16 @@ def render_official(decoder, feats, negative, args, device, out: Path):
                 save_png(to_pil(image), out / f"p{p:03d}_s{s:02d}.png")
                 rows[p].append(image)
                 bar.update(1)
-    return rows
+    grid = save_png(image_grid(rows, args.prompt, scale=1), out / "grid.png")
+    how = f"{args.decoder_steps} steps, guidance {args.decoder_guidance}, {args.resolution}x{args.resolution}"
+    print(f"{len(args.prompt)} prompt(s) x {args.num_samples} samples, released decoder ({how}) -> {grid} "
+          "and one PNG each")
+
+
+def save_features(feats: torch.Tensor, prompts, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": feats.contiguous()}, str(out), metadata={"prompts": json.dumps(prompts)})
+    return out
 
 
 if __name__ == "__main__":
