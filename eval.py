@@ -373,13 +373,6 @@ def eval_geneval(outdir) -> dict:
     return {**summary, "per_tag": per_tag, "images_per_tag": counts}
 
 
-def print_geneval(m: dict, title: str) -> None:
-    print(title)
-    rows = [[tag, m["images_per_tag"][tag], acc] for tag, acc in m["per_tag"].items()]
-    rows.append(["overall (mean of tags)", m["images"], m["overall"]])
-    print(format_table(["tag", "images", "accuracy"], rows))
-
-
 @torch.no_grad()
 def reconstruct_set(pipe, n: int, batch: int = 100):
     """-> (uint8 originals (n, 3, H, W), float reconstructions (n, 3, H, W), scenes, uint8 (n, H, W, 3)
@@ -711,23 +704,71 @@ def md_table(header, rows) -> list[str]:
     return ["| " + " | ".join(map(str, row)) + " |" for row in [header, ["---"] * len(header), *rows]]
 
 
+def geneval_md(g: dict) -> list[str]:
+    """Toy GenEval (eval_toygeneval's or a scored folder's metrics) as Markdown: per tag, decoded beside the
+    second scorer and what the tokens say, and the position prompts of seen arrangements."""
+    said, other = g.get("tokens_say", {"per_tag": {}}), g.get("second_opinion", {"per_tag": {}})
+    rows = [[t, g["images_per_tag"][t], f"{a:.3f}", fmt(other["per_tag"].get(t)), fmt(said["per_tag"].get(t))]
+            for t, a in g["per_tag"].items()]
+    rows.append(["**overall**", g["images"], f"**{g['overall']:.3f}**", fmt(other.get("overall")),
+                 fmt(said.get("overall"))])
+    if seen := g.get("position_seen"):
+        rows.append([f"position, *seen* arrangements ({seen['prompts']} prompts)", seen["images"],
+                     f"{seen['decoded']:.3f}", "", fmt(seen.get("tokens_say"))])
+    return md_table(["tag", "images", "decoded", "second scorer", "tokens say"], rows)
+
+
+def understand_md(u: dict) -> list[str]:
+    """eval_understand's metrics as Markdown."""
+    pos = u["position"]
+    md = md_table(["question type", "questions", "accuracy"],
+                  [[q, v["questions"], fmt(v["accuracy"])] for q, v in u["per_type"].items()]
+                  + [["**overall**", u["questions"], f"**{u['overall']:.3f}**"],
+                     ["whole caption", u["captions"], f"{u['caption_exact']:.3f}"]])
+    md += ["", "Position answers on arrangements training pictured (*seen*) and on arrangements no training "
+           "image shows (*never pictured*, each of its question forms apart):", ""]
+    held = pos["heldout"]
+    md += md_table(["arrangement", "questions", "accuracy"],
+                   [["*seen*", pos["seen"]["questions"], fmt(pos["seen"]["accuracy"])],
+                    ["**never pictured**", held["questions"], f"**{held['accuracy']:.3f}**"]]
+                   + [[k, v["questions"], fmt(v["accuracy"])] for k, v in pos.items()
+                      if k not in ("seen", "heldout")])
+    md += ["", "By objects in the image (questions, accuracy). With two objects a colour or shape question "
+           "picks one by the other attribute: 0.5 is answering about either at random.", ""]
+    md += md_table(["question type", *SCENE_SIZES],
+                   [[q, *(f"{v[z]['questions']}, {v[z]['accuracy']:.2f}" if z in v else "-"
+                          for z in SCENE_SIZES)] for q, v in u["by_scene_size"].items()])
+    return md + ["", "Examples:", ""] + [f"- `{e['question']}` -> `{e['predicted']}` (truth `{e['answer']}`)"
+                                        for e in u["examples"]]
+
+
+def recon_md(r: dict) -> list[str]:
+    """recon_scores' metrics as Markdown: per tag, decoded beside what the real scene tokens say."""
+    md = [f"{r['images']} held-out images, each scored by the GenEval rules against its own record: "
+          f"**{r['recon']:.3f}** (the originals themselves: {r['originals']:.3f}). Per tag, decoded beside "
+          "what the real scene tokens say, drawn exactly: a binding lost in the tokens shows in both, one "
+          "lost by the decoder only in the first.", ""]
+    said = r.get("tokens_say_per_tag", {})
+    return md + md_table(["tag", "decoded", "tokens say"], [[t, fmt(a), fmt(said.get(t))]
+                                                            for t, a in r["per_tag"].items()])
+
+
 def report_markdown(run: Path, record: dict) -> str:
     """RUN/REPORT.md: every number of metrics.json as tables, the pictures, and the commands."""
     m, times = record["metrics"], record["train_seconds_per_stage"]
     md = [f"# BLIP3-o toy run: `{run}`", "",
           "All numbers are on held-out compositions of the shapes world (never drawn in training) unless "
           "marked *seen*. Regenerate with `python eval.py report --run " + str(run) + "` (cached while the "
-          "checkpoints are unchanged).", "", "## Headline", "",
-          "| metric | value | target | |", "| --- | --- | --- | --- |"]
-    for name, value in headline(m).items():
-        mark = "ok" if value >= TARGETS[name] else "below"
-        md.append(f"| {name} | {value:.3f} | >= {TARGETS[name]:.2f} | {mark} |")
+          "checkpoints are unchanged).", "", "## Headline", ""]
+    md += md_table(["metric", "value", "target", ""], [[name, f"{v:.3f}", f">= {TARGETS[name]:.2f}", "ok" if
+                                                        v >= TARGETS[name] else "below"]
+                                                       for name, v in headline(m).items()])
     rows = []
     for name, s in record["stages"].items():
         secs, plot = times.get(name), f"loss_{name.replace('/', '-')}.png"
         rows.append([name, s["steps"], s["final_loss"] if s["final_loss"] is not None else "-",
-                       f"{secs:.0f} s" if secs else "-",
-                       f"![]({plot})" if plot in record["loss_plots"] else "-"])
+                     f"{secs:.0f} s" if secs else "-",
+                     f"![]({plot})" if plot in record["loss_plots"] else "-"])
     md += ["", "## Stages", "", *md_table(["stage", "steps", "final loss", "train time", "loss curve"], rows)]
     if times:
         md.append(f"\nTraining time, all stages above: {sum(times.values()) / 60:.1f} min.")
@@ -735,23 +776,14 @@ def report_markdown(run: Path, record: dict) -> str:
         md.append(f"The last `python train.py` that trained anything took "
                   f"{record['last_train_run_seconds'] / 60:.1f} min, evaluations excluded.")
     if g := m.get("toygeneval"):
-        said = g.get("tokens_say", {"per_tag": {}})
-        other = g.get("second_opinion", {"per_tag": {}})
         md += ["", "## Toy GenEval (text -> CLIP features -> pixels, scored from pixels)", "",
                f"{g['images']} images of the held-out prompt set in `{Path(g['folder']).name}/` "
                "(GenEval layout, `results.jsonl` beside it); overall = mean over tags. *Second scorer*: the "
                "same pictures scored by an independent detector and rules (`eval.second_opinion`). *Tokens "
                "say*: the same samples drawn exactly from the objects the CLIP's scene head reads in their "
-               "generated tokens (the generator's share of the errors; the rest is the pixel decoder's).", ""]
-        rows = [[t, g["images_per_tag"][t], f"{a:.3f}", fmt(other["per_tag"].get(t)),
-                 fmt(said["per_tag"].get(t))] for t, a in g["per_tag"].items()]
-        rows.append(["**overall**", g["images"], f"**{g['overall']:.3f}**", fmt(other.get("overall")),
-                     fmt(said.get("overall"))])
-        if seen := g.get("position_seen"):
-            rows.append([f"position, *seen* arrangements ({seen['prompts']} prompts)", seen["images"],
-                         f"{seen['decoded']:.3f}", "", fmt(seen.get("tokens_say"))])
-        md += md_table(["tag", "images", "decoded", "second scorer", "tokens say"], rows)
-        md += ["", "The position tag's prompts are arrangements no training image shows (the generalization "
+               "generated tokens (the generator's share of the errors; the rest is the pixel decoder's).", "",
+               *geneval_md(g), "",
+               "The position tag's prompts are arrangements no training image shows (the generalization "
                "test), at 32 images each; GenEval's own position prompts are not held out, which the *seen* "
                "line measures: the 18 position prompts of arrangements training pictured, on new samples. "
                "Neither is in the other's number; the overall is the mean of the six held-out tags."]
@@ -773,42 +805,14 @@ def report_markdown(run: Path, record: dict) -> str:
                f"The guidance sweep (columns: {g}; green: right by the toy scorer), and toy GenEval against "
                "guidance and Euler steps:", "", "![sweep](sweep.png)", "", "![sweeps](sweep_plot.png)"]
     if u := m.get("understand"):
-        md += ["", "## Understanding (stage 1): exact match, greedy", ""]
-        md += md_table(["question type", "questions", "accuracy"],
-                       [[q, v["questions"], fmt(v["accuracy"])] for q, v in u["per_type"].items()]
-                       + [["**overall**", u["questions"], f"**{u['overall']:.3f}**"],
-                          ["whole caption", u["captions"], f"{u['caption_exact']:.3f}"]])
-        pos = u["position"]
-        md += ["", "Position answers on arrangements training pictured (*seen*) and on arrangements no "
-               "training image shows (*never pictured*, each of its question forms apart):", ""]
-        md += md_table(["arrangement", "questions", "accuracy"],
-                       [["*seen*", pos["seen"]["questions"], fmt(pos["seen"]["accuracy"])],
-                        ["**never pictured**", pos["heldout"]["questions"],
-                         f"**{pos['heldout']['accuracy']:.3f}**"]]
-                       + [[k, v["questions"], fmt(v["accuracy"])] for k, v in pos.items()
-                          if k not in ("seen", "heldout")])
-        md += ["", "By objects in the image (questions, accuracy). With two objects a colour or shape "
-               "question picks one by the other attribute: 0.5 is answering about either at random.", ""]
-        md += md_table(["question type", *SCENE_SIZES],
-                       [[q, *(f"{v[z]['questions']}, {v[z]['accuracy']:.2f}" if z in v else "-"
-                              for z in SCENE_SIZES)] for q, v in u["by_scene_size"].items()])
-        md += ["", "Examples:", ""]
-        md += [f"- `{e['question']}` -> `{e['predicted']}` (truth `{e['answer']}`)" for e in u["examples"]]
+        md += ["", "## Understanding (stage 1): exact match, greedy", "", *understand_md(u)]
     if "clip" in m:
         md += ["", "## CLIP (toy, contrastive)", ""]
         md += md_table(["metric", "value"], [[name, fmt(m["clip"][key])] for key, name in CLIP_ROWS.items()])
     if r := m.get("recon"):
-        md += ["", "## Reconstruction (image -> 64 CLIP tokens -> pixel decoder)", "",
-               f"{r['images']} held-out images, each scored by the GenEval rules against its own record: "
-               f"**{r['recon']:.3f}** (the originals themselves: {r['originals']:.3f}).", ""]
-        if "tokens_say" in r:
-            md += ["Per tag, decoded beside what the real scene tokens say, drawn exactly: a binding lost in "
-                   "the tokens shows in both, one lost by the decoder only in the first.", ""]
-            md += md_table(["tag", "decoded", "tokens say"], [[t, fmt(a), fmt(r["tokens_say_per_tag"][t])]
-                                                              for t, a in r["per_tag"].items()])
-            md.append("")
+        md += ["", "## Reconstruction (image -> 64 CLIP tokens -> pixel decoder)", "", *recon_md(r)]
         if "reconstructions.png" in record["pictures"]:
-            md.append("![reconstructions](reconstructions.png)")
+            md += ["", "![reconstructions](reconstructions.png)"]
     md += ["", "## Timings", ""]
     md += md_table(["what", "seconds"], [[f"train {k}", f"{v:.0f}"] for k, v in times.items()]
                    + [[f"eval {k}", f"{v:.0f}"] for k, v in m["eval_seconds"].items()]
@@ -817,11 +821,7 @@ def report_markdown(run: Path, record: dict) -> str:
     md += ["", "## Commands", "", "```",
            f"python train.py --out {run}                  # train every stage (finished ones are skipped)",
            f"python eval.py report --run {run}            # this report",
-           f"python eval.py clip --run {run}",
-           f"python eval.py understand --run {run}",
-           f"python eval.py views --run {run}",
-           f"python eval.py recon --run {run} --n 200",
-           f"python eval.py toygeneval --run {run} --variant flow-clip --per-prompt 4",
+           f"python eval.py understand --run {run}        # or clip, recon, toygeneval, views",
            f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
            "```", ""]
     return "\n".join(md)
@@ -878,7 +878,7 @@ def main(argv=None) -> int:
 def run_command(args) -> dict:
     if args.command == "geneval":
         m = eval_geneval(args.dir)
-        print_geneval(m, f"GenEval scores of {args.dir} (results.jsonl written there)")
+        print("\n".join([f"GenEval scores of {args.dir} (results.jsonl written there)", "", *geneval_md(m)]))
         return m
     device = pipeline.pick_device(args.device)
     if args.command == "report":
@@ -890,55 +890,28 @@ def run_command(args) -> dict:
     pipe = pipeline.load_run(args.run, variant, device, need)
     if args.command == "clip":
         m = eval_clip(pipe, args.n)
-        print(f"CLIP on {m['images']} held-out images per row")
-        print(format_table(["metric", "value"], [[name, m[key]] for key, name in CLIP_ROWS.items()]))
+        md = [f"CLIP on {m['images']} held-out images per row", ""]
+        md += md_table(["metric", "value"], [[name, fmt(m[key])] for key, name in CLIP_ROWS.items()])
     elif args.command == "understand":
         m = eval_understand(pipe, args.n, args.captions)
-        print(f"Understanding: exact match on {m['questions']} held-out questions (greedy)")
-        rows = [[q, v["questions"], v["accuracy"]] for q, v in m["per_type"].items()]
-        rows += [["overall", m["questions"], m["overall"]],
-                 ["caption (whole caption)", m["captions"], m["caption_exact"]]]
-        print(format_table(["question type", "n", "accuracy"], rows))
-        print("\nposition on arrangements training pictured (seen), never pictured (heldout), and by form:")
-        print(format_table(["arrangement", "n", "accuracy"],
-                           [[k, v["questions"], v["accuracy"]] for k, v in m["position"].items()]))
-        print("\nthe same by objects in the image (n, accuracy):")
-        rows = [[q] + [f"{v[z]['questions']}, {v[z]['accuracy']:.3f}" if z in v else "-" for z in SCENE_SIZES]
-                for q, v in m["by_scene_size"].items()]
-        print(format_table(["question type", *SCENE_SIZES], rows))
-        print("\nexamples:")
-        for ex in m["examples"]:
-            mark = "ok" if ex["predicted"].strip() == ex["answer"] else "WRONG"
-            print(f"  {ex['question']!r:45} -> {ex['predicted']!r} (truth {ex['answer']!r}) {mark}")
+        md = [f"Understanding: exact match on {m['questions']} held-out questions (greedy)", "",
+              *understand_md(m)]
     elif args.command == "recon":
         m = recon_scores(*reconstruct_set(pipe, args.n))
-        print(f"Reconstruction (image -> CLIP features -> pixel decoder) of {m['images']} held-out images, "
-              "scored by the GenEval rules against each scene's own record")
-        said = m.get("tokens_say_per_tag", {})
-        rows = [[t, a, said.get(t, "-")] for t, a in m["per_tag"].items()]
-        rows += [["all", m["recon"], m.get("tokens_say", "-")],
-                 ["(originals, detector ceiling)", m["originals"], ""]]
-        print(format_table(["tag", "decoded", "tokens say"], rows))
+        md = ["Reconstruction (image -> CLIP features -> pixel decoder)", "", *recon_md(m)]
     elif args.command == "views":
         sample.check_pixels(pipe, args.run)
         m = views(pipe, args.run, args.per_tag, args.samples)
-        rows = [[axis, *r] for axis, results in m["sweep"].items() for r in results]
-        print(format_table(["sweep", "setting", "decoded", "tokens say"], rows))
-        print(f"a shape word's map peaks in its object {fmt(m['words']['peak_in_object'])} (chance "
-              f"{fmt(m['words']['chance'])}); {args.run}/trajectory.png, .gif, words.png, sweep*.png")
+        md = md_table(["sweep", "setting", "decoded", "tokens say"],
+                      [[axis, *map(fmt, r)] for axis, results in m["sweep"].items() for r in results])
+        md += ["", f"a shape word's map peaks in its object {fmt(m['words']['peak_in_object'])} (chance "
+               f"{fmt(m['words']['chance'])}); {args.run}/trajectory.png, .gif, words.png, sweep*.png"]
     else:  # toygeneval
         m, *_ = eval_toygeneval(pipe, args.run, variant, args.per_prompt, args.per_tag, args.steps,
                                 args.guidance, args.seed, tags=args.tags, per_position=args.per_position,
                                 per_seen=args.per_seen)
-        print_geneval(m, f"Toy GenEval ({variant}): {m['images']} images in {m['folder']}")
-        if seen := m.get("position_seen"):
-            print(f"position on the {seen['prompts']} prompts of arrangements training pictured, "
-                  f"{seen['images']} images: {fmt(seen['decoded'])}, tokens say "
-                  f"{fmt(seen.get('tokens_say'))}")
-        print(f"The same pictures by the second scorer: {fmt(m['second_opinion']['overall'])}")
-        if said := m.get("tokens_say"):
-            print(f"The same samples drawn exactly from what their tokens say: {fmt(said['overall'])} ("
-                  + ", ".join(f"{t} {fmt(a)}" for t, a in said["per_tag"].items()) + ")")
+        md = [f"Toy GenEval ({variant}): {m['images']} images in {m['folder']}", "", *geneval_md(m)]
+    print("\n".join(md))
     return {"variant": variant, **m} if args.command == "toygeneval" else m
 
 
