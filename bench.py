@@ -13,7 +13,6 @@ The benchmarks, in the order they run (each prints a table; stdout ends in one J
   alone): samples/s, FLOP/s and their share of the matmul peak (with --dtype bf16 on a GPU, the MFU).
 - sampling: text -> image and text -> CLIP features of a trained run (--run), images/s per batch size.
 - memory: this process's peak RSS; parameters, weights, AdamW states and activations of the real heads.
-- train_memory: the peak RSS of each toy training stage, trained in pipeline order.
 - stages: each toy stage's start-up and step, split into data, forward, backward and optimizer.
 """
 import argparse
@@ -22,8 +21,6 @@ import json
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -317,44 +314,6 @@ def bench_memory(args):
     return result
 
 
-# A command's peak RSS, from a tiny interpreter that runs it as its own child and reads its peak from
-# os.wait4 (as GNU `time -v` does): a child's ru_maxrss starts at what it held *before* exec, so a child
-# forked straight from this (large) process would report this process's size. KiB on Linux, bytes on macOS.
-PEAK_RSS_WRAPPER = """
-import os, subprocess, sys
-child = subprocess.Popen(sys.argv[1:])
-_, status, usage = os.wait4(child.pid, 0)
-print("peak_rss_bytes", usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024), flush=True)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-TRAIN_MEMORY_STEPS = 5  # enough to allocate everything a step needs (AdamW states appear at step 1)
-
-
-def bench_train_memory(args):
-    """Peak RSS of each toy stage at its default sizes for TRAIN_MEMORY_STEPS steps, trained in order."""
-    result = {"steps": TRAIN_MEMORY_STEPS}
-    print(f"train_memory: peak resident memory of train.py --stage S --steps {TRAIN_MEMORY_STEPS} (toy batch "
-          "sizes and image set; time includes start-up and data preparation)")
-    with tempfile.TemporaryDirectory(prefix="blip3o-bench-") as out:
-        for stage in ("clip", "understand", "decoder", "generate"):  # each builds on the ones before
-            cmd = [sys.executable, "-c", PEAK_RSS_WRAPPER, sys.executable, "train.py", "--stage", stage,
-                   "--out", out, "--steps", str(TRAIN_MEMORY_STEPS), "--quiet", "--ckpt-every", "0",
-                   "--device", str(args.device), "--threads", str(args.threads)]
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            seconds = time.perf_counter() - start
-            last = (proc.stdout.strip().splitlines() or [""])[-1]  # the wrapper's "peak_rss_bytes N"
-            if proc.returncode != 0 or not last.startswith("peak_rss_bytes"):
-                error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                result[stage] = {"error": f"exit status {proc.returncode}: {error}"}
-                print(f"  {stage:>10}: failed ({result[stage]['error']}); later stages need it: stopping")
-                break
-            peak = int(last.split()[1])
-            result[stage] = {"peak_rss_mib": peak / 2**20, "wall_s": seconds}
-            print(f"  {stage:>10}: {peak / 2**20:7.0f} MiB peak RSS   ({seconds:.0f} s)")
-    return result
-
-
 STAGE_STEPS = 6  # timed steps per stage (after one warm-up step); the stage's own batch and data
 
 
@@ -401,12 +360,14 @@ def bench_stages(args):
             rate = flops / (med["forward"] + med["backward"])
             result[stage] = {"startup_s": startup, "steps": plan.steps, "batch": plan.batch, "step_s": total,
                              "phases_s": med, "flops_fwd_bwd": flops, "flops_per_s": rate,
-                             "projected_stage_s": startup + plan.steps * total}
+                             "projected_stage_s": startup + plan.steps * total,
+                             "peak_rss_mib_so_far": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             share = f", {100 * rate / peak:.0f}% of peak" if peak else ""
             print(f"  {stage:>10}: start-up {startup:5.1f} s | step {1e3 * total:6.1f} ms = "
                   + " + ".join(f"{k} {1e3 * v:.1f}" for k, v in med.items())
                   + f" | fwd+bwd {flops / 1e9:.2f} GFLOP at {rate / 1e9:.1f} GFLOP/s{share}"
-                  + f" | x {plan.steps} steps ~ {result[stage]['projected_stage_s']:.0f} s")
+                  + f" | x {plan.steps} steps ~ {result[stage]['projected_stage_s']:.0f} s"
+                  + f" | peak RSS so far {result[stage]['peak_rss_mib_so_far']:.0f} MiB")
             train.main(["--stage", stage, "--out", out, "--steps", "2", "--quiet", "--ckpt-every", "0"])
     return result
 
@@ -414,7 +375,7 @@ def bench_stages(args):
 # Every benchmark: fn(args) -> dict of figures, run in this order (--only picks some).
 BENCHMARKS = {"matmul": bench_matmul, "dit_toy": bench_dit_toy, "dit_mid": bench_dit_mid,
               "dit_8b": bench_dit_8b, "sampling": bench_sampling, "memory": bench_memory,
-              "train_memory": bench_train_memory, "stages": bench_stages}
+              "stages": bench_stages}
 
 
 def main():

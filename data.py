@@ -1002,25 +1002,6 @@ class ImageFolderCaptions(_CaptionStream):
                 yield True, data, caption, None
 
 
-def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -> list[str]:
-    """Write shards out_dir/{prefix}-00000.tar, ... -> their paths; samples are dicts {"__key__": key, ext:
-    bytes | str (stored UTF-8)}, e.g. {"__key__": "000001", "png": encode_image(img), "txt": "a circle"}."""
-    os.makedirs(out_dir, exist_ok=True)
-    samples, paths = iter(samples), []
-    while chunk := list(itertools.islice(samples, per_shard)):
-        paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.tar"))
-        with tarfile.open(paths[-1], "w") as tar:
-            for sample in chunk:
-                for ext, value in sample.items():
-                    if ext == "__key__":
-                        continue
-                    data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return paths
-
-
 class DataError(ValueError):
     """Training data that cannot be read as asked (train.py reports it in one line, exit status 2)."""
 

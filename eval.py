@@ -4,7 +4,7 @@ Every command rebuilds the models from the checkpoints in --run (default out/toy
 ends stdout with its metrics as ONE JSON line; a user error is one `error: ...` line, exit status 2.
 Every number is deterministic: fixed seeds, greedy decoding, seeded diffusion noise.
 
-    python eval.py clip          # zero-shot color+shape of held-out single objects, retrieval R@1
+    python eval.py clip          # zero-shot color+shape of held-out single objects and compositions
     python eval.py understand    # exact-match answers per question type, and captions
     python eval.py recon         # image -> CLIP tokens -> pixels, scored by the GenEval rules
     python eval.py toygeneval    # the toy GenEval prompt set -> RUN/geneval-flow-clip/, scored
@@ -40,7 +40,7 @@ from cli import (OneLineParser, UserError, add_run_options, add_sampling_options
 EVAL_VERSION = 5  # part of the report cache's fingerprint: bump it when an evaluation changes
 
 # Seeds of the evaluation sets (disjoint from training, which draws split "train" with seed 0).
-SEED_CLIP, SEED_SEEN, SEED_RETRIEVAL, SEED_QA, SEED_CAPTIONS, SEED_RECON, SEED_POSITION = range(1, 8)
+SEED_CLIP, SEED_SEEN, _, SEED_QA, SEED_CAPTIONS, SEED_RECON, SEED_POSITION = range(1, 8)
 
 # Sizes of full_report's evaluations (geneval_per_tag None: every held-out prompt, 144, x per_prompt).
 REPORT = dict(clip_images=300, questions=1000, captions=200, recon_images=96, geneval_per_tag=None,
@@ -67,7 +67,7 @@ def fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-# --- 1. CLIP: zero-shot classification and retrieval ----------------------------------------------
+# --- 1. CLIP: zero-shot classification -----------------------------------------------------------
 
 @torch.no_grad()
 def image_embeddings(pipe, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
@@ -125,33 +125,16 @@ def zero_shot(pipe, split: str, n: int, seed: int, tag: str = "colors") -> dict:
     return {"both": both_ok / n, "color": color_ok / n, "shape": shape_ok / n, "meaning": meaning_ok / n}
 
 
-def retrieval_r1(pipe, n: int, seed: int, group: int = 100) -> tuple[float, float]:
-    """Held-out images vs their own captions in groups of `group`: image->text and text->image R@1. A
-    retrieved caption identical in text to the right one counts as right (a small world repeats)."""
-    images, scenes = data.make_image_set(n, split="test", seed=seed)
-    captions = [s.caption for s in scenes]
-    img, txt = image_embeddings(pipe, images), text_embeddings(pipe, captions)
-    i2t = t2i = 0
-    for start in range(0, n, group):
-        sl = slice(start, min(start + group, n))
-        caps = captions[sl]
-        sim = img[sl] @ txt[sl].t()  # (G, G): image i vs caption j
-        i2t += sum(caps[j] == caps[i] for i, j in enumerate(sim.argmax(1).tolist()))
-        t2i += sum(caps[j] == caps[i] for i, j in enumerate(sim.argmax(0).tolist()))
-    return i2t / n, t2i / n
-
-
 def eval_clip(pipe, n: int = 500) -> dict:
-    """Zero-shot top-1 of held-out single objects (color and shape), the same on training images, held-out
-    two-object colour compositions, and image <-> caption retrieval R@1."""
+    """Zero-shot top-1 of held-out single objects (color and shape), the same on training images, and held-out
+    two-object colour compositions."""
     held = zero_shot(pipe, "test", n, SEED_CLIP)
     seen = zero_shot(pipe, "train", n, SEED_SEEN)
     single = zero_shot(pipe, "test", n, SEED_CLIP, tag="single_object")
-    i2t, t2i = retrieval_r1(pipe, n, SEED_RETRIEVAL)
     return {"zero_shot": held["both"], "zero_shot_color": held["color"], "zero_shot_shape": held["shape"],
             "zero_shot_seen": seen["both"], "single_object_shape": single["shape"],
             "zero_shot_compositions": zero_shot(pipe, "test", n, SEED_CLIP, tag="color_attr")["meaning"],
-            "retrieval_i2t_r1": i2t, "retrieval_t2i_r1": t2i, "images": n}
+            "images": n}
 
 
 CLIP_ROWS = {"zero_shot": "zero-shot single object, 30 prompts: color and shape",  # eval_clip's metrics
@@ -159,9 +142,7 @@ CLIP_ROWS = {"zero_shot": "zero-shot single object, 30 prompts: color and shape"
              "zero_shot_shape": "zero-shot single object: shape",
              "zero_shot_seen": "zero-shot single object, *seen* (training) images",
              "single_object_shape": "single_object shape (3 prompts)",
-             "zero_shot_compositions": "held-out colour compositions, 600 two-object prompts",
-             "retrieval_i2t_r1": "retrieval image -> caption R@1 (groups of 100)",
-             "retrieval_t2i_r1": "retrieval caption -> image R@1 (groups of 100)"}
+             "zero_shot_compositions": "held-out colour compositions, 600 two-object prompts"}
 
 
 # --- 2. Understanding: exact-match answers --------------------------------------------------------
@@ -836,7 +817,7 @@ def parse_args(argv=None):
     def command(name, help):
         return add_run_options(sub.add_parser(name, help=help, description=help), run=name != "geneval")
 
-    c = command("clip", "zero-shot classification and retrieval of held-out images")
+    c = command("clip", "zero-shot classification of held-out images")
     c.add_argument("--n", type=int, default=500, help="images per test set")
     c = command("understand", "exact-match question answering and captioning")
     c.add_argument("--n", type=int, default=1000, help="questions")

@@ -13,7 +13,9 @@ GENEVAL_METADATA = os.path.join(ROOT, "tests", "data", "geneval_evaluation_metad
 import contextlib
 import importlib
 import io
+import itertools
 import subprocess
+import tarfile
 
 import pytest
 import torch
@@ -132,3 +134,22 @@ def make_release(tmp_path, clip_width: int, drop: str | None = None):
     save_file({k: state[k] for k in keys[1::2]}, ckpt / "model-00002-of-00002.safetensors")
     tok.save_pretrained(ckpt)
     return ckpt, backbone
+
+
+def write_shards(samples, out_dir: str, per_shard: int, prefix: str = "shard") -> list[str]:
+    """WebDataset-style shards for the tests: out_dir/{prefix}-00000.tar, ... -> their paths; samples are
+    dicts {"__key__": key, ext: bytes | str (stored UTF-8)}, e.g. {"__key__": "1", "png": ..., "txt": "..."}."""
+    os.makedirs(out_dir, exist_ok=True)
+    samples, paths = iter(samples), []
+    while chunk := list(itertools.islice(samples, per_shard)):
+        paths.append(os.path.join(out_dir, f"{prefix}-{len(paths):05d}.tar"))
+        with tarfile.open(paths[-1], "w") as tar:
+            for sample in chunk:
+                for ext, value in sample.items():
+                    if ext == "__key__":
+                        continue
+                    payload = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return paths

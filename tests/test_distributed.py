@@ -17,6 +17,7 @@ import torch
 
 import blip3o
 import data
+from conftest import write_shards
 import pipeline
 import train
 
@@ -213,7 +214,7 @@ def write_toy_shards(folder, n: int, per_shard: int) -> list[str]:
         if i % 10 == 7:
             del sample["txt"]
         samples.append(sample)
-    return data.write_shards(samples, str(folder), per_shard=per_shard)
+    return write_shards(samples, str(folder), per_shard=per_shard)
 
 
 def test_expand_braces():
@@ -274,7 +275,7 @@ def test_image_folder_with_captions(run, tmp_path):
 @pytest.mark.parametrize("case", ["no-match", "missing-shard", "all-bad", "vae-target"])
 def test_data_errors_are_one_line(case, run, tmp_path, capsys):
     bad = tmp_path / "bad"
-    data.write_shards([{"__key__": f"{i}", "png": b"junk", "txt": "a red circle"} for i in range(5)],
+    write_shards([{"__key__": f"{i}", "png": b"junk", "txt": "a red circle"} for i in range(5)],
                       str(bad), per_shard=5)
     spec, extra, expect = {
         "no-match": (str(tmp_path / "none" / "*.tar"), [], "matches no files"),

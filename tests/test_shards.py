@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+from conftest import write_shards
 
 
 def _png(i=0, size=32):
@@ -35,7 +36,7 @@ def _samples(n, bad_every=0):
 @pytest.mark.parametrize("split_by", ["shard", "sample"])
 def test_every_good_sample_is_read_once_across_ranks_and_workers(tmp_path, split_by):
     samples, good = _samples(96, bad_every=8)
-    paths = data.write_shards(samples, str(tmp_path), per_shard=12)  # 8 shards
+    paths = write_shards(samples, str(tmp_path), per_shard=12)  # 8 shards
     seen = []
     for rank in range(2):
         ds = data.TarShards(paths, rank=rank, world_size=2, split_by=split_by)
@@ -64,7 +65,7 @@ def test_caption_problems_and_missing_images_are_counted(tmp_path):
         {"__key__": "e", "png": b"", "txt": "zero bytes"},
         {"__key__": "f", "png": _png(3) + bytes(10_000), "txt": "big member"},
     ]
-    paths = data.write_shards(samples, str(tmp_path), per_shard=10)
+    paths = write_shards(samples, str(tmp_path), per_shard=10)
     ds = data.TarShards(paths, max_member_bytes=5_000)
     assert [c for _, c in ds] == ["fine"]
     assert ds.stats == {"ok": 1, "skipped": {"bad_caption": 1, "empty_caption": 1, "missing_image": 1,
@@ -73,7 +74,7 @@ def test_caption_problems_and_missing_images_are_counted(tmp_path):
 
 def test_resume_continues_where_it_stopped(tmp_path):
     samples, good = _samples(30, bad_every=7)
-    paths = data.write_shards(samples, str(tmp_path), per_shard=8)
+    paths = write_shards(samples, str(tmp_path), per_shard=8)
     full = [c for _, c in data.TarShards(paths)]
     ds = data.TarShards(paths)
     it = iter(ds)
@@ -88,7 +89,7 @@ def test_resume_continues_where_it_stopped(tmp_path):
 
 def test_all_bad_raises_a_clear_error(tmp_path):
     samples = [{"__key__": f"{i}", "png": b"junk", "txt": "x"} for i in range(5)]
-    paths = data.write_shards(samples, str(tmp_path), per_shard=5)
+    paths = write_shards(samples, str(tmp_path), per_shard=5)
     with pytest.raises(RuntimeError, match="no readable samples"):
         list(data.TarShards(paths))
     bogus = tmp_path / "bogus.tar"
@@ -111,7 +112,7 @@ def test_fuzz_malformed_images_never_crash(tmp_path):
     # the same bytes inside a shard: every one skipped and counted, the one good sample kept
     samples = [{"__key__": f"{i:04d}", "png": b, "txt": "bad"} for i, b in enumerate(blobs)]
     samples.append({"__key__": "good", "png": valid, "txt": "good"})
-    ds = data.TarShards(data.write_shards(samples, str(tmp_path), per_shard=1000))
+    ds = data.TarShards(write_shards(samples, str(tmp_path), per_shard=1000))
     assert [c for _, c in ds] == ["good"]
     assert sum(ds.stats["skipped"].values()) == len(blobs)
 
@@ -119,7 +120,7 @@ def test_fuzz_malformed_images_never_crash(tmp_path):
 def test_fuzz_malformed_shards_never_crash(tmp_path):
     rng = random.Random(1)
     samples, _ = _samples(6)
-    (valid,) = data.write_shards(samples, str(tmp_path / "valid"), per_shard=10)
+    (valid,) = write_shards(samples, str(tmp_path / "valid"), per_shard=10)
     raw = open(valid, "rb").read()
     files = []
     for i in range(240):
