@@ -1232,6 +1232,10 @@ class PixelDecoder(nn.Module):
         self.read_head = nn.Sequential(nn.Linear(token_dim // SCENE_SLOTS, W), nn.GELU(),
                                        nn.Linear(W, sum(self.classes)))
         self.shape_embed, self.size_embed = nn.Embedding(DENSE_SHAPES, W), nn.Embedding(self.points, W)
+        # Small at the start (GPT-2's 0.02), so the renderer first sees where a patch is relative to its
+        # object: N(0, 1) embeddings drown the positions and the pixel loss never starts to fall (NOTES.md).
+        nn.init.normal_(self.shape_embed.weight, std=0.02)
+        nn.init.normal_(self.size_embed.weight, std=0.02)
         # Each colour relative to the background, in [-1, 1] units; "no object" paints nothing. It starts at
         # zero: a large random paint makes the renderer shut every pixel's coverage at once, and a saturated
         # sigmoid learns nothing.
