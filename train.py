@@ -79,9 +79,10 @@ BINDING_WEIGHT = 3.0
 # from its caption alone (see text_qa_table). A real backbone is a language model before it sees images;
 # the toy LM learns to read a caption here, and stage 2 reads captions through it (NOTES.md).
 UNDERSTAND_TEXT_ROWS = 1 / 3
-# Teaching questions (data.AUX_QTYPES) mixed into stage 1, never scored: relations between objects named
-# by colour and an object's own place.
-AUX_QUESTIONS = ()
+# Teaching questions (data.AUX_QTYPES) mixed into stage 1, never scored. "place" asks where one object sits
+# in the picture ("where is the circle ?" -> "above left"): a relation is two places compared, and each
+# place is pictured for every shape, so the LM learns to read positions from the image, not from the pair.
+AUX_QUESTIONS = ("place",)
 
 
 def stage_hparams(args, stage: str) -> dict:
