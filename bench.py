@@ -23,7 +23,6 @@ import resource
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -31,8 +30,6 @@ import torch.nn as nn
 import data
 from blip3o import GUIDANCE, SAMPLE_STEPS, DiTConfig, NextDiT, flow_matching_loss
 from pipeline import CheckpointError, count_params, load_run
-
-ROOT = Path(__file__).resolve().parent
 
 
 def timed(fn, device) -> float:
