@@ -55,7 +55,7 @@ def decoder_config(checkpoint, size: int = SIZE) -> dict:
         if not (root / sub).is_dir():
             raise DecoderError(f"{root} has no {sub}/ folder (expected unet/, vae/, scheduler/)")
     try:
-        import diffusers  # noqa: F401
+        importlib.import_module("diffusers")
     except ImportError:
         raise DecoderError(INSTALL_HINT) from None
     cfg = {}
