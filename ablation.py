@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-import blip3o
 import data
 import eval as evaluation
 import pipeline
@@ -94,7 +93,6 @@ def train_segment(out, stage_argv: list, steps, batch, data_args: dict, device, 
     argv += ["--restart"] if restart else []
     argv += ["--noise-repeats", "1"] if "generate" in stage_argv else []  # every design: the same noise
     args = train.parse_args(argv)
-    args.config = blip3o.get_config(args.preset)
     train.seed_init(args, args.stage)  # as train.main does: the new modules' initial weights
     plan = train.PLANS[args.stage](args, device)
     train.fit(plan, args, device)

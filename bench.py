@@ -324,7 +324,6 @@ def bench_stages(args):
     with tempfile.TemporaryDirectory(prefix="blip3o-bench-") as out:
         for stage in train.PIPELINE:
             targs = train.parse_args(["--stage", stage, "--out", out, "--quiet", "--ckpt-every", "0"])
-            targs.config = train.blip3o.get_config(targs.preset)
             start = time.perf_counter()
             plan = train.PLANS[stage](targs, args.device)
             startup = time.perf_counter() - start

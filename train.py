@@ -557,11 +557,6 @@ PLANS = {"clip": plan_clip, "understand": plan_understand, "decoder": plan_decod
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        args.config = blip3o.get_config(args.preset)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, _, world = dist_info()
@@ -583,12 +578,9 @@ def main(argv=None) -> int:
             import eval as evaluation
 
             evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
-    except (UserError, data.DataError, pipeline.CheckpointError) as e:
+    except (UserError, data.DataError, pipeline.CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, FloatingPointError) else 2  # a NaN loss, or a mistake in the input
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -650,6 +642,10 @@ def parse_args(argv=None):
                            ("threads", args.threads >= 0, ">= 0")):
         if not ok:
             p.error(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    try:
+        args.config = blip3o.get_config(args.preset)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
