@@ -165,7 +165,8 @@ def load_clip(args, device) -> tuple:
         # The run's CLIP is what was trained, whatever the preset says now; the vocabulary is shared.
         args.config.clip, args.config.lm.vocab_size = saved.clip, len(tok)
         enc = enc.to(device)
-    enc.to(frozen_dtype(device)).requires_grad_(False).eval()
+    # Frozen: bf16 on CUDA (half the memory, no gradients to lose), fp32 elsewhere.
+    enc.to(torch.bfloat16 if device.type == "cuda" else torch.float32).requires_grad_(False).eval()
     return enc, tok
 
 
@@ -262,12 +263,6 @@ def qa_table(scenes, seed: int):
     return rows
 
 
-def token_table(tok, texts) -> dict:
-    """{text: its token ids} for every distinct text, tokenized in one batched call."""
-    unique = list(dict.fromkeys(texts))
-    return dict(zip(unique, tok(unique, add_special_tokens=False)["input_ids"]))
-
-
 def text_qa_table(scenes, seed: int, template: str) -> list[list[tuple[str, str]]]:
     """Text-only conversations, two per training scene: the generation prompt wrapping the scene's caption,
     and wrapping its GenEval-style prompt, each followed by the questions that text alone answers, in a
@@ -311,10 +306,11 @@ def plan_understand(args, device) -> Plan:
     vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, image_id, cfg.lm.image_merge)
     n_image = vlm.image_tokens(clip_tokens.shape[1])  # <image> placeholders per image
 
-    # Every question and answer is tokenized once here, so that no step calls the tokenizer.
+    # Every distinct question and answer is tokenized once here, in one call: no step calls the tokenizer.
     text_rows = text_qa_table(scenes, args.seed, cfg.prompt_template)
-    ids = token_table(tok, [x for _, q, a, _ in rows for x in (q, a)] + [x for turns in text_rows
-                                                                         for turn in turns for x in turn])
+    texts = list(dict.fromkeys([x for _, q, a, _ in rows for x in (q, a)]
+                               + [x for turns in text_rows for turn in turns for x in turn]))
+    ids = dict(zip(texts, tok(texts, add_special_tokens=False)["input_ids"]))  # text -> its token ids
     per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns, as ids
     weights = [[] for _ in range(len(images))]  # image index -> how often each turn is drawn
     for i, q, a, w in rows:
@@ -967,17 +963,12 @@ def update_ema(ema: dict | None, model: Objective, decay: float, step: int) -> N
 def wrap(plan: Plan, model: Objective, device, world: int, args):
     """-> (the module to call, FSDP roots). Several processes: DDP keeps a whole copy of the model per
     rank and all-reduces gradients; FSDP2 (--fsdp) shards the trainable part's weights, gradients and
-    Adam state across the ranks. One process: the model itself."""
-    if args.fsdp:
-        return model, shard(plan, model, device)
-    if world > 1:
+    Adam state across the ranks (plan.shard_fn picks the units). One process: the model itself."""
+    if world > 1 and not args.fsdp:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                    else None, find_unused_parameters=False), []
-    return model, []
-
-
-def shard(plan: Plan, model: Objective, device) -> list:
-    """--fsdp: FSDP2's fully_shard on the stage's trainable modules, over all ranks; returns the roots."""
+    if not args.fsdp:
+        return model, []
     from torch.distributed.device_mesh import init_device_mesh
 
     if plan.shard_fn is None:
@@ -987,7 +978,7 @@ def shard(plan: Plan, model: Objective, device) -> list:
         for t in [p for p in model.parameters() if p.requires_grad] + list(model.buffers()):
             dist.broadcast(t.data, 0)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return plan.shard_fn(model.inner, mesh)
+    return model, plan.shard_fn(model.inner, mesh)
 
 
 def shard_generation(step: nn.ModuleDict, mesh) -> list:
@@ -1107,11 +1098,6 @@ def gather_objects(obj) -> list:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A tensor sharded by FSDP2 (a DTensor) gathered whole; plain tensors pass through. Collective."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def frozen_dtype(device) -> torch.dtype:
-    """Frozen encoders (CLIP, the backbone) run in bf16 on CUDA: half the memory, no gradients to lose."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 if __name__ == "__main__":
