@@ -321,10 +321,6 @@ def _objects_for(record: dict, rng: random.Random, split: str | None, image_size
 
 # --- Captions ---------------------------------------------------------------------------------------
 
-def _reading_order(objects):
-    return sorted(objects, key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))
-
-
 def caption_for(objects: list) -> str:
     """A complete description naming every object's colour and shape, objects left to right.
 
@@ -333,7 +329,7 @@ def caption_for(objects: list) -> str:
     one shape, >= 2:   "three squares in red green and blue"
     otherwise:         "a red circle and a blue square and a green triangle"
     """
-    objects = _reading_order(objects)
+    objects = sorted(objects, key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))  # left to right
     nouns = [f"{article(o.color)} {o.color} {o.shape}" for o in objects]
     if len(objects) >= 2 and len({o.shape for o in objects}) == 1:
         colors = [o.color for o in objects]
