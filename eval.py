@@ -658,21 +658,20 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     return record
 
 
-def headline(metrics: dict) -> dict:
-    """The numbers that have targets, by the names used in TARGETS."""
+def headline(metrics: dict, below: str = "below") -> list[list]:
+    """Rows (name, value, target, "ok" or `below`) of the numbers that have targets (TARGETS)."""
     out = {"clip zero-shot (held-out)": metrics.get("clip", {}).get("zero_shot"),
            "understanding exact match": metrics.get("understand", {}).get("overall"),
            "reconstruction (GenEval rules)": metrics.get("recon", {}).get("recon"),
            "toy GenEval overall": metrics.get("toygeneval", {}).get("overall")}
-    return {name: value for name, value in out.items() if value is not None}
+    return [[name, f"{v:.3f}", f">= {TARGETS[name]:.2f}", "ok" if v >= TARGETS[name] else below]
+            for name, v in out.items() if v is not None]
 
 
 def summary_table(record: dict, run) -> str:
-    rows = [[name, value, f">= {TARGETS[name]:.2f}", "ok" if value >= TARGETS[name] else "BELOW"]
-            for name, value in headline(record["metrics"]).items()]
     note = "cached: checkpoints unchanged since the last evaluation" if record["cached"] else "evaluated"
     text = (f"\nBLIP3-o toy report ({note}, {record['report_seconds']:.0f} s)\n"
-            + format_table(["held-out metric", "value", "target", ""], rows))
+            + format_table(["held-out metric", "value", "target", ""], headline(record["metrics"], "BELOW")))
     if g := record["metrics"].get("toygeneval"):
         text += "\ntoy GenEval per tag: " + ", ".join(f"{t} {a:.2f}" for t, a in g["per_tag"].items())
         if "tokens_say" in g:
@@ -741,9 +740,7 @@ def report_markdown(run: Path, record: dict) -> str:
           "All numbers are on held-out compositions of the shapes world (never drawn in training) unless "
           "marked *seen*. Regenerate with `python eval.py report --run " + str(run) + "` (cached while the "
           "checkpoints are unchanged).", "", "## Headline", ""]
-    md += md_table(["metric", "value", "target", ""], [[name, f"{v:.3f}", f">= {TARGETS[name]:.2f}", "ok" if
-                                                        v >= TARGETS[name] else "below"]
-                                                       for name, v in headline(m).items()])
+    md += md_table(["metric", "value", "target", ""], headline(m))
     rows = []
     for name, s in record["stages"].items():
         secs, plot = times.get(name), f"loss_{name.replace('/', '-')}.png"
