@@ -198,7 +198,6 @@ def set_unit_scale(scale: torch.Tensor, tokens: torch.Tensor) -> None:
 
 # --- The stages, in the data's order: CLIP -> understanding -> decoder -> generation (+ ablations) ----
 
-
 def plan_clip(args, device) -> Plan:
     """Contrastive training of the toy CLIP on (image, caption or prompt) pairs."""
     cfg = args.config
@@ -550,7 +549,6 @@ PLANS = {"clip": plan_clip, "understand": plan_understand, "decoder": plan_decod
 
 # --- Command line -------------------------------------------------------------------------------------
 
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -699,7 +697,6 @@ def check_writable(out: Path) -> None:
 
 # --- The training loop shared by every stage ----------------------------------------------------------
 
-
 def fit(plan: Plan, args, device) -> dict:
     """Train `plan.model` for `plan.steps` optimizer steps, with checkpoints, resume and DDP or FSDP2.
 
@@ -816,7 +813,6 @@ def make_optimizer(params, lr: float, weight_decay: float, device):
 
 
 # --- Resume, checkpoints and EMA ----------------------------------------------------------------------
-
 
 @dataclass
 class Restored:
@@ -958,7 +954,6 @@ def update_ema(ema: dict | None, model: Objective, decay: float, step: int) -> N
 
 
 # --- Several processes: DDP, FSDP2, gradient checkpointing, distributed helpers -----------------------
-
 
 def wrap(plan: Plan, model: Objective, device, world: int, args):
     """-> (the module to call, FSDP roots). Several processes: DDP keeps a whole copy of the model per
