@@ -663,8 +663,7 @@ def detect_objects(img: np.ndarray) -> list[dict]:
         color = COLORS[labels[ys[0], xs[0]]]
         objects.append({"class": classify_shape(mask), "color": color, "box": (x0, y0, x1, y1),
                         "area": int(len(ys))})
-    objects.sort(key=lambda o: -o["area"])
-    return objects
+    return sorted(objects, key=lambda o: -o["area"])
 
 
 # --- GenEval's rules ---------------------------------------------------------------------------------

@@ -181,8 +181,7 @@ def load_lm(args, tok, device):
     vlm = vlm.to(device)
     if device.type == "cuda":  # frozen: bf16 (a real backbone is built in bf16 already)
         vlm.to(torch.bfloat16)
-    vlm.requires_grad_(False).eval()
-    return vlm
+    return vlm.requires_grad_(False).eval()
 
 
 def stack_labels(per_scene) -> list[torch.Tensor]:
