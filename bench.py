@@ -291,8 +291,7 @@ def bench_memory(args):
         for layers in (1, 2):
             small = DiTConfig(cond_dim=cond_dim, num_layers=layers)
             with torch.device("meta"):
-                model = NextDiT(small)
-            model = model.to_empty(device="cpu")  # real storage, no initialization cost
+                model = NextDiT(small).to_empty(device="cpu")  # real storage, no initialization cost
             x, cond = torch.randn(1, 64, small.in_channels), torch.randn(1, 64, cond_dim)
             acts.append(saved_activation_bytes(model, x, torch.rand(1), cond))
             del model
