@@ -129,10 +129,9 @@ def eval_clip(pipe, n: int = 500) -> dict:
     """Zero-shot top-1 of held-out single objects (color and shape), the same on training images, and held-out
     two-object colour compositions."""
     held = zero_shot(pipe, "test", n, SEED_CLIP)
-    seen = zero_shot(pipe, "train", n, SEED_SEEN)
-    single = zero_shot(pipe, "test", n, SEED_CLIP, tag="single_object")
     return {"zero_shot": held["both"], "zero_shot_color": held["color"], "zero_shot_shape": held["shape"],
-            "zero_shot_seen": seen["both"], "single_object_shape": single["shape"],
+            "zero_shot_seen": zero_shot(pipe, "train", n, SEED_SEEN)["both"],
+            "single_object_shape": zero_shot(pipe, "test", n, SEED_CLIP, tag="single_object")["shape"],
             "zero_shot_compositions": zero_shot(pipe, "test", n, SEED_CLIP, tag="color_attr")["meaning"],
             "images": n}
 
@@ -410,8 +409,7 @@ def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | N
     outdir = Path(run) / f"geneval-{variant}"
     shutil.rmtree(outdir, ignore_errors=True)  # no stale prompt folders from a larger earlier set
     data.write_geneval_folder(str(outdir), records, [list(x) for x in images])
-    scores = eval_geneval(outdir)
-    scores["folder"] = str(outdir)
+    scores = {**eval_geneval(outdir), "folder": str(outdir)}
     scores["second_opinion"] = score_images(
         records, image_hits(records, [data.to_uint8(x) for x in images], second_opinion))
     said = pipe.target == "clip" and pipe.clip.scene is not None  # drawn from what the tokens say
