@@ -150,9 +150,8 @@ def toy_images(args):
 def encode_all(fn, images_u8: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
     """Run a frozen encoder once over the whole image set: its outputs never change, so they are cached."""
     with pipeline.autocast(device):  # the frozen encoder may be in bf16 (CUDA), its input is fp32
-        outs = [fn(data.as_float(images_u8[i:i + batch]).to(device)).float().cpu()
-                for i in range(0, len(images_u8), batch)]
-    return torch.cat(outs)
+        return torch.cat([fn(data.as_float(images_u8[i:i + batch]).to(device)).float().cpu()
+                          for i in range(0, len(images_u8), batch)])
 
 
 def load_clip(args, device) -> tuple:
@@ -187,12 +186,6 @@ def load_lm(args, tok, device):
 def stack_labels(per_scene) -> list[torch.Tensor]:
     """Per-scene label arrays (a tuple per scene) -> one tensor per label, scenes stacked first."""
     return [torch.from_numpy(np.stack(x)) for x in zip(*per_scene)]
-
-
-def set_unit_scale(scale: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Fill a model's scale buffer with the std of `tokens`, so tokens / scale have unit std (as Stable
-    Diffusion scales its latents): Generator.target_scale, PixelDecoder.cond_scale."""
-    scale.fill_(float(tokens.std()))
 
 
 # --- The stages, in the data's order: CLIP -> understanding -> decoder -> generation (+ ablations) ----
@@ -357,7 +350,7 @@ def plan_decoder(args, device) -> Plan:
     # The objects of each image in reading order: (N, 4) colour, (N, 4) shape, (N, 4, 4) box.
     objects = stack_labels(data.scene_labels(s) for s in scenes)
     dec = blip3o.PixelDecoder(cfg.decoder, tokens.shape[-1], cfg.clip.image_size)
-    set_unit_scale(dec.cond_scale, tokens)
+    dec.cond_scale.fill_(float(tokens.std()))  # the decoder reads tokens / cond_scale: unit std
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
@@ -393,7 +386,7 @@ def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor |
     cfg = args.config
     generator = blip3o.Generator(cfg, loss=loss, target_dim=target_dim)
     if cfg.target_norm and targets is not None:
-        set_unit_scale(generator.target_scale, targets)
+        generator.target_scale.fill_(float(targets.std()))  # targets / target_scale: unit std
     if cfg.query_init == "embedding":
         with torch.no_grad():
             generator.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
@@ -707,12 +700,11 @@ def fit(plan: Plan, args, device) -> dict:
     """
     rank, _, world = dist_info()
     folder = Path(args.out) / plan.name
-    global_batch = plan.batch * args.grad_accum * world
     model = plan.model.to(device)
     trainable, frozen = pipeline.count_params(model)
     print0(f"[{plan.name}] parameters: {trainable:,} trainable, {frozen:,} frozen | global batch "
-           f"{global_batch} = {plan.batch} micro x {args.grad_accum} accum x {world} ranks | "
-           f"{plan.steps} steps")
+           f"{plan.batch * args.grad_accum * world} = {plan.batch} micro x {args.grad_accum} accum x {world} "
+           f"ranks | {plan.steps} steps")
 
     # Weights go into the plain model, before any sharding; optimizer and EMA state once it is wrapped.
     state = restore(plan, model, folder, args)
