@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from blip3o import (
-    GUIDANCE, IMAGE, SAMPLE_STEPS, Config, DiTConfig, Generator, ImageEncoder, NextDiT, PixelDecoder, VAE,
-    VisionLanguageModel, build_backbone, build_qa_batch, decode_ids, encode_prompts, generate, load_tokenizer,
-)
+from blip3o import (GUIDANCE, IMAGE, SAMPLE_STEPS, Config, DiTConfig, Generator, ImageEncoder, NextDiT,
+                    PixelDecoder, VAE, VisionLanguageModel, build_backbone, build_qa_batch, decode_ids,
+                    encode_prompts, generate, load_tokenizer)
 
 
 # --- Released BLIP3-o generation weights (BLIP3o/BLIP3o-Model-8B, -4B) --------------------------------
@@ -155,8 +154,7 @@ def damaged_file(file, reason: str, hint: str) -> CheckpointError:
 
 def previous_path(folder) -> Path:
     """Where a stage's previous checkpoint stays while the next one is in place: `<folder>.prev`."""
-    folder = Path(folder)
-    return folder.with_name(folder.name + ".prev")
+    return Path(folder).with_name(Path(folder).name + ".prev")
 
 
 def retrain_command(folder, stage: str | None) -> str:
@@ -473,11 +471,10 @@ def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> P
     if have("understand", "understand"):
         pipe.vlm = load_vlm(run, tokenizer, clip.cfg.width)
     if have("decoder", "decoder"):
-        folder = run / "decoder"
-        meta, tensors, _ = load_checkpoint(folder, stage="decoder")
+        meta, tensors, _ = load_checkpoint(run / "decoder", stage="decoder")
         dec_cfg = Config.from_dict(meta["config"]).decoder
         pipe.decoder = PixelDecoder(dec_cfg, clip.target_width, clip.cfg.image_size)
-        load_stage(pipe.decoder, tensors, "decoder", folder, "decoder", ema=True)
+        load_stage(pipe.decoder, tensors, "decoder", run / "decoder", "decoder", ema=True)
     if have("vae", "vae"):
         pipe.vae = load_vae(run)
     if have(gen_stage, "generate"):
