@@ -17,8 +17,6 @@ loggerJK/VLM repository), class EmuVisualGenerationPipeline; BLIP3o's inference.
 loaded); Emu2's pipeline_emu2_gen.py (JiuhaiChen/BLIP3o) and conf/diffusion_config/*.json (baaivision/Emu),
 the Emu2-Gen originals of BLIP3o's decoder and pipeline.
 """
-from __future__ import annotations
-
 import importlib.util
 import json
 import warnings
