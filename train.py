@@ -1010,12 +1010,10 @@ def optimizer_state(model: nn.Module, opt, args) -> dict:
 
 def load_optimizer_state(model: nn.Module, opt, state: dict, args) -> None:
     if not args.fsdp:
-        opt.load_state_dict(state)
-        return
+        return opt.load_state_dict(state)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=options)
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
 def enable_grad_checkpointing(lm) -> None:
