@@ -604,10 +604,9 @@ def evaluate_all(run, device) -> dict:
         t["recon"] = time.time() - start
     if pipe.generator is not None and pipe.vlm is not None and pipe.decoder is not None:
         start = time.time()
-        geneval, records, images, _ = eval_toygeneval(
+        metrics["toygeneval"], records, images, _ = eval_toygeneval(
             pipe, run, "flow-clip", REPORT["per_prompt"], REPORT["geneval_per_tag"], REPORT["steps"],
             REPORT["guidance"], quiet=True, per_position=REPORT["per_position"], per_seen=REPORT["per_seen"])
-        metrics["toygeneval"] = geneval
         rows = dict(single_object=1, two_object=1, counting=1, colors=2, position=1, color_attr=2)
         picked = [i for tag, n in rows.items()  # samples.png: the first 1-2 held-out prompts of every tag
                   for i in [j for j, r in enumerate(records) if r["tag"] == tag][:n]]
