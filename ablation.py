@@ -152,8 +152,7 @@ def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None
 
 def run_ablation(run, out, sizes: dict, device) -> dict:
     """Train and score the three designs and joint CLIP + Flow, `every` steps at a time -> OUT/ablation.*"""
-    start = time.time()
-    run, out = Path(run), Path(out)
+    start, run, out = time.time(), Path(run), Path(out)
     data_args = ablation_folder(run, out, sizes, device)
     stage1 = pipeline.load_checkpoint(out / "understand", stage="understand")[1]
     points = [*range(sizes["every"], sizes["steps"], sizes["every"]), sizes["steps"]]

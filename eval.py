@@ -625,8 +625,7 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     """Evaluate a run -> RUN/REPORT.md, metrics.json, samples.png, reconstructions.png, loss_<stage>.png
     (`python train.py` ends with it). Cached: when RUN/metrics.json holds the same fingerprint, its metrics
     are reused. `timings` {stage: seconds} of stages trained now replace the recorded ones."""
-    run = pipeline.check_run_folder(run)
-    start = time.time()
+    run, start = pipeline.check_run_folder(run), time.time()
     device = pipeline.pick_device(device) if isinstance(device, str) else device
     fp = fingerprint(run)
     try:

@@ -301,8 +301,7 @@ def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "ch
         for name, p in module.named_parameters(remove_duplicate=False):
             alias[name] = first.setdefault(id(p), name)
         found = {k: tensors.get(f"ema.{prefix}.{alias.get(k, k)}", v) for k, v in found.items()}
-    missing = sorted(set(own) - set(found))
-    unexpected = sorted(set(found) - set(own))
+    missing, unexpected = sorted(set(own) - set(found)), sorted(set(found) - set(own))
     shapes = [f"{k}: {tuple(found[k].shape)} in {source}, {tuple(own[k].shape)} in model"
               for k in own if k in found and found[k].shape != own[k].shape]
     lines = [f"{what} {len(keys)} keys, e.g. {', '.join(keys[:5])}"
@@ -453,8 +452,7 @@ def load_vae(run) -> VAE:
 
 def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> Pipeline:
     """Rebuild a toy run's models from RUN/<stage> checkpoints. `need`: stages that must exist."""
-    run = check_run_folder(run)
-    device = torch.device(device)
+    run, device = check_run_folder(run), torch.device(device)
     gen_stage = "joint" if variant == "joint" else f"generate/{variant}"
 
     def have(stage, kind):  # kind: the name `need` uses for the stage (RUN/joint is a "generate")
