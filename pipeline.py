@@ -275,23 +275,15 @@ def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = Fal
     return meta, tensors, opt
 
 
-def load_stage(module: nn.Module, tensors: dict, prefix: str, folder, stage: str, ema: bool = False) -> None:
-    """load_module for the checkpoint of a run's stage: a mismatch also says how to train it again."""
-    try:
-        load_module(module, tensors, prefix, str(folder), ema=ema)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (a checkpoint of another run or config? train the stage again: "
-                              f"{retrain_command(folder, stage)})") from None
-
-
 def module_tensors(prefix: str, module: nn.Module) -> dict:
     """A module's state dict (parameters and persistent buffers) under `prefix.`."""
     return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
 
 
-def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "checkpoint",
-                ema: bool = False) -> None:
-    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match."""
+def load_module(module: nn.Module, tensors: dict, prefix: str, source="checkpoint", ema: bool = False,
+                stage: str | None = None) -> None:
+    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match, and for the
+    checkpoint folder `source` of a run's `stage`, how to train it again."""
     own = module.state_dict()
     found = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     if ema:  # a weight's moving average "ema.<key>" where there is one: diffusion samples from EMA weights
@@ -308,7 +300,9 @@ def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "ch
              for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     lines += ["shape mismatch: " + "; ".join(shapes[:5])] if shapes else []
     if lines:
-        raise CheckpointError(f"{source} does not match the {prefix!r} model: " + " | ".join(lines))
+        again = "" if stage is None else (" (a checkpoint of another run or config? train the stage again: "
+                                          f"{retrain_command(source, stage)})")
+        raise CheckpointError(f"{source} does not match the {prefix!r} model: " + " | ".join(lines) + again)
     module.load_state_dict(found, strict=True)
 
 
@@ -419,7 +413,7 @@ def load_clip(run) -> tuple[ImageEncoder, object, Config]:
     meta, tensors, _ = load_checkpoint(folder, stage="clip")
     cfg = Config.from_dict(meta["config"])
     clip = ImageEncoder(cfg.clip)
-    load_stage(clip, tensors, "clip", folder, "clip")
+    load_module(clip, tensors, "clip", folder, stage="clip")
     tok_dir = checkpoint_path(folder) / "tokenizer"
     hint = "train the stage again: " + retrain_command(folder, "clip")
     if not tok_dir.is_dir():
@@ -437,7 +431,7 @@ def load_vlm(run, tokenizer, clip_width: int) -> VisionLanguageModel:
     lm_cfg = Config.from_dict(meta["config"]).lm
     vlm = VisionLanguageModel(build_backbone(lm_cfg), clip_width, tokenizer.convert_tokens_to_ids(IMAGE),
                               lm_cfg.image_merge)
-    load_stage(vlm, tensors, "vlm", folder, "understand")
+    load_module(vlm, tensors, "vlm", folder, stage="understand")
     return vlm
 
 
@@ -446,7 +440,7 @@ def load_vae(run) -> VAE:
     folder = Path(run) / "vae"
     meta, tensors, _ = load_checkpoint(folder, stage="vae")
     vae = VAE(Config.from_dict(meta["config"]).vae)
-    load_stage(vae, tensors, "vae", folder, "vae")
+    load_module(vae, tensors, "vae", folder, stage="vae")
     return vae
 
 
@@ -472,17 +466,17 @@ def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> P
         meta, tensors, _ = load_checkpoint(run / "decoder", stage="decoder")
         dec_cfg = Config.from_dict(meta["config"]).decoder
         pipe.decoder = PixelDecoder(dec_cfg, clip.target_width, clip.cfg.image_size)
-        load_stage(pipe.decoder, tensors, "decoder", run / "decoder", "decoder", ema=True)
+        load_module(pipe.decoder, tensors, "decoder", run / "decoder", ema=True, stage="decoder")
     if have("vae", "vae"):
         pipe.vae = load_vae(run)
     if have(gen_stage, "generate"):
         meta, tensors, _ = load_checkpoint(run / gen_stage, stage=gen_stage)
         gen_cfg = Config.from_dict(meta["config"])
         pipe.generator = Generator(gen_cfg, loss=meta["loss"], target_dim=meta["target_dim"])
-        load_stage(pipe.generator, tensors, "generator", run / gen_stage, gen_stage, ema=True)
+        load_module(pipe.generator, tensors, "generator", run / gen_stage, ema=True, stage=gen_stage)
         pipe.target = meta["target"]
         if variant == "joint" and pipe.vlm is not None:  # the LM was trained too: both come from RUN/joint
-            load_stage(pipe.vlm, tensors, "vlm", run / gen_stage, gen_stage, ema=True)
+            load_module(pipe.vlm, tensors, "vlm", run / gen_stage, ema=True, stage=gen_stage)
     for m in (pipe.clip, pipe.vlm, pipe.generator, pipe.decoder, pipe.vae):
         if m is not None:
             m.to(device).eval().requires_grad_(False)
