@@ -781,7 +781,11 @@ def train_step(plan: Plan, ddp, model, fsdp_roots, step: int, args, device) -> t
         total += float(loss.detach()) / accum
         for k, v in logs.items():
             extra[k] = extra.get(k, 0.0) + v / accum
-    return all_mean(total, device), extra
+    if dist.is_initialized():  # the loss averaged over every rank
+        t = torch.tensor([total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total = float(t) / dist.get_world_size()
+    return total, extra
 
 
 def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
@@ -1049,14 +1053,6 @@ def setup(args) -> torch.device:
         else:  # --fsdp under plain `python`: a group of one process, so the same code path runs
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
-
-
-def all_mean(x: float, device) -> float:
-    if dist.is_initialized():
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t) / dist.get_world_size()
-    return x
 
 
 def mean_logs(logs: dict) -> dict:
