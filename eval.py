@@ -126,8 +126,7 @@ def zero_shot(pipe, split: str, n: int, seed: int, tag: str = "colors") -> dict:
 
 
 def eval_clip(pipe, n: int = 500) -> dict:
-    """Zero-shot top-1 of held-out single objects (color and shape), the same on training images, and held-out
-    two-object colour compositions."""
+    """Zero-shot top-1 on held-out single objects and compositions, and on training images (CLIP_ROWS)."""
     held = zero_shot(pipe, "test", n, SEED_CLIP)
     return {"zero_shot": held["both"], "zero_shot_color": held["color"], "zero_shot_shape": held["shape"],
             "zero_shot_seen": zero_shot(pipe, "train", n, SEED_SEEN)["both"],
@@ -300,8 +299,7 @@ def project_scorer(record: dict, img: np.ndarray) -> bool:
 
 
 def image_hits(records, images_u8: torch.Tensor, scorer=project_scorer) -> list[list[bool]]:
-    """uint8 images (P, S, H, W, 3), S per record -> right or wrong by the GenEval rules (the project's
-    detector, or `scorer`), P lists of S."""
+    """uint8 images (P, S, H, W, 3), S per record -> P lists of S: right or wrong by GenEval's rules."""
     return [[scorer(r, img.numpy()) for img in row] for r, row in zip(records, images_u8)]
 
 
