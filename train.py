@@ -381,8 +381,7 @@ def plan_vae(args, device) -> Plan:
 
 
 def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor | None = None):
-    """A fresh stage-2 generator (queries + head), initialised as the preset says (Config.query_init,
-    Config.target_norm: `targets` set the target scale)."""
+    """A fresh stage-2 generator (queries + head), initialised as Config.query_init and .target_norm say."""
     cfg = args.config
     generator = blip3o.Generator(cfg, loss=loss, target_dim=target_dim)
     if cfg.target_norm and targets is not None:
@@ -758,9 +757,8 @@ def fit(plan: Plan, args, device) -> dict:
 
 
 def train_step(plan: Plan, ddp, model, fsdp_roots, step: int, args, device) -> tuple[float, dict]:
-    """One optimizer step's forward and backward over this rank's `grad_accum` micro-batches.
-
-    -> (the loss averaged over every rank, this rank's extra logs averaged over its micro-batches)."""
+    """One optimizer step's forward and backward over this rank's `grad_accum` micro-batches -> (the loss
+    averaged over every rank, this rank's extra logs averaged over its micro-batches)."""
     rank, accum = dist_info()[0], args.grad_accum
     total, extra = 0.0, {}
     for micro in range(accum):
