@@ -170,8 +170,7 @@ def bench_dit_step(args, name, cfg, batch, cond_tokens, rounds):
     for _ in range(rounds):  # interleaved, so both see the same machine load
         for k, step in steps.items():
             times[k].append(timed(step, device))
-    flops_step = 3 * dit_forward_flops(cfg, cond_tokens) * batch
-    peak = _PEAK.get(args.dtype)
+    flops_step, peak = 3 * dit_forward_flops(cfg, cond_tokens) * batch, _PEAK.get(args.dtype)
     result = {"config": {**cfg.__dict__, "batch": batch, "cond_tokens": cond_tokens}, "params": params,
               "flops_per_step": flops_step, "compile": args.compile, "dtype": args.dtype,
               "fused_adamw": args.fused_adamw}

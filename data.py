@@ -393,8 +393,7 @@ def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, n
     a quarter, else to the background. Returns colour and shape (grid*grid,) int into COLORS / SHAPES
     (len(COLORS) / len(SHAPES): background) and box (grid*grid, 4) float, the owner's (x0, y0, x1, y1) /
     image size or zeros: every token of an object carries the whole object, not a copy of its pixels."""
-    size = scene.image_size
-    cell = size // grid
+    size, cell = scene.image_size, scene.image_size // grid
     owner = np.full((size, size), -1, dtype=np.int64)  # (H, W) index of the object drawn at each pixel
     for k, o in enumerate(scene.objects):
         x0, y0, x1, y1 = o.box

@@ -179,8 +179,7 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    prev = previous_path(folder)
+    tmp, prev = folder.with_name(folder.name + f".tmp-{os.getpid()}"), previous_path(folder)
     for stale in folder.parent.glob(folder.name + ".tmp-*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()  # written and fsync'd first, then renamed into place: a crash leaves a complete checkpoint

@@ -96,8 +96,7 @@ def load_decoder(checkpoint, device) -> Decoder:
     """DIR/diffusion-decoder/{unet,vae,scheduler} -> Decoder, frozen, bf16 on CUDA and fp32 elsewhere."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-    root = Path(checkpoint) / DECODER_DIR
-    device = torch.device(device)
+    root, device = Path(checkpoint) / DECODER_DIR, torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     # diffusers' fast load needs accelerate; asking for the fallback directly spares its five-line notice.

@@ -365,9 +365,8 @@ def plan_decoder(args, device) -> Plan:
 
 
 def plan_vae(args, device) -> Plan:
-    cfg = args.config
     images, _ = toy_images(args)
-    vae = blip3o.VAE(cfg.vae)
+    vae = blip3o.VAE(args.config.vae)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
