@@ -235,8 +235,7 @@ def _check_in_world(record: dict) -> None:
     if sum(req["count"] for req in includes) > MAX_OBJECTS:
         raise ValueError(f"more than {MAX_OBJECTS} objects")
     for req in excludes:
-        wanted = sum(inc["count"] for inc in includes if inc["class"] == req["class"])
-        if wanted >= req["count"]:
+        if sum(inc["count"] for inc in includes if inc["class"] == req["class"]) >= req["count"]:
             raise ValueError(f"include and exclude contradict each other for {req['class']!r}")
 
 
@@ -601,8 +600,7 @@ def classify_pixels(img: np.ndarray) -> np.ndarray:
     best = residual.argmin(-1)  # (H, W)
     best_alpha = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
     best_residual = np.take_along_axis(residual, best[..., None], -1)[..., 0]
-    foreground = (best_alpha >= 0.5) & (best_residual <= MAX_COLOR_DISTANCE)
-    return np.where(foreground, best, -1)
+    return np.where((best_alpha >= 0.5) & (best_residual <= MAX_COLOR_DISTANCE), best, -1)
 
 
 def connected_components(labels: np.ndarray) -> np.ndarray:
@@ -976,8 +974,7 @@ class ImageFolderCaptions(_CaptionStream):
 
     def _raw(self, slot: int, slots: int):
         with open(self.captions, "rb") as f:
-            lines = (line for line in f if line.strip())
-            for i, line in enumerate(lines):
+            for i, line in enumerate(line for line in f if line.strip()):
                 if i % slots != slot:
                     continue
                 try:

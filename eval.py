@@ -638,9 +638,8 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     # 0 s: already trained and skipped (its recorded time stays); train.py's "generate" is flow-clip
     trained_now = {("generate/flow-clip" if stage == "generate" else stage): round(seconds, 1)
                    for stage, seconds in (timings or {}).items() if seconds}
-    train_times = {**old.get("train_seconds_per_stage", {}), **trained_now}
     record = {"fingerprint": fp, "metrics": metrics, "stages": rounded(stage_summaries(run)),
-              "train_seconds_per_stage": train_times,
+              "train_seconds_per_stage": {**old.get("train_seconds_per_stage", {}), **trained_now},
               "last_train_run_seconds": (round(train_seconds, 1) if trained_now and train_seconds
                                          else old.get("last_train_run_seconds")),
               "pictures": [p.name for p in pictures if p.is_file()],

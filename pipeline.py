@@ -88,8 +88,7 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.exists():  # it names every shard: only those holding our keys are read
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for k, f in weight_map.items()
+        files = sorted({path / f for k, f in json.loads(index.read_text())["weight_map"].items()
                         if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY})
     if not files:
         raise ValueError(f"no .safetensors files found at {path}")

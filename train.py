@@ -961,8 +961,7 @@ def wrap(plan: Plan, model: Objective, device, world: int, args):
     with torch.no_grad():
         for t in [p for p in model.parameters() if p.requires_grad] + list(model.buffers()):
             dist.broadcast(t.data, 0)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return model, plan.shard_fn(model.inner, mesh)
+    return model, plan.shard_fn(model.inner, init_device_mesh(device.type, (dist.get_world_size(),)))
 
 
 def shard_generation(step: nn.ModuleDict, mesh) -> list:
