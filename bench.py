@@ -395,8 +395,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
+    if unknown := [n for n in names if n not in BENCHMARKS]:
         p.exit(2, f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}\n")
     if any(n.startswith("dit_") or n == "stages" for n in names) and "matmul" not in names:
         names.insert(0, "matmul")  # the DiT figures are reported as a fraction of it

@@ -688,8 +688,7 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
             reason = f"no target for {cls} to be {rel}"
         elif "position" in req:
             shown = [relative_position(o["box"], t["box"]) for o in found for t in matched_groups[target]]
-            wrong = [rels for rels in shown if rel not in rels]
-            if wrong:
+            if wrong := [rels for rels in shown if rel not in rels]:
                 reason = f"expected {cls} {rel} target, found {' and '.join(sorted(wrong[0]))} target"
         if reason is not None:
             reasons.append(reason)

@@ -832,8 +832,7 @@ def restore(plan: Plan, model: Objective, folder: Path, args) -> Restored:
         raise UserError(f"{folder} was trained {'without' if args.fsdp else 'with'} --fsdp: "
                         "resume it the same way, or --restart")
     own = plan.save_fn(model.inner)
-    missing = [k for k in own if k not in tensors]
-    if missing:
+    if missing := [k for k in own if k not in tensors]:
         raise pipeline.CheckpointError(f"{folder}: checkpoint lacks {missing[:5]}")
     with torch.no_grad():
         for k, v in own.items():
