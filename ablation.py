@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-import blip3o
 import data
 import eval as evaluation
 import pipeline
@@ -94,7 +93,6 @@ def train_segment(out, stage_argv: list, steps, batch, data_args: dict, device, 
     argv += ["--restart"] if restart else []
     argv += ["--noise-repeats", "1"] if "generate" in stage_argv else []  # every design: the same noise
     args = train.parse_args(argv)
-    args.config = blip3o.get_config(args.preset)
     train.seed_init(args, args.stage)  # as train.main does: the new modules' initial weights
     plan = train.PLANS[args.stage](args, device)
     train.fit(plan, args, device)
@@ -154,8 +152,7 @@ def understanding(out, variant: str, sizes: dict, device, vlm_state: dict | None
 
 def run_ablation(run, out, sizes: dict, device) -> dict:
     """Train and score the three designs and joint CLIP + Flow, `every` steps at a time -> OUT/ablation.*"""
-    start = time.time()
-    run, out = Path(run), Path(out)
+    start, run, out = time.time(), Path(run), Path(out)
     data_args = ablation_folder(run, out, sizes, device)
     stage1 = pipeline.load_checkpoint(out / "understand", stage="understand")[1]
     points = [*range(sizes["every"], sizes["steps"], sizes["every"]), sizes["steps"]]

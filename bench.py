@@ -23,7 +23,6 @@ import resource
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -31,8 +30,6 @@ import torch.nn as nn
 import data
 from blip3o import GUIDANCE, SAMPLE_STEPS, DiTConfig, NextDiT, flow_matching_loss
 from pipeline import CheckpointError, count_params, load_run
-
-ROOT = Path(__file__).resolve().parent
 
 
 def timed(fn, device) -> float:
@@ -173,8 +170,7 @@ def bench_dit_step(args, name, cfg, batch, cond_tokens, rounds):
     for _ in range(rounds):  # interleaved, so both see the same machine load
         for k, step in steps.items():
             times[k].append(timed(step, device))
-    flops_step = 3 * dit_forward_flops(cfg, cond_tokens) * batch
-    peak = _PEAK.get(args.dtype)
+    flops_step, peak = 3 * dit_forward_flops(cfg, cond_tokens) * batch, _PEAK.get(args.dtype)
     result = {"config": {**cfg.__dict__, "batch": batch, "cond_tokens": cond_tokens}, "params": params,
               "flops_per_step": flops_step, "compile": args.compile, "dtype": args.dtype,
               "fused_adamw": args.fused_adamw}
@@ -294,8 +290,7 @@ def bench_memory(args):
         for layers in (1, 2):
             small = DiTConfig(cond_dim=cond_dim, num_layers=layers)
             with torch.device("meta"):
-                model = NextDiT(small)
-            model = model.to_empty(device="cpu")  # real storage, no initialization cost
+                model = NextDiT(small).to_empty(device="cpu")  # real storage, no initialization cost
             x, cond = torch.randn(1, 64, small.in_channels), torch.randn(1, 64, cond_dim)
             acts.append(saved_activation_bytes(model, x, torch.rand(1), cond))
             del model
@@ -327,7 +322,6 @@ def bench_stages(args):
     with tempfile.TemporaryDirectory(prefix="blip3o-bench-") as out:
         for stage in train.PIPELINE:
             targs = train.parse_args(["--stage", stage, "--out", out, "--quiet", "--ckpt-every", "0"])
-            targs.config = train.blip3o.get_config(targs.preset)
             start = time.perf_counter()
             plan = train.PLANS[stage](targs, args.device)
             startup = time.perf_counter() - start
@@ -401,8 +395,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
+    if unknown := [n for n in names if n not in BENCHMARKS]:
         p.exit(2, f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}\n")
     if any(n.startswith("dit_") or n == "stages" for n in names) and "matmul" not in names:
         names.insert(0, "matmul")  # the DiT figures are reported as a fraction of it

@@ -235,8 +235,7 @@ def _check_in_world(record: dict) -> None:
     if sum(req["count"] for req in includes) > MAX_OBJECTS:
         raise ValueError(f"more than {MAX_OBJECTS} objects")
     for req in excludes:
-        wanted = sum(inc["count"] for inc in includes if inc["class"] == req["class"])
-        if wanted >= req["count"]:
+        if sum(inc["count"] for inc in includes if inc["class"] == req["class"]) >= req["count"]:
             raise ValueError(f"include and exclude contradict each other for {req['class']!r}")
 
 
@@ -321,10 +320,6 @@ def _objects_for(record: dict, rng: random.Random, split: str | None, image_size
 
 # --- Captions ---------------------------------------------------------------------------------------
 
-def _reading_order(objects):
-    return sorted(objects, key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))
-
-
 def caption_for(objects: list) -> str:
     """A complete description naming every object's colour and shape, objects left to right.
 
@@ -333,7 +328,7 @@ def caption_for(objects: list) -> str:
     one shape, >= 2:   "three squares in red green and blue"
     otherwise:         "a red circle and a blue square and a green triangle"
     """
-    objects = _reading_order(objects)
+    objects = sorted(objects, key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))  # left to right
     nouns = [f"{article(o.color)} {o.color} {o.shape}" for o in objects]
     if len(objects) >= 2 and len({o.shape for o in objects}) == 1:
         colors = [o.color for o in objects]
@@ -397,8 +392,7 @@ def token_labels(scene: Scene, grid: int = 8) -> tuple[np.ndarray, np.ndarray, n
     a quarter, else to the background. Returns colour and shape (grid*grid,) int into COLORS / SHAPES
     (len(COLORS) / len(SHAPES): background) and box (grid*grid, 4) float, the owner's (x0, y0, x1, y1) /
     image size or zeros: every token of an object carries the whole object, not a copy of its pixels."""
-    size = scene.image_size
-    cell = size // grid
+    size, cell = scene.image_size, scene.image_size // grid
     owner = np.full((size, size), -1, dtype=np.int64)  # (H, W) index of the object drawn at each pixel
     for k, o in enumerate(scene.objects):
         x0, y0, x1, y1 = o.box
@@ -606,8 +600,7 @@ def classify_pixels(img: np.ndarray) -> np.ndarray:
     best = residual.argmin(-1)  # (H, W)
     best_alpha = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
     best_residual = np.take_along_axis(residual, best[..., None], -1)[..., 0]
-    foreground = (best_alpha >= 0.5) & (best_residual <= MAX_COLOR_DISTANCE)
-    return np.where(foreground, best, -1)
+    return np.where((best_alpha >= 0.5) & (best_residual <= MAX_COLOR_DISTANCE), best, -1)
 
 
 def connected_components(labels: np.ndarray) -> np.ndarray:
@@ -667,8 +660,7 @@ def detect_objects(img: np.ndarray) -> list[dict]:
         color = COLORS[labels[ys[0], xs[0]]]
         objects.append({"class": classify_shape(mask), "color": color, "box": (x0, y0, x1, y1),
                         "area": int(len(ys))})
-    objects.sort(key=lambda o: -o["area"])
-    return objects
+    return sorted(objects, key=lambda o: -o["area"])
 
 
 # --- GenEval's rules ---------------------------------------------------------------------------------
@@ -696,8 +688,7 @@ def score_record(metadata: dict, objects: list[dict]) -> tuple[bool, str]:
             reason = f"no target for {cls} to be {rel}"
         elif "position" in req:
             shown = [relative_position(o["box"], t["box"]) for o in found for t in matched_groups[target]]
-            wrong = [rels for rels in shown if rel not in rels]
-            if wrong:
+            if wrong := [rels for rels in shown if rel not in rels]:
                 reason = f"expected {cls} {rel} target, found {' and '.join(sorted(wrong[0]))} target"
         if reason is not None:
             reasons.append(reason)
@@ -982,8 +973,7 @@ class ImageFolderCaptions(_CaptionStream):
 
     def _raw(self, slot: int, slots: int):
         with open(self.captions, "rb") as f:
-            lines = (line for line in f if line.strip())
-            for i, line in enumerate(lines):
+            for i, line in enumerate(line for line in f if line.strip()):
                 if i % slots != slot:
                     continue
                 try:

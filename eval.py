@@ -126,13 +126,11 @@ def zero_shot(pipe, split: str, n: int, seed: int, tag: str = "colors") -> dict:
 
 
 def eval_clip(pipe, n: int = 500) -> dict:
-    """Zero-shot top-1 of held-out single objects (color and shape), the same on training images, and held-out
-    two-object colour compositions."""
+    """Zero-shot top-1 on held-out single objects and compositions, and on training images (CLIP_ROWS)."""
     held = zero_shot(pipe, "test", n, SEED_CLIP)
-    seen = zero_shot(pipe, "train", n, SEED_SEEN)
-    single = zero_shot(pipe, "test", n, SEED_CLIP, tag="single_object")
     return {"zero_shot": held["both"], "zero_shot_color": held["color"], "zero_shot_shape": held["shape"],
-            "zero_shot_seen": seen["both"], "single_object_shape": single["shape"],
+            "zero_shot_seen": zero_shot(pipe, "train", n, SEED_SEEN)["both"],
+            "single_object_shape": zero_shot(pipe, "test", n, SEED_CLIP, tag="single_object")["shape"],
             "zero_shot_compositions": zero_shot(pipe, "test", n, SEED_CLIP, tag="color_attr")["meaning"],
             "images": n}
 
@@ -301,8 +299,7 @@ def project_scorer(record: dict, img: np.ndarray) -> bool:
 
 
 def image_hits(records, images_u8: torch.Tensor, scorer=project_scorer) -> list[list[bool]]:
-    """uint8 images (P, S, H, W, 3), S per record -> right or wrong by the GenEval rules (the project's
-    detector, or `scorer`), P lists of S."""
+    """uint8 images (P, S, H, W, 3), S per record -> P lists of S: right or wrong by GenEval's rules."""
     return [[scorer(r, img.numpy()) for img in row] for r, row in zip(records, images_u8)]
 
 
@@ -410,8 +407,7 @@ def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | N
     outdir = Path(run) / f"geneval-{variant}"
     shutil.rmtree(outdir, ignore_errors=True)  # no stale prompt folders from a larger earlier set
     data.write_geneval_folder(str(outdir), records, [list(x) for x in images])
-    scores = eval_geneval(outdir)
-    scores["folder"] = str(outdir)
+    scores = {**eval_geneval(outdir), "folder": str(outdir)}
     scores["second_opinion"] = score_images(
         records, image_hits(records, [data.to_uint8(x) for x in images], second_opinion))
     said = pipe.target == "clip" and pipe.clip.scene is not None  # drawn from what the tokens say
@@ -606,10 +602,9 @@ def evaluate_all(run, device) -> dict:
         t["recon"] = time.time() - start
     if pipe.generator is not None and pipe.vlm is not None and pipe.decoder is not None:
         start = time.time()
-        geneval, records, images, _ = eval_toygeneval(
+        metrics["toygeneval"], records, images, _ = eval_toygeneval(
             pipe, run, "flow-clip", REPORT["per_prompt"], REPORT["geneval_per_tag"], REPORT["steps"],
             REPORT["guidance"], quiet=True, per_position=REPORT["per_position"], per_seen=REPORT["per_seen"])
-        metrics["toygeneval"] = geneval
         rows = dict(single_object=1, two_object=1, counting=1, colors=2, position=1, color_attr=2)
         picked = [i for tag, n in rows.items()  # samples.png: the first 1-2 held-out prompts of every tag
                   for i in [j for j, r in enumerate(records) if r["tag"] == tag][:n]]
@@ -628,8 +623,7 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     """Evaluate a run -> RUN/REPORT.md, metrics.json, samples.png, reconstructions.png, loss_<stage>.png
     (`python train.py` ends with it). Cached: when RUN/metrics.json holds the same fingerprint, its metrics
     are reused. `timings` {stage: seconds} of stages trained now replace the recorded ones."""
-    run = pipeline.check_run_folder(run)
-    start = time.time()
+    run, start = pipeline.check_run_folder(run), time.time()
     device = pipeline.pick_device(device) if isinstance(device, str) else device
     fp = fingerprint(run)
     try:
@@ -644,9 +638,8 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     # 0 s: already trained and skipped (its recorded time stays); train.py's "generate" is flow-clip
     trained_now = {("generate/flow-clip" if stage == "generate" else stage): round(seconds, 1)
                    for stage, seconds in (timings or {}).items() if seconds}
-    train_times = {**old.get("train_seconds_per_stage", {}), **trained_now}
     record = {"fingerprint": fp, "metrics": metrics, "stages": rounded(stage_summaries(run)),
-              "train_seconds_per_stage": train_times,
+              "train_seconds_per_stage": {**old.get("train_seconds_per_stage", {}), **trained_now},
               "last_train_run_seconds": (round(train_seconds, 1) if trained_now and train_seconds
                                          else old.get("last_train_run_seconds")),
               "pictures": [p.name for p in pictures if p.is_file()],
@@ -658,21 +651,20 @@ def full_report(run, timings: dict | None = None, train_seconds: float | None = 
     return record
 
 
-def headline(metrics: dict) -> dict:
-    """The numbers that have targets, by the names used in TARGETS."""
+def headline(metrics: dict, below: str = "below") -> list[list]:
+    """Rows (name, value, target, "ok" or `below`) of the numbers that have targets (TARGETS)."""
     out = {"clip zero-shot (held-out)": metrics.get("clip", {}).get("zero_shot"),
            "understanding exact match": metrics.get("understand", {}).get("overall"),
            "reconstruction (GenEval rules)": metrics.get("recon", {}).get("recon"),
            "toy GenEval overall": metrics.get("toygeneval", {}).get("overall")}
-    return {name: value for name, value in out.items() if value is not None}
+    return [[name, f"{v:.3f}", f">= {TARGETS[name]:.2f}", "ok" if v >= TARGETS[name] else below]
+            for name, v in out.items() if v is not None]
 
 
 def summary_table(record: dict, run) -> str:
-    rows = [[name, value, f">= {TARGETS[name]:.2f}", "ok" if value >= TARGETS[name] else "BELOW"]
-            for name, value in headline(record["metrics"]).items()]
     note = "cached: checkpoints unchanged since the last evaluation" if record["cached"] else "evaluated"
     text = (f"\nBLIP3-o toy report ({note}, {record['report_seconds']:.0f} s)\n"
-            + format_table(["held-out metric", "value", "target", ""], rows))
+            + format_table(["held-out metric", "value", "target", ""], headline(record["metrics"], "BELOW")))
     if g := record["metrics"].get("toygeneval"):
         text += "\ntoy GenEval per tag: " + ", ".join(f"{t} {a:.2f}" for t, a in g["per_tag"].items())
         if "tokens_say" in g:
@@ -741,9 +733,7 @@ def report_markdown(run: Path, record: dict) -> str:
           "All numbers are on held-out compositions of the shapes world (never drawn in training) unless "
           "marked *seen*. Regenerate with `python eval.py report --run " + str(run) + "` (cached while the "
           "checkpoints are unchanged).", "", "## Headline", ""]
-    md += md_table(["metric", "value", "target", ""], [[name, f"{v:.3f}", f">= {TARGETS[name]:.2f}", "ok" if
-                                                        v >= TARGETS[name] else "below"]
-                                                       for name, v in headline(m).items()])
+    md += md_table(["metric", "value", "target", ""], headline(m))
     rows = []
     for name, s in record["stages"].items():
         secs, plot = times.get(name), f"loss_{name.replace('/', '-')}.png"

@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from blip3o import (
-    GUIDANCE, IMAGE, SAMPLE_STEPS, Config, DiTConfig, Generator, ImageEncoder, NextDiT, PixelDecoder, VAE,
-    VisionLanguageModel, build_backbone, build_qa_batch, decode_ids, encode_prompts, generate, load_tokenizer,
-)
+from blip3o import (GUIDANCE, IMAGE, SAMPLE_STEPS, Config, DiTConfig, Generator, ImageEncoder, NextDiT,
+                    PixelDecoder, VAE, VisionLanguageModel, build_backbone, build_qa_batch, decode_ids,
+                    encode_prompts, generate, load_tokenizer)
 
 
 # --- Released BLIP3-o generation weights (BLIP3o/BLIP3o-Model-8B, -4B) --------------------------------
@@ -89,8 +88,7 @@ def load_official_generation_weights(path, *, device="cpu", dtype=None):
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
     index = path / "model.safetensors.index.json"
     if index.exists():  # it names every shard: only those holding our keys are read
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for k, f in weight_map.items()
+        files = sorted({path / f for k, f in json.loads(index.read_text())["weight_map"].items()
                         if k.startswith(OFFICIAL_DIT_PREFIX) or k == OFFICIAL_QUERIES_KEY})
     if not files:
         raise ValueError(f"no .safetensors files found at {path}")
@@ -155,8 +153,7 @@ def damaged_file(file, reason: str, hint: str) -> CheckpointError:
 
 def previous_path(folder) -> Path:
     """Where a stage's previous checkpoint stays while the next one is in place: `<folder>.prev`."""
-    folder = Path(folder)
-    return folder.with_name(folder.name + ".prev")
+    return Path(folder).with_name(Path(folder).name + ".prev")
 
 
 def retrain_command(folder, stage: str | None) -> str:
@@ -181,8 +178,7 @@ def save_checkpoint(folder, tensors: dict, meta: dict, optimizer_state: dict | N
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    prev = previous_path(folder)
+    tmp, prev = folder.with_name(folder.name + f".tmp-{os.getpid()}"), previous_path(folder)
     for stale in folder.parent.glob(folder.name + ".tmp-*"):  # left by a writer that was killed
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()  # written and fsync'd first, then renamed into place: a crash leaves a complete checkpoint
@@ -277,23 +273,15 @@ def load_checkpoint(folder, stage: str | None = None, with_optimizer: bool = Fal
     return meta, tensors, opt
 
 
-def load_stage(module: nn.Module, tensors: dict, prefix: str, folder, stage: str, ema: bool = False) -> None:
-    """load_module for the checkpoint of a run's stage: a mismatch also says how to train it again."""
-    try:
-        load_module(module, tensors, prefix, str(folder), ema=ema)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (a checkpoint of another run or config? train the stage again: "
-                              f"{retrain_command(folder, stage)})") from None
-
-
 def module_tensors(prefix: str, module: nn.Module) -> dict:
     """A module's state dict (parameters and persistent buffers) under `prefix.`."""
     return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
 
 
-def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "checkpoint",
-                ema: bool = False) -> None:
-    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match."""
+def load_module(module: nn.Module, tensors: dict, prefix: str, source="checkpoint", ema: bool = False,
+                stage: str | None = None) -> None:
+    """Copy `prefix.*` tensors into a module; say exactly which keys or shapes do not match, and for the
+    checkpoint folder `source` of a run's `stage`, how to train it again."""
     own = module.state_dict()
     found = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     if ema:  # a weight's moving average "ema.<key>" where there is one: diffusion samples from EMA weights
@@ -303,15 +291,16 @@ def load_module(module: nn.Module, tensors: dict, prefix: str, source: str = "ch
         for name, p in module.named_parameters(remove_duplicate=False):
             alias[name] = first.setdefault(id(p), name)
         found = {k: tensors.get(f"ema.{prefix}.{alias.get(k, k)}", v) for k, v in found.items()}
-    missing = sorted(set(own) - set(found))
-    unexpected = sorted(set(found) - set(own))
+    missing, unexpected = sorted(set(own) - set(found)), sorted(set(found) - set(own))
     shapes = [f"{k}: {tuple(found[k].shape)} in {source}, {tuple(own[k].shape)} in model"
               for k in own if k in found and found[k].shape != own[k].shape]
     lines = [f"{what} {len(keys)} keys, e.g. {', '.join(keys[:5])}"
              for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     lines += ["shape mismatch: " + "; ".join(shapes[:5])] if shapes else []
     if lines:
-        raise CheckpointError(f"{source} does not match the {prefix!r} model: " + " | ".join(lines))
+        again = "" if stage is None else (" (a checkpoint of another run or config? train the stage again: "
+                                          f"{retrain_command(source, stage)})")
+        raise CheckpointError(f"{source} does not match the {prefix!r} model: " + " | ".join(lines) + again)
     module.load_state_dict(found, strict=True)
 
 
@@ -422,7 +411,7 @@ def load_clip(run) -> tuple[ImageEncoder, object, Config]:
     meta, tensors, _ = load_checkpoint(folder, stage="clip")
     cfg = Config.from_dict(meta["config"])
     clip = ImageEncoder(cfg.clip)
-    load_stage(clip, tensors, "clip", folder, "clip")
+    load_module(clip, tensors, "clip", folder, stage="clip")
     tok_dir = checkpoint_path(folder) / "tokenizer"
     hint = "train the stage again: " + retrain_command(folder, "clip")
     if not tok_dir.is_dir():
@@ -440,7 +429,7 @@ def load_vlm(run, tokenizer, clip_width: int) -> VisionLanguageModel:
     lm_cfg = Config.from_dict(meta["config"]).lm
     vlm = VisionLanguageModel(build_backbone(lm_cfg), clip_width, tokenizer.convert_tokens_to_ids(IMAGE),
                               lm_cfg.image_merge)
-    load_stage(vlm, tensors, "vlm", folder, "understand")
+    load_module(vlm, tensors, "vlm", folder, stage="understand")
     return vlm
 
 
@@ -449,14 +438,13 @@ def load_vae(run) -> VAE:
     folder = Path(run) / "vae"
     meta, tensors, _ = load_checkpoint(folder, stage="vae")
     vae = VAE(Config.from_dict(meta["config"]).vae)
-    load_stage(vae, tensors, "vae", folder, "vae")
+    load_module(vae, tensors, "vae", folder, stage="vae")
     return vae
 
 
 def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> Pipeline:
     """Rebuild a toy run's models from RUN/<stage> checkpoints. `need`: stages that must exist."""
-    run = check_run_folder(run)
-    device = torch.device(device)
+    run, device = check_run_folder(run), torch.device(device)
     gen_stage = "joint" if variant == "joint" else f"generate/{variant}"
 
     def have(stage, kind):  # kind: the name `need` uses for the stage (RUN/joint is a "generate")
@@ -473,21 +461,20 @@ def load_run(run, variant: str = "flow-clip", device="cpu", need=("clip",)) -> P
     if have("understand", "understand"):
         pipe.vlm = load_vlm(run, tokenizer, clip.cfg.width)
     if have("decoder", "decoder"):
-        folder = run / "decoder"
-        meta, tensors, _ = load_checkpoint(folder, stage="decoder")
+        meta, tensors, _ = load_checkpoint(run / "decoder", stage="decoder")
         dec_cfg = Config.from_dict(meta["config"]).decoder
         pipe.decoder = PixelDecoder(dec_cfg, clip.target_width, clip.cfg.image_size)
-        load_stage(pipe.decoder, tensors, "decoder", folder, "decoder", ema=True)
+        load_module(pipe.decoder, tensors, "decoder", run / "decoder", ema=True, stage="decoder")
     if have("vae", "vae"):
         pipe.vae = load_vae(run)
     if have(gen_stage, "generate"):
         meta, tensors, _ = load_checkpoint(run / gen_stage, stage=gen_stage)
         gen_cfg = Config.from_dict(meta["config"])
         pipe.generator = Generator(gen_cfg, loss=meta["loss"], target_dim=meta["target_dim"])
-        load_stage(pipe.generator, tensors, "generator", run / gen_stage, gen_stage, ema=True)
+        load_module(pipe.generator, tensors, "generator", run / gen_stage, ema=True, stage=gen_stage)
         pipe.target = meta["target"]
         if variant == "joint" and pipe.vlm is not None:  # the LM was trained too: both come from RUN/joint
-            load_stage(pipe.vlm, tensors, "vlm", run / gen_stage, gen_stage, ema=True)
+            load_module(pipe.vlm, tensors, "vlm", run / gen_stage, ema=True, stage=gen_stage)
     for m in (pipe.clip, pipe.vlm, pipe.generator, pipe.decoder, pipe.vae):
         if m is not None:
             m.to(device).eval().requires_grad_(False)

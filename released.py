@@ -17,8 +17,6 @@ loggerJK/VLM repository), class EmuVisualGenerationPipeline; BLIP3o's inference.
 loaded); Emu2's pipeline_emu2_gen.py (JiuhaiChen/BLIP3o) and conf/diffusion_config/*.json (baaivision/Emu),
 the Emu2-Gen originals of BLIP3o's decoder and pipeline.
 """
-from __future__ import annotations
-
 import importlib.util
 import json
 import warnings
@@ -55,7 +53,7 @@ def decoder_config(checkpoint, size: int = SIZE) -> dict:
         if not (root / sub).is_dir():
             raise DecoderError(f"{root} has no {sub}/ folder (expected unet/, vae/, scheduler/)")
     try:
-        import diffusers  # noqa: F401
+        importlib.import_module("diffusers")
     except ImportError:
         raise DecoderError(INSTALL_HINT) from None
     cfg = {}
@@ -98,8 +96,7 @@ def load_decoder(checkpoint, device) -> Decoder:
     """DIR/diffusion-decoder/{unet,vae,scheduler} -> Decoder, frozen, bf16 on CUDA and fp32 elsewhere."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 
-    root = Path(checkpoint) / DECODER_DIR
-    device = torch.device(device)
+    root, device = Path(checkpoint) / DECODER_DIR, torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     # diffusers' fast load needs accelerate; asking for the fallback directly spares its five-line notice.

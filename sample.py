@@ -25,8 +25,6 @@ own diffusion decoder (DIR/diffusion-decoder/, Emu2-Gen's SDXL UNet; needs diffu
     python sample.py --official-checkpoint BLIP3o-Model-8B --backbone Qwen/Qwen2.5-VL-7B-Instruct \\
         --prompt "a photo of a red circle" --out out/features.safetensors      # CLIP features only
 """
-from __future__ import annotations
-
 import argparse
 import functools
 import json

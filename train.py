@@ -150,9 +150,8 @@ def toy_images(args):
 def encode_all(fn, images_u8: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
     """Run a frozen encoder once over the whole image set: its outputs never change, so they are cached."""
     with pipeline.autocast(device):  # the frozen encoder may be in bf16 (CUDA), its input is fp32
-        outs = [fn(data.as_float(images_u8[i:i + batch]).to(device)).float().cpu()
-                for i in range(0, len(images_u8), batch)]
-    return torch.cat(outs)
+        return torch.cat([fn(data.as_float(images_u8[i:i + batch]).to(device)).float().cpu()
+                          for i in range(0, len(images_u8), batch)])
 
 
 def load_clip(args, device) -> tuple:
@@ -165,7 +164,8 @@ def load_clip(args, device) -> tuple:
         # The run's CLIP is what was trained, whatever the preset says now; the vocabulary is shared.
         args.config.clip, args.config.lm.vocab_size = saved.clip, len(tok)
         enc = enc.to(device)
-    enc.to(frozen_dtype(device)).requires_grad_(False).eval()
+    # Frozen: bf16 on CUDA (half the memory, no gradients to lose), fp32 elsewhere.
+    enc.to(torch.bfloat16 if device.type == "cuda" else torch.float32).requires_grad_(False).eval()
     return enc, tok
 
 
@@ -180,8 +180,7 @@ def load_lm(args, tok, device):
     vlm = vlm.to(device)
     if device.type == "cuda":  # frozen: bf16 (a real backbone is built in bf16 already)
         vlm.to(torch.bfloat16)
-    vlm.requires_grad_(False).eval()
-    return vlm
+    return vlm.requires_grad_(False).eval()
 
 
 def stack_labels(per_scene) -> list[torch.Tensor]:
@@ -189,14 +188,7 @@ def stack_labels(per_scene) -> list[torch.Tensor]:
     return [torch.from_numpy(np.stack(x)) for x in zip(*per_scene)]
 
 
-def set_unit_scale(scale: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Fill a model's scale buffer with the std of `tokens`, so tokens / scale have unit std (as Stable
-    Diffusion scales its latents): Generator.target_scale, PixelDecoder.cond_scale."""
-    scale.fill_(float(tokens.std()))
-
-
 # --- The stages, in the data's order: CLIP -> understanding -> decoder -> generation (+ ablations) ----
-
 
 def plan_clip(args, device) -> Plan:
     """Contrastive training of the toy CLIP on (image, caption or prompt) pairs."""
@@ -262,12 +254,6 @@ def qa_table(scenes, seed: int):
     return rows
 
 
-def token_table(tok, texts) -> dict:
-    """{text: its token ids} for every distinct text, tokenized in one batched call."""
-    unique = list(dict.fromkeys(texts))
-    return dict(zip(unique, tok(unique, add_special_tokens=False)["input_ids"]))
-
-
 def text_qa_table(scenes, seed: int, template: str) -> list[list[tuple[str, str]]]:
     """Text-only conversations, two per training scene: the generation prompt wrapping the scene's caption,
     and wrapping its GenEval-style prompt, each followed by the questions that text alone answers, in a
@@ -311,10 +297,11 @@ def plan_understand(args, device) -> Plan:
     vlm = blip3o.VisionLanguageModel(lm, cfg.clip.width, image_id, cfg.lm.image_merge)
     n_image = vlm.image_tokens(clip_tokens.shape[1])  # <image> placeholders per image
 
-    # Every question and answer is tokenized once here, so that no step calls the tokenizer.
+    # Every distinct question and answer is tokenized once here, in one call: no step calls the tokenizer.
     text_rows = text_qa_table(scenes, args.seed, cfg.prompt_template)
-    ids = token_table(tok, [x for _, q, a, _ in rows for x in (q, a)] + [x for turns in text_rows
-                                                                         for turn in turns for x in turn])
+    texts = list(dict.fromkeys([x for _, q, a, _ in rows for x in (q, a)]
+                               + [x for turns in text_rows for turn in turns for x in turn]))
+    ids = dict(zip(texts, tok(texts, add_special_tokens=False)["input_ids"]))  # text -> its token ids
     per_image = [[] for _ in range(len(images))]  # image index -> its (question, answer) turns, as ids
     weights = [[] for _ in range(len(images))]  # image index -> how often each turn is drawn
     for i, q, a, w in rows:
@@ -363,7 +350,7 @@ def plan_decoder(args, device) -> Plan:
     # The objects of each image in reading order: (N, 4) colour, (N, 4) shape, (N, 4, 4) box.
     objects = stack_labels(data.scene_labels(s) for s in scenes)
     dec = blip3o.PixelDecoder(cfg.decoder, tokens.shape[-1], cfg.clip.image_size)
-    set_unit_scale(dec.cond_scale, tokens)
+    dec.cond_scale.fill_(float(tokens.std()))  # the decoder reads tokens / cond_scale: unit std
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
@@ -378,9 +365,8 @@ def plan_decoder(args, device) -> Plan:
 
 
 def plan_vae(args, device) -> Plan:
-    cfg = args.config
     images, _ = toy_images(args)
-    vae = blip3o.VAE(cfg.vae)
+    vae = blip3o.VAE(args.config.vae)
 
     def chunk_fn(step, chunk, size, rng):
         idx = torch.randint(len(images), (size,), generator=rng)
@@ -394,12 +380,11 @@ def plan_vae(args, device) -> Plan:
 
 
 def new_generator(args, vlm, loss: str, target_dim: int, targets: torch.Tensor | None = None):
-    """A fresh stage-2 generator (queries + head), initialised as the preset says (Config.query_init,
-    Config.target_norm: `targets` set the target scale)."""
+    """A fresh stage-2 generator (queries + head), initialised as Config.query_init and .target_norm say."""
     cfg = args.config
     generator = blip3o.Generator(cfg, loss=loss, target_dim=target_dim)
     if cfg.target_norm and targets is not None:
-        set_unit_scale(generator.target_scale, targets)
+        generator.target_scale.fill_(float(targets.std()))  # targets / target_scale: unit std
     if cfg.query_init == "embedding":
         with torch.no_grad():
             generator.queries.normal_(0.0, float(vlm.lm.get_input_embeddings().weight.std()))
@@ -554,14 +539,8 @@ PLANS = {"clip": plan_clip, "understand": plan_understand, "decoder": plan_decod
 
 # --- Command line -------------------------------------------------------------------------------------
 
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        args.config = blip3o.get_config(args.preset)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, _, world = dist_info()
@@ -570,8 +549,7 @@ def main(argv=None) -> int:
         check_writable(Path(args.out))
         device = setup(args)
         stages = PIPELINE if args.stage == "all" else (args.stage,)
-        t0 = time.time()
-        timings = {}
+        t0, timings = time.time(), {}
         for stage in stages:
             if finished(args, stage):  # before the plan, which draws and encodes the image set
                 continue
@@ -583,12 +561,9 @@ def main(argv=None) -> int:
             import eval as evaluation
 
             evaluation.full_report(args.out, timings=timings, train_seconds=time.time() - t0)
-    except (UserError, data.DataError, pipeline.CheckpointError) as e:
+    except (UserError, data.DataError, pipeline.CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, FloatingPointError) else 2  # a NaN loss, or a mistake in the input
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -650,6 +625,10 @@ def parse_args(argv=None):
                            ("threads", args.threads >= 0, ">= 0")):
         if not ok:
             p.error(f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    try:
+        args.config = blip3o.get_config(args.preset)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 
@@ -707,7 +686,6 @@ def check_writable(out: Path) -> None:
 
 # --- The training loop shared by every stage ----------------------------------------------------------
 
-
 def fit(plan: Plan, args, device) -> dict:
     """Train `plan.model` for `plan.steps` optimizer steps, with checkpoints, resume and DDP or FSDP2.
 
@@ -719,12 +697,11 @@ def fit(plan: Plan, args, device) -> dict:
     """
     rank, _, world = dist_info()
     folder = Path(args.out) / plan.name
-    global_batch = plan.batch * args.grad_accum * world
     model = plan.model.to(device)
     trainable, frozen = pipeline.count_params(model)
     print0(f"[{plan.name}] parameters: {trainable:,} trainable, {frozen:,} frozen | global batch "
-           f"{global_batch} = {plan.batch} micro x {args.grad_accum} accum x {world} ranks | "
-           f"{plan.steps} steps")
+           f"{plan.batch * args.grad_accum * world} = {plan.batch} micro x {args.grad_accum} accum x {world} "
+           f"ranks | {plan.steps} steps")
 
     # Weights go into the plain model, before any sharding; optimizer and EMA state once it is wrapped.
     state = restore(plan, model, folder, args)
@@ -779,11 +756,9 @@ def fit(plan: Plan, args, device) -> dict:
 
 
 def train_step(plan: Plan, ddp, model, fsdp_roots, step: int, args, device) -> tuple[float, dict]:
-    """One optimizer step's forward and backward over this rank's `grad_accum` micro-batches.
-
-    -> (the loss averaged over every rank, this rank's extra logs averaged over its micro-batches)."""
-    rank = dist_info()[0]
-    accum = args.grad_accum
+    """One optimizer step's forward and backward over this rank's `grad_accum` micro-batches -> (the loss
+    averaged over every rank, this rank's extra logs averaged over its micro-batches)."""
+    rank, accum = dist_info()[0], args.grad_accum
     total, extra = 0.0, {}
     for micro in range(accum):
         chunk = rank * accum + micro
@@ -803,7 +778,11 @@ def train_step(plan: Plan, ddp, model, fsdp_roots, step: int, args, device) -> t
         total += float(loss.detach()) / accum
         for k, v in logs.items():
             extra[k] = extra.get(k, 0.0) + v / accum
-    return all_mean(total, device), extra
+    if dist.is_initialized():  # the loss averaged over every rank
+        t = torch.tensor([total], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total = float(t) / dist.get_world_size()
+    return total, extra
 
 
 def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float = 0.1) -> float:
@@ -816,15 +795,13 @@ def cosine_lr(step: int, total: int, lr: float, warmup: int, final_ratio: float 
 
 def make_optimizer(params, lr: float, weight_decay: float, device):
     """AdamW (betas 0.9 / 0.95); weight decay on matrices only, never on biases, norms or gates."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95),
                              fused=device.type == "cuda" or None)  # fused: one kernel, 7% off an 8B-head step
 
 
 # --- Resume, checkpoints and EMA ----------------------------------------------------------------------
-
 
 @dataclass
 class Restored:
@@ -855,8 +832,7 @@ def restore(plan: Plan, model: Objective, folder: Path, args) -> Restored:
         raise UserError(f"{folder} was trained {'without' if args.fsdp else 'with'} --fsdp: "
                         "resume it the same way, or --restart")
     own = plan.save_fn(model.inner)
-    missing = [k for k in own if k not in tensors]
-    if missing:
+    if missing := [k for k in own if k not in tensors]:
         raise pipeline.CheckpointError(f"{folder}: checkpoint lacks {missing[:5]}")
     with torch.no_grad():
         for k, v in own.items():
@@ -967,21 +943,15 @@ def update_ema(ema: dict | None, model: Objective, decay: float, step: int) -> N
 
 # --- Several processes: DDP, FSDP2, gradient checkpointing, distributed helpers -----------------------
 
-
 def wrap(plan: Plan, model: Objective, device, world: int, args):
     """-> (the module to call, FSDP roots). Several processes: DDP keeps a whole copy of the model per
     rank and all-reduces gradients; FSDP2 (--fsdp) shards the trainable part's weights, gradients and
-    Adam state across the ranks. One process: the model itself."""
-    if args.fsdp:
-        return model, shard(plan, model, device)
-    if world > 1:
+    Adam state across the ranks (plan.shard_fn picks the units). One process: the model itself."""
+    if world > 1 and not args.fsdp:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                    else None, find_unused_parameters=False), []
-    return model, []
-
-
-def shard(plan: Plan, model: Objective, device) -> list:
-    """--fsdp: FSDP2's fully_shard on the stage's trainable modules, over all ranks; returns the roots."""
+    if not args.fsdp:
+        return model, []
     from torch.distributed.device_mesh import init_device_mesh
 
     if plan.shard_fn is None:
@@ -990,8 +960,7 @@ def shard(plan: Plan, model: Objective, device) -> list:
     with torch.no_grad():
         for t in [p for p in model.parameters() if p.requires_grad] + list(model.buffers()):
             dist.broadcast(t.data, 0)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return plan.shard_fn(model.inner, mesh)
+    return model, plan.shard_fn(model.inner, init_device_mesh(device.type, (dist.get_world_size(),)))
 
 
 def shard_generation(step: nn.ModuleDict, mesh) -> list:
@@ -1037,12 +1006,10 @@ def optimizer_state(model: nn.Module, opt, args) -> dict:
 
 def load_optimizer_state(model: nn.Module, opt, state: dict, args) -> None:
     if not args.fsdp:
-        opt.load_state_dict(state)
-        return
+        return opt.load_state_dict(state)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(model, opt, optim_state_dict=state, options=options)
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
 def enable_grad_checkpointing(lm) -> None:
@@ -1083,14 +1050,6 @@ def setup(args) -> torch.device:
     return device
 
 
-def all_mean(x: float, device) -> float:
-    if dist.is_initialized():
-        t = torch.tensor([x], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t) / dist.get_world_size()
-    return x
-
-
 def mean_logs(logs: dict) -> dict:
     """Each logged value averaged over the ranks that logged it (a t-bin may be empty on some rank, so
     ranks can hold different keys: one gather, never a collective per key)."""
@@ -1111,11 +1070,6 @@ def gather_objects(obj) -> list:
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A tensor sharded by FSDP2 (a DTensor) gathered whole; plain tensors pass through. Collective."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def frozen_dtype(device) -> torch.dtype:
-    """Frozen encoders (CLIP, the backbone) run in bf16 on CUDA: half the memory, no gradients to lose."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 if __name__ == "__main__":
