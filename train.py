@@ -79,10 +79,10 @@ BINDING_WEIGHT = 3.0
 # from its caption alone (see text_qa_table). A real backbone is a language model before it sees images;
 # the toy LM learns to read a caption here, and stage 2 reads captions through it (NOTES.md).
 UNDERSTAND_TEXT_ROWS = 1 / 3
-# Teaching questions (data.AUX_QTYPES) mixed into stage 1, never scored. "place" asks where one object sits
-# in the picture ("where is the circle ?" -> "above left"): a relation is two places compared, and each
-# place is pictured for every shape, so the LM learns to read positions from the image, not from the pair.
-AUX_QUESTIONS = ("place",)
+# Teaching questions (data.AUX_QTYPES) that can be mixed into stage 1, never scored: "place" asks where one
+# object sits ("where is the circle ?" -> "above left"). None by default: at 2400 steps places cost the LM
+# its shape binding in two-object scenes (NOTES.md).
+AUX_QUESTIONS = ()
 
 
 def stage_hparams(args, stage: str) -> dict:
