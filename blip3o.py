@@ -1215,10 +1215,10 @@ class PixelDecoder(nn.Module):
     Fourier features of its place and of the patch's offset, as a coverage in [0, 1] per pixel painting the
     object's colour (a learned palette) over a learned background; the toy's objects never overlap, so
     paints add up (a spatial-broadcast decoder). Drawn from the likeliest classes, a slightly-off generated
-    feature still gives a crisp object of one colour and shape (drawn straight from the features, generated
-    objects blend them; NOTES.md). Deterministic, as BLIP3-o's decoder at inference: variety comes from
-    the diffusion stage. At real scale BLIP3-o reuses Emu2-Gen's SDXL UNet (a diffusion decoder) instead;
-    see released.py.
+    feature still gives an object of one colour and shape (drawn straight from the features, generated
+    objects blend them); the renderer still draws small circles as blobs (NOTES.md). Deterministic, as
+    BLIP3-o's decoder at inference: variety comes from the diffusion stage. At real scale BLIP3-o reuses
+    Emu2-Gen's SDXL UNet (a diffusion decoder) instead; see released.py.
     """
 
     def __init__(self, cfg: DecoderConfig, token_dim: int, image_size: int = 32):
