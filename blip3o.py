@@ -151,10 +151,8 @@ class VAEConfig:
 class DecoderConfig:
     """The toy pixel decoder (PixelDecoder): scene tokens -> objects -> pixels in one forward pass."""
 
-    width: int = 128  # width of each object's features and of the renderer MLP
-    layers: int = 3  # hidden layers of the renderer MLP
-    patch: int = 4  # each of the 64 grid cells renders a patch x patch block of pixels
-    octaves: int = 5  # Fourier features of positions, periods 64, 32, 16, 8, 4 px (at 32 px)
+    width: int = 128  # width of the read-out head that classifies each object
+    sprite: int = 24  # side of each shape's learned sprite, in sprite pixels (3 per pixel at 8 px, 2 at 12)
     position_step: int = 4  # objects' box corners are read on this pixel grid: the toy's patch lattice
 
 
@@ -1196,27 +1194,18 @@ def unpatchify(tokens: torch.Tensor, patch: int, channels: int = 3) -> torch.Ten
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, g * patch, g * patch)
 
 
-def fourier_features(pos: torch.Tensor, octaves: int, image_size: int) -> torch.Tensor:
-    """Positions (..., 2) in pixels -> (..., 4 * octaves): sin and cos of x and y at periods 2 x image_size,
-    image_size, ..., halving per octave (64, 32, 16, 8, 4 px at 32 px). Patches and objects share them, so
-    comparing a patch with an object is comparing like with like."""
-    periods = 2 * image_size / 2 ** torch.arange(octaves, device=pos.device, dtype=torch.float32)  # (K,)
-    angle = 2 * math.pi * pos.float()[..., None] / periods  # (..., 2, K)
-    return torch.cat([angle.sin(), angle.cos()], dim=-1).flatten(-2)  # (..., 4K)
-
-
 class PixelDecoder(nn.Module):
-    """Scene tokens -> image in one forward pass: what and where each object is, then every patch drawn.
+    """Scene tokens -> image in one forward pass: what and where each object is, then each object drawn.
 
     Each of the SCENE_SLOTS objects is read from its own channels of the pooled scene tokens by one head
     that every slot shares: its colour (with a "no object" class), shape, size and place (the box's
     top-left corner), each classified, size and corner on the `position_step` grid (as Pix2Seq quantises
-    coordinates). A renderer MLP draws each patch per object from embeddings of its shape and size and
-    Fourier features of its place and of the patch's offset, as a coverage in [0, 1] per pixel painting the
-    object's colour (a learned palette) over a learned background; the toy's objects never overlap, so
-    paints add up (a spatial-broadcast decoder). Drawn from the likeliest classes, a slightly-off generated
-    feature still gives an object of one colour and shape (drawn straight from the features, generated
-    objects blend them); the renderer still draws small circles as blobs (NOTES.md). Deterministic, as
+    coordinates). Each shape is one learned sprite, a coverage in [0, 1] on a sprite x sprite grid in its
+    box's own frame; a spatial transformer (AIR, Eslami et al. 2016) scales it into the object's box, and
+    it paints the object's colour (a learned palette) over a learned background. One sprite serves every
+    size and place, so the renderer learns a shape once; the toy's objects never overlap, so paints add
+    up. Drawn from the likeliest classes, a slightly-off generated feature still gives an object of one
+    colour and shape (drawn straight from the features, generated objects blend them). Deterministic, as
     BLIP3-o's decoder at inference: variety comes from the diffusion stage. At real scale BLIP3-o reuses
     Emu2-Gen's SDXL UNet (a diffusion decoder) instead; see released.py.
     """
@@ -1224,32 +1213,23 @@ class PixelDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, token_dim: int, image_size: int = 32):
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
-        W, P = cfg.width, image_size // cfg.patch  # P x P patches
+        W = cfg.width
         self.points = image_size // cfg.position_step  # grid points per axis a corner or a size can take
         # One object's classes from its own channels: colour, shape, size, x and y of the corner. An MLP, as
         # a linear map cannot cut one coordinate into sharp bins.
         self.classes = (DENSE_COLOURS, DENSE_SHAPES, self.points, self.points, self.points)
         self.read_head = nn.Sequential(nn.Linear(token_dim // SCENE_SLOTS, W), nn.GELU(),
                                        nn.Linear(W, sum(self.classes)))
-        self.shape_embed, self.size_embed = nn.Embedding(DENSE_SHAPES, W), nn.Embedding(self.points, W)
-        # Small at the start (GPT-2's 0.02), so the renderer first sees where a patch is relative to its
-        # object: N(0, 1) embeddings drown the positions and the pixel loss never starts to fall (NOTES.md).
-        nn.init.normal_(self.shape_embed.weight, std=0.02)
-        nn.init.normal_(self.size_embed.weight, std=0.02)
+        # Coverage logits of each shape's sprite ("no object" included: its paint is zero anyway). They
+        # start at zero, half coverage everywhere, and every sprite pixel gets its own gradient.
+        self.sprites = nn.Parameter(torch.zeros(DENSE_SHAPES, 1, cfg.sprite, cfg.sprite))
         # Each colour relative to the background, in [-1, 1] units; "no object" paints nothing. It starts at
-        # zero: a large random paint makes the renderer shut every pixel's coverage at once, and a saturated
-        # sigmoid learns nothing.
+        # zero: the sprites first learn where to paint, and the paint's sign comes from the pixels.
         self.palette = nn.Embedding(DENSE_COLOURS, 3, padding_idx=DENSE_COLOURS - 1)
         nn.init.zeros_(self.palette.weight)
         self.background = nn.Parameter(torch.zeros(3))
-        cells = (torch.arange(P, dtype=torch.float32) + 0.5) * cfg.patch  # patch centres along one axis
-        centres = torch.stack(torch.meshgrid(cells, cells, indexing="xy"), -1).reshape(P * P, 2)  # (64, 2)
-        self.register_buffer("patch_centres", centres, persistent=False)
-        layers, d_in = [], W + 2 * 4 * cfg.octaves + 2
-        for _ in range(cfg.layers):
-            layers += [nn.Linear(d_in, W), nn.GELU()]
-            d_in = W
-        self.render = nn.Sequential(*layers, nn.Linear(W, cfg.patch ** 2))  # coverage logit of each pixel
+        self.register_buffer("pixel_centres", torch.arange(image_size, dtype=torch.float32) + 0.5,
+                             persistent=False)
         self.register_buffer("cond_scale", torch.ones(()))  # scene tokens / cond_scale: unit std
 
     def read(self, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -1262,22 +1242,31 @@ class PixelDecoder(nn.Module):
     def draw(self, colour: torch.Tensor, shape: torch.Tensor, size: torch.Tensor,
              corner: torch.Tensor) -> torch.Tensor:
         """Objects as class ids, colour, shape, size (B, 4), corner (B, 4, 2) -> (B, 3, H, W) in [-1, 1]."""
-        img, n = self.image_size, self.patch_centres.shape[0]
-        corner = corner.float() * self.cfg.position_step  # (B, 4, 2) in pixels
-        offset = self.patch_centres[None, :, None] - corner[:, None]  # (B, 64, 4, 2) in pixels
-        what = self.shape_embed(shape) + self.size_embed(size)  # (B, 4, W)
-        place = fourier_features(corner, self.cfg.octaves, img)[:, None].expand(-1, n, -1, -1)  # (B,64,4,F)
-        inputs = torch.cat([what[:, None].expand(-1, n, -1, -1), place,
-                            fourier_features(offset, self.cfg.octaves, img), offset / img], -1)
-        cover = torch.sigmoid(self.render(inputs))  # (B, 64, 4, p * p)
-        paint = cover[..., None] * self.palette(colour)[:, None, :, None]  # (B, 64, 4, p * p, 3)
-        pixels = paint.sum(2) + self.background  # (B, 64, p * p, 3): every object over the background
-        return unpatchify(pixels.flatten(2), self.cfg.patch)
+        B, K = shape.shape
+        step, img = self.cfg.position_step, self.image_size
+        corner = corner.float() * step  # (B, K, 2) in pixels
+        side = (size.float() * step).clamp(min=step)  # (B, K): the box's side in pixels
+        # Every pixel centre in each object's box frame, -1 .. 1 inside the box (grid_sample's convention);
+        # outside it the sprite is padded with zero coverage.
+        x = (self.pixel_centres - corner[..., :1]) / side[..., None] * 2 - 1  # (B, K, W)
+        y = (self.pixel_centres - corner[..., 1:]) / side[..., None] * 2 - 1  # (B, K, H)
+        grid = torch.stack(torch.broadcast_tensors(x[:, :, None, :], y[:, :, :, None]), -1)  # (B,K,H,W,2)
+        sprites = torch.sigmoid(self.sprites[shape.flatten()])  # (B * K, 1, s, s)
+        cover = F.grid_sample(sprites, grid.flatten(0, 1), align_corners=False)  # (B * K, 1, H, W)
+        paint = cover.view(B, K, 1, img, img) * self.palette(colour)[..., None, None]  # (B, K, 3, H, W)
+        return paint.sum(1) + self.background.view(3, 1, 1)  # every object over the background
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Scene tokens (B, 64, S) -> images (B, 3, H, W) in [0, 1], every object its likeliest classes."""
         colour, shape, size, x, y = (logits.argmax(-1) for logits in self.read(tokens))
         return (self.draw(colour, shape, size, torch.stack([x, y], -1)) + 1).div(2).clamp(0, 1)
+
+    def box_classes(self, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes (B, 4, 4) in [0, 1] -> size (B, 4) and corner (B, 4, 2) on the grid. The side comes from the
+        box's own width: a box touching the right edge has its far corner at `points`, past the last class."""
+        corner = (box[..., :2] * self.points).round().long().clamp(0, self.points - 1)
+        size = ((box[..., 2] - box[..., 0]) * self.points).round().long().clamp(0, self.points - 1)
+        return size, corner
 
     def loss(self, images: torch.Tensor, tokens: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor,
              box: torch.Tensor):
@@ -1286,14 +1275,13 @@ class PixelDecoder(nn.Module):
         colour, shape (B, 4) and box (B, 4, 4) in [0, 1] are the true objects in slot order
         (data.scene_labels); an empty slot has the "no object" colour and shape, and no size or place."""
         present = colour < DENSE_COLOURS - 1  # (B, 4)
-        grid = (box * self.points).round().long().clamp(0, self.points - 1)  # (B, 4, 4) on the grid
-        size = (grid[..., 2] - grid[..., 0]).clamp(min=0)  # (B, 4): the box's side, in grid steps
+        size, corner = self.box_classes(box)
         logits = self.read(tokens)
         # Colour and shape in every slot (an empty one: "no object"); size and corner where an object is.
         l_read = sum(F.cross_entropy(lg.flatten(0, 1), y.flatten()) for lg, y in zip(logits, (colour, shape)))
         l_read = l_read + sum(F.cross_entropy(lg[present], y[present])
-                              for lg, y in zip(logits[2:], (size, grid[..., 0], grid[..., 1])))
-        l_pixels = F.mse_loss(self.draw(colour, shape, size, grid[..., :2]), images * 2 - 1)
+                              for lg, y in zip(logits[2:], (size, corner[..., 0], corner[..., 1])))
+        l_pixels = F.mse_loss(self.draw(colour, shape, size, corner), images * 2 - 1)
         logs = {"loss_pixels": float(l_pixels.detach()), "loss_read": float(l_read.detach())}
         return l_pixels + l_read, logs
 
