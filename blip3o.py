@@ -19,7 +19,7 @@ Read it top to bottom; every name is defined before it is used.
 7. Generation (stage 2): 64 learnable queries appended to the prompt; the frozen LM's last hidden states
    at those positions condition a Next-DiT trained by flow matching (`Generator.loss`), or, for the
    ablation, a linear map trained with MSE; `generate` is text to features, end to end.
-8. Pixels: the toy pixel decoder (reads each object from the features, then draws every patch;
+8. Pixels: the toy pixel decoder (reads each object from the features, then pastes a sprite per shape;
    deterministic, as BLIP3-o's decoder at inference) and a small VAE for the "VAE + Flow" ablation.
 Checkpoints, devices, a whole run rebuilt (`load_run`) and the released weights' loader: pipeline.py.
 
