@@ -1194,6 +1194,9 @@ def unpatchify(tokens: torch.Tensor, patch: int, channels: int = 3) -> torch.Ten
     return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, g * patch, g * patch)
 
 
+SPRITE_GAIN = 10.0  # PixelDecoder's sprite logits are its parameters times this
+
+
 class PixelDecoder(nn.Module):
     """Scene tokens -> image in one forward pass: what and where each object is, then each object drawn.
 
@@ -1220,8 +1223,10 @@ class PixelDecoder(nn.Module):
         self.classes = (DENSE_COLOURS, DENSE_SHAPES, self.points, self.points, self.points)
         self.read_head = nn.Sequential(nn.Linear(token_dim // SCENE_SLOTS, W), nn.GELU(),
                                        nn.Linear(W, sum(self.classes)))
-        # Coverage logits of each shape's sprite ("no object" included: its paint is zero anyway). They
-        # start at zero, half coverage everywhere, and every sprite pixel gets its own gradient.
+        # Coverage logits of each shape's sprite ("no object" included: its paint is zero anyway), divided
+        # by SPRITE_GAIN. They start at zero, half coverage everywhere, and every sprite pixel gets its own
+        # gradient; the gain lets Adam's steps (about lr each) saturate the coverage to 0 or 1 within the
+        # stage, as the world's shapes have no soft edges (at gain 1 it stops at 0.07-0.84: halos, NOTES.md).
         self.sprites = nn.Parameter(torch.zeros(DENSE_SHAPES, 1, cfg.sprite, cfg.sprite))
         # Each colour relative to the background, in [-1, 1] units; "no object" paints nothing. It starts at
         # zero: the sprites first learn where to paint, and the paint's sign comes from the pixels.
@@ -1251,7 +1256,7 @@ class PixelDecoder(nn.Module):
         x = (self.pixel_centres - corner[..., :1]) / side[..., None] * 2 - 1  # (B, K, W)
         y = (self.pixel_centres - corner[..., 1:]) / side[..., None] * 2 - 1  # (B, K, H)
         grid = torch.stack(torch.broadcast_tensors(x[:, :, None, :], y[:, :, :, None]), -1)  # (B,K,H,W,2)
-        sprites = torch.sigmoid(self.sprites[shape.flatten()])  # (B * K, 1, s, s)
+        sprites = torch.sigmoid(self.sprites[shape.flatten()] * SPRITE_GAIN)  # (B * K, 1, s, s)
         cover = F.grid_sample(sprites, grid.flatten(0, 1), align_corners=False)  # (B * K, 1, H, W)
         paint = cover.view(B, K, 1, img, img) * self.palette(colour)[..., None, None]  # (B, K, 3, H, W)
         return paint.sum(1) + self.background.view(3, 1, 1)  # every object over the background
