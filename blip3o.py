@@ -179,9 +179,13 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         clip = {**d["clip"], "image_mean": tuple(d["clip"]["image_mean"]),
                 "image_std": tuple(d["clip"]["image_std"])}  # JSON has lists
+        # Every stage saves the whole config; fields of an older decoder design are dropped, so that an
+        # older run's other stages stay usable and its decoder's weights say what does not match.
+        decoder = {k: v for k, v in (d.get("decoder") or {}).items()
+                   if k in {f.name for f in dataclasses.fields(DecoderConfig)}}
         return cls(**{**d, "clip": CLIPConfig(**clip), "lm": LMConfig(**d["lm"]),
                       "dit": DiTConfig(**d["dit"]), "vae": VAEConfig(**d["vae"]),
-                      "decoder": DecoderConfig(**d["decoder"]) if d.get("decoder") else None})
+                      "decoder": DecoderConfig(**decoder) if d.get("decoder") else None})
 
 
 # The real backbones' published config.json numbers (Qwen2.5-VL-3B / 7B-Instruct), for meta-device builds.

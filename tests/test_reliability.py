@@ -269,6 +269,25 @@ def test_checkpoint_of_another_stage_or_config(tiny_run, tmp_path, image, capsys
         one_line_error(capsys, call(), "shape mismatch", "--stage understand")
 
 
+def test_run_of_an_older_decoder_design(tiny_run, tmp_path, image, capsys):
+    """A run saved by an older PixelDecoder (other config fields, other weights): its other stages stay
+    usable, and reading its decoder names the keys that differ and the command that retrains it."""
+    run = copy_run(tiny_run, tmp_path)
+    for meta_file in run.glob("*/meta.json"):
+        meta = json.loads(meta_file.read_text())
+        if meta["config"].get("decoder"):
+            meta["config"]["decoder"].update(layers=3, octaves=5)
+            meta_file.write_text(json.dumps(meta))
+    weights = run / "decoder" / "model.safetensors"
+    save_file({k.replace("sprites", "render.0.weight"): v for k, v in load_file(weights).items()}, weights)
+    for script, call in scripts_reading(run, image).items():
+        if script == "train":  # stage 2 reads CLIP and stage 1, whose configs name the old decoder fields
+            assert call() == 0
+        else:
+            one_line_error(capsys, call(), "does not match the 'decoder' model", "unexpected",
+                           f"--stage decoder --restart --out {run}")
+
+
 def test_run_folder_that_is_a_file(tmp_path, image, capsys):
     run = tmp_path / "run"
     run.write_text("not a folder")
