@@ -1230,10 +1230,11 @@ class PixelDecoder(nn.Module):
         # Coverage logits of each shape's sprite ("no object" included: its paint is zero anyway), divided
         # by SPRITE_GAIN. They start at zero, half coverage everywhere, and every sprite pixel gets its own
         # gradient; the gain lets Adam's steps (about lr each) saturate the coverage to 0 or 1 within the
-        # stage, as the world's shapes have no soft edges (at gain 1 it stops at 0.07-0.84: halos, NOTES.md).
+        # stage, as the world's shapes have no soft edges (a soft one leaves a tinted box around each shape).
         self.sprites = nn.Parameter(torch.zeros(DENSE_SHAPES, 1, cfg.sprite, cfg.sprite))
         # Each colour relative to the background, in [-1, 1] units; "no object" paints nothing. It starts at
-        # zero: the sprites first learn where to paint, and the paint's sign comes from the pixels.
+        # zero, so the first steps learn the colours on half-covered boxes; the paint scales the sprites'
+        # gradient, which grows as the colours are learnt.
         self.palette = nn.Embedding(DENSE_COLOURS, 3, padding_idx=DENSE_COLOURS - 1)
         nn.init.zeros_(self.palette.weight)
         self.background = nn.Parameter(torch.zeros(3))
