@@ -1255,7 +1255,7 @@ class PixelDecoder(nn.Module):
         B, K = shape.shape
         step, img = self.cfg.position_step, self.image_size
         corner = corner.float() * step  # (B, K, 2) in pixels
-        side = (size.float() * step).clamp(min=step)  # (B, K): the box's side in pixels
+        side = (size.float() * step).clamp(min=step)  # (B, K): the box's side in pixels (> 0 for any class)
         # Every pixel centre in each object's box frame, -1 .. 1 inside the box (grid_sample's convention);
         # outside it the sprite is padded with zero coverage.
         x = (self.pixel_centres - corner[..., :1]) / side[..., None] * 2 - 1  # (B, K, W)
