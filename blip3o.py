@@ -1190,14 +1190,6 @@ def generate(generator: Generator, lm, tokenizer, captions, steps: int = SAMPLE_
 # ----------------------------------------------------------------------------------------------------
 
 
-def unpatchify(tokens: torch.Tensor, patch: int, channels: int = 3) -> torch.Tensor:
-    """Patches (B, h*w, p*p*C), row-major, each (p, p, C) -> images (B, C, h*p, w*p) for a square grid."""
-    B, N, _ = tokens.shape
-    g = int(math.isqrt(N))
-    x = tokens.reshape(B, g, g, patch, patch, channels)  # (B, h, w, p, p, C)
-    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, channels, g * patch, g * patch)
-
-
 SPRITE_GAIN = 10.0  # PixelDecoder's sprite logits are its parameters times this
 
 
