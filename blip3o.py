@@ -134,6 +134,9 @@ class LMConfig:
     # Image tokens the projector merges into one LM token, per side (Qwen2-VL's 2x2 patch merger): the
     # toy's 8x8 CLIP grid reaches its LM as 4x4 = 16 tokens. 1: one LM token per CLIP token (LLaVA).
     image_merge: int = 1
+    # Toy only: None builds a Qwen2 (1-D RoPE: image tokens in a row); (t, h, w) frequency pairs build a tiny
+    # Qwen2.5-VL, whose multimodal RoPE gives image tokens rows and columns (real: in `arch`, [16, 24, 24]).
+    mrope_section: tuple | None = None
     # The real backbone's published config.json, to build it on the `meta` device (sizes only, no download).
     arch: dict | None = None
 
@@ -183,7 +186,9 @@ class Config:
         # older run's other stages stay usable and its decoder's weights say what does not match.
         decoder = {k: v for k, v in (d.get("decoder") or {}).items()
                    if k in {f.name for f in dataclasses.fields(DecoderConfig)}}
-        return cls(**{**d, "clip": CLIPConfig(**clip), "lm": LMConfig(**d["lm"]),
+        lm = {**d["lm"], "mrope_section": tuple(d["lm"]["mrope_section"]) if d["lm"].get("mrope_section")
+              else None}
+        return cls(**{**d, "clip": CLIPConfig(**clip), "lm": LMConfig(**lm),
                       "dit": DiTConfig(**d["dit"]), "vae": VAEConfig(**d["vae"]),
                       "decoder": DecoderConfig(**decoder) if d.get("decoder") else None})
 
@@ -236,8 +241,7 @@ def _real(preset: str, lm_name: str, arch: dict) -> Config:
 PRESETS = {
     "toy": _toy,
     "blip3o-4b": lambda: _real("blip3o-4b", "Qwen/Qwen2.5-VL-3B-Instruct", QWEN25_VL_3B),
-    "blip3o-8b": lambda: _real("blip3o-8b", "Qwen/Qwen2.5-VL-7B-Instruct", QWEN25_VL_7B),
-}
+    "blip3o-8b": lambda: _real("blip3o-8b", "Qwen/Qwen2.5-VL-7B-Instruct", QWEN25_VL_7B)}
 
 
 def get_config(preset: str) -> Config:
@@ -401,8 +405,7 @@ class ImageEncoder(nn.Module):
                                 layers=cfg.layers, head_width=cfg.width // cfg.heads),
                 text_cfg=dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
                               width=cfg.text_width, heads=cfg.text_heads, layers=cfg.text_layers,
-                              pool_type="none", pad_id=PAD_ID, eos_id=EOS_ID),
-            )
+                              pool_type="none", pad_id=PAD_ID, eos_id=EOS_ID))
             # The toy image embedding averages the (normalised) patch tokens, no CLS: see `embed_tokens`.
             self.model.visual.pool_type = "avg"
         else:
@@ -410,8 +413,7 @@ class ImageEncoder(nn.Module):
             # device context, or a meta (size-check) build would allocate all 4 B parameters on the CPU first.
             with torch.device(device or "cpu"):
                 self.model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained,
-                                                    force_image_size=cfg.image_size,
-                                                    device=device or "cpu")
+                                                    force_image_size=cfg.image_size, device=device or "cpu")
         # Dense head (toy): a linear read-out of each patch token -> colour logits (10 + background),
         # shape logits (3 + background) and the object's box (4). Linear, so the tokens themselves carry it.
         self.dense_head = nn.Linear(cfg.width, OBJECT_OUTPUTS) if cfg.dense_weight > 0 else None
@@ -537,21 +539,28 @@ class ImageEncoder(nn.Module):
 
 
 def build_backbone(cfg: LMConfig, device=None, dtype=None):
-    """The causal LM: a tiny Qwen2 from a config (toy), a real one from `cfg.name`, or on `meta`.
+    """The causal LM: a tiny Qwen2 or Qwen2.5-VL from a config (toy), a real one from `cfg.name`, or `meta`.
 
     Real Qwen2.5-VL checkpoints load with their vision tower (it serves real understanding); BLIP3-o's
     generation path drives only its language model through `inputs_embeds` (see Generator.condition).
     """
-    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, Qwen2_5_VLConfig, Qwen2Config
 
     if cfg.name is None:
-        hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                             num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                             num_key_value_heads=cfg.num_kv_heads, intermediate_size=cfg.intermediate_size,
-                             max_position_embeddings=cfg.max_length, tie_word_embeddings=True,
-                             pad_token_id=0, bos_token_id=3, eos_token_id=2)
+        text = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                    num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                    intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_length,
+                    tie_word_embeddings=True, pad_token_id=0, bos_token_id=3, eos_token_id=2)
+        hf_cfg = Qwen2Config(**text)
+        if cfg.mrope_section is not None:
+            # Qwen2.5-VL's LM; its vision tower is a token one (1.8 k parameters), never run.
+            rope = dict(rope_type="default", rope_theta=10000.0, mrope_section=list(cfg.mrope_section))
+            vision = dict(depth=1, hidden_size=8, intermediate_size=8, num_heads=1, patch_size=2,
+                          temporal_patch_size=1, spatial_merge_size=1, out_hidden_size=cfg.hidden_size)
+            hf_cfg = Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope}, vision_config=vision,
+                                      **{k: v for k, v in text.items() if k.endswith(("_id", "embeddings"))})
         with torch.device(device or "cpu"):
-            return Qwen2ForCausalLM(hf_cfg).to(dtype or torch.float32)
+            return _auto_class(hf_cfg).from_config(hf_cfg).to(dtype or torch.float32)
     if str(device) == "meta":  # sizes only, no weights: from the config numbers the preset carries
         if cfg.arch is None:
             raise ValueError(f"no architecture numbers for {cfg.name!r}: cannot build it on the meta device")
@@ -579,6 +588,24 @@ def text_positions(embeds: torch.Tensor) -> torch.Tensor:
     `rope_deltas` cached by an earlier image call and shift every position."""
     B, T = embeds.shape[:2]
     return torch.arange(T, device=embeds.device).expand(B, T)
+
+
+def multimodal_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Qwen2-VL's multimodal RoPE positions (3, B, T), (time, height, width), for (B, T) ids with at most
+    one square block of image placeholders per row, as transformers' get_rope_index for a still image: text
+    counts up on all three axes; image tokens take the time position where the image starts plus their row
+    (height) and column (width), so the neighbour below is one step away; text after resumes past it."""
+    img = input_ids == image_token_id  # (B, T)
+    n = img.sum(1, keepdim=True)  # image tokens per row: 0 or side^2
+    side = n.float().sqrt().round().long()
+    if not input_ids.is_meta and not bool((side * side == n).all()):  # (meta tensors hold no values)
+        raise ValueError("an image's placeholders must form a square grid")
+    k = img.long().cumsum(1)  # image tokens up to and including each token
+    before = (~img).long().cumsum(1) - (~img).long()  # text tokens strictly before each token
+    text = before + torch.where((k == n) & (n > 0) & ~img, side, 0)  # after the image: past its span
+    cell, side = (k - 1).clamp(min=0), side.clamp(min=1)  # an image token's row-major index in its grid
+    return torch.stack([torch.where(img, before, text), torch.where(img, before + cell // side, text),
+                        torch.where(img, before + cell % side, text)])
 
 
 class Projector(nn.Module):
@@ -621,6 +648,12 @@ class VisionLanguageModel(nn.Module):
         self.lm = lm
         self.projector = Projector(clip_dim, lm.config.get_text_config().hidden_size, merge)
         self.image_token_id = image_token_id
+        # Qwen2-VL's multimodal RoPE (three position axes): image tokens get rows and columns.
+        self.mrope = "mrope_section" in (getattr(lm.config.get_text_config(), "rope_parameters", None) or {})
+
+    def positions(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Position ids for the LM: 2-D for the image's tokens under multimodal RoPE, else 0 .. T-1."""
+        return multimodal_positions(input_ids, self.image_token_id) if self.mrope else text_positions(embeds)
 
     def image_tokens(self, num_clip_tokens: int) -> int:
         """How many <image> placeholders an image of `num_clip_tokens` CLIP tokens needs in the sequence."""
@@ -649,7 +682,8 @@ class VisionLanguageModel(nn.Module):
         clip_tokens None runs a text-only sequence (the toy's text rows, see train.plan_understand)."""
         embeds = self.embed(input_ids, clip_tokens)  # (B, T, D_lm)
         # use_cache=False: every call runs the whole sequence, so a KV cache would only cost memory.
-        logits = self.lm(inputs_embeds=embeds, position_ids=text_positions(embeds), use_cache=False).logits
+        logits = self.lm(inputs_embeds=embeds, position_ids=self.positions(input_ids, embeds),
+                         use_cache=False).logits
         loss = None
         if labels is not None:
             # Next-token prediction: position i predicts token i+1.
@@ -1300,14 +1334,12 @@ class VAE(nn.Module):
             nn.Conv2d(3, w, 3, padding=1), nn.SiLU(),
             nn.Conv2d(w, w, 4, stride=2, padding=1), nn.SiLU(),  # 32 -> 16
             nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.SiLU(),  # 16 -> 8
-            nn.Conv2d(2 * w, 2 * c, 3, padding=1),  # mean and log-variance
-        )
+            nn.Conv2d(2 * w, 2 * c, 3, padding=1))  # mean and log-variance
         self.decoder = nn.Sequential(
             nn.Conv2d(c, 2 * w, 3, padding=1), nn.SiLU(),
             nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1), nn.SiLU(),  # 8 -> 16
             nn.ConvTranspose2d(w, w, 4, stride=2, padding=1), nn.SiLU(),  # 16 -> 32
-            nn.Conv2d(w, 3, 3, padding=1),
-        )
+            nn.Conv2d(w, 3, 3, padding=1))
 
     def encode(self, images: torch.Tensor):
         """images (B, 3, 32, 32) in [0, 1] -> (mean, logvar), each (B, C, 8, 8)."""

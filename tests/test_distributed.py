@@ -155,7 +155,7 @@ def test_grad_checkpointing_recomputes_the_backbone_and_changes_nothing(tiny_run
     pipe = pipeline.load_run(tiny_run, need=("clip", "understand", "generate"))
     lm, gen = pipe.vlm.lm, pipe.generator
     ids, lens, _ = blip3o.encode_prompts(pipe.tokenizer, ["a photo of a red circle", "a photo of two squares"])
-    calls, mlp = [], lm.model.layers[0].mlp
+    calls, mlp = [], lm.get_decoder().layers[0].mlp
     mlp_forward = mlp.forward
 
     def counted(*a, **k):

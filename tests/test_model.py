@@ -1,5 +1,6 @@
 """The model pieces of blip3o.py on tiny configs: shapes, where gradients go, masks, checkpoint round trips."""
 import dataclasses
+import json
 
 import pytest
 import numpy as np
@@ -202,6 +203,23 @@ def test_toy_lm_reads_16_merged_image_tokens(parts):
     assert logits.shape[:2] == ids.shape
     with pytest.raises(ValueError, match="placeholders"):  # an image needs its 16 slots, not 64
         vlm(blip3o.build_qa_batch(tok, 64, ["what color is the circle ?"] * 3)[0], clip.tokens(images))
+
+
+def test_toy_lm_with_multimodal_rope(parts):
+    """mrope_section builds the toy LM as a tiny Qwen2.5-VL: its image tokens take 2-D positions, it
+    trains like the Qwen2 toy, and the setting survives a checkpoint's config."""
+    tok, cfg, clip, _, images = parts
+    lm_cfg = dataclasses.replace(cfg.lm, mrope_section=(2, 3, 3))  # head_dim 16: 8 frequency pairs
+    vlm = blip3o.VisionLanguageModel(blip3o.build_backbone(lm_cfg), cfg.clip.width,
+                                     tok.convert_tokens_to_ids(blip3o.IMAGE), cfg.lm.image_merge)
+    assert vlm.mrope
+    ids, labels, _ = blip3o.build_qa_batch(tok, vlm.image_tokens(64), ["what color is the circle ?"] * 3,
+                                           ["red", "blue", "pink"])
+    loss, _ = vlm(ids, clip.tokens(images), labels)
+    loss.backward()
+    assert vlm.projector.linear_1.weight.grad.abs().sum() > 0
+    saved = dataclasses.replace(cfg, lm=lm_cfg)
+    assert blip3o.Config.from_dict(json.loads(json.dumps(saved.to_dict()))).lm == lm_cfg
 
 
 def test_stage1_gradients_reach_projector_and_lm_never_clip(parts):

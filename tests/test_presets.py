@@ -144,6 +144,26 @@ def test_positions_are_explicit_not_inferred_from_stale_state(tiny_vl):
     assert torch.equal(before, after)  # the same inputs and positions through the same module: repeatable
 
 
+def test_image_tokens_get_qwen25_vl_own_2d_positions(tiny_vl):
+    """Under multimodal RoPE the understanding path gives the image's tokens the (time, row, column)
+    positions Qwen2.5-VL computes itself for one still image (get_rope_index), text before and after
+    included; a text-only row counts up on all three axes."""
+    lm, _ = tiny_vl
+    assert blip3o.VisionLanguageModel(lm, 16, image_token_id=3).mrope
+    assert not blip3o.VisionLanguageModel(blip3o.build_backbone(blip3o.LMConfig(vocab_size=9)), 16, 3).mrope
+    image_id = 3
+    ids = torch.tensor([[1] + [3] * 16 + [7, 8, 9, 0, 0], [1, 5, 6] + [3] * 16 + [7, 8, 0]])
+    ref, _ = lm.model.get_rope_index(ids, (ids == image_id).int(), image_grid_thw=torch.tensor([[1, 8, 8]] * 2))
+    pos = blip3o.multimodal_positions(ids, image_id)
+    assert torch.equal(pos, ref)
+    assert pos[:, 0, 1:17].tolist() == [[1] * 16, [1 + r for r in range(4) for _ in range(4)],
+                                         [1 + c for _ in range(4) for c in range(4)]]
+    text = torch.tensor([[1, 5, 6, 7]])
+    assert torch.equal(blip3o.multimodal_positions(text, image_id), torch.arange(4).expand(3, 1, 4))
+    with pytest.raises(ValueError, match="square grid"):
+        blip3o.multimodal_positions(torch.tensor([[1] + [3] * 15 + [7]]), image_id)
+
+
 def test_presets_round_trip_and_unknown_names():
     for name in blip3o.PRESETS:
         cfg = blip3o.get_config(name)
