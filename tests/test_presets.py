@@ -129,7 +129,8 @@ def test_qwen25_vl_condition_equals_the_full_model(tiny_vl):
 
 def test_positions_are_explicit_not_inferred_from_stale_state(tiny_vl):
     """Qwen2.5-VL caches `rope_deltas` after an image prompt and would shift the positions of a later
-    inputs_embeds-only call; the understanding path passes text positions, so its output is unchanged."""
+    inputs_embeds-only call; the understanding path passes its positions (multimodal_positions for
+    Qwen2.5-VL), so its output is unchanged."""
     lm, _ = tiny_vl
     vlm = blip3o.VisionLanguageModel(lm, 16, image_token_id=3)
     ids = torch.tensor([[1] + [3] * 64 + [7, 8, 9]])
