@@ -390,9 +390,8 @@ def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | N
     """The toy GenEval prompt set (or its `tags`) -> RUN/geneval-<variant>/ (GenEval layout) -> (scores,
     records, images (P, S, 3, H, W), tokens (P, S, 64, D)): the images are also scored in CLIP space.
 
-    The 6 held-out position prompts get `per_position` images each (at 4, one image moves the tag by 0.04)
-    and the 18 position prompts of arrangements training pictured `per_seen` new ones ("position_seen",
-    GenEval's own sense of the tag: its prompts are not held out); the other prompts `per_prompt`."""
+    The 6 held-out position prompts get `per_position` images each (at 4, one image moves the tag by 0.04),
+    seen prompts `per_seen` (below), the others `per_prompt`."""
     sample.check_pixels(pipe, run)
     records = [r for r in data.geneval_prompts("test", n_per_tag) if tags is None or r["tag"] in tags]
     records.sort(key=lambda r: r["tag"] == "position")  # stable: the position prompts last
@@ -414,14 +413,17 @@ def eval_toygeneval(pipe, run, variant: str, per_prompt: int, n_per_tag: int | N
     if said:
         scores["tokens_say"] = score_images(records, image_hits(records, [what_tokens_say(pipe, t)
                                                                           for t in tokens]))
-    seen = [r for r in data.geneval_prompts("train", None) if r["tag"] == "position"]
-    if per_seen and (tags is None or "position" in tags):
+    # GenEval's own sense: prompts training pictured (all 18 arrangements, 15 of 510 colour pairs), anew.
+    for tag, every in (("position", 1), ("color_attr", 34)):
+        if not per_seen or (tags is not None and tag not in tags):
+            continue
+        seen = [r for r in data.geneval_prompts("train", None) if r["tag"] == tag][::every]
         img, tok = sample.generate_grid(pipe, [r["prompt"] for r in seen], per_seen, seed + per_position,
                                         steps, guidance, quiet=quiet)
         decoded = score_images(seen, image_hits(seen, data.to_uint8(img)))["overall"]
-        scores["position_seen"] = {"decoded": decoded, "prompts": len(seen), "images": len(seen) * per_seen}
+        scores[f"{tag}_seen"] = {"decoded": decoded, "prompts": len(seen), "images": len(seen) * per_seen}
         if said:
-            scores["position_seen"]["tokens_say"] = score_images(
+            scores[f"{tag}_seen"]["tokens_say"] = score_images(
                 seen, image_hits(seen, [what_tokens_say(pipe, t) for t in tok]))["overall"]
     return (scores, records, torch.stack([x[:per_prompt] for x in images]),
             torch.stack([x[:per_prompt] for x in tokens]))
@@ -685,9 +687,10 @@ def geneval_md(g: dict) -> list[str]:
             for t, a in g["per_tag"].items()]
     rows.append(["**overall**", g["images"], f"**{g['overall']:.3f}**", fmt(other.get("overall")),
                  fmt(said.get("overall"))])
-    if seen := g.get("position_seen"):
-        rows.append([f"position, *seen* arrangements ({seen['prompts']} prompts)", seen["images"],
-                     f"{seen['decoded']:.3f}", "", fmt(seen.get("tokens_say"))])
+    for tag, what in (("position", "arrangements"), ("color_attr", "colour pairs")):
+        if seen := g.get(f"{tag}_seen"):
+            rows.append([f"{tag}, *seen* {what} ({seen['prompts']} prompts)", seen["images"],
+                         f"{seen['decoded']:.3f}", "", fmt(seen.get("tokens_say"))])
     return md_table(["tag", "images", "decoded", "second scorer", "tokens say"], rows)
 
 
@@ -755,9 +758,10 @@ def report_markdown(run: Path, record: dict) -> str:
                "generated tokens (the generator's share of the errors; the rest is the pixel decoder's).", "",
                *geneval_md(g), "",
                "The position tag's prompts are arrangements no training image shows (the generalization "
-               "test), at 32 images each; GenEval's own position prompts are not held out, which the *seen* "
-               "line measures: the 18 position prompts of arrangements training pictured, on new samples. "
-               "Neither is in the other's number; the overall is the mean of the six held-out tags."]
+               "test), at 32 images each; GenEval's own position and colour-pair prompts are not held out, "
+               "which the *seen* lines measure: the 18 position prompts of arrangements training pictured "
+               "and 15 color_attr prompts of pairs it pictured, on new samples. Neither is in the other's "
+               "number; the overall is the mean of the six held-out tags."]
     if "samples.png" in record["pictures"]:
         md += ["", "Samples (4 seeds per held-out prompt):", "", "![samples](samples.png)"]
     if v := m.get("views"):
@@ -823,7 +827,7 @@ def parse_args(argv=None):
     c.add_argument("--per-position", type=int, default=REPORT["per_position"],
                    help="images per held-out position prompt (at least --per-prompt)")
     c.add_argument("--per-seen", type=int, default=REPORT["per_seen"],
-                   help="images per position prompt of arrangements training pictured (0: skip that line)")
+                   help="images per seen position / color_attr prompt (0: skip those lines)")
     c = command("views", "inside the sampler: trajectory, word maps, guidance and steps swept")
     c.add_argument("--per-tag", type=int, default=REPORT["views_per_tag"], help="held-out prompts per tag")
     c.add_argument("--samples", type=int, default=REPORT["views_samples"], help="seeds of the sweep")

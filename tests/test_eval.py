@@ -98,7 +98,7 @@ def test_command_prints_json_last(command, tiny_run):
         "clip": ["--n", "20"],
         "understand": ["--n", "12", "--captions", "4"],
         "recon": ["--n", "6"],
-        "toygeneval": ["--per-tag", "1", "--per-prompt", "1", "--steps", "2"],
+        "toygeneval": ["--per-tag", "1", "--per-prompt", "1", "--steps", "2", "--per-seen", "2"],
     }[command]
     res = run_cli(command, "--run", tiny_run, *args)
     assert res.returncode == 0, res.stderr
@@ -115,6 +115,10 @@ def test_command_prints_json_last(command, tiny_run):
             assert round(hits) == round(m["per_type"][qtype]["accuracy"] * m["per_type"][qtype]["questions"])
     if command == "toygeneval":  # the folder it wrote is in GenEval's layout, and `geneval` rescores it
         assert set(m["per_tag"]) == set(data.TAGS)
+        # GenEval's own sense beside the held-out tags: seen arrangements (all 18) and seen colour pairs.
+        for tag, prompts in (("position", 18), ("color_attr", 15)):
+            seen = m[f"{tag}_seen"]
+            assert (seen["prompts"], seen["images"]) == (prompts, 2 * prompts) and 0 <= seen["decoded"] <= 1
         folder = Path(tiny_run) / "geneval-flow-clip"
         assert len(list(folder.glob("0*/samples/0000.png"))) == len(data.TAGS)
         res = run_cli("geneval", folder)
