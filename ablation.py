@@ -275,8 +275,7 @@ def ablation_markdown(r: dict) -> str:
     md += ["", "Each cell: toy GenEval / CLIP-space retrieval, "
            f"{r['designs']['flow-clip']['curve'][-1]['images']} samples ({s['per_tag']} held-out prompts per "
            f"tag at most, {s['per_prompt']} each; {s['sample_steps']} Euler steps, guidance "
-           f"{evaluation.REPORT['guidance']}).", "",
-           "## Diversity (Finding 2)", "",
+           f"{evaluation.REPORT['guidance']}).", "", "## Diversity (Finding 2)", "",
            f"{r['diversity']['seeds']} seeds for each of {len(r['diversity']['prompts'])} held-out prompts; "
            "the pixel decoder is deterministic, so pixels differ only where the generated tokens do.", ""]
     md += evaluation.md_table(["design", *DIVERSITY_COLUMNS],

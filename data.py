@@ -56,8 +56,7 @@ SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 # One exact RGB per colour, far apart (and far from each other's blends with the background), so that
 # noisy or blurred pixels still map back to the right name.
-COLOR_RGB = {
-    "red": (220, 20, 20), "orange": (255, 140, 0), "yellow": (255, 230, 0), "green": (0, 160, 40),
+COLOR_RGB = {"red": (220, 20, 20), "orange": (255, 140, 0), "yellow": (255, 230, 0), "green": (0, 160, 40),
     "blue": (30, 60, 230), "purple": (130, 20, 210), "pink": (255, 120, 200), "brown": (120, 60, 0),
     "black": (0, 0, 0), "white": (255, 255, 255)}
 BACKGROUND = (128, 128, 128)  # mid grey: not a GenEval colour, and as far from black as from white
@@ -77,8 +76,7 @@ HELDOUT_COMBOS = frozenset(
     for i1, s1 in enumerate(SHAPES) for i2, s2 in enumerate(SHAPES) if i1 < i2
     for j1, c1 in enumerate(COLORS) for j2, c2 in enumerate(COLORS)
     if (3 * j1 + 7 * j2 + i1 + 2 * i2) % 6 == 0)
-HELDOUT_RELATIONS = frozenset({
-    ("circle", "above", "triangle"), ("triangle", "below", "circle"),
+HELDOUT_RELATIONS = frozenset({("circle", "above", "triangle"), ("triangle", "below", "circle"),
     ("square", "left of", "triangle"), ("triangle", "right of", "square"),
     ("square", "above", "circle"), ("circle", "below", "square")})
 

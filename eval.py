@@ -797,8 +797,7 @@ def report_markdown(run: Path, record: dict) -> str:
            f"python train.py --out {run}                  # train every stage (finished ones are skipped)",
            f"python eval.py report --run {run}            # this report",
            f"python eval.py understand --run {run}        # or clip, recon, toygeneval, views",
-           f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4",
-           "```", ""]
+           f"python sample.py --run {run} --prompt \"a photo of a red circle\" --num-samples 4", "```", ""]
     return "\n".join(md)
 
 
